@@ -1,0 +1,72 @@
+"""Packing: documents -> one token stream (EOD after each) -> non-overlapping rows of seq_len + 1 tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from haillm.data.config import DataConfig, DataError
+from haillm.data.sources import describe_source, iter_documents
+from haillm.data.tokenizer import Tokenizer, build_tokenizer
+
+
+def pack(stream: np.ndarray, seq_len: int) -> np.ndarray:
+    """Cut a token stream into rows of `seq_len + 1` tokens; the tail that does not fill a row is dropped.
+
+    Rows overlap by nothing: a row's last token is only a target, and the next row starts after it.
+    """
+    width = seq_len + 1
+    rows = len(stream) // width
+    return stream[: rows * width].reshape(rows, width)
+
+
+class PackedDataset:
+    """Packed token rows. Row i is one training sequence: inputs `row[:-1]`, targets `row[1:]`."""
+
+    def __init__(self, rows: torch.Tensor, tokenizer: Tokenizer, source: str, num_tokens: int):
+        self.rows = rows  # int32 [num_samples, seq_len + 1]
+        self.tokenizer = tokenizer
+        self.source = source
+        self.num_tokens = num_tokens  # tokens in the stream before cutting, EODs included
+
+    @property
+    def num_samples(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.rows.shape[1] - 1
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.rows[index].long()
+
+    def gather(self, indices: Sequence[int]) -> torch.Tensor:
+        """LongTensor [len(indices), seq_len + 1] of the given rows, in the given order."""
+        return self.rows[torch.as_tensor(indices, dtype=torch.long)].long()
+
+
+def build_dataset(cfg: DataConfig, seq_len: int, min_samples: int = 1) -> PackedDataset:
+    """Read, tokenize and pack `cfg.source`.
+
+    `min_samples` is the number of sequences one optimizer step needs (the global batch size); a source
+    that packs into fewer raises DataError saying what it has and what it needs.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    tokenizer = build_tokenizer(cfg.tokenizer)  # a bad tokenizer fails before any data is read
+    stream = np.concatenate([tokenizer.encode_documents(docs) for docs in iter_documents(cfg)])
+    rows = pack(stream, seq_len)
+    what = describe_source(cfg)
+    need = max(min_samples, 1)
+    if len(rows) < need:
+        raise DataError(
+            f"{what} is too small: {len(stream)} tokens make {len(rows)} sequences of {seq_len + 1} tokens, "
+            f"but one global batch needs {need} ({need * (seq_len + 1)} tokens); add data, raise "
+            f"data.max_bytes, or lower train.global_batch_size or train.seq_len"
+        )
+    return PackedDataset(torch.from_numpy(rows), tokenizer, what, len(stream))

@@ -1,0 +1,121 @@
+"""Tokenizers: a file-free byte tokenizer (the default) and any Hugging Face `tokenizer.json`.
+
+Both expose `vocab_size`, `eod_id`, `encode`, `decode` and `encode_documents`, the batched path packing
+uses: it tokenizes many documents at once and returns one flat int32 array with `eod_id` after each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from haillm.data.config import DataError
+
+# Checked in this order; the first one the tokenizer knows becomes the end-of-document id.
+EOD_CANDIDATES = (
+    "<|endoftext|>",
+    "<｜end▁of▁sentence｜>",  # DeepSeek-V3
+    "<|end_of_text|>",  # Llama 3
+    "</s>",
+    "<eos>",
+    "<|eos|>",
+)
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eod_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def encode_documents(self, texts: list[str]) -> np.ndarray: ...
+
+
+def join_with_eod(flat: np.ndarray, lengths: np.ndarray, eod_id: int) -> np.ndarray:
+    """Insert `eod_id` after each of the consecutive runs of `lengths` tokens in `flat` (vectorised)."""
+    ends = np.cumsum(lengths + 1) - 1
+    out = np.empty(int(lengths.sum()) + len(lengths), dtype=np.int32)
+    is_text = np.ones(len(out), dtype=bool)
+    is_text[ends] = False
+    out[is_text] = flat
+    out[ends] = eod_id
+    return out
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, plus end-of-document (256) and pad (257). Needs no files."""
+
+    vocab_size = 258
+    eod_id = 256
+    pad_id = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        arr = np.asarray(ids, dtype=np.int64)
+        return arr[arr < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def encode_documents(self, texts: list[str]) -> np.ndarray:
+        raw = [t.encode("utf-8") for t in texts]
+        lengths = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
+        return join_with_eod(np.frombuffer(b"".join(raw), dtype=np.uint8), lengths, self.eod_id)
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer loaded from a tokenizer.json.
+
+    End of document is the first of `EOD_CANDIDATES` the tokenizer knows. If it knows none,
+    "<|endoftext|>" is added as a special token, which appends it at the end of the vocabulary.
+    Encoding never adds the tokenizer's own BOS/EOS template tokens: documents get exactly one EOD each.
+    """
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        path = Path(path).expanduser()
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(
+                f"tokenizer file {path} does not exist (expected 'byte' or a Hugging Face tokenizer.json)"
+            )
+        try:
+            self._tok = _Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on parse errors
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(
+                f"tokenizer file {path} does not parse as a Hugging Face tokenizer.json: {reason}"
+            ) from e
+        self.path = path
+        eod = next((i for name in EOD_CANDIDATES if (i := self._tok.token_to_id(name)) is not None), None)
+        if eod is None:
+            self._tok.add_special_tokens([EOD_CANDIDATES[0]])
+            eod = self._tok.token_to_id(EOD_CANDIDATES[0])
+        self.eod_id: int = eod
+        # max id + 1 rather than the count, in case the vocabulary has holes
+        self.vocab_size: int = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def encode_documents(self, texts: list[str]) -> np.ndarray:
+        encodings = self._tok.encode_batch_fast(texts, add_special_tokens=False)
+        ids = [e.ids for e in encodings]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.concatenate([np.asarray(doc, dtype=np.int32) for doc in ids] or [np.empty(0, np.int32)])
+        return join_with_eod(flat, lengths, self.eod_id)
+
+
+def build_tokenizer(spec: str) -> Tokenizer:
+    """ "byte" -> ByteTokenizer; anything else is a path to a tokenizer.json (or a directory holding one)."""
+    if spec == "byte":
+        return ByteTokenizer()
+    return HFTokenizer(spec)
