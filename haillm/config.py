@@ -1,0 +1,225 @@
+"""Typed run configuration: structured dataclasses registered with Hydra, composition and validation.
+
+The YAML groups in ``conf/`` fill these dataclasses; anything not declared here is rejected by Hydra
+(struct mode), so a typo in an override fails before any work starts. ``validate`` checks the
+cross-field rules that types alone cannot express.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from haillm.data import DataConfig
+from haillm.models.deepseek_v3.args import PRESETS, ModelArgs
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PP_SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
+WANDB_MODES = ("disabled", "offline", "online")
+LR_SCHEDULES = ("cosine", "constant_then_decay", "constant")
+DTYPES = ("fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message is one line naming the key and valid values."""
+
+
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig",
+    [("name", str, "tiny"), ("init_from", str, "")],
+    bases=(ModelArgs,),
+    namespace={"__doc__": "ModelArgs plus the preset name and an optional `hf:<path>` initial checkpoint."},
+)
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    ep: int = 1
+    pp_schedule: str = "1f1b"
+    ranks_per_node: int = 8
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    global_batch_size: int = 8  # sequences per optimizer step, whatever the layout
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    seq_len: int = 128
+    lr: float = 3e-3
+    dtype: str = "fp32"  # compute dtype: fp32, or bf16 autocast (GPU)
+    deterministic: bool = False
+    max_skipped_steps: int = 10  # consecutive non-finite steps tolerated before aborting
+    peak_flops: float = 0.0  # per device, for MFU; 0 = detect (see haillm.train.metrics)
+
+
+@dataclass
+class OptimConfig:
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    decay_start: float = 0.8  # constant_then_decay: fraction of steps before the decay begins
+    moment_dtype: str = "fp32"  # Adam moments: fp32 or bf16 (DeepSeek-V3 used bf16)
+
+
+@dataclass
+class FP8Config:
+    enabled: bool = False
+    pow2_scales: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "disabled"
+    wandb_project: str = "haillm"
+    run_name: str = ""
+    progress: bool = True  # tqdm progress bar on rank 0
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100  # steps between checkpoints; one is always written at the end
+    resume: str = "none"  # "none", "auto" (newest complete checkpoint in output_dir) or a step_<N> path
+    keep: int = 3  # newest checkpoints kept; 0 keeps all
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)  # type: ignore[valid-type]
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 1234
+    output_dir: str = "runs/${now:%Y%m%d-%H%M%S}"
+
+
+def register_configs() -> None:
+    """Put the schema and the model presets in Hydra's ConfigStore (conf/model/*.yaml extend them)."""
+    cs = ConfigStore.instance()
+    cs.store(name="haillm_schema", node=Config)
+    for name, args in PRESETS.items():
+        cs.store(group="model", name=f"base_{name}", node=ModelConfig(**dataclasses.asdict(args), name=name))
+
+
+def compose_config(overrides: list[str], config_name: str = "config") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with command-line overrides; errors become one-line ConfigErrors."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides)
+    except Exception as exc:  # Hydra raises several types, all with multi-line text
+        raise ConfigError(_one_line_hydra_error(exc)) from None
+    return cfg
+
+
+def _one_line_hydra_error(exc: BaseException) -> str:
+    text = " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
+    cause = " ".join(str(exc.__cause__ or "").split())
+    override = re.match(r"Could not override '([^']+)'", text)
+    if override and "not in" in f"{text} {cause}":
+        key = override.group(1)
+        parent, _, _ = key.rpartition(".")
+        return f"unknown config key '{key}'; valid keys{' under ' + parent if parent else ''}: " + ", ".join(
+            _valid_keys(parent)
+        )
+    return f"{text} {cause}".strip()
+
+
+def _valid_keys(parent: str) -> list[str]:
+    node: object = Config
+    for part in filter(None, parent.split(".")):
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return []
+        node = fields[part].default_factory() if callable(fields[part].default_factory) else None
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def to_model_args(model_cfg: DictConfig | object) -> ModelArgs:
+    """The plain ModelArgs of a composed model config (drops `name` and `init_from`)."""
+    values = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else (
+        dataclasses.asdict(model_cfg)
+    )
+    names = {f.name for f in dataclasses.fields(ModelArgs)}
+    return ModelArgs(**{k: v for k, v in values.items() if k in names})
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _one_of(key: str, value: object, valid: tuple) -> None:
+    _require(value in valid, f"{key}={value!r} is not valid; expected one of {', '.join(map(str, valid))}")
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> None:
+    """Reject inconsistent configurations before any work starts (one-line ConfigError each)."""
+    t, p, o = cfg.train, cfg.parallel, cfg.optim
+    for key in ("steps", "global_batch_size", "micro_batch_size", "seq_len"):
+        value = t[key]
+        _require(value > 0, f"train.{key}={value} must be a positive integer")
+    _require(t.lr > 0, f"train.lr={t.lr} must be positive")
+    _one_of("train.dtype", t.dtype, DTYPES)
+    _require(t.max_skipped_steps >= 0, f"train.max_skipped_steps={t.max_skipped_steps} must be >= 0")
+    for key in ("dp", "pp", "tp", "ep"):
+        _require(p[key] >= 1, f"parallel.{key}={p[key]} must be >= 1")
+    _one_of("parallel.pp_schedule", p.pp_schedule, PP_SCHEDULES)
+    _require(p.ranks_per_node >= 1, f"parallel.ranks_per_node={p.ranks_per_node} must be >= 1")
+    per_step = t.micro_batch_size * p.dp
+    _require(
+        t.global_batch_size % per_step == 0,
+        f"train.global_batch_size={t.global_batch_size} must be divisible by "
+        f"train.micro_batch_size*parallel.dp = {t.micro_batch_size}*{p.dp} = {per_step}",
+    )
+    product = p.dp * p.pp * p.tp
+    _require(
+        product == world_size,
+        f"parallel.dp*pp*tp = {p.dp}*{p.pp}*{p.tp} = {product} but the world size is {world_size} "
+        "(torchrun --nproc_per_node x --nnodes)",
+    )
+    _require(p.dp % p.ep == 0, f"parallel.ep={p.ep} must divide parallel.dp={p.dp}")
+    for key in ("dp", "pp", "tp", "ep"):
+        _require(p[key] == 1, f"parallel.{key}={p[key]} is not yet supported (only 1 for now)")
+    _require(not cfg.fp8.enabled, "fp8.enabled=true is not yet supported (the FP8 training path is not wired in)")
+    _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
+    _one_of("optim.schedule", o.schedule, LR_SCHEDULES)
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    _require(0 <= o.decay_start <= 1, f"optim.decay_start={o.decay_start} must be in [0, 1]")
+    _one_of("optim.moment_dtype", o.moment_dtype, ("fp32", "bf16"))
+    _one_of("logging.wandb", cfg.logging.wandb, WANDB_MODES)
+    _require(cfg.checkpoint.interval > 0, f"checkpoint.interval={cfg.checkpoint.interval} must be positive")
+    _require(cfg.checkpoint.keep >= 0, f"checkpoint.keep={cfg.checkpoint.keep} must be >= 0")
+    init_from = cfg.model.init_from
+    _require(not init_from or init_from.startswith("hf:"), f"model.init_from={init_from!r} must be '' or hf:<path>")
+    args = to_model_args(cfg.model)
+    try:
+        args.validate()
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+    _require(
+        t.seq_len <= args.max_seq_len,
+        f"train.seq_len={t.seq_len} exceeds model.max_seq_len={args.max_seq_len}",
+    )

@@ -1,0 +1,103 @@
+"""Per-step metrics: MFU, the metrics.jsonl sink, Weights & Biases and the console progress bar.
+
+MFU = flops_per_token x tokens/s / (peak FLOP/s x devices). FLOPs per token come from the model's
+own formula (`haillm.models.deepseek_v3.flops.flops_per_token`: 6 x activated matmul parameters,
+including MLA, the activated experts, the head and MTP, plus the attention term), so the MFU the trainer
+prints and the one a planner estimates are the same number.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Dense BF16 peak per GPU (vendor figures), used when train.peak_flops is 0.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "H20": 148e12, "A100": 312e12, "A800": 312e12}
+# fp32 matmul throughput of one core of the 2-core development machine (shared/MACHINE.md: ~56 GFLOP/s
+# with 1 thread, ~100-109 with 2); a CPU "MFU" is relative to this measured figure, not a vendor peak.
+CPU_FLOPS_PER_THREAD = 50e9
+
+
+def peak_flops(device: torch.device, override: float = 0.0) -> tuple[float, str]:
+    """Peak FLOP/s of one device and where the figure comes from."""
+    if override > 0:
+        return override, "train.peak_flops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value, f"{name} dense BF16"
+        return 0.0, f"unknown GPU {name}: set train.peak_flops for MFU"
+    threads = torch.get_num_threads()
+    return CPU_FLOPS_PER_THREAD * threads, f"CPU fp32 {threads} thread(s) x 50 GFLOP/s (measured)"
+
+
+class JsonlSink:
+    """Appends one JSON object per line and flushes it, so a crash loses at most the current step."""
+
+    def __init__(self, path: Path, after_step: int = 0):
+        self.path = Path(path)
+        _truncate_after(self.path, after_step)
+        self.file = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """On resume, drop records of steps after the checkpoint: they are about to be trained again."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        tmp.replace(path)
+
+
+class WandbSink:
+    """Weights & Biases in `offline` or `online` mode, writing under the run directory."""
+
+    def __init__(self, mode: str, project: str, name: str, run_dir: Path, config: dict):
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(mode=mode, project=project, name=name or run_dir.name, dir=str(run_dir),
+                              config=config, resume="allow")
+
+    def write(self, record: dict) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Progress:
+    """A tqdm bar on rank 0 showing loss, tokens/s and the ETA; a no-op elsewhere."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, record: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                 refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

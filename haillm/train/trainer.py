@@ -1,0 +1,155 @@
+"""The training loop: gradient accumulation, clipping, the non-finite guard, balancing, metrics, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from haillm.train import checkpoint
+from haillm.train.metrics import JsonlSink, Progress, WandbSink, peak_flops
+from haillm.train.optim import lr_at
+
+log = logging.getLogger(__name__)
+
+
+class TrainingAborted(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    consumed_samples: int = 0  # global data position: sequences consumed by all ranks together
+    skipped_steps: int = 0
+    consecutive_skipped: int = 0
+
+
+class Trainer:
+    """Runs optimizer steps of `train.global_batch_size` sequences, split into micro-batches per rank."""
+
+    def __init__(self, cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batcher,
+                 run_dir: Path, device: torch.device, flops_per_token: float, is_logging_rank: bool):
+        self.cfg, self.model, self.optimizer, self.batcher = cfg, model, optimizer, batcher
+        self.run_dir, self.device, self.flops_per_token = Path(run_dir), device, flops_per_token
+        self.is_logging_rank = is_logging_rank
+        self.state = TrainState()
+        self.peak, peak_source = peak_flops(device, cfg.train.peak_flops)
+        if is_logging_rank:
+            log.info("MFU peak: %.3g FLOP/s per device (%s); %.4g FLOPs per token", self.peak, peak_source,
+                     flops_per_token)
+
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint when `checkpoint.resume=auto`."""
+        if self.cfg.checkpoint.resume != "auto":
+            return
+        saved = checkpoint.resume(self.run_dir, self.model, self.optimizer)
+        if saved is None:
+            log.info("checkpoint.resume=auto: no checkpoint in %s, starting from step 0", self.run_dir)
+            return
+        self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
+        self.batcher.load_state_dict(saved["data"])
+        log.info("resumed from step %d (%d samples consumed)", self.state.step, self.state.consumed_samples)
+
+    def fit(self) -> list[dict]:
+        """Train to `train.steps`; returns this run's step records (rank 0 also writes them out)."""
+        cfg = self.cfg
+        sinks = self._open_sinks() if self.is_logging_rank else []
+        progress = Progress(self.is_logging_rank and cfg.logging.progress, cfg.train.steps, self.state.step)
+        records = []
+        try:
+            while self.state.step < cfg.train.steps:
+                record = self.train_step()
+                records.append(record)
+                for sink in sinks:
+                    sink.write(record)
+                progress.update(record)
+                last = self.state.step == cfg.train.steps
+                if last or self.state.step % cfg.checkpoint.interval == 0:
+                    checkpoint.save(self.run_dir, self.state.step, self.model, self.optimizer,
+                                    {**asdict(self.state), "data": self.batcher.state_dict()}, cfg.checkpoint.keep)
+        finally:
+            progress.close()
+            for sink in sinks:
+                sink.close()
+        return records
+
+    def _open_sinks(self) -> list:
+        sinks: list = [JsonlSink(self.run_dir / "metrics.jsonl", after_step=self.state.step)]
+        if self.cfg.logging.wandb != "disabled":
+            sinks.append(WandbSink(self.cfg.logging.wandb, self.cfg.logging.wandb_project,
+                                   self.cfg.logging.run_name, self.run_dir,
+                                   OmegaConf.to_container(self.cfg, resolve=True)))
+        return sinks
+
+    def train_step(self) -> dict:
+        cfg, model, opt = self.cfg, self.model, self.optimizer
+        step = self.state.step + 1
+        start = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        micro_batches = self.batcher.next_step()
+        model.reset_moe_loads()
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
+        totals = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        for i, batch in enumerate(micro_batches):
+            batch = batch.to(self.device, non_blocking=True)
+            with autocast, no_sync_context(opt, last=i == len(micro_batches) - 1):
+                out = model.compute_loss(batch)
+                (out["loss"] / len(micro_batches)).backward()
+            for key in totals:
+                totals[key] += out[key].item() / len(micro_batches)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True))
+        loads = model.moe_loads()
+        skipped = not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm))
+        if skipped:
+            self._skip(step, totals["loss"], grad_norm)
+        else:
+            opt.step()
+            self.state.consecutive_skipped = 0
+            model.update_gate_bias(loads, model.args.bias_update_speed)
+        opt.zero_grad(set_to_none=True)
+        self.state.step = step
+        self.state.consumed_samples += cfg.train.global_batch_size
+        elapsed = time.perf_counter() - start
+        tokens = cfg.train.global_batch_size * cfg.train.seq_len
+        tokens_per_s = tokens / elapsed
+        mfu = self.flops_per_token * tokens_per_s / self.peak if self.peak else 0.0
+        return {"step": step, **totals, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time_s": elapsed,
+                "max_vio": _max_violation(loads), "skipped": skipped,
+                "consumed_samples": self.state.consumed_samples}
+
+    def _skip(self, step: int, loss: float, grad_norm: float) -> None:
+        self.state.skipped_steps += 1
+        self.state.consecutive_skipped += 1
+        log.warning("step %d skipped: loss=%s grad_norm=%s (%d in a row)", step, loss, grad_norm,
+                    self.state.consecutive_skipped)
+        if self.state.consecutive_skipped > self.cfg.train.max_skipped_steps:
+            raise TrainingAborted(
+                f"{self.state.consecutive_skipped} consecutive steps had a non-finite loss or gradient norm "
+                f"(train.max_skipped_steps={self.cfg.train.max_skipped_steps}); aborting"
+            )
+
+
+def _max_violation(loads: torch.Tensor) -> float:
+    """Max over MoE layers of (max load - mean load) / mean load; 0 for a model without MoE layers."""
+    if loads.numel() == 0:
+        return 0.0
+    mean = loads.float().mean(dim=-1).clamp_min(1e-9)
+    return float(((loads.float().amax(dim=-1) - mean) / mean).max())
+
+
+def no_sync_context(optimizer: torch.optim.Optimizer, last: bool):
+    """Gradient reduction only on the last micro-batch (a no-op for the single-process optimizer)."""
+    if last or not hasattr(optimizer, "no_sync"):
+        return contextlib.nullcontext()
+    return optimizer.no_sync()

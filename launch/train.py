@@ -1,0 +1,129 @@
+"""haillm training entry point: `python launch/train.py [key=value ...]` or under `torchrun`.
+
+Configuration is composed by Hydra from conf/config.yaml and the overrides. Extra flags:
+`--cfg` prints the composed config and exits; `--help` prints this text.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from haillm.config import ConfigError, compose_config, to_model_args, validate  # noqa: E402
+from haillm.data import DataError, StepBatcher, StepSampler, build_dataset  # noqa: E402
+from haillm.models.deepseek_v3.flops import flops_per_token  # noqa: E402
+from haillm.models.deepseek_v3.model import DeepSeekV3  # noqa: E402
+from haillm.train.checkpoint import CheckpointError, list_checkpoints  # noqa: E402
+from haillm.train.optim import build_adamw  # noqa: E402
+from haillm.train.setup import broadcast_object, init_distributed, seed_everything  # noqa: E402
+from haillm.train.trainer import Trainer, TrainingAborted  # noqa: E402
+
+log = logging.getLogger("haillm")
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def setup_logging(rank: int, run_dir: Path | None = None) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None and rank == 0:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    logging.basicConfig(level=level, handlers=handlers, force=True,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
+
+
+def prepare_run_dir(cfg: DictConfig, rank: int) -> Path:
+    """Resolve `output_dir` once (rank 0's `${now:...}` wins) and refuse to overwrite another run."""
+    output_dir = broadcast_object(str(cfg.output_dir) if rank == 0 else None)
+    cfg.output_dir = output_dir
+    run_dir = Path(output_dir)
+    holds_run = (run_dir / "metrics.jsonl").exists() or bool(list_checkpoints(run_dir))
+    if holds_run and cfg.checkpoint.resume != "auto":
+        raise ConfigError(
+            f"output_dir={output_dir} already holds a run; pass checkpoint.resume=auto to continue it "
+            "or choose another output_dir"
+        )
+    return run_dir
+
+
+def build_model(cfg: DictConfig, device: torch.device) -> DeepSeekV3:
+    model = DeepSeekV3(to_model_args(cfg.model))
+    model.init_weights(cfg.seed)
+    if cfg.model.init_from:
+        from haillm.models.deepseek_v3.hf import load_hf_state
+
+        path = cfg.model.init_from.removeprefix("hf:")
+        if not Path(path).is_dir():
+            raise ConfigError(f"model.init_from={cfg.model.init_from}: {path} is not a directory")
+        load_hf_state(model, path)
+    return model.to(device)
+
+
+def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> None:
+    run_dir = prepare_run_dir(cfg, rank)
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    dataset = build_dataset(cfg.data, cfg.train.seq_len, min_samples=cfg.train.global_batch_size)
+    if dataset.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"data.tokenizer has {dataset.tokenizer.vocab_size} ids but model.vocab_size="
+                          f"{cfg.model.vocab_size}; use a model with a vocabulary at least that large")
+    model = build_model(cfg, device)
+    optimizer = build_adamw(model, cfg)
+    sampler = StepSampler(dataset.num_samples, cfg.train.global_batch_size, cfg.seed, cfg.data.shuffle)
+    batcher = StepBatcher(dataset, sampler, dp_rank=0, dp_size=cfg.parallel.dp,
+                          micro_batch_size=cfg.train.micro_batch_size)
+    # Everything that can reject the run has run: only now touch the run directory.
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        tmp.replace(run_dir / "config.yaml")
+    setup_logging(rank, run_dir)
+    args = model.args
+    log.info("run dir %s | model %s: %.2fM parameters | %d packed sequences of %d tokens", run_dir,
+             cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, dataset.num_samples,
+             cfg.train.seq_len + 1)
+    trainer = Trainer(cfg, model, optimizer, batcher, run_dir, device,
+                      flops_per_token(args, cfg.train.seq_len), is_logging_rank=rank == 0)
+    trainer.resume()
+    records = trainer.fit()
+    if rank == 0 and records:
+        first, last = records[0], records[-1]
+        print(f"loss: step {first['step']} {first['loss']:.4f} -> step {last['step']} {last['loss']:.4f} "
+              f"| {last['tokens_per_s']:.0f} tokens/s | outputs in {run_dir}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return 0
+    rank, world, device = 0, 1, torch.device("cpu")
+    try:
+        rank, world, device = init_distributed()
+        setup_logging(rank)
+        cfg = compose_config([a for a in argv if a != "--cfg"])
+        if "--cfg" in argv:
+            print(OmegaConf.to_yaml(cfg))
+            return 0
+        validate(cfg, world)
+        run(cfg, rank, world, device)
+        return 0
+    except USER_ERRORS as exc:
+        print(f"haillm: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingAborted as exc:
+        print(f"haillm: training aborted: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""End-to-end single-process training through `launch/train.py`'s main(): resume, bad input, run dir."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("launch_train", ROOT / "launch" / "train.py")
+launch_train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(launch_train)
+
+FAST = ["train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=2", "data.max_bytes=300000",
+        "logging.progress=false", "train.deterministic=true", "optim.warmup_steps=3"]
+
+
+def train(capsys, out: Path, *overrides: str) -> tuple[int, str]:
+    rc = launch_train.main([*FAST, f"output_dir={out}", *overrides])
+    return rc, capsys.readouterr().err
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("haillm: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_resume_is_exact(capsys, tmp_path):
+    """20 steps in one run == 10 steps, then 10 more with checkpoint.resume=auto (fp32, deterministic)."""
+    schedule = ["optim.schedule=constant", "checkpoint.interval=10"]
+    assert train(capsys, tmp_path / "one", "train.steps=20", *schedule)[0] == 0
+    assert train(capsys, tmp_path / "two", "train.steps=10", *schedule)[0] == 0
+    assert train(capsys, tmp_path / "two", "train.steps=20", "checkpoint.resume=auto", *schedule)[0] == 0
+    full, resumed = records(tmp_path / "one"), records(tmp_path / "two")
+    assert [r["step"] for r in resumed] == list(range(1, 21))
+    assert [r["loss"] for r in resumed[10:]] == [r["loss"] for r in full[10:]]
+    assert resumed[-1]["consumed_samples"] == full[-1]["consumed_samples"] == 80
+
+
+def test_run_dir_contents_and_metrics(capsys, tmp_path):
+    out = tmp_path / "run"
+    rc, _ = train(capsys, out, "train.steps=3", "checkpoint.interval=2")
+    assert rc == 0
+    assert (out / "config.yaml").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_3"]
+    rows = records(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens", "tokens_per_s",
+                "mfu", "step_time_s", "max_vio", "skipped"):
+        assert key in rows[0], key
+    assert rows[0]["tokens"] == 4 * 32 and rows[0]["skipped"] is False
+    assert rows[0]["mfu"] > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.foo=1"], "foo"),
+        (["nonsense=3"], "nonsense"),
+        (["train.global_batch_size=-4"], "train.global_batch_size=-4"),
+        (["train.micro_batch_size=0"], "train.micro_batch_size=0"),
+        (["train.global_batch_size=6", "train.micro_batch_size=4"], "divisible"),
+        (["data.source=/no/such/place"], "/no/such/place"),
+        (["parallel.pp_schedule=zigzag"], "zigzag"),
+        (["logging.wandb=sometimes"], "sometimes"),
+    ],
+)
+def test_bad_input_is_one_line_and_touches_nothing(capsys, tmp_path, overrides, expected):
+    out = tmp_path / "run"
+    assert train(capsys, out, "train.steps=2")[0] == 0
+    before = snapshot(out)
+    rc, err = train(capsys, out, "train.steps=4", "checkpoint.resume=auto", *overrides)
+    assert rc == 2
+    assert expected in error_line(err)
+    assert snapshot(out) == before
+
+
+def test_empty_dataset_and_bad_tokenizer(capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    rc, err = train(capsys, tmp_path / "r1", f"data.source={empty}")
+    assert rc == 2 and str(empty) in error_line(err)
+    assert not (tmp_path / "r1").exists()
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{ this is not json")
+    rc, err = train(capsys, tmp_path / "r2", f"data.tokenizer={bad}")
+    assert rc == 2 and str(bad) in error_line(err)
+
+
+def test_existing_run_needs_resume(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert train(capsys, out, "train.steps=1")[0] == 0
+    before = snapshot(out)
+    rc, err = train(capsys, out, "train.steps=2")
+    assert rc == 2 and "checkpoint.resume=auto" in error_line(err)
+    assert snapshot(out) == before
+
+
+def test_truncated_checkpoint_falls_back(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert train(capsys, out, "train.steps=4", "checkpoint.interval=2", "optim.schedule=constant")[0] == 0
+    shard = next((out / "checkpoints" / "step_4").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    rc, err = train(capsys, out, "train.steps=5", "checkpoint.interval=2", "checkpoint.resume=auto",
+                    "optim.schedule=constant")
+    assert rc == 0
+    assert "step_4" in err and "falling back" in err
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4, 5]
+
+
+def test_checkpoint_from_other_model_shape(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert train(capsys, out, "train.steps=1")[0] == 0
+    rc, err = train(capsys, out, "train.steps=2", "checkpoint.resume=auto", "model.dim=96")
+    assert rc == 2 and "different model config" in error_line(err)
+
+
+def test_nonfinite_steps_are_skipped_then_abort(capsys, tmp_path):
+    """lr=1e30 blows the weights up after step 1: steps 2 and 3 are non-finite, skipped, then abort."""
+    out = tmp_path / "run"
+    rc, err = train(capsys, out, "train.steps=5", "train.lr=1e30", "optim.warmup_steps=0",
+                    "optim.schedule=constant", "train.max_skipped_steps=1")
+    assert rc == 3 and "training aborted" in err
+    assert [r["skipped"] for r in records(out)] == [False, True]
