@@ -1,0 +1,146 @@
+"""Multi-head Latent Attention (report §2.1.1) with interleaved-pair RoPE and YaRN.
+
+Training runs the "naive" form: keys/values are expanded from the latent per head and fed to
+``F.scaled_dot_product_attention``. Inference runs the "absorbed" form: ``W^UK`` is folded into the query and
+``W^UV`` into the output, so only the normalised ``kv_lora_rank`` latent and the shared rotated
+``qk_rope_head_dim`` key are cached per token.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from haillm.models.deepseek_v3.args import ModelArgs
+from haillm.ops import Linear, RMSNorm
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def softmax_scale(args: ModelArgs) -> float:
+    """``1/sqrt(qk_head_dim)``, times ``m(f, mscale_all_dim)^2`` under YaRN (see ``ModelArgs``)."""
+    scale = (args.qk_nope_head_dim + args.qk_rope_head_dim) ** -0.5
+    if args.uses_yarn and args.mscale_all_dim:
+        scale *= _yarn_mscale(args.rope_factor, args.mscale_all_dim) ** 2
+    return scale
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies of the rope dims; under YaRN, blended between original and ``1/rope_factor``-scaled
+    ones by a linear ramp over the correction range [low, high] given by beta_fast and beta_slow."""
+    dim, base = args.qk_rope_head_dim, args.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv_freq = 1.0 / pos_freqs
+    if not args.uses_yarn:
+        return inv_freq
+
+    def correction_dim(n_rotations: float) -> float:
+        return dim * math.log(args.original_seq_len / (n_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(args.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(args.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: keep the original frequency (high-frequency dims), 0: fully interpolated
+    return 1.0 / (args.rope_factor * pos_freqs) * (1 - keep) + inv_freq * keep
+
+
+def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` of shape ``[max_seq_len, qk_rope_head_dim // 2]`` in fp32, including the YaRN
+    rotary attention factor (Hugging Face scales cos/sin by it)."""
+    freqs = torch.arange(args.max_seq_len, dtype=torch.float32)[:, None] * rope_inv_freq(args)[None, :]
+    factor = 1.0
+    if args.uses_yarn:
+        if args.mscale and args.mscale_all_dim:
+            factor = _yarn_mscale(args.rope_factor, args.mscale) / _yarn_mscale(args.rope_factor, args.mscale_all_dim)
+        else:
+            factor = _yarn_mscale(args.rope_factor, 1.0)
+    return (freqs.cos() * factor).to(device), (freqs.sin() * factor).to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs ``(x[2j], x[2j+1])`` of ``x: [B, T, H, r]`` by angle j (DeepSeek's interleaved
+    layout); ``cos``/``sin`` are ``[T, r/2]``."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    pairs = x.unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+
+
+class MLA(nn.Module):
+    """Attention with low-rank query/key-value compression and one decoupled RoPE key shared by all heads.
+
+    ``wq_b``/``wq`` give per head ``[q_nope ; q_rope]``; ``wkv_a`` gives ``[latent (kv_lora_rank) ; k_rope]``;
+    ``wkv_b`` gives per head ``[k_nope ; v]``.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.q_lora_rank = args.q_lora_rank
+        self.kv_lora_rank = args.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        qk_head_dim = self.nope_dim + self.rope_dim
+        if self.q_lora_rank == 0:
+            self.wq = Linear(args.dim, self.n_heads * qk_head_dim)
+        else:
+            self.wq_a = Linear(args.dim, self.q_lora_rank)
+            self.q_norm = RMSNorm(self.q_lora_rank, args.rms_norm_eps)
+            self.wq_b = Linear(self.q_lora_rank, self.n_heads * qk_head_dim)
+        self.wkv_a = Linear(args.dim, self.kv_lora_rank + self.rope_dim)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, args.rms_norm_eps)
+        self.wkv_b = Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim))
+        self.wo = Linear(self.n_heads * self.v_dim, args.dim)
+        self.softmax_scale = softmax_scale(args)
+
+    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_nope, q_rope = q.unflatten(-1, (self.n_heads, -1)).split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_rope, cos, sin)
+
+    def _latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised KV latent ``[B, T, kv_lora_rank]`` and rotated shared key ``[B, T, rope_dim]``."""
+        latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_norm(latent), apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over ``x: [B, T, dim]`` with rope tables for positions ``0..T-1``."""
+        q_nope, q_rope = self._queries(x, cos, sin)
+        latent, k_rope = self._latents(x, cos, sin)
+        k_nope, v = self.wkv_b(latent).unflatten(-1, (self.n_heads, -1)).split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
+        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
+        return self.wo(o.transpose(1, 2).flatten(2))
+
+    def forward_absorbed(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        pe_cache: torch.Tensor,
+        start_pos: int,
+    ) -> torch.Tensor:
+        """Attention for new tokens at positions ``start_pos..start_pos+t-1`` against the latent cache
+        (``kv_cache: [B_max, S_max, kv_lora_rank]``, ``pe_cache: [B_max, S_max, rope_dim]``, updated in place)."""
+        bsz, t, _ = x.shape
+        end = start_pos + t
+        q_nope, q_rope = self._queries(x, cos, sin)
+        latent, k_rope = self._latents(x, cos, sin)
+        kv_cache[:bsz, start_pos:end] = latent
+        pe_cache[:bsz, start_pos:end] = k_rope
+        kv, pe = kv_cache[:bsz, :end], pe_cache[:bsz, :end]
+        w = self.wkv_b.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
+        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+        scores = torch.einsum("bthc,bsc->bhts", q_latent, kv) + torch.einsum("bthr,bsr->bhts", q_rope, pe)
+        causal = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(start_pos)
+        scores = scores.mul(self.softmax_scale).masked_fill(~causal, float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).type_as(x)
+        o_latent = torch.einsum("bhts,bsc->bthc", probs, kv)
+        return self.wo(torch.einsum("bthc,hdc->bthd", o_latent, w_uv).flatten(2))

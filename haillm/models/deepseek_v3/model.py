@@ -1,0 +1,206 @@
+"""The DeepSeek-V3 transformer: embedding, pre-norm blocks (MLA + dense FFN or MoE), final norm, head, and
+the MTP modules; the training objective (``compute_loss``) and the latent-cache inference path."""
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from haillm.models.deepseek_v3.args import ModelArgs
+from haillm.models.deepseek_v3.mla import MLA, rope_tables
+from haillm.models.deepseek_v3.moe import MLP, Gate, MoE
+from haillm.models.deepseek_v3.mtp import MTPModule
+from haillm.ops import Linear, RMSNorm
+
+
+class Block(nn.Module):
+    """``x + attn(attn_norm(x))`` then ``x + ffn(ffn_norm(x))``; ffn is dense for the first n_dense_layers."""
+
+    def __init__(self, args: ModelArgs, layer_id: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(args.dim, args.rms_norm_eps)
+        self.attn = MLA(args)
+        self.ffn_norm = RMSNorm(args.dim, args.rms_norm_eps)
+        self.ffn = MLP(args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+    def forward_inference(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, start_pos: int
+    ) -> torch.Tensor:
+        x = x + self.attn.forward_absorbed(self.attn_norm(x), cos, sin, kv, pe, start_pos)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+@dataclass
+class InferenceCache:
+    """Per layer and token only ``kv_lora_rank + qk_rope_head_dim`` values: ``kv: [L, B, S, kv_lora_rank]``
+    (normalised latent) and ``pe: [L, B, S, qk_rope_head_dim]`` (rotated shared key)."""
+
+    kv: torch.Tensor
+    pe: torch.Tensor
+
+
+def param_seed(seed: int, fqn: str) -> int:
+    """Stable 63-bit seed for one parameter, a function of (seed, FQN) only."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{fqn}".encode()).digest()[:8], "little") >> 1
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, seed: int, std: float, prefix: str = "") -> None:
+    """Initialise every parameter of ``module`` from its own generator seeded by ``(seed, prefix + name)``:
+    norms to ones, biases and gate balancing biases to zeros, all other weights ~ N(0, std).
+
+    Because no random state is shared between parameters, a pipeline stage or expert-parallel shard that
+    holds a subset of the parameters (under their full-model FQNs, via ``prefix``) gets bitwise the values
+    the full model would have, whatever the construction order.
+    """
+    for mod_name, mod in module.named_modules(prefix=prefix.rstrip(".")):
+        for name, p in mod.named_parameters(recurse=False):
+            if isinstance(mod, RMSNorm):
+                p.fill_(1.0)
+            elif name == "bias":
+                p.zero_()
+            else:
+                gen = torch.Generator().manual_seed(param_seed(seed, f"{mod_name}.{name}" if mod_name else name))
+                p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+        if isinstance(mod, Gate):
+            mod.bias.zero_()
+        if isinstance(mod, MoE):
+            mod.tokens_per_expert.zero_()
+
+
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+
+
+class DeepSeekV3(nn.Module):
+    """DeepSeek-V3 for training. ``model(tokens)`` gives main-head logits; ``compute_loss(batch)`` the full
+    objective. Built with ``init_seed=None`` (or on the meta device) it skips initialisation; otherwise it
+    calls ``init_weights(init_seed)``."""
+
+    def __init__(self, args: ModelArgs, init_seed: int | None = 0) -> None:
+        super().__init__()
+        self.args = args.validate()
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): Block(args, i) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, args.rms_norm_eps)
+        self.head = Linear(args.dim, args.vocab_size)
+        self.mtp = nn.ModuleDict(
+            {str(k): MTPModule(args, Block(args, args.n_layers + k)) for k in range(args.mtp_depth)}
+        )
+        cos, sin = rope_tables(args, device=self.embed.weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if init_seed is not None and self.embed.weight.device.type != "meta":
+            self.init_weights(init_seed)
+
+    def init_weights(self, seed: int) -> None:
+        """Deterministic from ``seed`` alone, per parameter FQN (see module-level ``init_weights``); also
+        rebuilds the rope tables (needed after ``to_empty`` from the meta device)."""
+        init_weights(self, seed, self.args.init_std)
+        cos, sin = rope_tables(self.args, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def _rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if start + length > self.args.max_seq_len:
+            raise ValueError(f"sequence end {start + length} exceeds model.max_seq_len={self.args.max_seq_len}")
+        return self.rope_cos[start : start + length], self.rope_sin[start : start + length]
+
+    def hidden(self, emb: torch.Tensor) -> torch.Tensor:
+        """Main-model blocks on embeddings ``[B, T, dim]``; the last hidden state before the final norm (this is
+        also ``h^0`` of the MTP chain)."""
+        cos, sin = self._rope(0, emb.shape[1])
+        h = emb
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        return h
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens: [B, T]`` -> main-head logits ``[B, T, vocab]``."""
+        return self.head(self.norm(self.hidden(self.embed(tokens))))
+
+    def compute_loss(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training objective on ``batch: [B, T+1]`` (inputs ``batch[:, :-1]``, targets ``batch[:, 1:]``).
+
+        - ``lm_loss``: next-token cross-entropy, mean over the B*T positions.
+        - ``mtp_loss`` = ``mtp_lambda / D * sum_k L_k``, where depth k predicts ``targets[:, k:]`` from
+          ``h^{k-1}[:, :T-k]`` and ``Emb(inputs[:, k:])`` and ``L_k`` sums its CE over the B*(T-k) valid
+          positions and divides by B*T (report §2.2).
+        - ``balance_loss``: sum over all MoE layers (MTP blocks included) of the sequence-wise balance loss,
+          exactly 0 (and not computed) when ``balance_alpha == 0``.
+        - ``loss`` = lm + mtp + balance, the tensor to backpropagate; the other three are detached.
+        """
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        bsz, seq_len = inputs.shape
+        n_positions = bsz * seq_len
+        emb = self.embed(inputs)
+        h = self.hidden(emb)
+        lm_loss = _ce_sum(self.head(self.norm(h)), targets) / n_positions
+        mtp_loss = lm_loss.new_zeros(())
+        for k, mtp in enumerate(self.mtp.values(), start=1):
+            cos, sin = self._rope(0, seq_len - k)
+            h = mtp(h[:, :-1], emb[:, k:], cos, sin)
+            mtp_loss = mtp_loss + _ce_sum(self.head(mtp.norm(h)), targets[:, k:]) / n_positions
+        if self.args.mtp_depth:
+            mtp_loss = mtp_loss * (self.args.mtp_lambda / self.args.mtp_depth)
+        balance_loss = lm_loss.new_zeros(())
+        for moe in self.moe_layers():
+            if moe.balance_loss is not None:
+                balance_loss = balance_loss + moe.balance_loss
+                moe.balance_loss = None
+        loss = lm_loss + mtp_loss + balance_loss
+        return {
+            "loss": loss,
+            "lm_loss": lm_loss.detach(),
+            "mtp_loss": mtp_loss.detach(),
+            "balance_loss": balance_loss.detach(),
+        }
+
+    # --- expert load balancing -------------------------------------------------------------------------
+
+    def moe_layers(self) -> list[MoE]:
+        """MoE layers in a fixed order: main-model layers by index, then the MTP blocks."""
+        blocks = list(self.layers.values()) + [m.block for m in self.mtp.values()]
+        return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
+
+    def moe_loads(self) -> torch.Tensor:
+        """``[n_moe_layers incl. MTP, n_routed_experts]`` tokens routed per expert since the last reset."""
+        return torch.stack([m.tokens_per_expert for m in self.moe_layers()])
+
+    def reset_moe_loads(self) -> None:
+        for m in self.moe_layers():
+            m.tokens_per_expert.zero_()
+
+    def update_gate_bias(self, loads: torch.Tensor, gamma: float) -> None:
+        """Aux-loss-free bias step for every MoE layer from (globally reduced) ``loads`` as ``moe_loads()``."""
+        if gamma == 0:
+            return
+        for moe, load in zip(self.moe_layers(), loads, strict=True):
+            moe.update_bias(load, gamma)
+
+    # --- inference with the latent cache -------------------------------------------------------------
+
+    def new_inference_cache(self, batch_size: int, max_len: int | None = None) -> InferenceCache:
+        a, device = self.args, self.embed.weight.device
+        max_len = max_len or a.max_seq_len
+        shape = (a.n_layers, batch_size, max_len)
+        return InferenceCache(
+            kv=torch.zeros(*shape, a.kv_lora_rank, device=device, dtype=self.embed.weight.dtype),
+            pe=torch.zeros(*shape, a.qk_rope_head_dim, device=device, dtype=self.embed.weight.dtype),
+        )
+
+    @torch.no_grad()
+    def forward_inference(self, tokens: torch.Tensor, start_pos: int, cache: InferenceCache) -> torch.Tensor:
+        """Main-head logits ``[B, t, vocab]`` for ``tokens: [B, t]`` at positions ``start_pos..start_pos+t-1``,
+        attending to everything cached before; absorbed MLA, caches updated in place."""
+        cos, sin = self._rope(start_pos, tokens.shape[1])
+        h = self.embed(tokens)
+        for i, layer in enumerate(self.layers.values()):
+            h = layer.forward_inference(h, cos, sin, cache.kv[i], cache.pe[i], start_pos)
+        return self.head(self.norm(h))

@@ -1,0 +1,174 @@
+"""DeepSeekMoE (report §2.1.2): shared experts plus fine-grained routed experts with auxiliary-loss-free
+balancing (a routing-only bias) and the complementary sequence-wise balance loss.
+
+The MoE layer decides routing (``Gate``) and hands token movement to ``self.dispatcher``. ``LocalDispatcher``
+is the single-device version; expert parallelism swaps in an all-to-all dispatcher with the same
+dispatch / compute / combine methods. Experts live in an ``nn.ModuleDict`` keyed by the global expert id, so
+a rank may hold only a subset and keep the same parameter names.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from haillm.models.deepseek_v3.args import ModelArgs
+from haillm.ops import Linear
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward ``w2(silu(w1 x) * w3 x)``: the dense FFN, each expert, and the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int) -> None:
+        super().__init__()
+        self.w1 = Linear(dim, inter_dim)
+        self.w2 = Linear(inter_dim, dim)
+        self.w3 = Linear(dim, inter_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Router: scores ``s = sigmoid|softmax(x W^T)``; experts chosen by top-k on ``s + bias`` within the
+    ``n_limited_groups`` groups whose top-2 biased scores sum highest; weights from the unbiased ``s``.
+
+    ``weight`` stays a plain fp32 parameter (never FP8); ``bias`` is the fp32 balancing buffer, changed only
+    by ``MoE.update_bias`` and never by the optimizer.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.topk = args.n_activated_experts
+        self.n_groups = args.n_expert_groups
+        self.topk_groups = args.n_limited_groups
+        self.score_func = args.score_func
+        self.norm_topk_prob = args.norm_topk_prob
+        self.route_scale = args.route_scale
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x: [N, dim]`` -> ``(weights [N, k] fp32, indices [N, k], scores [N, n_routed] fp32 unbiased)``."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        with torch.no_grad():
+            biased = scores + self.bias
+            if self.n_groups > 1:
+                grouped = biased.unflatten(-1, (self.n_groups, -1))
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+                kept = group_scores.topk(self.topk_groups, dim=-1).indices
+                keep_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+                biased = grouped.masked_fill(~keep_mask.unsqueeze(-1), float("-inf")).flatten(1)
+            indices = biased.topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, indices, scores
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Complementary sequence-wise balance loss (report eqs. 17-20), averaged over sequences.
+
+    ``scores: [B, T, N_r]`` unbiased affinities, ``indices: [B, T, K_r]`` the experts each token was actually
+    routed to (chosen with the bias and the group limit). We use the actually selected set rather than the
+    unbiased top-K of eq. 18 because the loss exists to counter imbalance in the load experts really receive
+    inside a sequence; the bias already moved tokens and penalising a routing that did not happen would
+    fight the bias. Gradient flows through ``P_i`` only. With perfect balance the value is exactly ``alpha``.
+    """
+    bsz, seq_len, n_experts = scores.shape
+    topk = indices.shape[-1]
+    counts = torch.zeros(bsz, n_experts, dtype=scores.dtype, device=scores.device)
+    counts.scatter_add_(1, indices.reshape(bsz, -1), torch.ones_like(indices, dtype=scores.dtype).reshape(bsz, -1))
+    f = counts * (n_experts / (topk * seq_len))
+    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return alpha * (f * p).sum(dim=-1).mean()
+
+
+class LocalDispatcher:
+    """Single-device token movement: sort token copies by expert, run each expert once on its contiguous
+    slice, scatter the weighted results back in token order. Nothing is dropped."""
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x: [N, dim]``, ``indices: [N, k]`` -> (token copies grouped by expert ``[N*k, dim]``, ``order``
+        (positions in the flattened ``indices``), ``token_ids`` (source token of each copy))."""
+        order = indices.flatten().argsort(stable=True)
+        token_ids = order // indices.shape[1]
+        return x[token_ids], order, token_ids
+
+    def compute(self, experts: nn.ModuleDict, routed_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One call per expert with tokens (``counts[e]`` rows each, in expert order)."""
+        chunks = routed_x.split(counts.tolist())
+        return torch.cat([experts[str(e)](c) if c.shape[0] else c for e, c in enumerate(chunks)])
+
+    def combine(
+        self, routed_y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token_ids: torch.Tensor, n_tokens: int
+    ) -> torch.Tensor:
+        weighted = routed_y * weights.flatten()[order].unsqueeze(-1).type_as(routed_y)
+        return routed_y.new_zeros(n_tokens, routed_y.shape[-1]).index_add(0, token_ids, weighted)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        indices: torch.Tensor,
+        counts: torch.Tensor,
+        experts: nn.ModuleDict,
+    ) -> torch.Tensor:
+        routed_x, order, token_ids = self.dispatch(x, indices)
+        routed_y = self.compute(experts, routed_x, counts)
+        return self.combine(routed_y, weights, order, token_ids, x.shape[0])
+
+
+class MoE(nn.Module):
+    """``y = shared(x) + sum_k w_k expert_{i_k}(x)``.
+
+    In training forwards it accumulates ``tokens_per_expert`` (detached fp32 counts, reset by the trainer)
+    and, when ``balance_alpha > 0`` and grad is enabled, leaves its sequence-wise balance loss in
+    ``self.balance_loss`` for the model's ``compute_loss`` to collect.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_routed_experts = args.n_routed_experts
+        self.balance_alpha = args.balance_alpha
+        self.gate = Gate(args)
+        self.experts = nn.ModuleDict({str(i): MLP(args.dim, args.moe_inter_dim) for i in range(args.n_routed_experts)})
+        self.shared_experts = (
+            MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts > 0 else None
+        )
+        self.dispatcher = LocalDispatcher()
+        self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts), persistent=False)
+        self.balance_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq_len, dim = x.shape
+        flat = x.reshape(-1, dim)
+        weights, indices, scores = self.gate(flat)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)
+        if self.training:
+            self.tokens_per_expert += counts
+            if self.balance_alpha > 0 and torch.is_grad_enabled():
+                self.balance_loss = sequence_balance_loss(
+                    scores.view(bsz, seq_len, -1), indices.view(bsz, seq_len, -1), self.balance_alpha
+                )
+        y = self.dispatcher(flat, weights, indices, counts, self.experts)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(bsz, seq_len, dim)
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, gamma: float) -> None:
+        """Aux-loss-free step: ``b_i += gamma * sign(mean(load) - load_i)`` from the global load of one step."""
+        load = load.to(self.gate.bias)
+        self.gate.bias += gamma * torch.sign(load.mean() - load)
+
+
+def max_violation(loads: torch.Tensor) -> float:
+    """Max over layers of ``(max_i load_i - mean load) / mean load`` (0 for an empty or unloaded layer);
+    ``loads`` is ``[n_layers, n_experts]`` or one layer's ``[n_experts]``."""
+    loads = loads.float().reshape(-1, loads.shape[-1])
+    if loads.numel() == 0:
+        return 0.0
+    mean = loads.mean(dim=-1)
+    vio = torch.where(mean > 0, (loads.amax(dim=-1) - mean) / mean.clamp_min(1e-12), torch.zeros_like(mean))
+    return vio.max().item()
