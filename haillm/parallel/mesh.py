@@ -1,0 +1,179 @@
+"""ParallelDims: the one authority on rank arithmetic and process groups.
+
+Layout. Global ranks are laid out on a 4-D mesh ``(pp, edp, ep, tp)``, tp fastest:
+
+    rank = ((pp_rank * edp + edp_rank) * ep + ep_rank) * tp + tp_rank,   edp = dp // ep
+
+so tensor-parallel peers are adjacent ranks (same node), pipeline stages are the outermost blocks.
+The data-parallel group is the flattened ``(edp, ep)`` pair with ``dp_rank = edp_rank * ep + ep_rank``.
+Expert parallelism lives *inside* data parallelism (DeepSeek-style): an ep group is ``ep`` consecutive
+dp ranks that split the routed experts between them, and the expert-data-parallel (edp) group joins the
+ranks holding the same experts (stride ``ep`` in dp rank), over which expert gradients are reduced.
+"Nodes" for node-limited routing are consecutive blocks of ``ranks_per_node`` global ranks.
+
+With world size 1 and torch.distributed not initialised, no group is created: every group accessor
+returns None and every rank is 0, so single-process code takes the same path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+MESH_DIMS = ("pp", "edp", "ep", "tp")
+
+
+class ParallelConfigError(ValueError):
+    """A parallel layout that cannot run; the message is one line naming the config keys."""
+
+
+@dataclass
+class ParallelDims:
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    ep: int = 1
+    world_size: int = 1
+    ranks_per_node: int = 8
+    rank: int | None = None  # this process's global rank; None: from torch.distributed (0 without it)
+    mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.rank is None:
+            self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("dp", "pp", "tp", "ep", "ranks_per_node"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ParallelConfigError(f"parallel.{name} must be an integer >= 1, got {value!r}")
+        product = self.dp * self.pp * self.tp
+        if product != self.world_size:
+            raise ParallelConfigError(
+                f"parallel.dp*pp*tp = {product} (dp={self.dp}, pp={self.pp}, tp={self.tp}) but world size "
+                f"is {self.world_size} (torchrun --nproc_per_node)"
+            )
+        if self.dp % self.ep:
+            raise ParallelConfigError(
+                f"parallel.ep={self.ep} must divide parallel.dp={self.dp} "
+                "(experts are split over ep ranks inside the data-parallel group)"
+            )
+        if not 0 <= self.rank < self.world_size:
+            raise ParallelConfigError(f"rank {self.rank} is outside world size {self.world_size}")
+
+    @property
+    def edp(self) -> int:
+        return self.dp // self.ep
+
+    # ---- rank arithmetic (valid before build()) ----
+    def coords(self, rank: int | None = None) -> dict[str, int]:
+        """Mesh coordinates of a global rank: pp, edp, ep, tp and the derived dp."""
+        rank = self.rank if rank is None else rank
+        tp_rank, rest = rank % self.tp, rank // self.tp
+        ep_rank, rest = rest % self.ep, rest // self.ep
+        edp_rank, pp_rank = rest % self.edp, rest // self.edp
+        return {
+            "pp": pp_rank,
+            "edp": edp_rank,
+            "ep": ep_rank,
+            "tp": tp_rank,
+            "dp": edp_rank * self.ep + ep_rank,
+        }
+
+    def global_rank(self, pp: int, dp: int, tp: int) -> int:
+        """Global rank at pipeline stage `pp`, data-parallel rank `dp`, tensor-parallel rank `tp`."""
+        return (pp * self.dp + dp) * self.tp + tp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coords()["pp"]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coords()["dp"]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coords()["tp"]
+
+    @property
+    def ep_rank(self) -> int:
+        return self.coords()["ep"]
+
+    @property
+    def edp_rank(self) -> int:
+        return self.coords()["edp"]
+
+    @property
+    def is_rank0(self) -> bool:
+        """Global rank 0: the one process that logs and writes run-level files."""
+        return self.rank == 0
+
+    @property
+    def is_first_pp_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_pp_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def pp_stage_rank(self, stage: int) -> int:
+        """Global rank of pipeline stage `stage` with this rank's dp and tp coordinates (for send/recv)."""
+        return self.global_rank(stage, self.dp_rank, self.tp_rank)
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.ranks_per_node
+
+    def ep_group_ranks(self) -> list[int]:
+        """Global ranks of this rank's ep group, ordered by ep rank (expert shard index)."""
+        c = self.coords()
+        return [self.global_rank(c["pp"], c["edp"] * self.ep + e, c["tp"]) for e in range(self.ep)]
+
+    # ---- process groups ----
+    def build(self, device_type: str = "cpu") -> ParallelDims:
+        """Create every process group once (collective: all ranks must call it). No-op without dist."""
+        if not dist.is_initialized():
+            if self.world_size != 1:
+                raise ParallelConfigError(
+                    f"world size {self.world_size} needs torch.distributed initialised (launch with torchrun)"
+                )
+            return self
+        if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+            raise ParallelConfigError(
+                f"ParallelDims(world_size={self.world_size}, rank={self.rank}) does not match the process "
+                f"group (world size {dist.get_world_size()}, rank {dist.get_rank()})"
+            )
+        shape = (self.pp, self.edp, self.ep, self.tp)
+        self.mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+        self.mesh["edp", "ep"]._flatten("dp")
+        return self
+
+    def _group(self, name: str) -> dist.ProcessGroup | None:
+        if self.mesh is None:
+            if self.world_size != 1:
+                raise RuntimeError("ParallelDims.build() must be called before asking for process groups")
+            return None
+        return self.mesh[name].get_group()
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        return self._group("dp")
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        return self._group("pp")
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup | None:
+        return self._group("tp")
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup | None:
+        return self._group("ep")
+
+    @property
+    def edp_group(self) -> dist.ProcessGroup | None:
+        return self._group("edp")

@@ -1,0 +1,461 @@
+"""ZeRO-1 AdamW: optimizer state sharded over the data-parallel group.
+
+Each param group's parameters are packed, in reverse registration order (about the order backward
+produces their gradients), into flat buckets of roughly `bucket_mb`, padded to a multiple of the group
+size. Model parameters become views into their bucket's flat storage, and fp32 parameters' `.grad`
+views into the bucket's fp32 gradient buffer, so neither reduction nor gather copies per parameter.
+Each rank owns one contiguous 1/dp shard of every bucket: both Adam moments and the fp32 master
+weights for that shard only (for fp32 params the master shard is the rank's slice of the parameter
+storage itself). Reduce-scatter and all-gather both run in place in the bucket buffers.
+
+One step:
+  1. Backward of non-final micro-batches runs under `no_sync()`: gradients accumulate locally.
+  2. On the final micro-batch, post-accumulate-grad hooks count ready parameters; a complete bucket is
+     reduce-scattered asynchronously (sum, then / dp) while backward goes on. Buckets are launched in
+     the same order on every rank (a ready bucket waits for earlier ones) so collectives always match.
+  3. `clip_grad_norm_` sums squared shard norms over each param group's reduction group, then over
+     that group's own `norm_groups` (groups whose ranks hold *different* params of it: ep for experts,
+     tp for tp-sharded weights), adds the groups, sums the total over the optimizer's `norm_groups`
+     (pp: every stage holds different params) and scales the shards.
+  4. `step` runs AdamW on the shards (same arithmetic as torch.optim.AdamW's single-tensor path), then
+     all-gathers each bucket in place into the parameters, first layers first; the gathers are waited
+     at the end of `step` unless `register_forward_wait(model)` moved the wait to each module's forward.
+
+Param groups: dicts like torch's, `{"params": [(name, param), ...], "process_group": pg, "norm_groups":
+(pg, ...), "lr": ..., "weight_decay": ...}`; keys left out take the constructor's values.
+`process_group` is the group the params are replicated over (dp for dense weights, edp for experts;
+None: not replicated, nothing reduced). `weight_decay` applies to params for which
+`no_decay(name, param)` is False (default: every 1-D param: norms, biases). Params without a gradient
+in a step count as zero-gradient (Adam still decays their moments).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
+from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
+
+STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
+
+
+def default_no_decay(name: str, param: Tensor) -> bool:
+    """Norm weights, biases and every other 1-D parameter are not weight-decayed."""
+    return param.ndim < 2 or name.endswith(".bias")
+
+
+def _group_size(pg: dist.ProcessGroup | None) -> int:
+    return 1 if pg is None else dist.get_world_size(pg)
+
+
+def _flat_range_boxes(lo: int, hi: int, shape: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Split elements [lo, hi) of a row-major tensor into memory-ordered boxes (offsets, sizes),
+    each contiguous in memory: a flat shard expressed in the parameter's real shape."""
+    if lo >= hi:
+        return []
+    if len(shape) == 1:
+        return [([lo], [hi - lo])]
+    inner = math.prod(shape[1:])
+    first, last = lo // inner, (hi - 1) // inner
+
+    def row(r: int, a: int, b: int) -> list[tuple[list[int], list[int]]]:
+        return [([r, *o], [1, *s]) for o, s in _flat_range_boxes(a, b, shape[1:])]
+
+    if first == last:
+        return row(first, lo - first * inner, hi - first * inner)
+    boxes = row(first, lo % inner, inner) if lo % inner else []
+    full_lo, full_hi = -(-lo // inner), hi // inner
+    if full_hi > full_lo:
+        boxes.append(([full_lo] + [0] * (len(shape) - 1), [full_hi - full_lo, *shape[1:]]))
+    if hi % inner:
+        boxes += row(last, 0, hi % inner)
+    return boxes
+
+
+@dataclass
+class _Bucket:
+    group: dict[str, Any]
+    names: list[str]
+    params: list[nn.Parameter]
+    offsets: list[int]  # start of each param in the flat bucket
+    numel: int  # padded to a multiple of `world`
+    world: int
+    rank: int
+    param_buf: Tensor  # the parameters' storage (param dtype)
+    grad_buf: Tensor  # fp32 local gradients
+    shard_grad: Tensor  # fp32 reduced (averaged) gradient shard
+    state: dict[str, Tensor]  # master / exp_avg / exp_avg_sq shards
+    decay_ranges: list[tuple[int, int]]  # shard-local ranges of weight-decayed elements
+    ready: set[int] = field(default_factory=set)
+    launched: bool = False
+    reduce_work: Any = None
+    reduce_out: Tensor | None = None
+    gather_work: Any = None
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        size = self.numel // self.world
+        return self.rank * size, (self.rank + 1) * size
+
+
+class ZeroAdamW:
+    def __init__(
+        self,
+        params: Iterable[tuple[str, nn.Parameter]] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        norm_groups: Iterable[dist.ProcessGroup] = (),
+        bucket_mb: float = 32.0,
+        moment_dtype: torch.dtype = torch.float32,
+        reduce_dtype: torch.dtype = torch.float32,
+        no_decay: Callable[[str, Tensor], bool] = default_no_decay,
+    ) -> None:
+        params = list(params)
+        user_groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, norm_groups=())
+        self.param_groups: list[dict[str, Any]] = []
+        for g in user_groups:
+            group = {**defaults, "process_group": process_group, **g}
+            group["params"] = list(group["params"])
+            if any(isinstance(item, Tensor) for item in group["params"]):
+                raise TypeError("ZeroAdamW needs (name, param) pairs: pass model.named_parameters()")
+            group["params"] = [(n, p) for n, p in group["params"] if p.requires_grad]
+            self.param_groups.append(group)
+        self.norm_groups = tuple(norm_groups)
+        self.moment_dtype, self.reduce_dtype = moment_dtype, reduce_dtype
+        self.no_decay = no_decay
+        self.step_count = 0
+        self._sync = True
+        self._overlap_gather = False
+        self._buckets = self._build_buckets(int(bucket_mb * 2**20))
+        self._bucket_of: dict[int, tuple[_Bucket, int]] = {}
+        for b in self._buckets:
+            for i, p in enumerate(b.params):
+                self._bucket_of[id(p)] = (b, i)
+                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        self._device = self._buckets[0].grad_buf.device if self._buckets else torch.device("cpu")
+        self._queues: dict[int, list[_Bucket]] = {}  # per reduction group, in launch order
+        for b in self._buckets:
+            self._queues.setdefault(id(b.group["process_group"]), []).append(b)
+        self._next_launch: dict[int, int] = {}  # per reduction group: index of the next bucket to launch
+
+    # ---- construction ----
+    def _build_buckets(self, bucket_bytes: int) -> list[_Bucket]:
+        order: dict[int, int] = {}  # reverse registration position: ≈ gradient-ready order
+        registered = [p for g in self.param_groups for _, p in g["params"]]
+        for i, p in enumerate(reversed(registered)):
+            order.setdefault(id(p), i)
+        seen: set[int] = set()
+        pending: list[tuple[int, _Bucket]] = []
+        for group in self.param_groups:
+            members: list[tuple[str, nn.Parameter]] = []
+            for name, p in reversed(group["params"]):
+                if id(p) not in seen:  # tied parameters are stepped once
+                    seen.add(id(p))
+                    members.append((name, p))
+            chunk: list[tuple[str, nn.Parameter]] = []
+            for k, (name, p) in enumerate(members):
+                chunk.append((name, p))
+                last = k == len(members) - 1
+                full = sum(q.numel() for _, q in chunk) * 4 >= bucket_bytes
+                if last or full or members[k + 1][1].dtype != p.dtype or members[k + 1][1].device != p.device:
+                    pending.append((order[id(p)], self._make_bucket(group, chunk)))
+                    chunk = []
+        return [b for _, b in sorted(pending, key=lambda kb: kb[0])]
+
+    def _make_bucket(self, group: dict[str, Any], members: list[tuple[str, nn.Parameter]]) -> _Bucket:
+        pg = group["process_group"]
+        world = _group_size(pg)
+        rank = dist.get_rank(pg) if world > 1 else 0
+        offsets, total = [], 0
+        for _, p in members:
+            offsets.append(total)
+            total += p.numel()
+        numel = -(-total // world) * world
+        like = members[0][1]
+        param_buf = torch.zeros(numel, dtype=like.dtype, device=like.device)
+        grad_buf = torch.zeros(numel, dtype=torch.float32, device=like.device)
+        for (_, p), off in zip(members, offsets, strict=True):
+            view = param_buf[off : off + p.numel()].view_as(p)
+            view.copy_(p.detach())
+            p.data = view  # the model now reads the bucket: gathers land in place
+            if p.dtype == torch.float32:
+                p.grad = grad_buf[off : off + p.numel()].view_as(p)
+        size = numel // world
+        lo, hi = rank * size, (rank + 1) * size
+        # fp32 params: the master shard *is* the rank's slice of the parameters (gathered in place)
+        master = param_buf[lo:hi] if like.dtype == torch.float32 else param_buf[lo:hi].float()
+        decay_ranges: list[tuple[int, int]] = []
+        for (name, p), off in zip(members, offsets, strict=True):
+            a, b = max(off, lo) - lo, min(off + p.numel(), hi) - lo
+            if a < b and not self.no_decay(name, p):
+                if decay_ranges and decay_ranges[-1][1] == a:
+                    a = decay_ranges.pop()[0]
+                decay_ranges.append((a, b))
+        return _Bucket(
+            group=group,
+            names=[n for n, _ in members],
+            params=[p for _, p in members],
+            offsets=offsets,
+            numel=numel,
+            world=world,
+            rank=rank,
+            param_buf=param_buf,
+            grad_buf=grad_buf,
+            shard_grad=grad_buf[lo:hi],  # reduce-scattered in place
+            state={
+                "master": master,
+                "exp_avg": torch.zeros(size, dtype=self.moment_dtype, device=like.device),
+                "exp_avg_sq": torch.zeros(size, dtype=self.moment_dtype, device=like.device),
+            },
+            decay_ranges=decay_ranges,
+        )
+
+    # ---- gradients ----
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally (non-final micro-batches): no communication."""
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = True
+
+    def _on_grad_ready(self, p: Tensor) -> None:
+        b, i = self._bucket_of[id(p)]
+        off = b.offsets[i]
+        view = b.grad_buf[off : off + p.numel()].view_as(p)
+        if p.grad is not None and p.grad.data_ptr() != view.data_ptr():  # non-fp32 param or grad replaced
+            view.add_(p.grad)
+            p.grad = view if p.dtype == torch.float32 else None
+        if not self._sync:
+            return
+        if b.launched:
+            raise RuntimeError(
+                f"gradient of {b.names[i]} arrived after its bucket was reduced: run every backward but "
+                "the last of a step under no_sync(), and call zero_grad() after each step"
+            )
+        b.ready.add(i)
+        if len(b.ready) == len(b.params):
+            self._launch_ready(id(b.group["process_group"]), force=False)
+
+    def _launch_ready(self, key: int, force: bool) -> None:
+        """Launch a reduction group's buckets strictly in bucket order (identical on every rank)."""
+        queue, i = self._queues[key], self._next_launch.get(key, 0)
+        while i < len(queue) and (force or len(queue[i].ready) == len(queue[i].params)):
+            self._launch_reduce(queue[i])
+            i += 1
+        self._next_launch[key] = i
+
+    def _launch_reduce(self, b: _Bucket) -> None:
+        b.launched = True
+        if b.world == 1:
+            return
+        src = b.grad_buf if self.reduce_dtype == torch.float32 else b.grad_buf.to(self.reduce_dtype)
+        lo, hi = b.shard
+        b.reduce_out = src[lo:hi]  # in place: this rank's chunk of the input receives the sum
+        b.reduce_work = dist.reduce_scatter_single(
+            b.reduce_out, src, op=dist.ReduceOp.SUM, group=b.group["process_group"], async_op=True
+        )
+
+    def finish_grad_sync(self) -> None:
+        """Launch every bucket not launched yet (unused params, all micro-batches under no_sync) and
+        wait for all reductions. Called by clip_grad_norm_ and step; idempotent within a step."""
+        for key in self._queues:
+            self._launch_ready(key, force=True)
+        for b in self._buckets:
+            if b.reduce_work is not None:
+                b.reduce_work.wait()
+                b.reduce_work = None
+                if b.reduce_out.data_ptr() != b.shard_grad.data_ptr():
+                    b.shard_grad.copy_(b.reduce_out)
+                b.reduce_out = None
+                b.shard_grad.div_(b.world)
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Scale the reduced gradient so its global L2 norm is at most `max_norm`; return the norm before
+        clipping. A non-finite norm is returned untouched (and nothing is scaled) so the caller can skip."""
+        self.finish_grad_sync()
+        total = torch.zeros((), dtype=torch.float64, device=self._device)
+        for group in self.param_groups:
+            sq = torch.zeros((), dtype=torch.float64, device=self._device)
+            for b in self._buckets:
+                if b.group is group:
+                    sq += torch.dot(b.shard_grad, b.shard_grad).double()
+            for pg in (group["process_group"], *group["norm_groups"]):
+                if _group_size(pg) > 1:
+                    dist.all_reduce(sq, group=pg)
+            total += sq
+        for pg in self.norm_groups:
+            if _group_size(pg) > 1:
+                dist.all_reduce(total, group=pg)
+        norm = total.sqrt().item()
+        if math.isfinite(norm) and max_norm > 0 and norm > max_norm:
+            coef = max_norm / (norm + 1e-6)
+            for b in self._buckets:
+                b.shard_grad.mul_(coef)
+        return norm
+
+    # ---- update ----
+    @torch.no_grad()
+    def step(self) -> None:
+        self.finish_grad_sync()
+        self.wait_params()
+        self.step_count += 1
+        for b in reversed(self._buckets):  # first layers first: the next forward needs them first
+            self._adamw(b)
+            self._launch_gather(b)
+        if not self._overlap_gather:
+            self.wait_params()
+
+    def _adamw(self, b: _Bucket) -> None:
+        g = b.group
+        lr, (beta1, beta2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
+        master, grad = b.state["master"], b.shard_grad
+        if wd != 0:
+            for lo, hi in b.decay_ranges:
+                master[lo:hi].mul_(1 - lr * wd)
+        exp_avg, exp_avg_sq = b.state["exp_avg"].float(), b.state["exp_avg_sq"].float()  # no copy if fp32
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**self.step_count
+        bias_correction2_sqrt = (1 - beta2**self.step_count) ** 0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        master.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        if self.moment_dtype != torch.float32:
+            b.state["exp_avg"].copy_(exp_avg)
+            b.state["exp_avg_sq"].copy_(exp_avg_sq)
+
+    def _launch_gather(self, b: _Bucket) -> None:
+        lo, hi = b.shard
+        if b.state["master"].data_ptr() != b.param_buf[lo:hi].data_ptr():
+            b.param_buf[lo:hi].copy_(b.state["master"])
+        if b.world > 1:
+            b.gather_work = dist.all_gather_single(
+                b.param_buf, b.param_buf[lo:hi], group=b.group["process_group"], async_op=True
+            )
+
+    def wait_params(self, buckets: Iterable[_Bucket] | None = None) -> None:
+        """Block until the updated parameters are gathered (all buckets, or the given ones)."""
+        for b in self._buckets if buckets is None else buckets:
+            if b.gather_work is not None:
+                b.gather_work.wait()
+                b.gather_work = None
+
+    def register_forward_wait(self, model: nn.Module) -> None:
+        """Let `step` return before the parameter all-gathers finish: each module waits for the buckets
+        of its own parameters in a forward pre-hook, so gathers overlap the start of the next forward."""
+        for module in model.modules():
+            owned = [self._bucket_of[id(p)][0] for p in module.parameters(recurse=False) if id(p) in self._bucket_of]
+            if owned:
+                buckets = tuple({id(b): b for b in owned}.values())
+                module.register_forward_pre_hook(functools.partial(self._forward_wait, buckets))
+        self._overlap_gather = True
+
+    def _forward_wait(self, buckets: tuple[_Bucket, ...], module: nn.Module, args: Any) -> None:
+        self.wait_params(buckets)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradient buffers (parameters keep their `.grad` views) and start a new step."""
+        for b in self._buckets:  # never zero a buffer that a reduction still reads
+            if b.reduce_work is not None:
+                b.reduce_work.wait()
+                b.reduce_work = None
+            b.grad_buf.zero_()
+            b.ready.clear()
+            b.launched = False
+            for p, off in zip(b.params, b.offsets, strict=True):
+                p.grad = b.grad_buf[off : off + p.numel()].view_as(p) if p.dtype == torch.float32 else None
+        self._next_launch.clear()
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held by this rank (master weights and both moments)."""
+        return sum(t.numel() * t.element_size() for b in self._buckets for t in b.state.values())
+
+    # ---- checkpoint (torch.distributed.checkpoint) ----
+    def state_dict(self) -> dict[str, Any]:
+        """`{"step": tensor, "state": {fqn: {"master"|"exp_avg"|"exp_avg_sq": tensor}}}` in each
+        parameter's own shape. With a sharded group each tensor is a ShardedTensor whose local shards are
+        views of this rank's state, so DCP saves only those and, on load, fills them in place from
+        whatever dp layout wrote the checkpoint. Pass the optimizer itself to dcp.save / dcp.load."""
+        state: dict[str, dict[str, Tensor]] = {}
+        for b in self._buckets:
+            ranks = dist.get_process_group_ranks(b.group["process_group"]) if b.world > 1 else [0]
+            for i, name in enumerate(b.names):
+                state[name] = {kind: self._param_state(b, i, kind, ranks) for kind in STATE_KINDS}
+        return {"step": torch.tensor(self.step_count), "state": state}
+
+    def _param_state(self, b: _Bucket, i: int, kind: str, ranks: list[int]) -> Tensor:
+        p, off, tensor = b.params[i], b.offsets[i], b.state[kind]
+        shape = tuple(p.shape) or (1,)
+        if b.world == 1:
+            return tensor[off : off + p.numel()].view(shape)
+        size = b.numel // b.world
+        shards_md, local = [], []
+        for r in range(b.world):
+            lo, hi = max(off, r * size) - off, min(off + p.numel(), (r + 1) * size) - off
+            pos = off + lo - r * size  # where element `lo` of the param sits in rank r's shard
+            for offsets, sizes in _flat_range_boxes(lo, hi, shape):
+                md = ShardMetadata(offsets, sizes, f"rank:{ranks[r]}/{tensor.device}")
+                shards_md.append(md)
+                if r == b.rank:
+                    local.append(Shard(tensor[pos : pos + math.prod(sizes)].view(sizes), md))
+                pos += math.prod(sizes)
+        props = TensorProperties(dtype=tensor.dtype, requires_grad=False)
+        meta = ShardedTensorMetadata(shards_md, torch.Size(shape), props)
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            local, meta, process_group=b.group["process_group"]
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Adopt a state dict (loaded in place by DCP, or any full/sharded one with the same FQNs and
+        shapes), then rebuild the parameters from the loaded master weights."""
+        state = state_dict["state"]
+        expected = {n for b in self._buckets for n in b.names}
+        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"optimizer state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        for b in self._buckets:
+            ranks = dist.get_process_group_ranks(b.group["process_group"]) if b.world > 1 else [0]
+            for i, name in enumerate(b.names):
+                for kind in STATE_KINDS:
+                    _copy_pieces(self._param_state(b, i, kind, ranks), state[name][kind], name)
+        self.step_count = int(state_dict["step"])
+        for b in reversed(self._buckets):
+            self._launch_gather(b)
+        self.wait_params()
+
+
+def _pieces(t: Tensor) -> dict[tuple[int, ...], Tensor]:
+    """This rank's pieces of a (sharded or plain) tensor, keyed by their offsets in the full tensor."""
+    if isinstance(t, ShardedTensor):
+        return {tuple(s.metadata.shard_offsets): s.tensor for s in t.local_shards()}
+    return {(0,) * t.ndim: t}
+
+
+def _copy_pieces(dst: Tensor, src: Tensor, name: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"optimizer state for {name} has shape {tuple(src.shape)}, model has {tuple(dst.shape)}")
+    src_pieces = _pieces(src)
+    for offsets, piece in _pieces(dst).items():
+        if isinstance(src, ShardedTensor):
+            value = src_pieces[offsets]
+        else:
+            value = src[tuple(slice(o, o + n) for o, n in zip(offsets, piece.shape, strict=True))]
+        if value.data_ptr() != piece.data_ptr():
+            piece.copy_(value)
