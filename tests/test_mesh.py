@@ -88,3 +88,13 @@ def test_groups_on_8_ranks_pp_dp_tp():
     assert members[0]["ep"] == [0, 2] and members[0]["edp"] == [0]
     assert [o[4] for o in out] == [False] * 4 + [True] * 4
     assert out[5][2] == 6.0 + 8.0  # dp group {5, 7}: (5+1) + (7+1)
+
+
+def test_from_config_reads_parallel_section():
+    from types import SimpleNamespace
+
+    parallel = SimpleNamespace(dp=2, pp=2, tp=1, ep=2, ranks_per_node=4, pp_schedule="1f1b")
+    dims = ParallelDims.from_config(parallel, world_size=4)
+    assert (dims.dp, dims.pp, dims.ep, dims.edp, dims.ranks_per_node) == (2, 2, 2, 1, 4)
+    with pytest.raises(ParallelConfigError, match="world size is 1"):
+        ParallelDims.from_config(parallel)  # no torch.distributed here: world size 1

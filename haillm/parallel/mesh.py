@@ -18,6 +18,7 @@ returns None and every rank is 0, so single-process code takes the same path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -44,6 +45,14 @@ class ParallelDims:
         if self.rank is None:
             self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.validate()
+
+    @classmethod
+    def from_config(cls, parallel: Any, world_size: int | None = None) -> ParallelDims:
+        """From `cfg.parallel` (dp, pp, tp, ep, ranks_per_node); world size from torch.distributed (1 without)."""
+        if world_size is None:
+            world_size = dist.get_world_size() if dist.is_initialized() else 1
+        keys = ("dp", "pp", "tp", "ep", "ranks_per_node")
+        return cls(**{k: getattr(parallel, k) for k in keys}, world_size=world_size)
 
     def validate(self) -> None:
         for name in ("dp", "pp", "tp", "ep", "ranks_per_node"):

@@ -132,7 +132,7 @@ class ZeroAdamW:
             group["params"] = list(group["params"])
             if any(isinstance(item, Tensor) for item in group["params"]):
                 raise TypeError("ZeroAdamW needs (name, param) pairs: pass model.named_parameters()")
-            group["params"] = [(n, p) for n, p in group["params"] if p.requires_grad]
+            group["params"] = [(n, p) for n, p in group["params"] if p.requires_grad and p.numel()]
             self.param_groups.append(group)
         self.norm_groups = tuple(norm_groups)
         self.moment_dtype, self.reduce_dtype = moment_dtype, reduce_dtype
