@@ -1,0 +1,286 @@
+"""Executes any pipeline schedule (1F1B, DualPipe, DualPipeV) on one rank.
+
+The runtime walks the rank's action list from :mod:`schedules`. Where each action gets its input and where
+its output goes is derived once by ``derive_routes``; the runtime only moves tensors:
+
+- **P2P.** Before each compute half, one ``dist.batch_isend_irecv`` call posts the sends produced by the
+  previous half and the receives of the current and the next step (both directions at once). Receives go
+  into buffers allocated up front with the known activation shape (micro-batch, seq_len, dim), so no shape
+  handshake is needed. Only receives are waited for, right before their data is used; sends complete in the
+  background and a sent activation's storage is freed once its send is done (autograd keeps the graph).
+- **Matching by kind.** Activations and gradients between the same two ranks do not keep one common order
+  (docs/pipeline.md), but each kind does. So every message carries the tag of its kind and gloo matches a
+  (peer, tag) channel in FIFO order.
+- **I and W.** ``I`` is an ordinary backward run inside ``wgrad.deferring_weight_grads()``: input grads and
+  the gradients of non-deferrable parameters are computed at once, the weight grads of
+  ``deferrable_linear`` layers are queued under the action's key, and ``W`` runs that queue. I + W is
+  therefore exactly a full backward. This was chosen over "backward w.r.t. the input with retain_graph,
+  then backward w.r.t. the weights at W", which is generic but recomputes the whole activation-gradient
+  chain at W (W would cost about as much as B and the bubble it fills would be paid twice).
+- **Pairs.** ``[F&B]`` runs the forward half, then the backward half. Interleaving them at the MoE
+  dispatch/combine boundaries (so each all-to-all hides under the other micro-batch's compute) is a later
+  step; it replaces :meth:`PipelineRuntime._pair` only.
+- **Losses.** The last stage of each direction returns the per-micro-batch objective; every stage may add
+  its own terms (the MoE balance losses of its layers). Each is backpropagated as ``loss / n_microbatches``,
+  exactly like the single-process trainer's gradient accumulation. Metrics are summed over the pipeline
+  ranks with one all-reduce, so every rank returns the same step losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from haillm.parallel.pipeline.schedules import Action, Pair, Route, build, derive_routes
+from haillm.parallel.pipeline.wgrad import deferring_weight_grads
+
+ACTIVATION, GRADIENT = 0, 1  # P2P tags: one FIFO channel per kind and peer
+
+
+@dataclass
+class ChunkOutput:
+    """What one chunk's forward on one micro-batch produced.
+
+    ``hidden``: the activation for the next stage (None on the last stage of a pipeline); it must not be a
+    view (its storage is freed after it is sent). ``loss``: a scalar to backpropagate with weight
+    ``1/n_microbatches`` (the objective on the last stage, plus any stage-local terms such as MoE balance
+    losses; None when the stage adds nothing). ``metrics``: detached scalars keyed by ``metric_keys``; they
+    are averaged over micro-batches and summed over stages.
+    """
+
+    hidden: torch.Tensor | None
+    loss: torch.Tensor | None
+    metrics: dict[str, torch.Tensor]
+
+
+class PipelineStages(Protocol):
+    """The modules one rank runs, one per local chunk (``StageModel`` for DeepSeek-V3)."""
+
+    metric_keys: tuple[str, ...]
+
+    def forward_chunk(self, chunk: int, x: torch.Tensor | None, batch: Any) -> ChunkOutput:
+        """``x`` is None on a pipeline's first stage (read the inputs from ``batch``)."""
+        ...
+
+    def activation_shape(self, batch: Any) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of the hidden state passed between stages for a micro-batch like ``batch``."""
+        ...
+
+
+@dataclass
+class StepLosses:
+    """Per-step results, identical on every pipeline rank.
+
+    ``mean[key]``: the micro-batch average, computed like the trainer's accumulation (``sum(v / n)``).
+    ``per_microbatch``: ``[len(keys), n]`` float64, column k for global micro-batch k.
+    """
+
+    mean: dict[str, float]
+    per_microbatch: torch.Tensor
+
+
+def _free_after_send(t: torch.Tensor) -> bool:
+    """True when ``t``'s storage can be dropped once sent: it is not a view and its own grad_fn did not
+    save it (ops like sigmoid keep their result for backward). Autograd only needs its shape and graph."""
+    if t._base is not None:
+        return False
+    ptr, node = t.untyped_storage().data_ptr(), t.grad_fn
+    for name in dir(node) if node is not None else ():
+        if name.startswith("_saved_"):
+            saved = getattr(node, name)
+            if isinstance(saved, torch.Tensor) and saved.untyped_storage().data_ptr() == ptr:
+                return False
+    return True
+
+
+class _P2P:
+    """Batched asynchronous point-to-point transfers keyed by (kind, chunk, micro-batch)."""
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group
+        self.ops: list[dist.P2POp] = []
+        self.sent: list[tuple[dist.Work, torch.Tensor, bool]] = []
+        self.free_after: list[tuple[torch.Tensor, bool]] = []
+        self.recvs: dict[tuple[int, int, int], tuple[torch.Tensor, list[dist.Work]]] = {}
+        self.pending_recvs: list[tuple[tuple[int, int, int], dist.P2POp]] = []
+
+    def send(self, tensor: torch.Tensor, peer: int, kind: int, free: bool) -> None:
+        self.ops.append(dist.P2POp(dist.isend, tensor, group=self.group, group_peer=peer, tag=kind))
+        self.free_after.append((tensor, free))
+
+    def recv(self, key: tuple[int, int, int], shape: tuple[int, ...], dtype: torch.dtype, peer: int) -> None:
+        buf = torch.empty(shape, dtype=dtype)
+        self.pending_recvs.append((key, dist.P2POp(dist.irecv, buf, group=self.group, group_peer=peer,
+                                                   tag=key[0])))
+
+    def flush(self) -> None:
+        """Post every queued send and receive in one batch."""
+        ops = self.ops + [op for _, op in self.pending_recvs]
+        if not ops:
+            return
+        works = dist.batch_isend_irecv(ops)
+        if len(works) != len(ops):  # one request per op on gloo; a coalesced backend returns one in total
+            works = [works[-1]] * len(ops)
+        n_send = len(self.ops)
+        for work, (tensor, free) in zip(works[:n_send], self.free_after, strict=True):
+            self.sent.append((work, tensor, free))
+        for work, (key, op) in zip(works[n_send:], self.pending_recvs, strict=True):
+            self.recvs[key] = (op.tensor, [work])
+        self.ops, self.free_after, self.pending_recvs = [], [], []
+        self.reap()
+
+    def take(self, key: tuple[int, int, int]) -> torch.Tensor:
+        """Wait for a posted receive and hand its buffer over."""
+        buf, works = self.recvs.pop(key)
+        for w in works:
+            w.wait()
+        return buf
+
+    def reap(self, wait: bool = False) -> None:
+        """Forget completed sends, freeing the storage of sent activations."""
+        still = []
+        for work, tensor, free in self.sent:
+            if wait:
+                work.wait()
+            if work.is_completed():
+                if free:
+                    tensor.untyped_storage().resize_(0)
+            else:
+                still.append((work, tensor, free))
+        self.sent = still
+
+
+class PipelineRuntime:
+    """Runs the schedule ``name`` for this rank of a pipeline of ``pp`` ranks (``pp_group``, or None for one
+    process) with ``n_microbatches`` per step. ``stages`` holds this rank's chunks in the schedule's chunk
+    order (``schedules.topology``)."""
+
+    def __init__(self, stages: PipelineStages, name: str, n_microbatches: int,
+                 pp_group: dist.ProcessGroup | None = None):
+        self.stages, self.name, self.n = stages, name, n_microbatches
+        self.group = pp_group
+        pp = dist.get_world_size(pp_group) if pp_group is not None else 1
+        self.rank = dist.get_rank(pp_group) if pp_group is not None else 0
+        schedule, self.topo = build(name, pp, n_microbatches)
+        self.steps = schedule[self.rank]
+        self.routes = derive_routes(schedule, self.topo)[self.rank]
+
+    def global_microbatch(self, action: Action) -> int:
+        """Index into the step's micro-batch list: DualPipe feeds the first half from rank 0 (pipeline 0)
+        and the second half from the last rank (pipeline 1)."""
+        pipeline = self.topo.stage(self.rank, action.chunk).pipeline
+        return pipeline * (self.n // 2) + action.microbatch
+
+    def step(self, micro_batches: list[Any]) -> StepLosses:
+        """Forward and backward of one step's micro-batches; accumulates into ``.grad`` (never zeroes it).
+
+        Every rank of the pipeline passes the same list; a rank reads only the micro-batches of the stages
+        it holds (first stage: inputs; last stage: inputs and targets).
+        """
+        if len(micro_batches) != self.n:
+            raise ValueError(f"the runtime was built for {self.n} micro-batches, got {len(micro_batches)}")
+        self.batches = micro_batches
+        self.shape, self.dtype = self.stages.activation_shape(micro_batches[0])
+        self.p2p = _P2P(self.group)
+        self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = {}
+        self.local: dict[tuple[int, int, int], torch.Tensor] = {}  # same-rank hand-offs (the V turn)
+        self.deferred: dict[tuple[int, int], list] = {}
+        self.metrics = torch.zeros(len(self.stages.metric_keys), self.n, dtype=torch.float64)
+        posted = 0
+        for i, (step, routes) in enumerate(zip(self.steps, self.routes, strict=True)):
+            while posted < min(i + 2, len(self.steps)):  # this step's receives and the next one's
+                self._post_receives(self.routes[posted])
+                posted += 1
+            self.p2p.flush()
+            if isinstance(step, Pair):
+                self._pair(step, routes)
+            elif step.kind == "F":
+                self._forward(step, routes[0])
+            elif step.kind == "W":
+                for fn in self.deferred.pop((step.chunk, step.microbatch)):
+                    fn()
+            else:
+                self._backward(step, routes[0])
+        self.p2p.flush()
+        self.p2p.reap(wait=True)
+        if self.saved or self.deferred or self.local or self.p2p.recvs:
+            raise RuntimeError("pipeline step ended with unconsumed activations, gradients or weight grads")
+        return self._reduce_metrics()
+
+    # --- compute halves --------------------------------------------------------------------------------
+
+    def _post_receives(self, routes: tuple[Route, ...]) -> None:
+        for route in routes:
+            if route.src is not None and route.src.rank != self.rank:
+                kind = ACTIVATION if route.action.kind == "F" else GRADIENT
+                key = (kind, route.action.chunk, route.action.microbatch)
+                self.p2p.recv(key, self.shape, self.dtype, route.src.rank)
+
+    def _forward(self, action: Action, route: Route) -> None:
+        key = (action.chunk, action.microbatch)
+        if route.src is None:
+            x = None
+        elif route.src.rank == self.rank:
+            x = self.local.pop((ACTIVATION, *key))
+        else:
+            x = self.p2p.take((ACTIVATION, *key)).requires_grad_()
+        out = self.stages.forward_chunk(action.chunk, x, self.batches[self.global_microbatch(action)])
+        k = self.global_microbatch(action)
+        for row, name in enumerate(self.stages.metric_keys):
+            if name in out.metrics:
+                self.metrics[row, k] += float(out.metrics[name])
+        if (route.dst is None) != (out.hidden is None):
+            raise RuntimeError(f"chunk {action.chunk}: a hidden state is returned iff the stage is not last")
+        self.saved[key] = (x, out.hidden, out.loss)
+        if route.dst is None:
+            return
+        if route.dst.rank == self.rank:
+            self.local[(ACTIVATION, route.dst.chunk, action.microbatch)] = out.hidden.detach().requires_grad_()
+        else:
+            self.p2p.send(out.hidden, route.dst.rank, ACTIVATION, free=_free_after_send(out.hidden))
+
+    def _backward(self, action: Action, route: Route) -> None:
+        key = (action.chunk, action.microbatch)
+        x, hidden, loss = self.saved.pop(key)
+        tensors, grads = [], []
+        if hidden is not None:
+            if route.src.rank == self.rank:
+                grad = self.local.pop((GRADIENT, *key))
+            else:
+                grad = self.p2p.take((GRADIENT, *key))
+            tensors.append(hidden)
+            grads.append(grad)
+        if loss is not None:
+            tensors.append(loss / self.n)
+            grads.append(None)
+        if action.kind == "I":
+            with deferring_weight_grads() as queue:
+                torch.autograd.backward(tensors, grads)
+            self.deferred[key] = queue
+        elif tensors:
+            torch.autograd.backward(tensors, grads)
+        if route.dst is None:
+            return
+        if x.grad is None:
+            raise RuntimeError(f"chunk {action.chunk}: the stage output does not depend on its input")
+        if route.dst.rank == self.rank:
+            self.local[(GRADIENT, route.dst.chunk, action.microbatch)] = x.grad
+        else:
+            self.p2p.send(x.grad, route.dst.rank, GRADIENT, free=False)
+
+    def _pair(self, pair: Pair, routes: tuple[Route, Route]) -> None:
+        """An overlapped F&B step. For now the halves run back to back (as DeepSeek's example hook does),
+        with the forward's output posted before the backward starts."""
+        self._forward(pair.forward, routes[0])
+        self.p2p.flush()
+        self._backward(pair.backward, routes[1])
+
+    def _reduce_metrics(self) -> StepLosses:
+        if self.group is not None:
+            dist.all_reduce(self.metrics, group=self.group)
+        mean = {name: sum(v / self.n for v in row.tolist())
+                for name, row in zip(self.stages.metric_keys, self.metrics, strict=True)}
+        return StepLosses(mean, self.metrics)

@@ -1,0 +1,287 @@
+"""Cutting DeepSeek-V3 into pipeline stages, and the gradient sums that duplicated parameters need.
+
+A stage is a contiguous range of transformer layers; the first stage also embeds the tokens, the last one
+also runs the final norm, the head and the MTP modules and computes the objective. Ranges are balanced by
+an approximate per-token cost (activated matmul parameters: dense layers cost more than MoE layers here,
+the head and MTP weigh on the last stage).
+
+One rank holds all its chunks (one for 1F1B, two for DualPipe and DualPipeV) in a single ``StageModel``
+whose parameter names are the full model's FQNs (``embed.weight``, ``layers.7.attn.wkv_a.weight``,
+``mtp.0.eh_proj.weight``...), initialised with ``init_weights(seed)`` per FQN: every layout starts from the
+same weights, and checkpoints do not depend on the layout. A rank's two chunks never share layers.
+
+Parameters that live on two ranks need their gradients summed before the optimizer step
+(:func:`partner_group` + :func:`sum_partner_grads`):
+
+- DualPipe: rank r and rank pp-1-r hold the same two stages (r and pp-1-r), each seeing one direction's
+  micro-batches: all their gradients are summed (and their MoE load counters, before a bias update).
+- 1F1B with MTP: the last rank keeps its own copy of the embedding for the MTP inputs; its gradient is
+  summed with the first rank's embedding gradient.
+- DualPipeV (and DualPipe's shared embedding/head on one rank): nothing to sum; the first and the last
+  stage are on rank 0, so the embedding and the head are the same parameters there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from haillm.models.deepseek_v3.args import ModelArgs
+from haillm.models.deepseek_v3.flops import _block_params
+from haillm.models.deepseek_v3.mla import rope_tables
+from haillm.models.deepseek_v3.model import Block, init_weights
+from haillm.models.deepseek_v3.moe import MoE
+from haillm.models.deepseek_v3.mtp import MTPModule
+from haillm.ops import Linear, RMSNorm
+from haillm.parallel.pipeline.runtime import ChunkOutput
+from haillm.parallel.pipeline.schedules import SCHEDULES, topology
+
+METRIC_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss")
+
+
+def layer_costs(args: ModelArgs) -> tuple[list[int], int]:
+    """Approximate per-token cost of each layer and the extra cost of the last stage (head, MTP)."""
+    layers = [_block_params(args, dense=i < args.n_dense_layers)[1] for i in range(args.n_layers)]
+    head = args.vocab_size * args.dim
+    mtp = 2 * args.dim * args.dim + _block_params(args, dense=False)[1] + head
+    return layers, head + args.mtp_depth * mtp
+
+
+def split_layers(args: ModelArgs, n_stages: int) -> list[range]:
+    """Contiguous layer ranges, one per stage, minimising the most expensive stage."""
+    n = args.n_layers
+    if n_stages > n:
+        raise ValueError(f"{n_stages} pipeline stages but model.n_layers={n}: each stage needs at least one layer")
+    costs, last_extra = layer_costs(args)
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    def segment(i: int, j: int) -> int:
+        return prefix[j] - prefix[i] + (last_extra if j == n else 0)
+
+    # best[s][j]: the smallest max-stage cost of layers [0, j) cut into s stages; cut[s][j]: the last cut.
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
+    best[0][0] = 0
+    for s in range(1, n_stages + 1):
+        for j in range(s, n + 1):
+            for i in range(s - 1, j):
+                value = max(best[s - 1][i], segment(i, j))
+                if value < best[s][j]:
+                    best[s][j], cut[s][j] = value, i
+    bounds, j = [n], n
+    for s in range(n_stages, 0, -1):
+        j = cut[s][j]
+        bounds.append(j)
+    bounds.reverse()
+    return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One model stage: its index, its layers, and whether it is the first or the last of the model."""
+
+    index: int
+    layers: range
+    first: bool
+    last: bool
+
+
+def stage_specs(args: ModelArgs, schedule: str, pp: int, pp_rank: int) -> list[StageSpec]:
+    """The stages a pipeline rank runs, in the schedule's local chunk order (``schedules.topology``)."""
+    topo = topology(schedule, pp)
+    SCHEDULES[schedule](pp, 2 * pp)  # the generator's own pp check (2*pp micro-batches suit every schedule)
+    ranges = split_layers(args, topo.n_stages)
+    specs = []
+    for stage in topo.chunks[pp_rank]:
+        i = stage.index
+        specs.append(StageSpec(i, ranges[i], first=i == 0, last=i == topo.n_stages - 1))
+    return specs
+
+
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+
+
+class StageModel(nn.Module):
+    """The DeepSeek-V3 stages of one pipeline rank, under the full model's parameter names.
+
+    ``forward_chunk(chunk, x, batch)`` runs one local chunk on a micro-batch ``batch: [B, T+1]`` (tokens)
+    and returns the hidden state for the next stage, or on the last stage the objective of
+    ``DeepSeekV3.compute_loss`` (main CE, MTP, and the balance losses of this stage's MoE layers).
+    """
+
+    metric_keys = METRIC_KEYS
+
+    def __init__(self, args: ModelArgs, specs: list[StageSpec], init_seed: int | None = 0) -> None:
+        super().__init__()
+        self.args = args.validate()
+        self.specs = specs
+        has_first, has_last = any(s.first for s in specs), any(s.last for s in specs)
+        layer_ids = sorted(i for s in specs for i in s.layers)
+        if len(set(layer_ids)) != len(layer_ids):
+            raise ValueError("the stages of one rank must not share layers")
+        if has_first or (has_last and args.mtp_depth):
+            self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): Block(args, i) for i in layer_ids})
+        if has_last:
+            self.norm = RMSNorm(args.dim, args.rms_norm_eps)
+            self.head = Linear(args.dim, args.vocab_size)
+            self.mtp = nn.ModuleDict(
+                {str(k): MTPModule(args, Block(args, args.n_layers + k)) for k in range(args.mtp_depth)}
+            )
+        cos, sin = rope_tables(args)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if init_seed is not None:
+            init_weights(self, init_seed, args.init_std)
+
+    def activation_shape(self, batch: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype]:
+        return (batch.shape[0], batch.shape[1] - 1, self.args.dim), self.rope_cos.dtype
+
+    def _rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if length > self.args.max_seq_len:
+            raise ValueError(f"sequence length {length} exceeds model.max_seq_len={self.args.max_seq_len}")
+        return self.rope_cos[:length], self.rope_sin[:length]
+
+    def forward_chunk(self, chunk: int, x: torch.Tensor | None, batch: torch.Tensor) -> ChunkOutput:
+        spec = self.specs[chunk]
+        inputs = batch[:, :-1]
+        h = self.embed(inputs) if spec.first else x
+        cos, sin = self._rope(inputs.shape[1])
+        blocks = [self.layers[str(i)] for i in spec.layers]
+        for block in blocks:
+            h = block(h, cos, sin)
+        if not spec.last:
+            balance = _take_balance(blocks, h)
+            zero = h.new_zeros(())
+            metrics = {"loss": balance.detach(), "lm_loss": zero, "mtp_loss": zero, "balance_loss": balance.detach()}
+            return ChunkOutput(h, balance if balance.requires_grad else None, metrics)
+        lm_loss, mtp_loss = self._objective(h, inputs, batch[:, 1:])
+        balance = _take_balance(blocks + [m.block for m in self.mtp.values()], h)
+        loss = lm_loss + mtp_loss + balance
+        metrics = {"loss": loss.detach(), "lm_loss": lm_loss.detach(), "mtp_loss": mtp_loss.detach(),
+                   "balance_loss": balance.detach()}
+        return ChunkOutput(None, loss, metrics)
+
+    def _objective(self, h: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Main and MTP cross-entropies as ``DeepSeekV3.compute_loss`` defines them."""
+        n_positions = targets.numel()
+        lm_loss = _ce_sum(self.head(self.norm(h)), targets) / n_positions
+        mtp_loss = lm_loss.new_zeros(())
+        if not self.args.mtp_depth:
+            return lm_loss, mtp_loss
+        emb = self.embed(inputs)
+        seq_len = inputs.shape[1]
+        for k, mtp in enumerate(self.mtp.values(), start=1):
+            cos, sin = self._rope(seq_len - k)
+            h = mtp(h[:, :-1], emb[:, k:], cos, sin)
+            mtp_loss = mtp_loss + _ce_sum(self.head(mtp.norm(h)), targets[:, k:]) / n_positions
+        return lm_loss, mtp_loss * (self.args.mtp_lambda / self.args.mtp_depth)
+
+    # --- expert load balancing (this rank's MoE layers only) -------------------------------------------
+
+    def moe_layers(self) -> list[MoE]:
+        """This rank's MoE layers: main-model layers by index, then the MTP blocks (if held here)."""
+        blocks = list(self.layers.values()) + [m.block for m in getattr(self, "mtp", {}).values()]
+        return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
+
+    def moe_loads(self) -> torch.Tensor:
+        """``[n_local_moe_layers, n_routed_experts]`` tokens routed per expert since the last reset."""
+        layers = self.moe_layers()
+        if not layers:
+            return torch.zeros(0, max(self.args.n_routed_experts, 1))
+        return torch.stack([m.tokens_per_expert for m in layers])
+
+    def reset_moe_loads(self) -> None:
+        for m in self.moe_layers():
+            m.tokens_per_expert.zero_()
+
+    def update_gate_bias(self, loads: torch.Tensor, gamma: float) -> None:
+        """Aux-loss-free bias step from ``loads`` as ``moe_loads()`` returns them, reduced over every rank
+        that saw part of the step's data (data parallel, and the DualPipe mirror rank)."""
+        if gamma == 0:
+            return
+        for moe, load in zip(self.moe_layers(), loads, strict=True):
+            moe.update_bias(load, gamma)
+
+    def partner_params(self, schedule: str) -> list[tuple[str, nn.Parameter]]:
+        """Parameters whose gradients must be summed with the partner rank's (see module docstring)."""
+        if schedule == "dualpipe":
+            return list(self.named_parameters())
+        if schedule == "1f1b" and hasattr(self, "embed") and any(s.first for s in self.specs) != any(
+            s.last for s in self.specs
+        ):
+            return [("embed.weight", self.embed.weight)] if self.args.mtp_depth else []
+        return []
+
+
+def _take_balance(blocks: list[nn.Module], like: torch.Tensor) -> torch.Tensor:
+    """Sum (and clear) the balance losses the MoE layers among ``blocks`` left during their forward."""
+    total = like.new_zeros(())
+    for block in blocks:
+        moe = block.ffn
+        if isinstance(moe, MoE) and moe.balance_loss is not None:
+            total = total + moe.balance_loss
+            moe.balance_loss = None
+    return total
+
+
+def build_stage_model(args: ModelArgs, schedule: str, pp: int, pp_rank: int, init_seed: int | None = 0
+                      ) -> StageModel:
+    """This pipeline rank's ``StageModel`` for ``schedule`` on ``pp`` ranks."""
+    return StageModel(args, stage_specs(args, schedule, pp, pp_rank), init_seed)
+
+
+# --- gradient sums between ranks holding the same parameters -------------------------------------------
+
+
+def pipelines_of(dims) -> list[list[int]]:
+    """Global ranks of every pipeline (pp group) of a ``ParallelDims``, each ordered by pipeline rank."""
+    return [[dims.global_rank(p, dp, tp) for p in range(dims.pp)] for dp in range(dims.dp) for tp in range(dims.tp)]
+
+
+def partner_group(schedule: str, pipelines: list[list[int]], mtp: bool = True) -> dist.ProcessGroup | None:
+    """The 2-rank group this rank sums partner gradients in, or None.
+
+    DualPipe: ranks (r, pp-1-r) of each pipeline; 1F1B with MTP (``mtp``): the first and the last rank.
+    Every rank of the default group must call this with the same arguments (group creation is collective).
+    """
+    me = dist.get_rank()
+    mine = None
+    for ranks in pipelines:
+        pp = len(ranks)
+        if schedule == "dualpipe":
+            pairs = [(ranks[r], ranks[pp - 1 - r]) for r in range(pp // 2)]
+        elif schedule == "1f1b" and mtp and pp > 1:
+            pairs = [(ranks[0], ranks[-1])]
+        else:
+            pairs = []
+        for pair in pairs:
+            group = dist.new_group(list(pair))
+            if me in pair:
+                mine = group
+    return mine
+
+
+def sum_partner_grads(params: Iterable[tuple[str, torch.Tensor]], group: dist.ProcessGroup | None) -> None:
+    """Sum the gradients of ``params`` with the partner rank's in one all-reduce (flattened in FQN order,
+    so both ranks line up). A missing gradient counts as zeros; a no-op without a group."""
+    if group is None:
+        return
+    params = sorted(params, key=lambda item: item[0])
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    for (_, p), g in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+        p.grad = g.view_as(p).clone() if p.grad is None else p.grad.copy_(g.view_as(p))

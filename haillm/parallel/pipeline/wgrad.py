@@ -1,0 +1,85 @@
+"""Deferred weight gradients (the zero-bubble B/W split) for linear layers.
+
+``deferrable_linear`` is ``F.linear`` with a backward that always computes the input gradient at once and,
+while :func:`deferring_weight_grads` is active, queues the weight (and bias) gradient as a closure instead
+of computing it. The pipeline runtime runs an ``I`` action as an ordinary backward inside that context and
+the matching ``W`` action runs the queued closures, so the sum of I and W is exactly a full backward.
+Parameters of other ops (norms, embedding, the router) simply get their gradient during I: deferral is an
+optimisation, never a condition for correctness.
+
+The queue is one module-level list, not thread-local, because on GPU the autograd engine runs backward
+functions on its device thread, not on the thread that called ``backward``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+_queue: list[Callable[[], None]] | None = None
+
+
+@contextlib.contextmanager
+def deferring_weight_grads() -> Iterator[list[Callable[[], None]]]:
+    """Within the block, weight grads of ``deferrable_linear`` are queued in the yielded list; run each
+    closure later to accumulate them into ``.grad``."""
+    global _queue
+    if _queue is not None:
+        raise RuntimeError("weight-grad deferral is already active (nested I backward?)")
+    _queue = []
+    try:
+        yield _queue
+    finally:
+        _queue = None
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
+
+
+class _DeferrableLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)  # a saved leaf unpacks to the parameter object itself
+        ctx.bias = bias
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = dy @ weight if ctx.needs_input_grad[0] else None
+        want_w, want_b = ctx.needs_input_grad[1], ctx.bias is not None and ctx.needs_input_grad[2]
+        if not (want_w or want_b):
+            return grad_x, None, None
+
+        def weight_grads() -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            gw = dy2.t() @ x.reshape(-1, x.shape[-1]) if want_w else None
+            gb = dy2.sum(0) if want_b else None
+            return gw, gb
+
+        if _queue is None:
+            return (grad_x, *weight_grads())
+        bias = ctx.bias
+
+        def deferred() -> None:
+            gw, gb = weight_grads()
+            if gw is not None:
+                _accumulate(weight, gw)
+            if gb is not None:
+                _accumulate(bias, gb)
+
+        _queue.append(deferred)
+        return grad_x, None, None
+
+
+
+def deferrable_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` whose weight gradient can be deferred (see module docstring)."""
+    return _DeferrableLinear.apply(x, weight, bias)
