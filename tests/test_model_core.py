@@ -168,7 +168,7 @@ def _reference_mtp_loss(model, batch):
 def test_compute_loss_terms():
     args = get_preset("tiny").replace(mtp_depth=2)
     model = DeepSeekV3(args, init_seed=3)
-    batch = torch.randint(0, args.vocab_size, (3, 21))
+    batch = torch.randint(0, args.vocab_size, (3, 21), generator=torch.Generator().manual_seed(0))
     out = model.compute_loss(batch)
     assert set(out) == {"loss", "lm_loss", "mtp_loss", "balance_loss"}
     assert all(torch.isfinite(v) for v in out.values())
@@ -198,3 +198,5 @@ def test_tiny_trains_on_a_fixed_batch():
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
     assert losses[-1] < 0.7 * losses[0]
     assert model.embed.weight.grad is not None and model.mtp["0"].eh_proj.weight.grad is not None
+    gate = model.layers["1"].ffn.gate
+    assert gate.weight.grad.abs().sum() > 0 and not gate.bias.requires_grad
