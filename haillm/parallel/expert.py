@@ -1,0 +1,319 @@
+"""Expert parallelism: routed experts split over the ranks of an expert-parallel (EP) group, tokens moved to
+them and back with uneven ``all_to_all_single`` exchanges (REFERENCE §5, §6.1).
+
+``ExpertPlacement`` says which global expert ids live on which EP rank: contiguous blocks, so sorting token
+copies by expert also sorts them by destination rank, and a node (consecutive EP ranks) holds whole expert
+groups, so the gate's group-limited top-k (``n_limited_groups``) bounds the nodes each token reaches.
+
+``AllToAllDispatcher`` is the multi-rank twin of ``moe.LocalDispatcher`` (the MoE layer calls either as
+``dispatcher(x, weights, indices, counts, experts)``). One token copy is sent per (token, chosen expert);
+gate weights are applied on the source rank after the combine, so their gradient stays local. Each
+exchange can be started and finished separately (``start_dispatch`` / ``finish_dispatch``,
+``start_combine`` / ``finish_combine``) so a scheduler can compute while tokens are in flight. The
+communication runs on detached tensors; ``finish_*`` attaches the received tensor to the sender's graph
+through ``_Exchanged``, whose backward is the reverse exchange of gradients (backward of dispatch is a
+combine and vice versa). Backward exchanges are synchronous.
+
+With ``fp8=True`` dispatched tokens travel as E4M3 with 1x128 fp32 scales (``haillm.fp8.act_quant``),
+packed in one uint8 buffer (gloo cannot reduce or exchange fp8 tensors); combine and all gradients stay in
+the activations' dtype, as in DeepSeek-V3.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from haillm.fp8 import FP8_DTYPE, act_dequant, act_quant
+from haillm.models.deepseek_v3.moe import LocalDispatcher, MoE
+from haillm.parallel.mesh import ParallelConfigError, ParallelDims
+
+FP8_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Rank ``r`` of an EP group of ``ep_size`` holds experts ``[r*E/ep, (r+1)*E/ep)``; nodes are consecutive
+    blocks of ``ranks_per_node`` EP ranks (None: the whole group is one node)."""
+
+    n_routed_experts: int
+    ep_size: int = 1
+    ep_rank: int = 0
+    ranks_per_node: int | None = None
+    n_expert_groups: int = 1
+
+    def __post_init__(self) -> None:
+        e, ep, rpn = self.n_routed_experts, self.ep_size, self.ranks_per_node
+        if ep < 1 or not 0 <= self.ep_rank < ep:
+            raise ParallelConfigError(f"ep_rank={self.ep_rank} must be in [0, parallel.ep={ep})")
+        if e % ep:
+            raise ParallelConfigError(f"model.n_routed_experts={e} is not divisible by parallel.ep={ep}")
+        if rpn is not None and (rpn < 1 or (rpn < ep and ep % rpn)):
+            raise ParallelConfigError(f"parallel.ep={ep} is not a whole number of nodes of {rpn} ranks")
+        group_size = e // self.n_expert_groups
+        if self.n_expert_groups > 1 and self.experts_per_node % group_size:
+            raise ParallelConfigError(
+                f"a node holds {self.experts_per_node} experts but an expert group has {group_size}: groups "
+                f"must not straddle nodes (model.n_expert_groups={self.n_expert_groups}, parallel.ep={ep}, "
+                f"{self.ep_ranks_per_node} EP ranks per node)"
+            )
+
+    @classmethod
+    def from_dims(cls, dims: ParallelDims, n_routed_experts: int, n_expert_groups: int = 1) -> ExpertPlacement:
+        """Placement for this rank of ``dims``; nodes come from ``dims.ranks_per_node`` (global ranks)."""
+        nodes = [dims.node_of(g) for g in dims.ep_group_ranks()]
+        runs = [nodes.count(n) for n in dict.fromkeys(nodes)]
+        if len(set(runs)) != 1:
+            raise ParallelConfigError(
+                f"the EP group's ranks {dims.ep_group_ranks()} split unevenly over nodes of "
+                f"parallel.ranks_per_node={dims.ranks_per_node}"
+            )
+        return cls(n_routed_experts, dims.ep, dims.ep_rank, runs[0], n_expert_groups)
+
+    @property
+    def experts_per_rank(self) -> int:
+        return self.n_routed_experts // self.ep_size
+
+    @property
+    def ep_ranks_per_node(self) -> int:
+        return min(self.ranks_per_node or self.ep_size, self.ep_size)
+
+    @property
+    def n_nodes(self) -> int:
+        return self.ep_size // self.ep_ranks_per_node
+
+    @property
+    def experts_per_node(self) -> int:
+        return self.experts_per_rank * self.ep_ranks_per_node
+
+    @property
+    def local_expert_ids(self) -> range:
+        return range(self.ep_rank * self.experts_per_rank, (self.ep_rank + 1) * self.experts_per_rank)
+
+    def rank_of(self, expert_ids: torch.Tensor) -> torch.Tensor:
+        return expert_ids // self.experts_per_rank
+
+    def is_local(self, expert_id: int) -> bool:
+        return expert_id in self.local_expert_ids
+
+
+@dataclass
+class _Transfer:
+    """One uneven exchange: ``send`` rows split ``in_splits`` over peers, ``out_splits`` rows into ``recv``
+    (replaced by the dequantized rows once an FP8 dispatch finishes). Holds both buffers while in flight."""
+
+    send: torch.Tensor
+    recv: torch.Tensor
+    in_splits: list[int]
+    out_splits: list[int]
+    work: dist.Work
+
+
+def _start_transfer(send: torch.Tensor, in_splits: list[int], out_splits: list[int], group) -> _Transfer:
+    send = send.detach().contiguous()
+    recv = send.new_empty((sum(out_splits), *send.shape[1:]))
+    work = dist.all_to_all_single(recv, send, out_splits, in_splits, group=group, async_op=True)
+    return _Transfer(send, recv, in_splits, out_splits, work)
+
+
+class _Exchanged(torch.autograd.Function):
+    """Identity from the sent tensor to the already received one; backward sends gradients the reverse way."""
+
+    @staticmethod
+    def forward(ctx, sent: torch.Tensor, transfer: _Transfer, group) -> torch.Tensor:
+        ctx.in_splits, ctx.out_splits, ctx.group = transfer.in_splits, transfer.out_splits, group
+        return transfer.recv
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        out = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
+        dist.all_to_all_single(out, grad, ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return out, None, None
+
+
+@dataclass
+class DispatchHandle:
+    """State of one dispatch, needed by its combine. ``order``/``token_ids`` mean what they mean in
+    ``LocalDispatcher``; ``recv_counts[s, e]`` is the number of rows source rank ``s`` sends to local expert
+    ``e``; ``arrange`` reorders received rows from source-major (as they arrive) to expert-major."""
+
+    sent: torch.Tensor
+    order: torch.Tensor
+    token_ids: torch.Tensor
+    n_tokens: int
+    recv_counts: torch.Tensor
+    arrange: torch.Tensor
+    transfer: _Transfer
+    fp8_dtype: torch.dtype | None
+
+
+@dataclass
+class CombineHandle:
+    dispatch: DispatchHandle
+    sent: torch.Tensor
+    transfer: _Transfer
+
+
+class AllToAllDispatcher:
+    """Token movement over an EP group (see the module docstring). One instance may serve every MoE layer;
+    ``stats()`` then averages over all of them since the last ``reset_stats()``."""
+
+    def __init__(self, group: dist.ProcessGroup | None, placement: ExpertPlacement, fp8: bool = False) -> None:
+        size = dist.get_world_size(group) if dist.is_initialized() else 1
+        rank = dist.get_rank(group) if dist.is_initialized() else 0
+        if (size, rank) != (placement.ep_size, placement.ep_rank):
+            raise ParallelConfigError(
+                f"EP group rank {rank} of {size}, placement for rank {placement.ep_rank} of {placement.ep_size}"
+            )
+        self.group, self.placement, self.fp8 = group, placement, fp8
+        self._local = LocalDispatcher()
+        self.reset_stats()
+
+    # ---- dispatch ----
+    def start_dispatch(
+        self, x: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None = None
+    ) -> DispatchHandle:
+        """Sort token copies by expert, exchange per-expert counts (a short blocking exchange that sizes the
+        payload), then start the payload exchange. ``x: [N, dim]``, ``indices: [N, k]`` global expert ids,
+        ``counts``: the bincount of ``indices`` over all experts (computed when None)."""
+        p = self.placement
+        if counts is None:
+            counts = torch.bincount(indices.flatten(), minlength=p.n_routed_experts)
+        self._record_stats(indices)
+        order = indices.flatten().argsort(stable=True)
+        token_ids = order // indices.shape[1]
+        sent = x.index_select(0, token_ids)  # row copies: much faster than x[token_ids] on CPU
+        send_counts = counts.to(torch.int64).reshape(p.ep_size, p.experts_per_rank).contiguous()
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        in_splits, out_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+        segment = torch.arange(recv_counts.numel(), device=x.device).repeat_interleave(recv_counts.flatten())
+        arrange = ((segment % p.experts_per_rank) * p.ep_size + segment // p.experts_per_rank).argsort(stable=True)
+        payload = sent.detach()
+        if self.fp8:
+            q, s = act_quant(payload, FP8_BLOCK)
+            payload = torch.cat([q.view(torch.uint8), s.view(torch.uint8)], dim=1)
+        self._sums[3] += self._off_rank_bytes(payload, in_splits)
+        transfer = _start_transfer(payload, in_splits, out_splits, self.group)
+        fp8_dtype = x.dtype if self.fp8 else None
+        return DispatchHandle(sent, order, token_ids, x.shape[0], recv_counts, arrange, transfer, fp8_dtype)
+
+    def finish_dispatch(self, handle: DispatchHandle) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wait for the tokens; return them grouped by local expert and the rows per local expert."""
+        t = handle.transfer
+        t.work.wait()
+        if handle.fp8_dtype is not None:
+            dim = handle.sent.shape[1]
+            q, s = t.recv[:, :dim].contiguous().view(FP8_DTYPE), t.recv[:, dim:].contiguous().view(torch.float32)
+            t.recv = act_dequant(q, s, FP8_BLOCK, handle.fp8_dtype)
+        received = _Exchanged.apply(handle.sent, t, self.group)
+        return received.index_select(0, handle.arrange), handle.recv_counts.sum(0)
+
+    def dispatch(
+        self, x: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchHandle]:
+        handle = self.start_dispatch(x, indices, counts)
+        routed_x, local_counts = self.finish_dispatch(handle)
+        return routed_x, local_counts, handle
+
+    # ---- expert compute ----
+    def compute(self, experts: nn.ModuleDict, routed_x: torch.Tensor, local_counts: torch.Tensor) -> torch.Tensor:
+        """One call per local expert with tokens, on its contiguous slice (experts keyed by global id)."""
+        first = self.placement.local_expert_ids.start
+        chunks = routed_x.split(local_counts.tolist())
+        return torch.cat([experts[str(first + e)](c) if c.shape[0] else c for e, c in enumerate(chunks)])
+
+    # ---- combine ----
+    def start_combine(self, routed_y: torch.Tensor, handle: DispatchHandle) -> CombineHandle:
+        """Put expert outputs back in the order they arrived and start sending them home."""
+        sent = routed_y.index_select(0, handle.arrange.argsort())
+        t = handle.transfer
+        self._sums[4] += self._off_rank_bytes(sent, t.out_splits)
+        return CombineHandle(handle, sent, _start_transfer(sent, t.out_splits, t.in_splits, self.group))
+
+    def finish_combine(self, handle: CombineHandle, weights: torch.Tensor) -> torch.Tensor:
+        """Wait for the outputs; weighted sum per token, ``[N, dim]`` in the original token order."""
+        t, d = handle.transfer, handle.dispatch
+        t.work.wait()
+        back = _Exchanged.apply(handle.sent, t, self.group)
+        return self._local.combine(back, weights, d.order, d.token_ids, d.n_tokens)  # the same weighted sum
+
+    def combine(self, routed_y: torch.Tensor, weights: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        return self.finish_combine(self.start_combine(routed_y, handle), weights)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        indices: torch.Tensor,
+        counts: torch.Tensor,
+        experts: nn.ModuleDict,
+    ) -> torch.Tensor:
+        routed_x, local_counts, handle = self.dispatch(x, indices, counts)
+        return self.combine(self.compute(experts, routed_x, local_counts), weights, handle)
+
+    # ---- statistics ----
+    def reset_stats(self) -> None:
+        self._sums = torch.zeros(5, dtype=torch.float64)  # tokens, rank hits, node hits, dispatch/combine bytes
+        self._maxima = torch.zeros(2, dtype=torch.float64)  # ranks, nodes per token
+
+    def _record_stats(self, indices: torch.Tensor) -> None:
+        p = self.placement
+        hit = torch.zeros(indices.shape[0], p.ep_size, dtype=torch.bool, device=indices.device)
+        hit.scatter_(1, p.rank_of(indices), True)
+        ranks = hit.sum(1)
+        nodes = hit.view(-1, p.n_nodes, p.ep_ranks_per_node).any(-1).sum(1)
+        self._sums[:3] += torch.tensor([indices.shape[0], ranks.sum().item(), nodes.sum().item()], dtype=torch.float64)
+        if indices.shape[0]:
+            seen = torch.tensor([ranks.max().item(), nodes.max().item()], dtype=torch.float64)
+            self._maxima = torch.maximum(self._maxima, seen)
+
+    def _off_rank_bytes(self, payload: torch.Tensor, splits: list[int]) -> int:
+        """Bytes this rank sends to other ranks (its own rows stay in memory)."""
+        rows = sum(splits) - splits[self.placement.ep_rank]
+        return rows * math.prod(payload.shape[1:]) * payload.element_size()
+
+    def stats(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
+        """Averages since ``reset_stats()``: distinct EP ranks and nodes each token was sent to (and their
+        maxima), and bytes sent off-rank per phase. With ``group``, over all its ranks (collective)."""
+        sums, maxima = self._sums.clone(), self._maxima.clone()
+        if group is not None and dist.is_initialized():
+            dist.all_reduce(sums, group=group)
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+        tokens = max(sums[0].item(), 1.0)
+        return {
+            "ranks_per_token": sums[1].item() / tokens,
+            "nodes_per_token": sums[2].item() / tokens,
+            "max_ranks_per_token": maxima[0].item(),
+            "max_nodes_per_token": maxima[1].item(),
+            "dispatch_bytes": sums[3].item(),
+            "combine_bytes": sums[4].item(),
+        }
+
+
+def all_reduce_loads(loads: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum per-expert token counts (e.g. ``model.moe_loads()``) over ``group`` so every rank applies the
+    same bias update. Each rank counts its own tokens against all experts, so the group is the one whose
+    ranks see different tokens: the data-parallel group (EP lies inside it; TP peers see the same tokens).
+    Reduced in float64 so counts stay exact."""
+    total = loads.to(torch.float64)
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(total, group=group)
+    return total.to(loads.dtype)
+
+
+def apply_expert_parallel(model: nn.Module, dispatcher: AllToAllDispatcher) -> nn.Module:
+    """Keep only this rank's experts (names keep their global ids) in every MoE layer of ``model`` and route
+    through ``dispatcher``. In place; returns ``model``."""
+    placement = dispatcher.placement
+    for module in model.modules():
+        if isinstance(module, MoE):
+            for name in [n for n in module.experts if not placement.is_local(int(n))]:
+                del module.experts[name]
+            module.dispatcher = dispatcher
+    return model
