@@ -349,3 +349,30 @@ def test_grad_norm_sums_dp_expert_and_pipeline_groups():
         assert norm == pytest.approx(expected_sq**0.5, rel=1e-6)
         assert clipped == pytest.approx(1.0, rel=1e-5)
         assert not math.isfinite(nonfinite)
+
+
+def test_replaced_grad_is_taken_as_the_gradient():
+    """Code that assigns `.grad` (torch's model.zero_grad(), a manual weight-grad pass) is honoured."""
+    model = make_model()
+    opt = ZeroAdamW(model.named_parameters(), **HPARAMS, bucket_mb=BUCKET_MB)
+    x, y = batch(0)
+    with opt.no_sync():
+        F.mse_loss(model(x[:8]), y[:8]).backward()
+    model.zero_grad()  # sets .grad to None: the first micro-batch is discarded, as in plain torch
+    model.fc1.weight.requires_grad_(False)  # its gradient comes from a manual pass: no autograd hook fires
+    F.mse_loss(model(x[8:]), y[8:]).backward()
+    model.fc1.weight.grad = torch.full_like(model.fc1.weight, 0.5)
+    opt.finish_grad_sync()
+    ref = make_model()
+    F.mse_loss(ref(x[8:]), y[8:]).backward()
+    for (name, p), r in zip(model.named_parameters(), ref.parameters(), strict=True):
+        b, i = opt._bucket_of[id(p)]
+        used = b.shard_grad[b.offsets[i] : b.offsets[i] + p.numel()].view_as(p)  # what step() will apply
+        expected = torch.full_like(r, 0.5) if name == "fc1.weight" else r.grad
+        torch.testing.assert_close(used, expected, rtol=0, atol=1e-7, msg=name)
+        assert p.grad.data_ptr() == used.data_ptr()
+
+
+def test_positional_params_are_refused():
+    with pytest.raises(TypeError, match="named_parameters"):
+        ZeroAdamW(make_model().parameters())

@@ -234,13 +234,22 @@ class ZeroAdamW:
         finally:
             self._sync = True
 
+    def _absorb_grad(self, b: _Bucket, i: int) -> None:
+        """Make sure param i's gradient lives in the bucket: fp32 `.grad` must be the buffer view (if code
+        replaced it, the new tensor is the gradient); a bf16 `.grad` holds new contributions to add."""
+        p, off = b.params[i], b.offsets[i]
+        view = b.grad_buf[off : off + p.numel()].view_as(p)
+        if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
+            if p.dtype == torch.float32:
+                view.copy_(p.grad)
+                p.grad = view
+            else:
+                view.add_(p.grad)
+                p.grad = None
+
     def _on_grad_ready(self, p: Tensor) -> None:
         b, i = self._bucket_of[id(p)]
-        off = b.offsets[i]
-        view = b.grad_buf[off : off + p.numel()].view_as(p)
-        if p.grad is not None and p.grad.data_ptr() != view.data_ptr():  # non-fp32 param or grad replaced
-            view.add_(p.grad)
-            p.grad = view if p.dtype == torch.float32 else None
+        self._absorb_grad(b, i)
         if not self._sync:
             return
         if b.launched:
@@ -262,6 +271,8 @@ class ZeroAdamW:
 
     def _launch_reduce(self, b: _Bucket) -> None:
         b.launched = True
+        for i in range(len(b.params)):  # gradients written without autograd (no hook) count too
+            self._absorb_grad(b, i)
         if b.world == 1:
             return
         src = b.grad_buf if self.reduce_dtype == torch.float32 else b.grad_buf.to(self.reduce_dtype)
