@@ -380,11 +380,12 @@ class ZeroAdamW:
         self.wait_params(buckets)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradient buffers (parameters keep their `.grad` views) and start a new step."""
+        """Zero the gradient buffers and start a new step. `set_to_none` is accepted for torch
+        compatibility and ignored: fp32 parameters keep `.grad` as views of the buffer."""
         for b in self._buckets:  # never zero a buffer that a reduction still reads
             if b.reduce_work is not None:
                 b.reduce_work.wait()
-                b.reduce_work = None
+            b.reduce_work = b.reduce_out = None
             b.grad_buf.zero_()
             b.ready.clear()
             b.launched = False
