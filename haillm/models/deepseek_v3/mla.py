@@ -114,8 +114,11 @@ class MLA(nn.Module):
         k_nope, v = self.wkv_b(latent).unflatten(-1, (self.n_heads, -1)).split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
+        pad = q.shape[-1] - self.v_dim if x.device.type == "cpu" else 0
+        if pad > 0:  # CPU's fused SDPA kernel needs equal q/k and v head dims; zero columns leave o exact
+            v = F.pad(v, (0, pad))
         o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
-        return self.wo(o.transpose(1, 2).flatten(2))
+        return self.wo(o[..., : self.v_dim].transpose(1, 2).flatten(2))
 
     def forward_absorbed(
         self,
