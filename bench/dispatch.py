@@ -10,7 +10,9 @@ seconds (median over iterations of the slowest rank), bytes sent off-rank as cou
 the theoretical bytes ``tokens * top_k * hidden * bytes * (ep-1)/ep`` (one copy per chosen expert, the
 share that leaves the rank under uniform routing), the bytes a per-rank deduplicating dispatcher
 (DeepEP-style, one copy per destination rank) would send for the same routing, effective GB/s, and the
-ratio to a plain equal-split ``all_to_all_single`` of the same bytes measured in the same run.
+ratio to a plain equal-split ``all_to_all_single`` of the same bytes measured in the same run. A second
+table shows how much of the bf16 dispatch transfer hides behind compute issued between ``start_dispatch``
+and ``finish_dispatch``.
 """
 
 import argparse
@@ -43,6 +45,33 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return slowest(time.perf_counter() - start)
+
+
+def overlap(dispatcher: AllToAllDispatcher, x: torch.Tensor, indices: torch.Tensor, iters: int) -> dict:
+    """Wait in ``finish_dispatch`` with nothing between start and finish, then with about as much fp32
+    matmul work as that wait took: how much of the transfer the background exchange hides."""
+    a = torch.randn(256, 256)
+
+    def wait_after(work) -> tuple[float, float]:
+        dist.barrier()
+        handle = dispatcher.start_dispatch(x, indices)
+        start = time.perf_counter()
+        work()
+        mid = time.perf_counter()
+        handle.transfer.work.wait()
+        end = time.perf_counter()
+        dispatcher.finish_dispatch(handle)
+        return slowest(mid - start), slowest(end - mid)
+
+    alone = statistics.median(wait_after(lambda: None)[1] for _ in range(iters))
+    a @ a  # warm-up, then calibrate the number of matmuls
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    n_matmuls = max(1, round(10 * slowest(alone) / slowest(time.perf_counter() - start)))
+    runs = [wait_after(lambda: [a @ a for _ in range(n_matmuls)]) for _ in range(iters)]
+    return {"wait_alone": alone, "compute": statistics.median(r[0] for r in runs),
+            "wait_after_compute": statistics.median(r[1] for r in runs)}
 
 
 def bench_rank(n_tokens: int, iters: int) -> dict:
@@ -78,6 +107,9 @@ def bench_rank(n_tokens: int, iters: int) -> dict:
             "combine_bytes": stats["combine_bytes"] / (iters * ep),
             "ranks_per_token": stats["ranks_per_token"],
         }
+        if not fp8:
+            with torch.no_grad():
+                out["overlap"] = overlap(dispatcher, x, indices, iters)
     # Baseline: an equal-split exchange of the bf16 dispatch's off-rank bytes (plus the rank's own share).
     per_peer = max(int(out["bf16"]["dispatch_bytes"]) // max(ep - 1, 1) // row, 1)
     send = torch.zeros(per_peer * ep, args.dim, dtype=torch.bfloat16)
@@ -103,6 +135,7 @@ def main() -> None:
     head = (f"{'ep':>3} {'tokens':>6} {'payload':>9} {'seconds':>8} {'meas MB':>8} {'theory MB':>9} "
             f"{'dedup MB':>8} {'GB/s':>6} {'vs raw a2a':>10} {'ranks/tok':>9}")
     print(head)
+    overlaps = []
     for ep in opts.ep:
         for n_tokens in opts.tokens:
             r = run_distributed(bench_rank, ep, args=(n_tokens, opts.iters), timeout=1800, pg_timeout=600)[0]
@@ -119,6 +152,13 @@ def main() -> None:
                       f"{m['ranks_per_token']:>9.2f}")
             print(f"{'':>3} {'':>6} {'raw a2a':>9} {r['raw_seconds']:>8.3f} {r['raw_bytes'] / 1e6:>8.1f} "
                   f"{'':>9} {'':>8} {raw_gbs:>6.3f} {1.0:>10.2f}")
+            overlaps.append((ep, n_tokens, r["overlap"]))
+    print("\nbf16 dispatch, split phases: wait in finish_dispatch alone vs after fp32 matmuls started behind it")
+    print(f"{'ep':>3} {'tokens':>6} {'wait alone s':>12} {'compute s':>9} {'wait after s':>12} {'hidden':>6}")
+    for ep, n_tokens, o in overlaps:
+        hidden = 1 - o["wait_after_compute"] / o["wait_alone"]
+        print(f"{ep:>3} {n_tokens:>6} {o['wait_alone']:>12.3f} {o['compute']:>9.3f} "
+              f"{o['wait_after_compute']:>12.3f} {hidden:>6.0%}")
 
 
 if __name__ == "__main__":
