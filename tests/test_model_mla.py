@@ -12,14 +12,18 @@ from haillm.models.deepseek_v3.mla import apply_rope, rope_inv_freq, rope_tables
 YARN = {"max_seq_len": 2048, "original_seq_len": 256, "rope_factor": 8.0, "mscale": 0.9, "mscale_all_dim": 0.7}
 
 
-def test_apply_rope_matches_complex_rotation():
-    """DeepSeek's formulation: view adjacent pairs as complex numbers and multiply by e^{i pos freq}."""
+def test_apply_rope_rotates_adjacent_pairs():
+    """out[2j] = x[2j] cos - x[2j+1] sin, out[2j+1] = x[2j] sin + x[2j+1] cos with angle pos * inv_freq[j],
+    on a non-contiguous slice (as q_rope is) and on an odd-offset one (which needs a copy)."""
     args = get_preset("tiny")
     angles = torch.arange(5, dtype=torch.float64)[:, None] * rope_inv_freq(args).double()[None, :]
-    x = torch.randn(2, 5, 3, args.qk_rope_head_dim, dtype=torch.float64)
-    rotation = torch.polar(torch.ones_like(angles), angles)[:, None]
-    ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rotation).flatten(-2)
-    torch.testing.assert_close(apply_rope(x, angles.cos(), angles.sin()), ref)
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # [T, 1, r/2] against x's [B, T, H, r/2]
+    for nope in (16, 3):
+        x = torch.randn(2, 5, 3, nope + args.qk_rope_head_dim, dtype=torch.float64)[..., nope:]
+        a, b = x[..., 0::2], x[..., 1::2]
+        ref = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+        out = apply_rope(x, angles.cos(), angles.sin())
+        torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
 
 
 def test_v3_yarn_correction_range_and_scale():

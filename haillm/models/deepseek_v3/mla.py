@@ -64,11 +64,12 @@ def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tu
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs ``(x[2j], x[2j+1])`` of ``x: [B, T, H, r]`` by angle j (DeepSeek's interleaved
-    layout); ``cos``/``sin`` are ``[T, r/2]``."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    pairs = x.unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    return torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+    layout); ``cos``/``sin`` are ``[T, r/2]``. Done as one complex product (faster than the real form)."""
+    if x.storage_offset() % 2 or any(s % 2 for s in x.stride()[:-1]):
+        x = x.contiguous()  # view_as_complex needs even strides and offset
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    rotation = torch.complex(cos.float(), sin.float())[:, None, :]
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class MLA(nn.Module):
