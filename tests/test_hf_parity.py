@@ -303,3 +303,11 @@ def test_missing_mtp_weights_are_an_error_unless_allowed(hf_checkpoint):
         load_hf_state(model, path)
     load_hf_state(model, path, allow_missing_mtp=True)
     assert torch.equal(model.embed.weight, load_file(path / "model.safetensors")["model.embed_tokens.weight"])
+
+
+def test_checkpoint_config_must_fit_the_model(hf_checkpoint):
+    name, path, _, _ = hf_checkpoint
+    args = args_from_hf_config(hf_config(name).to_dict())
+    model = DeepSeekV3(args.replace(route_scale=1.5, rope_theta=1234.0), init_seed=None)
+    with pytest.raises(ValueError, match=r"route_scale=.* \(model: 1.5\).*rope_theta"):
+        load_hf_state(model, path)

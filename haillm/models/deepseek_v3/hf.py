@@ -327,13 +327,29 @@ def _mtp_modules_stored(path: Path, n_layers: int) -> int:
     return depth
 
 
+# ModelArgs fields a checkpoint fixes (shapes, routing, norms, RoPE base). Context length and YaRN, MTP depth
+# and the training-objective fields may differ, e.g. to fine-tune at a longer context.
+_CHECKPOINT_FIELDS = (
+    "vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers", "n_heads",
+    "n_routed_experts", "n_shared_experts", "n_activated_experts", "n_expert_groups", "n_limited_groups",
+    "score_func", "route_scale", "norm_topk_prob", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+    "qk_rope_head_dim", "v_head_dim", "rope_theta", "rms_norm_eps",
+)
+
+
 def load_hf_state(model: DeepSeekV3, path: str | Path, allow_missing_mtp: bool = False) -> None:
-    """Copy a Hugging Face checkpoint's weights into an existing model of the same shape (in place).
+    """Copy a Hugging Face checkpoint's weights into an existing model (in place), e.g. for
+    ``model.init_from=hf:<path>``; the checkpoint's config must agree on ``_CHECKPOINT_FIELDS``.
 
     MTP modules the checkpoint has beyond ``model.args.mtp_depth`` are ignored; MTP modules the model has
     but the checkpoint lacks (transformers' own ``save_pretrained`` writes none) are an error unless
     ``allow_missing_mtp``, in which case they keep their current values.
     """
+    stored = args_from_hf_config(json.loads((Path(path) / "config.json").read_text()))
+    differ = [f"{f}={getattr(stored, f)!r} (model: {getattr(model.args, f)!r})"
+              for f in _CHECKPOINT_FIELDS if getattr(stored, f) != getattr(model.args, f)]
+    if differ:
+        raise ValueError(f"checkpoint {path} does not fit the model: {', '.join(differ)}")
     n_layers, depth = model.args.n_layers, model.args.mtp_depth
     targets = model.state_dict()
     missing = set(targets)
