@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from haillm.data import DataConfig
 from haillm.models.deepseek_v3.args import PRESETS, ModelArgs
+from haillm.parallel.mesh import ParallelConfigError, ParallelDims
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PP_SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
@@ -182,24 +183,18 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _require(t.lr > 0, f"train.lr={t.lr} must be positive")
     _one_of("train.dtype", t.dtype, DTYPES)
     _require(t.max_skipped_steps >= 0, f"train.max_skipped_steps={t.max_skipped_steps} must be >= 0")
-    for key in ("dp", "pp", "tp", "ep"):
-        _require(p[key] >= 1, f"parallel.{key}={p[key]} must be >= 1")
+    try:
+        ParallelDims.from_config(p, world_size)
+    except ParallelConfigError as exc:
+        raise ConfigError(str(exc)) from None
     _one_of("parallel.pp_schedule", p.pp_schedule, PP_SCHEDULES)
-    _require(p.ranks_per_node >= 1, f"parallel.ranks_per_node={p.ranks_per_node} must be >= 1")
     per_step = t.micro_batch_size * p.dp
     _require(
         t.global_batch_size % per_step == 0,
         f"train.global_batch_size={t.global_batch_size} must be divisible by "
         f"train.micro_batch_size*parallel.dp = {t.micro_batch_size}*{p.dp} = {per_step}",
     )
-    product = p.dp * p.pp * p.tp
-    _require(
-        product == world_size,
-        f"parallel.dp*pp*tp = {p.dp}*{p.pp}*{p.tp} = {product} but the world size is {world_size} "
-        "(torchrun --nproc_per_node x --nnodes)",
-    )
-    _require(p.dp % p.ep == 0, f"parallel.ep={p.ep} must divide parallel.dp={p.dp}")
-    for key in ("dp", "pp", "tp", "ep"):
+    for key in ("pp", "tp", "ep"):
         _require(p[key] == 1, f"parallel.{key}={p[key]} is not yet supported (only 1 for now)")
     _require(not cfg.fp8.enabled, "fp8.enabled=true is not yet supported (the FP8 training path is not wired in)")
     _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")

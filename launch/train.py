@@ -21,7 +21,8 @@ from haillm.data import DataError, StepBatcher, StepSampler, build_dataset  # no
 from haillm.models.deepseek_v3.flops import flops_per_token  # noqa: E402
 from haillm.models.deepseek_v3.model import DeepSeekV3  # noqa: E402
 from haillm.train.checkpoint import CheckpointError, list_checkpoints  # noqa: E402
-from haillm.train.optim import build_adamw  # noqa: E402
+from haillm.parallel.mesh import ParallelDims  # noqa: E402
+from haillm.train.optim import build_optimizer  # noqa: E402
 from haillm.train.setup import broadcast_object, init_distributed, seed_everything  # noqa: E402
 from haillm.train.trainer import Trainer, TrainingAborted  # noqa: E402
 
@@ -72,10 +73,11 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> None:
     if dataset.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"data.tokenizer has {dataset.tokenizer.vocab_size} ids but model.vocab_size="
                           f"{cfg.model.vocab_size}; use a model with a vocabulary at least that large")
+    dims = ParallelDims.from_config(cfg.parallel, world).build(device.type)
     model = build_model(cfg, device)
-    optimizer = build_adamw(model, cfg)
+    optimizer = build_optimizer(model, cfg, dims)
     sampler = StepSampler(dataset.num_samples, cfg.train.global_batch_size, cfg.seed, cfg.data.shuffle)
-    batcher = StepBatcher(dataset, sampler, dp_rank=0, dp_size=cfg.parallel.dp,
+    batcher = StepBatcher(dataset, sampler, dp_rank=dims.dp_rank, dp_size=dims.dp,
                           micro_batch_size=cfg.train.micro_batch_size)
     # Everything that can reject the run has run: only now touch the run directory.
     if rank == 0:
@@ -88,8 +90,8 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> None:
     log.info("run dir %s | model %s: %.2fM parameters | %d packed sequences of %d tokens", run_dir,
              cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, dataset.num_samples,
              cfg.train.seq_len + 1)
-    trainer = Trainer(cfg, model, optimizer, batcher, run_dir, device,
-                      flops_per_token(args, cfg.train.seq_len), is_logging_rank=rank == 0)
+    log.info("layout %s | optimizer state %.2f MB per rank", dims.coords(), optimizer.state_bytes() / 2**20)
+    trainer = Trainer(cfg, dims, model, optimizer, batcher, run_dir, device, flops_per_token(args, cfg.train.seq_len))
     trainer.resume()
     records = trainer.fit()
     if rank == 0 and records:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.stateful import Stateful
 
 from haillm.train.setup import broadcast_object, rng_state, set_rng_state
 
@@ -76,8 +77,13 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         trainer_state: dict, keep: int) -> Path:
+def _state(model: torch.nn.Module, optimizer: Stateful) -> dict:
+    """What DCP saves and loads in place: parameters by FQN, and the optimizer as a Stateful."""
+    return {"model": model.state_dict(), "optim": optimizer}
+
+
+def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: Stateful, trainer_state: dict,
+         keep: int) -> Path:
     """Write `step_<step>` atomically on all ranks; prune to the newest `keep` (0 keeps all)."""
     root = checkpoint_root(run_dir)
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
@@ -85,8 +91,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    dcp.save(_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
@@ -127,20 +132,17 @@ def check_shapes(path: Path, model: torch.nn.Module) -> None:
             )
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Load model, optimizer and this rank's RNG from `path`; return the trainer state."""
+def load(path: Path, model: torch.nn.Module, optimizer: Stateful) -> dict:
+    """Load model, optimizer and this rank's RNG from `path` (any data-parallel layout wrote it)."""
     check_shapes(path, model)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    dcp.load(_state(model, optimizer), checkpoint_id=str(path), no_dist=not dist.is_initialized())
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / TRAINER_STATE).read_text())
 
 
-def resume(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+def resume(run_dir: Path, model: torch.nn.Module, optimizer: Stateful) -> dict | None:
     """Load the newest complete checkpoint, falling back past incomplete or unreadable ones (said in the log).
 
     Returns the trainer state, or None when `run_dir` has no checkpoint at all. Raises CheckpointError
@@ -154,7 +156,7 @@ def resume(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
                 return load(path, model, optimizer)
             except CheckpointError:
                 raise
-            except Exception as exc:  # a corrupt file that still has the right size
+            except (Exception, CheckpointException) as exc:  # a corrupt file that still has the right size
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path, reason)
     if candidates:

@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the learning-rate schedule."""
+"""The optimizer (ZeRO-1 AdamW) and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -7,29 +7,20 @@ import math
 import torch
 from omegaconf import DictConfig
 
-
-def decays(name: str, param: torch.Tensor) -> bool:
-    """Weight decay applies to matrices only: never to norms, biases or other 1-D parameters."""
-    return param.ndim >= 2 and not name.endswith(".bias")
+from haillm.parallel.mesh import ParallelDims
+from haillm.parallel.zero import ZeroAdamW
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices with weight decay, everything else without."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (decay if decays(name, param) else no_decay).append((name, param))
-    return [
-        {"params": [p for _, p in group], "weight_decay": wd}
-        for group, wd in ((decay, weight_decay), (no_decay, 0.0))
-        if group
-    ]
+def build_optimizer(model: torch.nn.Module, cfg: DictConfig, dims: ParallelDims) -> ZeroAdamW:
+    """ZeRO-1 AdamW over the data-parallel group: one code path for every layout (dp=1 communicates nothing).
 
-
-def build_adamw(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
+    Build it after the weights are final and on their device: parameters become views into its buckets.
+    """
     o = cfg.optim
-    return torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=cfg.train.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True
+    return ZeroAdamW(
+        model.named_parameters(), lr=cfg.train.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+        weight_decay=o.weight_decay, process_group=dims.dp_group,  # no decay on 1-D params (norms, biases)
+        moment_dtype=torch.bfloat16 if o.moment_dtype == "bf16" else torch.float32,
     )
 
 

@@ -10,13 +10,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from haillm.models.deepseek_v3.moe import max_violation
+from haillm.parallel.mesh import ParallelDims
+from haillm.parallel.zero import ZeroAdamW
 from haillm.train import checkpoint
 from haillm.train.metrics import JsonlSink, Progress, WandbSink, peak_flops
 from haillm.train.optim import lr_at
 
 log = logging.getLogger(__name__)
+LOSS_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss")
 
 
 class TrainingAborted(RuntimeError):
@@ -34,14 +39,15 @@ class TrainState:
 class Trainer:
     """Runs optimizer steps of `train.global_batch_size` sequences, split into micro-batches per rank."""
 
-    def __init__(self, cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batcher,
-                 run_dir: Path, device: torch.device, flops_per_token: float, is_logging_rank: bool):
-        self.cfg, self.model, self.optimizer, self.batcher = cfg, model, optimizer, batcher
+    def __init__(self, cfg: DictConfig, dims: ParallelDims, model: torch.nn.Module, optimizer: ZeroAdamW,
+                 batcher, run_dir: Path, device: torch.device, flops_per_token: float):
+        self.cfg, self.dims, self.model, self.optimizer, self.batcher = cfg, dims, model, optimizer, batcher
         self.run_dir, self.device, self.flops_per_token = Path(run_dir), device, flops_per_token
-        self.is_logging_rank = is_logging_rank
+        self.is_logging_rank = dims.is_rank0
+        optimizer.register_forward_wait(model)  # parameter all-gathers overlap the next forward
         self.state = TrainState()
         self.peak, peak_source = peak_flops(device, cfg.train.peak_flops)
-        if is_logging_rank:
+        if self.is_logging_rank:
             log.info("MFU peak: %.3g FLOP/s per device (%s); %.4g FLOPs per token", self.peak, peak_source,
                      flops_per_token)
 
@@ -72,6 +78,7 @@ class Trainer:
                 progress.update(record)
                 last = self.state.step == cfg.train.steps
                 if last or self.state.step % cfg.checkpoint.interval == 0:
+                    self.optimizer.wait_params()
                     checkpoint.save(self.run_dir, self.state.step, self.model, self.optimizer,
                                     {**asdict(self.state), "data": self.batcher.state_dict()}, cfg.checkpoint.keep)
         finally:
@@ -98,17 +105,20 @@ class Trainer:
         micro_batches = self.batcher.next_step()
         model.reset_moe_loads()
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
-        totals = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
         for i, batch in enumerate(micro_batches):
             batch = batch.to(self.device, non_blocking=True)
-            with autocast, no_sync_context(opt, last=i == len(micro_batches) - 1):
+            no_sync = opt.no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext()
+            with autocast, no_sync:
                 out = model.compute_loss(batch)
                 (out["loss"] / len(micro_batches)).backward()
-            for key in totals:
-                totals[key] += out[key].item() / len(micro_batches)
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True))
-        loads = model.moe_loads()
+            sums += torch.tensor([out[key].item() for key in LOSS_KEYS], dtype=torch.float64)
+        # The norm first: it completes the gradient reduce-scatters, which must precede any other collective.
+        grad_norm = opt.clip_grad_norm_(cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+        # Global figures, identical on every rank, so every rank takes the same skip/bias decisions.
+        totals = dict(zip(LOSS_KEYS, (self._dp_sum(sums) / (len(micro_batches) * self.dims.dp)).tolist(),
+                          strict=True))
+        loads = self._dp_sum(model.moe_loads())
         skipped = not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm))
         if skipped:
             self._skip(step, totals["loss"], grad_norm)
@@ -116,7 +126,7 @@ class Trainer:
             opt.step()
             self.state.consecutive_skipped = 0
             model.update_gate_bias(loads, model.args.bias_update_speed)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         self.state.step = step
         self.state.consumed_samples += cfg.train.global_batch_size
         elapsed = time.perf_counter() - start
@@ -125,8 +135,15 @@ class Trainer:
         mfu = self.flops_per_token * tokens_per_s / self.peak if self.peak else 0.0
         return {"step": step, **totals, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                 "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time_s": elapsed,
-                "max_vio": _max_violation(loads), "skipped": skipped,
-                "consumed_samples": self.state.consumed_samples}
+                "max_vio": max_violation(loads), "skipped": skipped,
+                "consumed_samples": self.state.consumed_samples, "optimizer_state_bytes": opt.state_bytes()}
+
+    def _dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel group (the tensor itself at dp=1)."""
+        if self.dims.dp > 1:
+            tensor = tensor.to(self.device)
+            dist.all_reduce(tensor, group=self.dims.dp_group)
+        return tensor.cpu()
 
     def _skip(self, step: int, loss: float, grad_norm: float) -> None:
         self.state.skipped_steps += 1
@@ -138,18 +155,3 @@ class Trainer:
                 f"{self.state.consecutive_skipped} consecutive steps had a non-finite loss or gradient norm "
                 f"(train.max_skipped_steps={self.cfg.train.max_skipped_steps}); aborting"
             )
-
-
-def _max_violation(loads: torch.Tensor) -> float:
-    """Max over MoE layers of (max load - mean load) / mean load; 0 for a model without MoE layers."""
-    if loads.numel() == 0:
-        return 0.0
-    mean = loads.float().mean(dim=-1).clamp_min(1e-9)
-    return float(((loads.float().amax(dim=-1) - mean) / mean).max())
-
-
-def no_sync_context(optimizer: torch.optim.Optimizer, last: bool):
-    """Gradient reduction only on the last micro-batch (a no-op for the single-process optimizer)."""
-    if last or not hasattr(optimizer, "no_sync"):
-        return contextlib.nullcontext()
-    return optimizer.no_sync()
