@@ -146,8 +146,22 @@ def test_deferred_weight_grads_sum_to_full_backward():
     assert torch.allclose(gx, rx, atol=1e-6) and torch.allclose(gw, rw, atol=1e-5)
 
 
+class _SavesOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = x.exp()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy * ctx.saved_tensors[0]
+
+
 def test_sent_activation_is_freed_only_when_autograd_does_not_keep_it():
     x = torch.randn(4, 4, requires_grad=True)
     assert _free_after_send(x @ x)
+    assert _free_after_send(deferrable_linear(x, x))
     assert not _free_after_send(torch.sigmoid(x))  # sigmoid saves its result for backward
+    assert not _free_after_send(_SavesOutput.apply(x))
     assert not _free_after_send((x @ x).view(16))

@@ -84,16 +84,16 @@ class StepLosses:
 
 def _free_after_send(t: torch.Tensor) -> bool:
     """True when ``t``'s storage can be dropped once sent: it is not a view and its own grad_fn did not
-    save it (ops like sigmoid keep their result for backward). Autograd only needs its shape and graph."""
-    if t._base is not None:
-        return False
-    ptr, node = t.untyped_storage().data_ptr(), t.grad_fn
-    for name in dir(node) if node is not None else ():
-        if name.startswith("_saved_"):
-            saved = getattr(node, name)
-            if isinstance(saved, torch.Tensor) and saved.untyped_storage().data_ptr() == ptr:
-                return False
-    return True
+    save it (ops like sigmoid keep their result for backward; a custom Function through save_for_backward).
+    Autograd needs only its shape and graph. Views are kept: their base may be in use elsewhere."""
+    node = t.grad_fn
+    if t._base is not None or node is None:
+        return t._base is None
+    saved = [getattr(node, name) for name in dir(node) if name.startswith("_saved_")]
+    if isinstance(node, torch.autograd.function.BackwardCFunction):
+        saved += list(node.saved_tensors)
+    ptr = t.untyped_storage().data_ptr()
+    return not any(isinstance(s, torch.Tensor) and s.untyped_storage().data_ptr() == ptr for s in saved)
 
 
 class _P2P:
@@ -111,8 +111,7 @@ class _P2P:
         self.ops.append(dist.P2POp(dist.isend, tensor, group=self.group, group_peer=peer, tag=kind))
         self.free_after.append((tensor, free))
 
-    def recv(self, key: tuple[int, int, int], shape: tuple[int, ...], dtype: torch.dtype, peer: int) -> None:
-        buf = torch.empty(shape, dtype=dtype)
+    def recv(self, key: tuple[int, int, int], buf: torch.Tensor, peer: int) -> None:
         self.pending_recvs.append((key, dist.P2POp(dist.irecv, buf, group=self.group, group_peer=peer,
                                                    tag=key[0])))
 
@@ -159,8 +158,9 @@ class PipelineRuntime:
     order (``schedules.topology``)."""
 
     def __init__(self, stages: PipelineStages, name: str, n_microbatches: int,
-                 pp_group: dist.ProcessGroup | None = None):
+                 pp_group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu"):
         self.stages, self.name, self.n = stages, name, n_microbatches
+        self.device = torch.device(device)
         self.group = pp_group
         pp = dist.get_world_size(pp_group) if pp_group is not None else 1
         self.rank = dist.get_rank(pp_group) if pp_group is not None else 0
@@ -188,7 +188,7 @@ class PipelineRuntime:
         self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = {}
         self.local: dict[tuple[int, int, int], torch.Tensor] = {}  # same-rank hand-offs (the V turn)
         self.deferred: dict[tuple[int, int], list] = {}
-        self.metrics = torch.zeros(len(self.stages.metric_keys), self.n, dtype=torch.float64)
+        self.metric_parts: list[tuple[int, int, torch.Tensor]] = []  # (key row, micro-batch, value)
         posted = 0
         for i, (step, routes) in enumerate(zip(self.steps, self.routes, strict=True)):
             while posted < min(i + 2, len(self.steps)):  # this step's receives and the next one's
@@ -208,6 +208,7 @@ class PipelineRuntime:
         self.p2p.reap(wait=True)
         if self.saved or self.deferred or self.local or self.p2p.recvs:
             raise RuntimeError("pipeline step ended with unconsumed activations, gradients or weight grads")
+        self.batches = []
         return self._reduce_metrics()
 
     # --- compute halves --------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ class PipelineRuntime:
             if route.src is not None and route.src.rank != self.rank:
                 kind = ACTIVATION if route.action.kind == "F" else GRADIENT
                 key = (kind, route.action.chunk, route.action.microbatch)
-                self.p2p.recv(key, self.shape, self.dtype, route.src.rank)
+                self.p2p.recv(key, torch.empty(self.shape, dtype=self.dtype, device=self.device), route.src.rank)
 
     def _forward(self, action: Action, route: Route) -> None:
         key = (action.chunk, action.microbatch)
@@ -227,11 +228,11 @@ class PipelineRuntime:
             x = self.local.pop((ACTIVATION, *key))
         else:
             x = self.p2p.take((ACTIVATION, *key)).requires_grad_()
-        out = self.stages.forward_chunk(action.chunk, x, self.batches[self.global_microbatch(action)])
         k = self.global_microbatch(action)
+        out = self.stages.forward_chunk(action.chunk, x, self.batches[k])
         for row, name in enumerate(self.stages.metric_keys):
             if name in out.metrics:
-                self.metrics[row, k] += float(out.metrics[name])
+                self.metric_parts.append((row, k, out.metrics[name]))
         if (route.dst is None) != (out.hidden is None):
             raise RuntimeError(f"chunk {action.chunk}: a hidden state is returned iff the stage is not last")
         self.saved[key] = (x, out.hidden, out.loss)
@@ -260,7 +261,7 @@ class PipelineRuntime:
             with deferring_weight_grads() as queue:
                 torch.autograd.backward(tensors, grads)
             self.deferred[key] = queue
-        elif tensors:
+        else:
             torch.autograd.backward(tensors, grads)
         if route.dst is None:
             return
@@ -279,8 +280,13 @@ class PipelineRuntime:
         self._backward(pair.backward, routes[1])
 
     def _reduce_metrics(self) -> StepLosses:
+        """One all-reduce of every (key, micro-batch) value over the pipeline, in float64."""
+        metrics = torch.zeros(len(self.stages.metric_keys), self.n, dtype=torch.float64, device=self.device)
+        for row, k, value in self.metric_parts:
+            metrics[row, k] += value.to(self.device, torch.float64)
         if self.group is not None:
-            dist.all_reduce(self.metrics, group=self.group)
+            dist.all_reduce(metrics, group=self.group)
+        metrics = metrics.cpu()
         mean = {name: sum(v / self.n for v in row.tolist())
-                for name, row in zip(self.stages.metric_keys, self.metrics, strict=True)}
-        return StepLosses(mean, self.metrics)
+                for name, row in zip(self.stages.metric_keys, metrics, strict=True)}
+        return StepLosses(mean, metrics)

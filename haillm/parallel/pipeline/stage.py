@@ -14,7 +14,9 @@ Parameters that live on two ranks need their gradients summed before the optimiz
 (:func:`partner_group` + :func:`sum_partner_grads`):
 
 - DualPipe: rank r and rank pp-1-r hold the same two stages (r and pp-1-r), each seeing one direction's
-  micro-batches: all their gradients are summed (and their MoE load counters, before a bias update).
+  micro-batches: all their gradients are summed. Their MoE load counters must be summed the same way
+  before a bias update (``dist.all_reduce(model.moe_loads(), group=partner)``, or fold the partner into
+  the data-parallel reduction of the loads).
 - 1F1B with MTP: the last rank keeps its own copy of the embedding for the MTP inputs; its gradient is
   summed with the first rank's embedding gradient.
 - DualPipeV (and DualPipe's shared embedding/head on one rank): nothing to sum; the first and the last

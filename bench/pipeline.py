@@ -1,0 +1,235 @@
+"""Step time of our pipeline runtime against torch.distributed.pipelining on the same stage modules.
+
+Two gloo processes with one thread each run, on the same stage modules and micro-batches and in the same
+run, our 1F1B and DualPipeV and torch's ``Schedule1F1B`` and ``ScheduleDualPipeV``, alternating the four
+so machine noise hits all of them alike. Prints the median step time of each and ours/torch ratios (goal:
+<= 1.0x). Stages are Linear-GELU-Linear blocks; where torch's schedule fails on them (torch 2.13's
+ScheduleDualPipeV: "Can't detach views in-place", MACHINE.md) the failure is printed and that schedule is
+compared on Linear-ReLU-Linear stages instead.
+
+Not measured here: the overlap of the expert all-to-all under F&B pairs (issue 6, ep=2); it needs the
+expert-parallel dispatcher and the interleaved pair executor.
+
+    python bench/pipeline.py [--dim 256] [--hidden 1024] [--micro-batch 4] [--seq 64] [--microbatches 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
+
+from haillm.parallel.pipeline.runtime import ChunkOutput, PipelineRuntime
+from haillm.parallel.pipeline.schedules import topology
+from haillm.parallel.pipeline.wgrad import deferrable_linear
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+# Stage variants tried in order until torch's schedule runs: (activation, flat [tokens, dim] activations).
+VARIANTS = (("gelu", False), ("gelu", True), ("relu", True))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1, self.fc2, self.act = nn.Linear(dim, hidden), nn.Linear(hidden, dim), ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Stages:
+    """Our runtime's stage protocol over the same blocks torch's PipelineStage wraps. ``deferred``: run the
+    blocks' linears through ``deferrable_linear`` (same parameters), so that I/W split the weight grads."""
+
+    metric_keys = ("loss",)
+
+    def __init__(self, blocks: dict[int, Block], order: list[int], n_stages: int, deferred: bool = False):
+        self.blocks, self.order, self.n_stages, self.deferred = blocks, order, n_stages, deferred
+
+    def _block(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+        b = self.blocks[stage]
+        if not self.deferred:
+            return b(x)
+        return deferrable_linear(b.act(deferrable_linear(x, b.fc1.weight, b.fc1.bias)), b.fc2.weight, b.fc2.bias)
+
+    def activation_shape(self, batch):
+        return tuple(batch[0].shape), batch[0].dtype
+
+    def forward_chunk(self, chunk, x, batch):
+        stage = self.order[chunk]
+        h = self._block(stage, batch[0] if stage == 0 else x)
+        if stage < self.n_stages - 1:
+            return ChunkOutput(h, None, {})
+        loss = F.mse_loss(h, batch[1])
+        return ChunkOutput(None, loss, {"loss": loss.detach()})
+
+
+def _runners(opts, variant: tuple[str, bool], schedule: str, rank: int, group) -> tuple:
+    """(ours, ours with deferred weight grads, torch's) step functions on shared blocks for one schedule and
+    stage variant (activation, flat): flat activations are ``[tokens, dim]``, not ``[batch, seq, dim]``."""
+    act, flat = variant
+    pp = dist.get_world_size()
+    topo = topology(schedule, pp)
+    order = [s.index for s in topo.chunks[rank]]
+    blocks = {s: Block(opts.dim, opts.hidden, act, seed=s) for s in order}
+    params = [p for b in blocks.values() for p in b.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    n = opts.microbatches
+    shape = (n * opts.micro_batch * opts.seq,) if flat else (n * opts.micro_batch, opts.seq)
+    x = torch.randn(*shape, opts.dim, generator=gen)
+    y = torch.randn(*shape, opts.dim, generator=gen)
+    micro = list(zip(x.tensor_split(n), y.tensor_split(n), strict=True))
+    ours_rt = PipelineRuntime(Stages(blocks, order, topo.n_stages), schedule, n, pp_group=group)
+    deferred_rt = PipelineRuntime(Stages(blocks, order, topo.n_stages, deferred=True), schedule, n, pp_group=group)
+    torch_stages = [PipelineStage(blocks[s], s, topo.n_stages, torch.device("cpu"), group=group) for s in order]
+    if schedule == "1f1b":
+        torch_sched = Schedule1F1B(torch_stages[0], n, loss_fn=F.mse_loss)
+    else:
+        torch_sched = ScheduleDualPipeV(torch_stages, n, loss_fn=F.mse_loss)
+
+    def ours() -> float:
+        return ours_rt.step(micro).mean["loss"]
+
+    def deferred() -> float:
+        return deferred_rt.step(micro).mean["loss"]
+
+    def theirs() -> float:
+        losses: list = []
+        kwargs = {}
+        if 0 in order:
+            kwargs["target"] = None
+        first, last = 0 in order, topo.n_stages - 1 in order
+        inputs = (x,) if first else ()
+        if last:
+            torch_sched.step(*inputs, target=y, losses=losses)
+        else:
+            torch_sched.step(*inputs)
+        loss = torch.tensor(sum(float(v.detach()) for v in losses) / n if losses else 0.0)
+        dist.all_reduce(loss, group=group)
+        return float(loss)
+
+    def timed(fn):
+        def run() -> tuple[float, float]:
+            for p in params:
+                p.grad = None
+            dist.barrier(group=group)
+            start = time.perf_counter()
+            loss = fn()
+            dist.barrier(group=group)
+            return time.perf_counter() - start, loss
+        return run
+
+    return timed(ours), timed(deferred), timed(theirs)
+
+
+def _init(rank: int, store_path: str, timeout_s: float) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _probe_worker(rank: int, opts, schedule: str, variant: tuple[str, bool], workdir: str) -> None:
+    """One warm-up step of torch's schedule; writes "ok" or the first line of the error."""
+    _init(rank, os.path.join(workdir, "store"), timeout_s=60)
+    try:
+        _runners(opts, variant, schedule, rank, dist.group.WORLD)[-1]()
+        result = "ok"
+    except Exception as e:
+        result = " <- ".join(f"{type(x).__name__}: {str(x).strip().splitlines()[0]}"
+                             for x in (e, e.__cause__) if x is not None)
+    with open(os.path.join(workdir, f"rank{rank}"), "w") as f:
+        f.write(result)
+
+
+def _torch_runs(opts, schedule: str, variant: tuple[str, bool]) -> str | None:
+    """None if torch's schedule runs on these stages, else its error. Done in a throw-away process pair:
+    a rank whose stage fails leaves its peer blocked in a receive, so the peer is killed, not waited for."""
+    ctx = mp.get_context("fork")
+    with tempfile.TemporaryDirectory() as workdir:
+        procs = [ctx.Process(target=_probe_worker, args=(r, opts, schedule, variant, workdir)) for r in range(2)]
+        for p in procs:
+            p.start()
+        paths = [os.path.join(workdir, f"rank{r}") for r in range(2)]
+        while not any(os.path.exists(p) and open(p).read() not in ("", "ok") for p in paths):
+            if all(os.path.exists(p) for p in paths) or not any(p.is_alive() for p in procs):
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        results = [open(p).read() if os.path.exists(p) else "no result" for p in paths]
+    errors = [r for r in results if r != "ok"]
+    primary = [r for r in errors if "Connection closed" not in r and "Timed out" not in r]
+    return (primary or errors or [None])[0]
+
+
+def _worker(rank: int, opts, cases: list[tuple[str, str, str]], store_path: str) -> None:
+    _init(rank, store_path, timeout_s=300)
+    group = dist.group.WORLD
+    runners = [(label, _runners(opts, variant, schedule, rank, group)) for label, schedule, variant in cases]
+    for _, fns in runners:  # warm-up
+        for fn in fns:
+            fn()
+    times: dict[str, list[list[float]]] = {label: [[], [], []] for label, _ in runners}
+    losses: dict[str, list[float]] = {label: [0.0, 0.0, 0.0] for label, _ in runners}
+    for _ in range(opts.repeats):
+        for label, fns in runners:
+            for i, fn in enumerate(fns):
+                t, losses[label][i] = fn()
+                times[label][i].append(t)
+    if rank == 0:
+        tokens = opts.microbatches * opts.micro_batch * opts.seq
+        print(f"2 gloo ranks x 1 thread, {opts.microbatches} micro-batches of {opts.micro_batch}x{opts.seq} "
+              f"tokens, dim {opts.dim}, hidden {opts.hidden}, fp32; median of {opts.repeats} steps")
+        print("ours: our runtime on the same nn.Linear blocks; ours+store: the same parameters through "
+              "deferrable_linear (I/W split the weight grads)")
+        print(f"{'schedule (stages)':52s} {'ours':>7s} {'ours+store':>10s} {'torch':>7s} {'ours/torch':>10s} "
+              f"{'ours+store/torch':>16s}  loss ours / ours+store / torch")
+        for label, step_times in times.items():
+            ours, stored, theirs = (statistics.median(t) for t in step_times)
+            loss_text = " / ".join(f"{v:.6f}" for v in losses[label])
+            print(f"{label:52s} {ours:6.3f}s {stored:9.3f}s {theirs:6.3f}s {ours / theirs:9.2f}x "
+                  f"{stored / theirs:15.2f}x  {loss_text}")
+        print(f"tokens per step: {tokens}")
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    opts = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    cases = []
+    for schedule, label in (("1f1b", "1F1B"), ("dualpipev", "DualPipeV")):
+        for variant in VARIANTS:
+            name = f"Linear-{variant[0].upper()}-Linear, {'[tokens, dim]' if variant[1] else '[batch, seq, dim]'}"
+            error = _torch_runs(opts, schedule, variant)
+            if error is None:
+                cases.append((f"{label} ({name})", schedule, variant))
+                break
+            print(f"finding: torch {label} fails on {name} stages: {error}")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_worker, args=(opts, cases, os.path.join(tmp, "store")), nprocs=2,
+                           start_method="fork")
+
+
+if __name__ == "__main__":
+    main()
