@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.fx.experimental.symbolic_shapes  # noqa: F401
 
 from haillm.models.deepseek_v3 import DeepSeekV3, get_preset
+from haillm.ops import Linear
 from haillm.parallel.pipeline.runtime import PipelineRuntime
 from haillm.parallel.pipeline.stage import (
     build_stage_model,
@@ -19,6 +20,7 @@ from haillm.parallel.pipeline.stage import (
     stage_specs,
     sum_partner_grads,
 )
+from haillm.parallel.pipeline.wgrad import deferrable_linear
 from tests.dist import run_distributed
 
 SEED, MICRO_BATCH, SEQ_LEN = 3, 2, 12
@@ -31,8 +33,14 @@ def tiny(dense: bool, n_layers: int):
     return args.replace(n_dense_layers=n_layers) if dense else args
 
 
-def _pipeline_step(schedule: str, variants: list) -> list[dict]:
-    """On each rank: a pipelined step per model variant, compared with the full model on the same data."""
+def _pipeline_step(schedule: str, variants: list, deferred_linear: bool = False) -> list[dict]:
+    """On each rank: a pipelined step per model variant, compared with the full model on the same data.
+
+    ``deferred_linear``: route every ``ops.Linear`` of this worker process through ``deferrable_linear``,
+    so that the schedule's I/W actions really split the weight gradients of the model.
+    """
+    if deferred_linear:
+        Linear.forward = lambda self, x: deferrable_linear(x, self.weight, self.bias)
     rank, pp = dist.get_rank(), dist.get_world_size()
     group = dist.group.WORLD
     partners = partner_group(schedule, [list(range(pp))])
@@ -77,6 +85,14 @@ def test_pipeline_matches_single_process(schedule, pp):
     held = sum(r[0]["n_params"] for r in results)
     assert held == (2 * n_full if schedule == "dualpipe" else n_full) + (
         1 if schedule == "1f1b" else 0)  # 1F1B: the last rank's own embedding for MTP
+
+
+@pytest.mark.parametrize(("schedule", "pp"), [("dualpipe", 4), ("dualpipev", 2)])
+def test_pipeline_parity_with_deferred_weight_grads(schedule, pp):
+    """The same parity when I/W defer the weight grads of every linear layer (W runs them later)."""
+    results = run_distributed(_pipeline_step, pp, args=(schedule, [tiny(dense=False, n_layers=4)], True))
+    for rank, (moe,) in enumerate(results):
+        assert moe["loss_err"] < 1e-6 and moe["grad_err"] < 1e-5, (rank, moe)
 
 
 def test_layer_split_is_balanced_and_complete():
