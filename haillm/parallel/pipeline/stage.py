@@ -126,14 +126,14 @@ class StageModel(nn.Module):
         super().__init__()
         self.args = args.validate()
         self.specs = specs
-        has_first, has_last = any(s.first for s in specs), any(s.last for s in specs)
+        self.has_first, self.has_last = any(s.first for s in specs), any(s.last for s in specs)
         layer_ids = sorted(i for s in specs for i in s.layers)
         if len(set(layer_ids)) != len(layer_ids):
             raise ValueError("the stages of one rank must not share layers")
-        if has_first or (has_last and args.mtp_depth):
+        if self.has_first or (self.has_last and args.mtp_depth):
             self.embed = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleDict({str(i): Block(args, i) for i in layer_ids})
-        if has_last:
+        if self.has_last:
             self.norm = RMSNorm(args.dim, args.rms_norm_eps)
             self.head = Linear(args.dim, args.vocab_size)
             self.mtp = nn.ModuleDict(
@@ -219,10 +219,8 @@ class StageModel(nn.Module):
         """Parameters whose gradients must be summed with the partner rank's (see module docstring)."""
         if schedule == "dualpipe":
             return list(self.named_parameters())
-        if schedule == "1f1b" and hasattr(self, "embed") and any(s.first for s in self.specs) != any(
-            s.last for s in self.specs
-        ):
-            return [("embed.weight", self.embed.weight)] if self.args.mtp_depth else []
+        if schedule == "1f1b" and self.args.mtp_depth and self.has_first != self.has_last:
+            return [("embed.weight", self.embed.weight)]  # first or last rank of a pp > 1 pipeline
         return []
 
 
