@@ -194,7 +194,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         f"train.global_batch_size={t.global_batch_size} must be divisible by "
         f"train.micro_batch_size*parallel.dp = {t.micro_batch_size}*{p.dp} = {per_step}",
     )
-    for key in ("pp", "tp", "ep"):
+    for key in ("pp", "tp"):
         _require(p[key] == 1, f"parallel.{key}={p[key]} is not yet supported (only 1 for now)")
     _require(not cfg.fp8.enabled, "fp8.enabled=true is not yet supported (the FP8 training path is not wired in)")
     _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")

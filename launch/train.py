@@ -10,24 +10,23 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from haillm.config import ConfigError, compose_config, to_model_args, validate  # noqa: E402
-from haillm.data import DataError, StepBatcher, StepSampler, build_dataset  # noqa: E402
-from haillm.models.deepseek_v3.flops import flops_per_token  # noqa: E402
-from haillm.models.deepseek_v3.model import DeepSeekV3  # noqa: E402
-from haillm.train.checkpoint import CheckpointError, list_checkpoints  # noqa: E402
-from haillm.parallel.mesh import ParallelDims  # noqa: E402
-from haillm.train.optim import build_optimizer  # noqa: E402
-from haillm.train.setup import broadcast_object, init_distributed, seed_everything  # noqa: E402
-from haillm.train.trainer import Trainer, TrainingAborted  # noqa: E402
+from haillm.config import ConfigError, compose_config, to_model_args, validate
+from haillm.data import DataError, StepBatcher, StepSampler, build_dataset
+from haillm.models.deepseek_v3.flops import flops_per_token
+from haillm.models.deepseek_v3.model import DeepSeekV3
+from haillm.parallel.expert import AllToAllDispatcher, ExpertPlacement, apply_expert_parallel
+from haillm.parallel.mesh import ParallelConfigError, ParallelDims
+from haillm.train.checkpoint import CheckpointError, list_checkpoints
+from haillm.train.optim import build_optimizer
+from haillm.train.setup import broadcast_object, init_distributed, seed_everything
+from haillm.train.trainer import Trainer, TrainingAborted
 
 log = logging.getLogger("haillm")
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ParallelConfigError)
 
 
 def setup_logging(rank: int, run_dir: Path | None = None) -> None:
@@ -53,8 +52,19 @@ def prepare_run_dir(cfg: DictConfig, rank: int) -> Path:
     return run_dir
 
 
-def build_model(cfg: DictConfig, device: torch.device) -> DeepSeekV3:
-    model = DeepSeekV3(to_model_args(cfg.model))
+def build_model(cfg: DictConfig, dims: ParallelDims, device: torch.device
+                ) -> tuple[DeepSeekV3, AllToAllDispatcher | None]:
+    """Build on the meta device, keep this rank's experts, then materialise and initialise: weights are a
+    function of the seed and each parameter's FQN only, so every layout starts from the same model."""
+    args = to_model_args(cfg.model)
+    with torch.device("meta"):
+        model = DeepSeekV3(args, init_seed=None)
+    dispatcher = None
+    if dims.ep > 1:
+        placement = ExpertPlacement.from_dims(dims, args.n_routed_experts, args.n_expert_groups)
+        dispatcher = AllToAllDispatcher(dims.ep_group, placement)
+        apply_expert_parallel(model, dispatcher)
+    model.to_empty(device=device)
     model.init_weights(cfg.seed)
     if cfg.model.init_from:
         from haillm.models.deepseek_v3.hf import load_hf_state
@@ -63,10 +73,11 @@ def build_model(cfg: DictConfig, device: torch.device) -> DeepSeekV3:
         if not Path(path).is_dir():
             raise ConfigError(f"model.init_from={cfg.model.init_from}: {path} is not a directory")
         load_hf_state(model, path)
-    return model.to(device)
+    return model, dispatcher
 
 
-def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> None:
+def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer:
+    """Train as `cfg` says; returns the trainer (its model and optimizer) for programmatic use."""
     run_dir = prepare_run_dir(cfg, rank)
     seed_everything(cfg.seed, cfg.train.deterministic)
     dataset = build_dataset(cfg.data, cfg.train.seq_len, min_samples=cfg.train.global_batch_size)
@@ -74,7 +85,7 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> None:
         raise ConfigError(f"data.tokenizer has {dataset.tokenizer.vocab_size} ids but model.vocab_size="
                           f"{cfg.model.vocab_size}; use a model with a vocabulary at least that large")
     dims = ParallelDims.from_config(cfg.parallel, world).build(device.type)
-    model = build_model(cfg, device)
+    model, dispatcher = build_model(cfg, dims, device)
     optimizer = build_optimizer(model, cfg, dims)
     sampler = StepSampler(dataset.num_samples, cfg.train.global_batch_size, cfg.seed, cfg.data.shuffle)
     batcher = StepBatcher(dataset, sampler, dp_rank=dims.dp_rank, dp_size=dims.dp,
@@ -91,13 +102,15 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> None:
              cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, dataset.num_samples,
              cfg.train.seq_len + 1)
     log.info("layout %s | optimizer state %.2f MB per rank", dims.coords(), optimizer.state_bytes() / 2**20)
-    trainer = Trainer(cfg, dims, model, optimizer, batcher, run_dir, device, flops_per_token(args, cfg.train.seq_len))
+    trainer = Trainer(cfg, dims, model, optimizer, batcher, run_dir, device,
+                      flops_per_token(args, cfg.train.seq_len), dispatcher)
     trainer.resume()
     records = trainer.fit()
     if rank == 0 and records:
         first, last = records[0], records[-1]
         print(f"loss: step {first['step']} {first['loss']:.4f} -> step {last['step']} {last['loss']:.4f} "
               f"| {last['tokens_per_s']:.0f} tokens/s | outputs in {run_dir}", flush=True)
+    return trainer
 
 
 def main(argv: list[str] | None = None) -> int:

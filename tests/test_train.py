@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,14 @@ def error_line(err: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.startswith("haillm: error:")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    """A finished 2-step run that bad-input tests copy and must leave untouched."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    assert launch_train.main([*FAST, f"output_dir={out}", "train.steps=2"]) == 0
+    return out
 
 
 def test_resume_is_exact(capsys, tmp_path):
@@ -76,9 +85,9 @@ def test_run_dir_contents_and_metrics(capsys, tmp_path):
         (["logging.wandb=sometimes"], "sometimes"),
     ],
 )
-def test_bad_input_is_one_line_and_touches_nothing(capsys, tmp_path, overrides, expected):
+def test_bad_input_is_one_line_and_touches_nothing(capsys, base_run, tmp_path, overrides, expected):
     out = tmp_path / "run"
-    assert train(capsys, out, "train.steps=2")[0] == 0
+    shutil.copytree(base_run, out)
     before = snapshot(out)
     rc, err = train(capsys, out, "train.steps=4", "checkpoint.resume=auto", *overrides)
     assert rc == 2
@@ -99,9 +108,9 @@ def test_empty_dataset_and_bad_tokenizer(capsys, tmp_path):
     assert rc == 2 and str(bad) in error_line(err)
 
 
-def test_existing_run_needs_resume(capsys, tmp_path):
+def test_existing_run_needs_resume(capsys, base_run, tmp_path):
     out = tmp_path / "run"
-    assert train(capsys, out, "train.steps=1")[0] == 0
+    shutil.copytree(base_run, out)
     before = snapshot(out)
     rc, err = train(capsys, out, "train.steps=2")
     assert rc == 2 and "checkpoint.resume=auto" in error_line(err)
@@ -120,9 +129,9 @@ def test_truncated_checkpoint_falls_back(capsys, tmp_path):
     assert [r["step"] for r in records(out)] == [1, 2, 3, 4, 5]
 
 
-def test_checkpoint_from_other_model_shape(capsys, tmp_path):
+def test_checkpoint_from_other_model_shape(capsys, base_run, tmp_path):
     out = tmp_path / "run"
-    assert train(capsys, out, "train.steps=1")[0] == 0
+    shutil.copytree(base_run, out)
     rc, err = train(capsys, out, "train.steps=2", "checkpoint.resume=auto", "model.dim=96")
     assert rc == 2 and "different model config" in error_line(err)
 

@@ -24,7 +24,9 @@ One step:
 Param groups: dicts like torch's, `{"params": [(name, param), ...], "process_group": pg, "norm_groups":
 (pg, ...), "lr": ..., "weight_decay": ...}`; keys left out take the constructor's values.
 `process_group` is the group the params are replicated over (dp for dense weights, edp for experts;
-None: not replicated, nothing reduced). `weight_decay` applies to params for which
+None: not replicated, nothing reduced); the reduced sum is divided by `grad_divisor` (default: that
+group's size; experts use dp because each expert's gradient already holds every EP rank's tokens).
+`weight_decay` applies to params for which
 `no_decay(name, param)` is False (default: every 1-D param: norms, biases). Params without a gradient
 in a step count as zero-gradient (Adam still decays their moments).
 """
@@ -51,6 +53,12 @@ STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
 def default_no_decay(name: str, param: Tensor) -> bool:
     """Norm weights, biases and every other 1-D parameter are not weight-decayed."""
     return param.ndim < 2 or name.endswith(".bias")
+
+
+def _divisor(b: _Bucket) -> int:
+    """What a bucket's summed gradient is divided by: its group's `grad_divisor`, by default the group size
+    (a plain average over replicas). Experts under EP set dp: their gradient already sums ep ranks' tokens."""
+    return b.group.get("grad_divisor") or b.world
 
 
 def _group_size(pg: dist.ProcessGroup | None) -> int:
@@ -274,6 +282,8 @@ class ZeroAdamW:
         for i in range(len(b.params)):  # gradients written without autograd (no hook) count too
             self._absorb_grad(b, i)
         if b.world == 1:
+            if _divisor(b) != 1:
+                b.shard_grad.div_(_divisor(b))
             return
         src = b.grad_buf if self.reduce_dtype == torch.float32 else b.grad_buf.to(self.reduce_dtype)
         lo, hi = b.shard
@@ -294,7 +304,7 @@ class ZeroAdamW:
                 if b.reduce_out.data_ptr() != b.shard_grad.data_ptr():
                     b.shard_grad.copy_(b.reduce_out)
                 b.reduce_out = None
-                b.shard_grad.div_(b.world)
+                b.shard_grad.div_(_divisor(b))
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Scale the reduced gradient so its global L2 norm is at most `max_norm`; return the norm before

@@ -11,16 +11,29 @@ from haillm.parallel.mesh import ParallelDims
 from haillm.parallel.zero import ZeroAdamW
 
 
-def build_optimizer(model: torch.nn.Module, cfg: DictConfig, dims: ParallelDims) -> ZeroAdamW:
-    """ZeRO-1 AdamW over the data-parallel group: one code path for every layout (dp=1 communicates nothing).
+def is_expert_param(name: str) -> bool:
+    """Routed-expert weights (`...ffn.experts.<global id>...`), sharded over the expert-parallel group."""
+    return ".experts." in name
 
-    Build it after the weights are final and on their device: parameters become views into its buckets.
+
+def build_optimizer(model: torch.nn.Module, cfg: DictConfig, dims: ParallelDims) -> ZeroAdamW:
+    """ZeRO-1 AdamW: one code path for every layout (dp=1 communicates nothing).
+
+    Dense parameters are replicated over dp; with expert parallelism each rank's experts are replicated
+    over the expert-data-parallel group (edp = dp/ep) and their state is sharded over it, while the
+    gradient norm also sums over ep (each ep rank holds different experts). Build it after the weights are
+    final and on their device: parameters become views into its buckets. No decay on 1-D parameters.
     """
     o = cfg.optim
+    named = [(n, p) for n, p in model.named_parameters()]
+    groups = [{"params": [(n, p) for n, p in named if not (dims.ep > 1 and is_expert_param(n))]}]
+    if dims.ep > 1:
+        experts = [(n, p) for n, p in named if is_expert_param(n)]
+        groups.append({"params": experts, "process_group": dims.edp_group, "norm_groups": (dims.ep_group,),
+                       "grad_divisor": dims.dp})
     return ZeroAdamW(
-        model.named_parameters(), lr=cfg.train.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-        weight_decay=o.weight_decay, process_group=dims.dp_group,  # no decay on 1-D params (norms, biases)
-        moment_dtype=torch.bfloat16 if o.moment_dtype == "bf16" else torch.float32,
+        groups, lr=cfg.train.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+        process_group=dims.dp_group, moment_dtype=torch.bfloat16 if o.moment_dtype == "bf16" else torch.float32,
     )
 
 

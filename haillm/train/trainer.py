@@ -14,6 +14,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from haillm.models.deepseek_v3.moe import max_violation
+from haillm.parallel.expert import AllToAllDispatcher
 from haillm.parallel.mesh import ParallelDims
 from haillm.parallel.zero import ZeroAdamW
 from haillm.train import checkpoint
@@ -40,8 +41,10 @@ class Trainer:
     """Runs optimizer steps of `train.global_batch_size` sequences, split into micro-batches per rank."""
 
     def __init__(self, cfg: DictConfig, dims: ParallelDims, model: torch.nn.Module, optimizer: ZeroAdamW,
-                 batcher, run_dir: Path, device: torch.device, flops_per_token: float):
+                 batcher, run_dir: Path, device: torch.device, flops_per_token: float,
+                 dispatcher: AllToAllDispatcher | None = None):
         self.cfg, self.dims, self.model, self.optimizer, self.batcher = cfg, dims, model, optimizer, batcher
+        self.dispatcher = dispatcher
         self.run_dir, self.device, self.flops_per_token = Path(run_dir), device, flops_per_token
         self.is_logging_rank = dims.is_rank0
         optimizer.register_forward_wait(model)  # parameter all-gathers overlap the next forward
@@ -104,6 +107,8 @@ class Trainer:
             group["lr"] = lr
         micro_batches = self.batcher.next_step()
         model.reset_moe_loads()
+        if self.dispatcher is not None:
+            self.dispatcher.reset_stats()
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
         sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
         for i, batch in enumerate(micro_batches):
@@ -133,10 +138,15 @@ class Trainer:
         tokens = cfg.train.global_batch_size * cfg.train.seq_len
         tokens_per_s = tokens / elapsed
         mfu = self.flops_per_token * tokens_per_s / self.peak if self.peak else 0.0
-        return {"step": step, **totals, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time_s": elapsed,
-                "max_vio": max_violation(loads), "skipped": skipped,
-                "consumed_samples": self.state.consumed_samples, "optimizer_state_bytes": opt.state_bytes()}
+        record = {"step": step, **totals, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                  "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time_s": elapsed,
+                  "max_vio": max_violation(loads), "skipped": skipped,
+                  "consumed_samples": self.state.consumed_samples, "optimizer_state_bytes": opt.state_bytes()}
+        if self.dispatcher is not None:  # where tokens went: ranks and nodes per token, over the whole dp group
+            stats = self.dispatcher.stats(self.dims.dp_group)
+            record |= {f"ep_{key}": stats[key] for key in ("ranks_per_token", "nodes_per_token",
+                                                            "max_ranks_per_token", "max_nodes_per_token")}
+        return record
 
     def _dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel group (the tensor itself at dp=1)."""
