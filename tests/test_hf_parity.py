@@ -311,3 +311,17 @@ def test_checkpoint_config_must_fit_the_model(hf_checkpoint):
     model = DeepSeekV3(args.replace(route_scale=1.5, rope_theta=1234.0), init_seed=None)
     with pytest.raises(ValueError, match=r"route_scale=.* \(model: 1.5\).*rope_theta"):
         load_hf_state(model, path)
+
+
+def test_partial_model_loads_only_what_it_holds(hf_checkpoint):
+    """As an expert-parallel rank (some experts removed) or a pipeline stage (some layers removed)."""
+    name, path, _, _ = hf_checkpoint
+    full = load_hf(path)
+    part = DeepSeekV3(full.args, init_seed=None)
+    del part.layers["2"]
+    for e in ("0", "5"):
+        del part.layers["1"].ffn.experts[e]
+    load_hf_state(part, path)
+    want = full.state_dict()
+    for k, v in part.state_dict().items():
+        assert torch.equal(v, want[k]), k

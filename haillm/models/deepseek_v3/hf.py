@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -283,8 +283,10 @@ def _split_fused_experts(name: str, t: torch.Tensor) -> Iterator[tuple[str, torc
             yield f"{m[1]}.{e}.up_proj.weight", up
 
 
-def read_hf_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, tensor) for every weight of a checkpoint, FP8 dequantized, experts per expert."""
+def read_hf_tensors(path: str | Path, keep: Callable[[str], bool] = lambda name: True
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) for the weights of a checkpoint whose name ``keep`` accepts, FP8
+    dequantized, experts per expert. Tensors not kept are not read (a pipeline stage reads its own)."""
     path = Path(path)
     quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
     block = tuple(quant.get("weight_block_size", (128, 128)))
@@ -294,15 +296,18 @@ def read_hf_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
             handle = stack.enter_context(safe_open(file, framework="pt"))
             where.update(dict.fromkeys(handle.keys(), handle))
         for name, handle in where.items():
+            fused = _FUSED_EXPERTS.fullmatch(name)
             if name.endswith("_scale_inv") and name.removesuffix("_scale_inv") in where:
+                continue
+            if not fused and not keep(name):
                 continue
             t = handle.get_tensor(name)
             if name + "_scale_inv" in where:
                 t = dequant_blockwise(t, where[name + "_scale_inv"].get_tensor(name + "_scale_inv"), block)
             elif t.dtype in _FP8_DTYPES:
                 raise ValueError(f"{name} is {t.dtype} but the checkpoint has no {name}_scale_inv")
-            if _FUSED_EXPERTS.fullmatch(name):
-                yield from _split_fused_experts(name, t)
+            if fused:
+                yield from ((n, w) for n, w in _split_fused_experts(name, t) if keep(n))
             else:
                 yield name, t
 
@@ -341,25 +346,22 @@ def load_hf_state(model: DeepSeekV3, path: str | Path, allow_missing_mtp: bool =
     """Copy a Hugging Face checkpoint's weights into an existing model (in place), e.g. for
     ``model.init_from=hf:<path>``; the checkpoint's config must agree on ``_CHECKPOINT_FIELDS``.
 
-    MTP modules the checkpoint has beyond ``model.args.mtp_depth`` are ignored; MTP modules the model has
-    but the checkpoint lacks (transformers' own ``save_pretrained`` writes none) are an error unless
-    ``allow_missing_mtp``, in which case they keep their current values.
+    The model may hold part of the full model under its full-model names (a pipeline stage, the local
+    experts of expert parallelism, fewer MTP modules): checkpoint tensors it does not hold are skipped. Every
+    tensor it holds must be in the checkpoint, except that MTP modules the checkpoint lacks (transformers'
+    own ``save_pretrained`` writes none) keep their current values when ``allow_missing_mtp``.
     """
     stored = args_from_hf_config(json.loads((Path(path) / "config.json").read_text()))
     differ = [f"{f}={getattr(stored, f)!r} (model: {getattr(model.args, f)!r})"
               for f in _CHECKPOINT_FIELDS if getattr(stored, f) != getattr(model.args, f)]
     if differ:
         raise ValueError(f"checkpoint {path} does not fit the model: {', '.join(differ)}")
-    n_layers, depth = model.args.n_layers, model.args.mtp_depth
+    n_layers = model.args.n_layers
     targets = model.state_dict()
     missing = set(targets)
     with torch.no_grad():
-        for hf_name, t in read_hf_tensors(path):
+        for hf_name, t in read_hf_tensors(path, keep=lambda name: hf_name_to_ours(name, n_layers) in targets):
             ours = hf_name_to_ours(hf_name, n_layers)
-            if ours is None or (ours.startswith("mtp.") and int(ours.split(".")[1]) >= depth):
-                continue
-            if ours not in targets:
-                raise ValueError(f"checkpoint tensor {hf_name} (our {ours}) has no counterpart in the model")
             if targets[ours].shape != t.shape:
                 raise ValueError(f"{hf_name}: checkpoint shape {tuple(t.shape)} != model shape "
                                  f"{tuple(targets[ours].shape)} ({ours})")
@@ -389,8 +391,9 @@ def load_hf(path: str | Path) -> DeepSeekV3:
 
 
 def save_hf(model: DeepSeekV3, path: str | Path, max_shard_bytes: int = 4 << 30) -> None:
-    """Write ``model`` as a Hugging Face DeepseekV3 checkpoint: config.json, safetensors shards (in the
-    model's dtype, gate bias fp32) and model.safetensors.index.json when there is more than one shard."""
+    """Write a full ``model`` (not a pipeline stage or expert shard) as a Hugging Face DeepseekV3 checkpoint:
+    config.json, safetensors shards (in the model's dtype, gate bias fp32) and model.safetensors.index.json
+    when there is more than one shard."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     args = model.args
