@@ -3,11 +3,49 @@
 Kept deliberately small: a weight of shape ``[out_features, in_features]`` (the ``F.linear`` / Hugging Face
 layout), no bias by default, forward through ``F.linear``. FP8, tensor parallelism and deferred weight
 gradients extend this class instead of touching model code.
+
+Precision is a per-module switch (``set_precision``), normally flipped for a whole model by
+``haillm.fp8.policy.apply_fp8``:
+
+- ``"default"``: ``F.linear`` in the tensors' own dtype (bitwise the plain op).
+- ``"fp8"``: DeepSeek-V3's FP8 linear (``haillm.fp8.fp8_linear``: FP8 Fprop/Dgrad/Wgrad, input cached in
+  FP8). The weight is quantized once and reused until it changes (``Fp8WeightCache``); an optimizer that
+  writes parameters without bumping their version (ZeRO-1's in-place gather) must be followed by
+  ``invalidate_fp8_weight()``. Nothing FP8 is a parameter or buffer: checkpoints keep the master weights.
+- ``"bf16_emulated"``: the numerics of a BF16 GEMM on a CPU without fast bf16 matmul: every GEMM operand
+  is rounded to bf16, the arithmetic is fp32. The baseline of the FP8 fidelity benchmark.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from haillm.fp8 import Fp8WeightCache, fp8_linear
+
+PRECISIONS = ("default", "fp8", "bf16_emulated")
+
+
+class Bf16EmulatedLinear(torch.autograd.Function):
+    """``x @ W.T`` with the operands of all three GEMMs rounded to bf16 (x, W in Fprop; dy, W in Dgrad;
+    dy, x in Wgrad) and fp32 arithmetic. Inputs are saved in bf16, as a BF16 run caches them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xb, wb = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        ctx.save_for_backward(xb, wb)
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        return F.linear(xb.float(), wb.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        xb, wb = ctx.saved_tensors
+        dyb = dy.to(torch.bfloat16).float()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = (dyb @ wb.float()).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (dyb.reshape(-1, dy.shape[-1]).t() @ xb.reshape(-1, xb.shape[-1]).float()).to(ctx.w_dtype)
+        return dx, dw
 
 
 class Linear(nn.Module):
@@ -26,9 +64,34 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.precision = "default"
+        self.fp8_pow2_scales = False
+        self._fp8_weight: Fp8WeightCache | None = None
+
+    def set_precision(self, precision: str, pow2_scales: bool = False) -> None:
+        """Switch the GEMM numerics (see the module doc); ``pow2_scales`` applies to ``"fp8"`` only."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision, self.fp8_pow2_scales = precision, pow2_scales
+        self._fp8_weight = None
+
+    def invalidate_fp8_weight(self) -> None:
+        """Forget the cached FP8 weight: call after the weight changed behind autograd's version counter."""
+        if self._fp8_weight is not None:
+            self._fp8_weight.invalidate()
+
+    def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        cache = self._fp8_weight
+        if cache is None or cache.weight is not self.weight:  # built lazily; rebuilt if the Parameter was swapped
+            cache = self._fp8_weight = Fp8WeightCache(self.weight, pow2=self.fp8_pow2_scales)
+        return fp8_linear(x, self.weight, weight_q=cache.get(), pow2=self.fp8_pow2_scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.precision == "default":
+            return F.linear(x, self.weight, self.bias)
+        y = self._fp8_forward(x) if self.precision == "fp8" else Bf16EmulatedLinear.apply(x, self.weight)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        extra = "" if self.precision == "default" else f", precision={self.precision}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{extra}"

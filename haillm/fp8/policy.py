@@ -1,0 +1,115 @@
+"""Which linears of a DeepSeek-V3 model run in FP8 (report §3.3, REFERENCE.md §3.2).
+
+FP8 (all three GEMMs): every Linear of the transformer blocks — MLA's projections ``wq``/``wq_a``/``wq_b``/
+``wkv_a``/``wkv_b``/``wo``, and ``w1``/``w2``/``w3`` of the dense FFN, the routed and the shared experts —
+and the MTP projection ``eh_proj``. The report lists what stays in BF16/FP32: the embedding, the output
+head, the MoE gate, the norms and the attention core. ``eh_proj`` is not among them, so it is an ordinary
+Linear and goes FP8 (the report does not name it either way). The embedding, gate, norms and attention
+core are not ``Linear`` modules here, so only ``head`` (and any Linear not named above) is kept by name.
+
+A linear whose in or out features are not multiples of 128 stays on the high-precision path: the GPU
+kernel (cuBLAS blockwise ``scaled_mm``) takes whole 128-blocks only. One warning is logged per such layer;
+the routed experts of one MoE layer share a shape and are reported in one line. DeepSeek-V3's own
+``wkv_a`` (7168 -> 512 + 64 = 576) is such a case.
+
+Weights are quantized once per optimizer step and cached; call ``invalidate_weight_caches(model)`` after
+every optimizer step (and after loading a checkpoint) whenever the optimizer writes parameters in place
+without bumping their autograd version, as ZeRO-1's in-place all-gather does.
+"""
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from haillm.ops.linear import Linear
+
+logger = logging.getLogger(__name__)
+
+FP8_LINEARS = frozenset({"wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo", "w1", "w2", "w3", "eh_proj"})
+BLOCK = 128
+
+# ModelArgs overrides (on the ``tiny`` preset) for a CPU-sized MoE model in which the FP8 policy applies:
+# every eligible linear has 128-multiple features except wkv_a (128 + 32 = 160), which falls back as
+# DeepSeek-V3's own wkv_a does. ~5M parameters; used by the FP8 tests and bench/fp8_fidelity.py.
+FP8_TINY_OVERRIDES = dict(
+    dim=256,
+    inter_dim=512,
+    moe_inter_dim=128,
+    n_heads=4,
+    q_lora_rank=128,
+    kv_lora_rank=128,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=32,
+    v_head_dim=32,
+)
+
+
+@dataclass
+class PrecisionReport:
+    """What ``apply_precision`` did: FQNs of the linears in low precision, of those that fell back because
+    of their shape, and of those kept in high precision by the policy."""
+
+    precision: str
+    low: list[str] = field(default_factory=list)
+    fallback: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if self.precision == "default":
+            return f"linears: all {len(self.kept)} in default precision"
+        return (
+            f"linears: {len(self.low)} {self.precision}, {len(self.fallback)} fall back to high precision "
+            f"(features not multiples of {BLOCK}), {len(self.kept)} high precision by policy "
+            f"({', '.join(sorted({n.rsplit('.', 1)[-1] for n in self.kept})) or 'none'})"
+        )
+
+
+def _expert_pattern(fqn: str) -> str:
+    return re.sub(r"\.experts\.\d+\.", ".experts.*.", fqn)
+
+
+def apply_precision(model: nn.Module, precision: str, pow2_scales: bool = False) -> PrecisionReport:
+    """Set ``precision`` ("fp8", "bf16_emulated" or "default") on the policy's linears of ``model`` and
+    "default" on all others. "bf16_emulated" covers exactly the linears FP8 would (shape fallbacks
+    included), so an FP8-vs-BF16 comparison differs in those GEMMs only. Idempotent; call once the model is
+    built (before or after the optimizer: parameters are not touched)."""
+    report = PrecisionReport(precision)
+    misfits: dict[str, list[str]] = {}
+    for fqn, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        eligible = precision != "default" and fqn.rsplit(".", 1)[-1] in FP8_LINEARS
+        fits = module.in_features % BLOCK == 0 and module.out_features % BLOCK == 0
+        module.set_precision(precision if eligible and fits else "default", pow2_scales)
+        if eligible and fits:
+            report.low.append(fqn)
+        elif eligible:
+            report.fallback.append(fqn)
+            if precision == "fp8":
+                misfits.setdefault(_expert_pattern(fqn), []).append(fqn)
+        else:
+            report.kept.append(fqn)
+    for pattern, fqns in misfits.items():
+        module = model.get_submodule(fqns[0])
+        shape = [module.out_features, module.in_features]
+        many = f" ({len(fqns)} linears)" if len(fqns) > 1 else ""
+        logger.warning(
+            f"FP8 off for {pattern}{many}: weight {shape} is not a whole number of {BLOCK}x{BLOCK} "
+            "blocks, it stays on the high-precision path"
+        )
+    return report
+
+
+def apply_fp8(model: nn.Module, enabled: bool, pow2_scales: bool = False) -> PrecisionReport:
+    """Turn DeepSeek-V3's FP8 policy on (or everything back to default precision when not ``enabled``)."""
+    return apply_precision(model, "fp8" if enabled else "default", pow2_scales)
+
+
+def invalidate_weight_caches(model: nn.Module) -> None:
+    """Drop every cached FP8 weight of ``model`` so the next forward requantizes: call after each optimizer
+    step and checkpoint load (required with ZeRO-1; harmless and cheap otherwise)."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.invalidate_fp8_weight()
