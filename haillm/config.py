@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from haillm.data import DataConfig
 from haillm.models.deepseek_v3.args import PRESETS, ModelArgs
 from haillm.parallel.mesh import ParallelConfigError, ParallelDims
+from haillm.parallel.pipeline.schedules import SCHEDULES
+from haillm.parallel.pipeline.stage import stage_specs
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PP_SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
@@ -194,8 +196,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         f"train.global_batch_size={t.global_batch_size} must be divisible by "
         f"train.micro_batch_size*parallel.dp = {t.micro_batch_size}*{p.dp} = {per_step}",
     )
-    for key in ("pp", "tp"):
-        _require(p[key] == 1, f"parallel.{key}={p[key]} is not yet supported (only 1 for now)")
+    _require(p.tp == 1, f"parallel.tp={p.tp} is not yet supported (only 1 for now)")
     _require(not cfg.fp8.enabled, "fp8.enabled=true is not yet supported (the FP8 training path is not wired in)")
     _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
     _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
@@ -214,6 +215,12 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         args.validate()
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
+    if p.pp > 1:
+        try:  # the schedule's own preconditions, and enough layers for every stage
+            SCHEDULES[p.pp_schedule](p.pp, t.global_batch_size // per_step)
+            stage_specs(args, p.pp_schedule, p.pp, 0)
+        except ValueError as exc:
+            raise ConfigError(f"parallel.pp={p.pp} with parallel.pp_schedule={p.pp_schedule}: {exc}") from None
     _require(
         t.seq_len <= args.max_seq_len,
         f"train.seq_len={t.seq_len} exceeds model.max_seq_len={args.max_seq_len}",

@@ -20,10 +20,12 @@ from haillm.models.deepseek_v3.flops import flops_per_token
 from haillm.models.deepseek_v3.model import DeepSeekV3
 from haillm.parallel.expert import AllToAllDispatcher, ExpertPlacement, apply_expert_parallel
 from haillm.parallel.mesh import ParallelConfigError, ParallelDims
+from haillm.parallel.pipeline.runtime import PipelineRuntime
+from haillm.parallel.pipeline.stage import StageModel, build_stage_model, partner_group, pipelines_of
 from haillm.train.checkpoint import CheckpointError, list_checkpoints
 from haillm.train.optim import build_optimizer
 from haillm.train.setup import broadcast_object, init_distributed, seed_everything
-from haillm.train.trainer import Trainer, TrainingAborted
+from haillm.train.trainer import Pipeline, Trainer, TrainingAborted
 
 log = logging.getLogger("haillm")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ParallelConfigError)
@@ -53,12 +55,16 @@ def prepare_run_dir(cfg: DictConfig, rank: int) -> Path:
 
 
 def build_model(cfg: DictConfig, dims: ParallelDims, device: torch.device
-                ) -> tuple[DeepSeekV3, AllToAllDispatcher | None]:
-    """Build on the meta device, keep this rank's experts, then materialise and initialise: weights are a
-    function of the seed and each parameter's FQN only, so every layout starts from the same model."""
+                ) -> tuple[DeepSeekV3 | StageModel, AllToAllDispatcher | None]:
+    """Build on the meta device (this rank's pipeline stages only), keep this rank's experts, then
+    materialise and initialise: weights are a function of the seed and each parameter's FQN only, so every
+    layout starts from the same model."""
     args = to_model_args(cfg.model)
     with torch.device("meta"):
-        model = DeepSeekV3(args, init_seed=None)
+        if dims.pp > 1:
+            model = build_stage_model(args, cfg.parallel.pp_schedule, dims.pp, dims.pp_rank, init_seed=None)
+        else:
+            model = DeepSeekV3(args, init_seed=None)
     dispatcher = None
     if dims.ep > 1:
         placement = ExpertPlacement.from_dims(dims, args.n_routed_experts, args.n_expert_groups)
@@ -76,6 +82,14 @@ def build_model(cfg: DictConfig, dims: ParallelDims, device: torch.device
     return model, dispatcher
 
 
+def build_pipeline(cfg: DictConfig, dims: ParallelDims, model: StageModel, device: torch.device) -> Pipeline:
+    schedule = cfg.parallel.pp_schedule
+    n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dims.dp)
+    partner = partner_group(schedule, pipelines_of(dims), mtp=model.args.mtp_depth > 0)
+    runtime = PipelineRuntime(model, schedule, n_micro, pp_group=dims.pp_group, device=device)
+    return Pipeline(runtime, partner, model.partner_params(schedule), mirrored=schedule == "dualpipe")
+
+
 def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer:
     """Train as `cfg` says; returns the trainer (its model and optimizer) for programmatic use."""
     run_dir = prepare_run_dir(cfg, rank)
@@ -86,7 +100,11 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
                           f"{cfg.model.vocab_size}; use a model with a vocabulary at least that large")
     dims = ParallelDims.from_config(cfg.parallel, world).build(device.type)
     model, dispatcher = build_model(cfg, dims, device)
-    optimizer = build_optimizer(model, cfg, dims)
+    pipeline = build_pipeline(cfg, dims, model, device) if dims.pp > 1 else None
+    # A second copy of shared parameters (DualPipe's mirror rank, 1F1B's MTP embedding on the last rank)
+    # stays out of the gradient norm so that every parameter counts once.
+    second_copy = pipeline is not None and dims.pp_rank >= dims.pp // 2
+    optimizer = build_optimizer(model, cfg, dims, {n for n, _ in pipeline.partner_params} if second_copy else set())
     sampler = StepSampler(dataset.num_samples, cfg.train.global_batch_size, cfg.seed, cfg.data.shuffle)
     batcher = StepBatcher(dataset, sampler, dp_rank=dims.dp_rank, dp_size=dims.dp,
                           micro_batch_size=cfg.train.micro_batch_size)
@@ -103,7 +121,7 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
              cfg.train.seq_len + 1)
     log.info("layout %s | optimizer state %.2f MB per rank", dims.coords(), optimizer.state_bytes() / 2**20)
     trainer = Trainer(cfg, dims, model, optimizer, batcher, run_dir, device,
-                      flops_per_token(args, cfg.train.seq_len), dispatcher)
+                      flops_per_token(args, cfg.train.seq_len), dispatcher, pipeline)
     trainer.resume()
     records = trainer.fit()
     if rank == 0 and records:

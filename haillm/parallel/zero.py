@@ -26,6 +26,8 @@ Param groups: dicts like torch's, `{"params": [(name, param), ...], "process_gro
 `process_group` is the group the params are replicated over (dp for dense weights, edp for experts;
 None: not replicated, nothing reduced); the reduced sum is divided by `grad_divisor` (default: that
 group's size; experts use dp because each expert's gradient already holds every EP rank's tokens).
+A group with `"in_norm": False` is left out of the gradient norm (it is still clipped): for copies of
+parameters that another rank of `norm_groups` holds too (DualPipe's mirror stages).
 `weight_decay` applies to params for which
 `no_decay(name, param)` is False (default: every 1-D param: norms, biases). Params without a gradient
 in a step count as zero-gradient (Adam still decays their moments).
@@ -312,6 +314,8 @@ class ZeroAdamW:
         self.finish_grad_sync()
         total = torch.zeros((), dtype=torch.float64, device=self._device)
         for group in self.param_groups:
+            if not group.get("in_norm", True):  # a second copy of parameters another rank counts already
+                continue
             sq = torch.zeros((), dtype=torch.float64, device=self._device)
             for b in self._buckets:
                 if b.group is group:

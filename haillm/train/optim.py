@@ -16,24 +16,31 @@ def is_expert_param(name: str) -> bool:
     return ".experts." in name
 
 
-def build_optimizer(model: torch.nn.Module, cfg: DictConfig, dims: ParallelDims) -> ZeroAdamW:
+def build_optimizer(model: torch.nn.Module, cfg: DictConfig, dims: ParallelDims,
+                    outside_norm: set[str] = frozenset()) -> ZeroAdamW:
     """ZeRO-1 AdamW: one code path for every layout (dp=1 communicates nothing).
 
     Dense parameters are replicated over dp; with expert parallelism each rank's experts are replicated
     over the expert-data-parallel group (edp = dp/ep) and their state is sharded over it, while the
-    gradient norm also sums over ep (each ep rank holds different experts). Build it after the weights are
-    final and on their device: parameters become views into its buckets. No decay on 1-D parameters.
+    gradient norm also sums over ep (each ep rank holds different experts) and over pp (each stage holds
+    different layers). Parameters named in `outside_norm` are second copies that another pipeline rank
+    already counts. Build it after the weights are final and on their device: parameters become views into
+    its buckets. No weight decay on 1-D parameters.
     """
     o = cfg.optim
-    named = [(n, p) for n, p in model.named_parameters()]
-    groups = [{"params": [(n, p) for n, p in named if not (dims.ep > 1 and is_expert_param(n))]}]
-    if dims.ep > 1:
-        experts = [(n, p) for n, p in named if is_expert_param(n)]
-        groups.append({"params": experts, "process_group": dims.edp_group, "norm_groups": (dims.ep_group,),
-                       "grad_divisor": dims.dp})
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        groups.setdefault((dims.ep > 1 and is_expert_param(name), name in outside_norm), []).append((name, param))
+    param_groups = []
+    for (expert, outside), params in sorted(groups.items()):
+        group = {"params": params, "in_norm": not outside}
+        if expert:
+            group |= {"process_group": dims.edp_group, "norm_groups": (dims.ep_group,), "grad_divisor": dims.dp}
+        param_groups.append(group)
     return ZeroAdamW(
-        groups, lr=cfg.train.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-        process_group=dims.dp_group, moment_dtype=torch.bfloat16 if o.moment_dtype == "bf16" else torch.float32,
+        param_groups, lr=cfg.train.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+        process_group=dims.dp_group, norm_groups=(dims.pp_group,) if dims.pp > 1 else (),
+        moment_dtype=torch.bfloat16 if o.moment_dtype == "bf16" else torch.float32,
     )
 
 

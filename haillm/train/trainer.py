@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from haillm.models.deepseek_v3.moe import max_violation
 from haillm.parallel.expert import AllToAllDispatcher
 from haillm.parallel.mesh import ParallelDims
+from haillm.parallel.pipeline.runtime import PipelineRuntime
+from haillm.parallel.pipeline.stage import sum_partner_grads
 from haillm.parallel.zero import ZeroAdamW
 from haillm.train import checkpoint
 from haillm.train.metrics import JsonlSink, Progress, WandbSink, peak_flops
@@ -27,6 +29,17 @@ LOSS_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss")
 
 class TrainingAborted(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+@dataclass
+class Pipeline:
+    """What a pipeline-parallel step needs besides the stage model: the schedule's runtime, and the rank
+    (DualPipe mirror, or 1F1B's last rank for the MTP embedding) whose copies of parameters it shares."""
+
+    runtime: PipelineRuntime
+    partner: dist.ProcessGroup | None
+    partner_params: list[tuple[str, torch.nn.Parameter]]
+    mirrored: bool  # DualPipe: the partner holds the same stages (all of them), fed the other half of the data
 
 
 @dataclass
@@ -42,9 +55,9 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, dims: ParallelDims, model: torch.nn.Module, optimizer: ZeroAdamW,
                  batcher, run_dir: Path, device: torch.device, flops_per_token: float,
-                 dispatcher: AllToAllDispatcher | None = None):
+                 dispatcher: AllToAllDispatcher | None = None, pipeline: Pipeline | None = None):
         self.cfg, self.dims, self.model, self.optimizer, self.batcher = cfg, dims, model, optimizer, batcher
-        self.dispatcher = dispatcher
+        self.dispatcher, self.pipeline = dispatcher, pipeline
         self.run_dir, self.device, self.flops_per_token = Path(run_dir), device, flops_per_token
         self.is_logging_rank = dims.is_rank0
         optimizer.register_forward_wait(model)  # parameter all-gathers overlap the next forward
@@ -110,20 +123,16 @@ class Trainer:
         if self.dispatcher is not None:
             self.dispatcher.reset_stats()
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
-        sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
-        for i, batch in enumerate(micro_batches):
-            batch = batch.to(self.device, non_blocking=True)
-            no_sync = opt.no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext()
-            with autocast, no_sync:
-                out = model.compute_loss(batch)
-                (out["loss"] / len(micro_batches)).backward()
-            sums += torch.tensor([out[key].item() for key in LOSS_KEYS], dtype=torch.float64)
+        with autocast:
+            sums = self.forward_backward([b.to(self.device, non_blocking=True) for b in micro_batches])
         # The norm first: it completes the gradient reduce-scatters, which must precede any other collective.
         grad_norm = opt.clip_grad_norm_(cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
         # Global figures, identical on every rank, so every rank takes the same skip/bias decisions.
         totals = dict(zip(LOSS_KEYS, (self._dp_sum(sums) / (len(micro_batches) * self.dims.dp)).tolist(),
                           strict=True))
         loads = self._dp_sum(model.moe_loads())
+        if self.pipeline is not None and self.pipeline.mirrored:  # the mirror saw the other micro-batches
+            dist.all_reduce(loads, group=self.pipeline.partner)
         skipped = not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm))
         if skipped:
             self._skip(step, totals["loss"], grad_norm)
@@ -140,13 +149,37 @@ class Trainer:
         mfu = self.flops_per_token * tokens_per_s / self.peak if self.peak else 0.0
         record = {"step": step, **totals, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                   "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time_s": elapsed,
-                  "max_vio": max_violation(loads), "skipped": skipped,
+                  "max_vio": self._max_violation(loads), "skipped": skipped,
                   "consumed_samples": self.state.consumed_samples, "optimizer_state_bytes": opt.state_bytes()}
         if self.dispatcher is not None:  # where tokens went: ranks and nodes per token, over the whole dp group
             stats = self.dispatcher.stats(self.dims.dp_group)
             record |= {f"ep_{key}": stats[key] for key in ("ranks_per_token", "nodes_per_token",
                                                             "max_ranks_per_token", "max_nodes_per_token")}
         return record
+
+    def forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        """Forward and backward of one step's micro-batches into `.grad` (each loss scaled by 1/n, as in
+        gradient accumulation); returns the sums over micro-batches of the LOSS_KEYS components."""
+        opt, n = self.optimizer, len(micro_batches)
+        if self.pipeline is not None:
+            with opt.no_sync():  # mirror copies' gradients are summed before the data-parallel reduction
+                out = self.pipeline.runtime.step(micro_batches)
+            sum_partner_grads(self.pipeline.partner_params, self.pipeline.partner)
+            return out.per_microbatch.sum(dim=1)
+        sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
+        for i, batch in enumerate(micro_batches):
+            with opt.no_sync() if i < n - 1 else contextlib.nullcontext():
+                out = self.model.compute_loss(batch)
+                (out["loss"] / n).backward()
+            sums += torch.tensor([out[key].item() for key in LOSS_KEYS], dtype=torch.float64)
+        return sums
+
+    def _max_violation(self, loads: torch.Tensor) -> float:
+        """max_vio over every MoE layer of the model: pipeline ranks hold different layers."""
+        vio = torch.tensor([max_violation(loads)], dtype=torch.float64)
+        if self.dims.pp > 1:
+            dist.all_reduce(vio, op=dist.ReduceOp.MAX, group=self.dims.pp_group)
+        return vio.item()
 
     def _dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel group (the tensor itself at dp=1)."""

@@ -143,7 +143,15 @@ class StageModel(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if init_seed is not None:
-            init_weights(self, init_seed, args.init_std)
+            self.init_weights(init_seed)
+
+    def init_weights(self, seed: int) -> None:
+        """The full model's values for this rank's parameters (per FQN); rebuilds the rope tables too, so a
+        stage built on the meta device can be materialised with ``to_empty`` and then initialised."""
+        init_weights(self, seed, self.args.init_std)
+        cos, sin = rope_tables(self.args, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
 
     def activation_shape(self, batch: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype]:
         return (batch.shape[0], batch.shape[1] - 1, self.args.dim), self.rope_cos.dtype

@@ -1,0 +1,85 @@
+"""Pipeline parallelism end to end: every schedule at pp=2 and pp=4 (and pp=2 x dp=2 x ep=2 with DualPipe)
+reproduces the single-process losses over 10 optimizer steps from the same seed and global batch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from dist import run_distributed
+from test_train import launch_train
+from test_train_dp import COMMON
+
+STEPS = "train.steps=10"
+DENSE = "model.n_dense_layers=4"  # no routing: nothing can flip on a near-tie
+EIGHT_LAYERS = "model.n_layers=8"  # DualPipeV on 4 ranks runs 8 stages
+
+
+def _main(argv: list[str]) -> int:
+    return launch_train.main(argv)
+
+
+def losses(out: Path, world: int, *overrides: str) -> list[float]:
+    argv = [*COMMON, f"output_dir={out}", STEPS, *overrides]
+    codes = run_distributed(_main, world_size=world, args=(argv,), timeout=300) if world > 1 else [_main(argv)]
+    assert codes == [0] * world
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    return [r["loss"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Single-process losses per model variant, computed once."""
+    cache: dict[tuple[str, ...], list[float]] = {}
+
+    def get(*model: str) -> list[float]:
+        if model not in cache:
+            cache[model] = losses(tmp_path_factory.mktemp("ref") / "run", 1, *model)
+        return cache[model]
+
+    return get
+
+
+CASES = [
+    # (world, layout overrides, model overrides, tolerance after step 1)
+    (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"], [], 1e-3),
+    (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipe"], [], 1e-3),
+    (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipev"], [], 1e-3),
+    (4, ["parallel.pp=4", "parallel.pp_schedule=1f1b", "train.micro_batch_size=1"], [], 1e-3),
+    (4, ["parallel.pp=4", "parallel.pp_schedule=dualpipe", "train.micro_batch_size=1"], [], 1e-3),
+    (4, ["parallel.pp=4", "parallel.pp_schedule=dualpipev", "train.micro_batch_size=1"], [EIGHT_LAYERS], 1e-3),
+    (4, ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.pp_schedule=dualpipe",
+         "train.micro_batch_size=1"], [], 1e-3),
+    (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipe"], [DENSE], 1e-5),
+    (4, ["parallel.pp=4", "parallel.pp_schedule=1f1b", "train.micro_batch_size=1"], [DENSE], 1e-5),
+    (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipev"], [DENSE], 1e-5),
+]
+
+
+@pytest.mark.parametrize(("world", "layout", "model", "tol"), CASES,
+                         ids=["-".join(o.split("=")[1] for o in c[1] + c[2]) for c in CASES])
+def test_pipeline_matches_single_process(reference, tmp_path, world, layout, model, tol):
+    ref = reference(*model)
+    got = losses(tmp_path / "run", world, *layout, *model)
+    assert got[0] == pytest.approx(ref[0], rel=1e-6)
+    for step, (g, r) in enumerate(zip(got[1:], ref[1:], strict=True), start=2):
+        assert g == pytest.approx(r, rel=tol), (step, g, r)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.pp=3", "parallel.pp_schedule=dualpipe"], "even"),
+        (["parallel.pp=2", "parallel.pp_schedule=dualpipe", "train.micro_batch_size=4"], "micro-batches"),
+        (["parallel.pp=4", "parallel.pp_schedule=dualpipev", "train.micro_batch_size=1"], "n_layers"),
+    ],
+)
+def test_bad_pipeline_layouts(overrides, message):
+    from haillm.config import ConfigError, compose_config, validate
+
+    cfg = compose_config([*COMMON, *overrides])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, world_size=cfg.parallel.pp)
+    assert message in str(info.value) and "\n" not in str(info.value)
