@@ -11,10 +11,12 @@ Layout of ``<output_dir>/checkpoints/step_<N>/``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -77,6 +79,15 @@ def verify(path: Path) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every call that it assumes one process when there is no process group; that is the
+    intent of a single-process run, so keep the console clean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _state(model: torch.nn.Module, optimizer: Stateful) -> dict:
     """What DCP saves and loads in place: parameters by FQN, and the optimizer as a Stateful."""
     return {"model": model.state_dict(), "optim": optimizer}
@@ -91,7 +102,8 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: Stateful, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    with _quiet_single_process():
+        dcp.save(_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
@@ -135,7 +147,8 @@ def check_shapes(path: Path, model: torch.nn.Module) -> None:
 def load(path: Path, model: torch.nn.Module, optimizer: Stateful) -> dict:
     """Load model, optimizer and this rank's RNG from `path` (any data-parallel layout wrote it)."""
     check_shapes(path, model)
-    dcp.load(_state(model, optimizer), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    with _quiet_single_process():
+        dcp.load(_state(model, optimizer), checkpoint_id=str(path), no_dist=not dist.is_initialized())
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
