@@ -13,7 +13,8 @@ from dist import run_distributed
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from haillm.parallel.zero import ZeroAdamW, _flat_range_boxes
+from haillm.parallel.zero import ZeroAdamW
+from haillm.parallel.zero_state import _flat_range_boxes
 
 GLOBAL_BATCH, MICRO = 16, 2
 HPARAMS = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)

@@ -45,9 +45,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed._shard.metadata import ShardMetadata
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
-from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
+
+from haillm.parallel.zero_state import copy_pieces, sharded_view
 
 STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -65,30 +64,6 @@ def _divisor(b: _Bucket) -> int:
 
 def _group_size(pg: dist.ProcessGroup | None) -> int:
     return 1 if pg is None else dist.get_world_size(pg)
-
-
-def _flat_range_boxes(lo: int, hi: int, shape: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
-    """Split elements [lo, hi) of a row-major tensor into memory-ordered boxes (offsets, sizes),
-    each contiguous in memory: a flat shard expressed in the parameter's real shape."""
-    if lo >= hi:
-        return []
-    if len(shape) == 1:
-        return [([lo], [hi - lo])]
-    inner = math.prod(shape[1:])
-    first, last = lo // inner, (hi - 1) // inner
-
-    def row(r: int, a: int, b: int) -> list[tuple[list[int], list[int]]]:
-        return [([r, *o], [1, *s]) for o, s in _flat_range_boxes(a, b, shape[1:])]
-
-    if first == last:
-        return row(first, lo - first * inner, hi - first * inner)
-    boxes = row(first, lo % inner, inner) if lo % inner else []
-    full_lo, full_hi = -(-lo // inner), hi // inner
-    if full_hi > full_lo:
-        boxes.append(([full_lo] + [0] * (len(shape) - 1), [full_hi - full_lo, *shape[1:]]))
-    if hi % inner:
-        boxes += row(last, 0, hi % inner)
-    return boxes
 
 
 @dataclass
@@ -419,32 +394,15 @@ class ZeroAdamW:
         whatever dp layout wrote the checkpoint. Pass the optimizer itself to dcp.save / dcp.load."""
         state: dict[str, dict[str, Tensor]] = {}
         for b in self._buckets:
-            ranks = dist.get_process_group_ranks(b.group["process_group"]) if b.world > 1 else [0]
             for i, name in enumerate(b.names):
-                state[name] = {kind: self._param_state(b, i, kind, ranks) for kind in STATE_KINDS}
+                state[name] = {kind: self._state_view(b, i, kind) for kind in STATE_KINDS}
         return {"step": torch.tensor(self.step_count), "state": state}
 
-    def _param_state(self, b: _Bucket, i: int, kind: str, ranks: list[int]) -> Tensor:
-        p, off, tensor = b.params[i], b.offsets[i], b.state[kind]
-        shape = tuple(p.shape) or (1,)
-        if b.world == 1:
-            return tensor[off : off + p.numel()].view(shape)
-        size = b.numel // b.world
-        shards_md, local = [], []
-        for r in range(b.world):
-            lo, hi = max(off, r * size) - off, min(off + p.numel(), (r + 1) * size) - off
-            pos = off + lo - r * size  # where element `lo` of the param sits in rank r's shard
-            for offsets, sizes in _flat_range_boxes(lo, hi, shape):
-                md = ShardMetadata(offsets, sizes, f"rank:{ranks[r]}/{tensor.device}")
-                shards_md.append(md)
-                if r == b.rank:
-                    local.append(Shard(tensor[pos : pos + math.prod(sizes)].view(sizes), md))
-                pos += math.prod(sizes)
-        props = TensorProperties(dtype=tensor.dtype, requires_grad=False)
-        meta = ShardedTensorMetadata(shards_md, torch.Size(shape), props)
-        return ShardedTensor._init_from_local_shards_and_global_metadata(
-            local, meta, process_group=b.group["process_group"]
-        )
+    def _state_view(self, b: _Bucket, i: int, kind: str) -> Tensor:
+        """Parameter i of bucket b's `kind` state, in the parameter's shape (sharded over the group)."""
+        pg = b.group["process_group"]
+        ranks = dist.get_process_group_ranks(pg) if b.world > 1 else [0]
+        return sharded_view(b.state[kind], b.offsets[i], b.params[i].shape, b.numel // b.world, b.rank, ranks, pg)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Adopt a state dict (loaded in place by DCP, or any full/sharded one with the same FQNs and
@@ -457,31 +415,10 @@ class ZeroAdamW:
                 f"optimizer state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
         for b in self._buckets:
-            ranks = dist.get_process_group_ranks(b.group["process_group"]) if b.world > 1 else [0]
             for i, name in enumerate(b.names):
                 for kind in STATE_KINDS:
-                    _copy_pieces(self._param_state(b, i, kind, ranks), state[name][kind], name)
+                    copy_pieces(self._state_view(b, i, kind), state[name][kind], name)
         self.step_count = int(state_dict["step"])
         for b in reversed(self._buckets):
             self._launch_gather(b)
         self.wait_params()
-
-
-def _pieces(t: Tensor) -> dict[tuple[int, ...], Tensor]:
-    """This rank's pieces of a (sharded or plain) tensor, keyed by their offsets in the full tensor."""
-    if isinstance(t, ShardedTensor):
-        return {tuple(s.metadata.shard_offsets): s.tensor for s in t.local_shards()}
-    return {(0,) * t.ndim: t}
-
-
-def _copy_pieces(dst: Tensor, src: Tensor, name: str) -> None:
-    if tuple(dst.shape) != tuple(src.shape):
-        raise ValueError(f"optimizer state for {name} has shape {tuple(src.shape)}, model has {tuple(dst.shape)}")
-    src_pieces = _pieces(src)
-    for offsets, piece in _pieces(dst).items():
-        if isinstance(src, ShardedTensor):
-            value = src_pieces[offsets]
-        else:
-            value = src[tuple(slice(o, o + n) for o, n in zip(offsets, piece.shape, strict=True))]
-        if value.data_ptr() != piece.data_ptr():
-            piece.copy_(value)
