@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
 
+from haillm.ops.wgrad import deferrable_linear
 from haillm.parallel.pipeline.runtime import ChunkOutput, PipelineRuntime
 from haillm.parallel.pipeline.schedules import topology
-from haillm.parallel.pipeline.wgrad import deferrable_linear
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 # Stage variants tried in order until torch's schedule runs: (activation, flat [tokens, dim] activations).

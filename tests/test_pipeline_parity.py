@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.fx.experimental.symbolic_shapes  # noqa: F401
 
 from haillm.models.deepseek_v3 import DeepSeekV3, get_preset
-from haillm.ops import Linear
+from haillm.ops import set_weight_grad_deferral
 from haillm.parallel.pipeline.runtime import PipelineRuntime
 from haillm.parallel.pipeline.stage import (
     build_stage_model,
@@ -20,7 +20,6 @@ from haillm.parallel.pipeline.stage import (
     stage_specs,
     sum_partner_grads,
 )
-from haillm.parallel.pipeline.wgrad import deferrable_linear
 from tests.dist import run_distributed
 
 SEED, MICRO_BATCH, SEQ_LEN = 3, 2, 12
@@ -36,11 +35,9 @@ def tiny(dense: bool, n_layers: int):
 def _pipeline_step(schedule: str, variants: list, deferred_linear: bool = False) -> list[dict]:
     """On each rank: a pipelined step per model variant, compared with the full model on the same data.
 
-    ``deferred_linear``: route every ``ops.Linear`` of this worker process through ``deferrable_linear``,
-    so that the schedule's I/W actions really split the weight gradients of the model.
+    ``deferred_linear``: keep weight-grad deferral on in every ``ops.Linear`` of the stage model (the
+    default for the schedules with I/W actions), else turn it off, so I is a full backward and W is empty.
     """
-    if deferred_linear:
-        Linear.forward = lambda self, x: deferrable_linear(x, self.weight, self.bias)
     rank, pp = dist.get_rank(), dist.get_world_size()
     group = dist.group.WORLD
     partners = partner_group(schedule, [list(range(pp))])
@@ -50,6 +47,7 @@ def _pipeline_step(schedule: str, variants: list, deferred_linear: bool = False)
         batch = torch.randint(0, args.vocab_size, (n * MICRO_BATCH, SEQ_LEN + 1),
                               generator=torch.Generator().manual_seed(SEED))
         model = build_stage_model(args, schedule, pp, rank, init_seed=SEED)
+        set_weight_grad_deferral(model, deferred_linear)
         losses = PipelineRuntime(model, schedule, n, pp_group=group).step(list(batch.split(MICRO_BATCH)))
         sum_partner_grads(model.partner_params(schedule), partners)
 

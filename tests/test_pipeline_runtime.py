@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from haillm.fp8.gemm import calc_diff
+from haillm.ops.wgrad import deferrable_linear, deferring_weight_grads
 from haillm.parallel.pipeline.runtime import ChunkOutput, PipelineRuntime, _free_after_send
 from haillm.parallel.pipeline.schedules import topology
 from haillm.parallel.pipeline.stage import partner_group, sum_partner_grads
-from haillm.parallel.pipeline.wgrad import deferrable_linear, deferring_weight_grads
 from tests.dist import run_distributed
 
 DIM, HIDDEN, MICRO_BATCH, SEQ = 16, 32, 2, 4

@@ -14,6 +14,12 @@ Precision is a per-module switch (``set_precision``), normally flipped for a who
   ``invalidate_fp8_weight()``. Nothing FP8 is a parameter or buffer: checkpoints keep the master weights.
 - ``"bf16_emulated"``: the numerics of a BF16 GEMM on a CPU without fast bf16 matmul: every GEMM operand
   is rounded to bf16, the arithmetic is fp32. The baseline of the FP8 fidelity benchmark.
+
+Weight-gradient deferral (zero-bubble I/W, ``haillm.ops.wgrad``) is a second per-module switch,
+``defer_wgrad`` (``set_weight_grad_deferral`` flips it for a whole model): the ``"default"`` path then runs
+``deferrable_linear``, bitwise ``F.linear`` unless a backward runs inside ``deferring_weight_grads``. It is
+off by default because the custom autograd function costs ~20 us per call on CPU (~10% of a tiny-model
+step), which only pays where a pipeline schedule uses I/W. The FP8 and bf16-emulated paths do not defer.
 """
 
 import torch
@@ -21,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from haillm.fp8 import Fp8WeightCache, fp8_linear
+from haillm.ops.wgrad import deferrable_linear
 
 PRECISIONS = ("default", "fp8", "bf16_emulated")
 
@@ -67,6 +74,7 @@ class Linear(nn.Module):
         self.precision = "default"
         self.fp8_pow2_scales = False
         self._fp8_weight: Fp8WeightCache | None = None
+        self.defer_wgrad = False
 
     def set_precision(self, precision: str, pow2_scales: bool = False) -> None:
         """Switch the GEMM numerics (see the module doc); ``pow2_scales`` applies to ``"fp8"`` only."""
@@ -88,6 +96,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.precision == "default":
+            if self.defer_wgrad:
+                return deferrable_linear(x, self.weight, self.bias)
             return F.linear(x, self.weight, self.bias)
         y = self._fp8_forward(x) if self.precision == "fp8" else Bf16EmulatedLinear.apply(x, self.weight)
         return y if self.bias is None else y + self.bias
@@ -95,3 +105,10 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         extra = "" if self.precision == "default" else f", precision={self.precision}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{extra}"
+
+
+def set_weight_grad_deferral(module: nn.Module, enabled: bool = True) -> None:
+    """Turn weight-gradient deferral on or off for every ``Linear`` in ``module``."""
+    for m in module.modules():
+        if isinstance(m, Linear):
+            m.defer_wgrad = enabled

@@ -12,7 +12,12 @@ exchange can be started and finished separately (``start_dispatch`` / ``finish_d
 ``start_combine`` / ``finish_combine``) so a scheduler can compute while tokens are in flight. The
 communication runs on detached tensors; ``finish_*`` attaches the received tensor to the sender's graph
 through ``_Exchanged``, whose backward is the reverse exchange of gradients (backward of dispatch is a
-combine and vice versa). Backward exchanges are synchronous.
+combine and vice versa), synchronous inside autograd. Given a ``moe.GraphCut`` (the pipeline's overlapped
+F&B pairs), ``finish_*`` instead hands the received tensor to the cut as a new leaf together with a
+``send_back`` function that starts the reverse exchange of its gradient and returns a waiter: the backward
+exchanges are then asynchronous too, started and finished by whoever runs the backward piece by piece.
+``comm_wait_s`` sums the time spent blocked in waits for exchanges (forward and backward), the exposed part
+of the communication.
 
 With ``fp8=True`` dispatched tokens travel as E4M3 with 1x128 fp32 scales (``haillm.fp8.act_quant``),
 packed in one uint8 buffer (gloo cannot reduce or exchange fp8 tensors); combine and all gradients stay in
@@ -22,6 +27,8 @@ the activations' dtype, as in DeepSeek-V3.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from haillm.fp8 import FP8_DTYPE, act_dequant, act_quant
-from haillm.models.deepseek_v3.moe import LocalDispatcher, MoE
+from haillm.models.deepseek_v3.moe import GraphCut, LocalDispatcher, MoE
 from haillm.parallel.mesh import ParallelConfigError, ParallelDims
 
 FP8_BLOCK = 128
@@ -124,16 +131,13 @@ class _Exchanged(torch.autograd.Function):
     """Identity from the sent tensor to the already received one; backward sends gradients the reverse way."""
 
     @staticmethod
-    def forward(ctx, sent: torch.Tensor, transfer: _Transfer, group) -> torch.Tensor:
-        ctx.in_splits, ctx.out_splits, ctx.group = transfer.in_splits, transfer.out_splits, group
+    def forward(ctx, sent: torch.Tensor, transfer: _Transfer, dispatcher: AllToAllDispatcher) -> torch.Tensor:
+        ctx.splits, ctx.dispatcher = (transfer.in_splits, transfer.out_splits), dispatcher
         return transfer.recv
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        out = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(out, grad, ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return out, None, None
+        return ctx.dispatcher._send_back(ctx.splits, grad)(), None, None
 
 
 @dataclass
@@ -203,15 +207,15 @@ class AllToAllDispatcher:
         fp8_dtype = x.dtype if self.fp8 else None
         return DispatchHandle(sent, order, token_ids, x.shape[0], recv_counts, arrange, transfer, fp8_dtype)
 
-    def finish_dispatch(self, handle: DispatchHandle) -> tuple[torch.Tensor, torch.Tensor]:
+    def finish_dispatch(self, handle: DispatchHandle, cut: GraphCut | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Wait for the tokens; return them grouped by local expert and the rows per local expert."""
         t = handle.transfer
-        t.work.wait()
+        self._wait(t.work)
         if handle.fp8_dtype is not None:
             dim = handle.sent.shape[1]
             q, s = t.recv[:, :dim].contiguous().view(FP8_DTYPE), t.recv[:, dim:].contiguous().view(torch.float32)
             t.recv = act_dequant(q, s, FP8_BLOCK, handle.fp8_dtype)
-        received = _Exchanged.apply(handle.sent, t, self.group)
+        received = self._attach(handle.sent, t, cut)
         return received.index_select(0, handle.arrange), handle.recv_counts.sum(0)
 
     def dispatch(
@@ -236,11 +240,12 @@ class AllToAllDispatcher:
         self._sums[4] += self._off_rank_bytes(sent, t.out_splits)
         return CombineHandle(handle, sent, _start_transfer(sent, t.out_splits, t.in_splits, self.group))
 
-    def finish_combine(self, handle: CombineHandle, weights: torch.Tensor) -> torch.Tensor:
+    def finish_combine(self, handle: CombineHandle, weights: torch.Tensor, cut: GraphCut | None = None
+                       ) -> torch.Tensor:
         """Wait for the outputs; weighted sum per token, ``[N, dim]`` in the original token order."""
         t, d = handle.transfer, handle.dispatch
-        t.work.wait()
-        back = _Exchanged.apply(handle.sent, t, self.group)
+        self._wait(t.work)
+        back = self._attach(handle.sent, t, cut)
         return self._local.combine(back, weights, d.order, d.token_ids, d.n_tokens)  # the same weighted sum
 
     def combine(self, routed_y: torch.Tensor, weights: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
@@ -257,8 +262,34 @@ class AllToAllDispatcher:
         routed_x, local_counts, handle = self.dispatch(x, indices, counts)
         return self.combine(self.compute(experts, routed_x, local_counts), weights, handle)
 
+    # ---- autograd across an exchange ----
+    def _attach(self, sent: torch.Tensor, transfer: _Transfer, cut: GraphCut | None) -> torch.Tensor:
+        """The received tensor as part of the graph: through ``_Exchanged``, or as a leaf of ``cut``."""
+        if cut is None:
+            return _Exchanged.apply(sent, transfer, self)
+        splits = (transfer.in_splits, transfer.out_splits)  # not the transfer: its buffers can go now
+        return cut.exchange(sent, transfer.recv, lambda grad: self._send_back(splits, grad))
+
+    def _send_back(self, splits: tuple[list[int], list[int]], grad: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start sending the gradient of a received tensor to where its rows came from (``splits``: the
+        forward exchange's in/out splits); the returned function waits and gives the sent tensor's gradient."""
+        in_splits, out_splits = splits
+        back = _start_transfer(grad, out_splits, in_splits, self.group)
+
+        def finish() -> torch.Tensor:
+            self._wait(back.work)
+            return back.recv
+
+        return finish
+
+    def _wait(self, work: dist.Work) -> None:
+        start = time.perf_counter()
+        work.wait()
+        self.comm_wait_s += time.perf_counter() - start
+
     # ---- statistics ----
     def reset_stats(self) -> None:
+        self.comm_wait_s = 0.0
         self._sums = torch.zeros(5, dtype=torch.float64)  # tokens, rank hits, node hits, dispatch/combine bytes
         self._maxima = torch.zeros(2, dtype=torch.float64)  # ranks, nodes per token
 

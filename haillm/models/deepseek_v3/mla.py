@@ -14,6 +14,7 @@ from torch import nn
 
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.ops import Linear, RMSNorm
+from haillm.ops.recompute import recomputable
 
 
 def _yarn_mscale(factor: float, mscale: float) -> float:
@@ -76,7 +77,8 @@ class MLA(nn.Module):
     """Attention with low-rank query/key-value compression and one decoupled RoPE key shared by all heads.
 
     ``wq_b``/``wq`` give per head ``[q_nope ; q_rope]``; ``wkv_a`` gives ``[latent (kv_lora_rank) ; k_rope]``;
-    ``wkv_b`` gives per head ``[k_nope ; v]``.
+    ``wkv_b`` gives per head ``[k_nope ; v]``. With ``recompute_up_proj`` the attention inputs made by
+    ``up_project`` are recomputed in backward from the latents (``haillm.ops.recompute``) instead of kept.
     """
 
     def __init__(self, args: ModelArgs) -> None:
@@ -97,28 +99,45 @@ class MLA(nn.Module):
         self.wkv_b = Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim))
         self.wo = Linear(self.n_heads * self.v_dim, args.dim)
         self.softmax_scale = softmax_scale(args)
+        self.recompute_up_proj = False
 
     def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        return self._query_heads(x if self.q_lora_rank == 0 else self.wq_a(x), cos, sin)
+
+    def _query_heads(self, q_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.wq(q_in) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(q_in))
         q_nope, q_rope = q.unflatten(-1, (self.n_heads, -1)).split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_rope, cos, sin)
 
-    def _latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised KV latent ``[B, T, kv_lora_rank]`` and rotated shared key ``[B, T, rope_dim]``."""
-        latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+    def _latents(self, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised KV latent ``[B, T, kv_lora_rank]`` and rotated shared key ``[B, T, rope_dim]`` from
+        ``kv = wkv_a(x)``."""
+        latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return self.kv_norm(latent), apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over ``x: [B, T, dim]`` with rope tables for positions ``0..T-1``."""
-        q_nope, q_rope = self._queries(x, cos, sin)
-        latent, k_rope = self._latents(x, cos, sin)
+    def up_project(self, q_in: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head ``q, k, v`` as attention takes them (``[B, H, T, d]``) from the query latent (``x`` when
+        ``q_lora_rank`` is 0) and ``kv = wkv_a(x)``: the MLA up-projections."""
+        q_nope, q_rope = self._query_heads(q_in, cos, sin)
+        latent, k_rope = self._latents(kv, cos, sin)
         k_nope, v = self.wkv_b(latent).unflatten(-1, (self.n_heads, -1)).split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
-        pad = q.shape[-1] - self.v_dim if x.device.type == "cpu" else 0
+        pad = q.shape[-1] - self.v_dim if kv.device.type == "cpu" else 0
         if pad > 0:  # CPU's fused SDPA kernel needs equal q/k and v head dims; zero columns leave o exact
             v = F.pad(v, (0, pad))
-        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
+        return q, k, v.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over ``x: [B, T, dim]`` with rope tables for positions ``0..T-1``."""
+        latents = (x if self.q_lora_rank == 0 else self.wq_a(x), self.wkv_a(x), cos, sin)
+        if self.recompute_up_proj:
+            q, k, v = recomputable(self.up_project, *latents)
+        else:
+            q, k, v = self.up_project(*latents)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         return self.wo(o[..., : self.v_dim].transpose(1, 2).flatten(2))
 
     def forward_absorbed(
@@ -135,7 +154,7 @@ class MLA(nn.Module):
         bsz, t, _ = x.shape
         end = start_pos + t
         q_nope, q_rope = self._queries(x, cos, sin)
-        latent, k_rope = self._latents(x, cos, sin)
+        latent, k_rope = self._latents(self.wkv_a(x), cos, sin)
         kv_cache[:bsz, start_pos:end] = latent
         pe_cache[:bsz, start_pos:end] = k_rope
         kv, pe = kv_cache[:bsz, :end], pe_cache[:bsz, :end]

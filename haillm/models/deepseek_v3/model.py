@@ -2,6 +2,7 @@
 the MTP modules; the training objective (``compute_loss``) and the latent-cache inference path."""
 
 import hashlib
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.mla import MLA, rope_tables
-from haillm.models.deepseek_v3.moe import MLP, Gate, MoE
+from haillm.models.deepseek_v3.moe import MLP, Gate, GraphCut, MoE
 from haillm.models.deepseek_v3.mtp import MTPModule
 from haillm.ops import Linear, RMSNorm
 
@@ -28,6 +29,17 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.ffn(self.ffn_norm(x))
+
+    def forward_phases(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cut: GraphCut | None
+                       ) -> Generator[None, None, torch.Tensor]:
+        """``forward`` as a generator yielding while an MoE layer's tokens are in flight (``MoE.forward_phases``;
+        for the pipeline's overlapped F&B pairs). Without ``cut`` or token exchanges it never yields."""
+        if cut is None or not (isinstance(self.ffn, MoE) and self.ffn.exchanges_tokens):
+            return self.forward(x, cos, sin)
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        h = self.ffn_norm(x)
+        (x,) = cut(x)  # the residual is used again after the combine
+        return x + (yield from self.ffn.forward_phases(h, cut))
 
     def forward_inference(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, start_pos: int

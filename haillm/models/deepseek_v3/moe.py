@@ -5,7 +5,13 @@ The MoE layer decides routing (``Gate``) and hands token movement to ``self.disp
 is the single-device version; expert parallelism swaps in an all-to-all dispatcher with the same
 dispatch / compute / combine methods. Experts live in an ``nn.ModuleDict`` keyed by the global expert id, so
 a rank may hold only a subset and keep the same parameter names.
+
+``MoE.forward_phases`` is the forward split at the all-to-all exchanges, as a generator, for the pipeline's
+overlapped F&B pairs (``haillm.parallel.pipeline.overlap``); ``GraphCut`` is what it needs from its driver.
 """
+
+from collections.abc import Callable, Generator
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +90,21 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: fl
     return alpha * (f * p).sum(dim=-1).mean()
 
 
+class GraphCut(Protocol):
+    """Cuts a forward's autograd graph where tokens leave the rank, so that its backward can run piece by
+    piece with each gradient exchange in flight between pieces (implemented by the pipeline's ``Tape``)."""
+
+    def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Stand-ins (same values, new graph leaves) for ``tensors``, to be used only after the next exchange."""
+        ...
+
+    def exchange(self, sent: torch.Tensor, received: torch.Tensor,
+                 send_back: Callable[[torch.Tensor], Callable[[], torch.Tensor]]) -> torch.Tensor:
+        """A leaf for ``received``, which an exchange of ``sent`` produced; ``send_back(grad)`` starts the
+        reverse exchange of the leaf's gradient and returns a function waiting for the gradient of ``sent``."""
+        ...
+
+
 class LocalDispatcher:
     """Single-device token movement: sort token copies by expert, run each expert once on its contiguous
     slice, scatter the weighted results back in token order. Nothing is dropped."""
@@ -140,9 +161,9 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bsz, seq_len, dim = x.shape
-        flat = x.reshape(-1, dim)
+    def route(self, flat: torch.Tensor, bsz: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gate ``flat: [bsz*seq_len, dim]`` -> (weights, indices, per-expert counts); in training also count
+        the loads and leave the balance loss."""
         weights, indices, scores = self.gate(flat)
         counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)
         if self.training:
@@ -151,9 +172,44 @@ class MoE(nn.Module):
                 self.balance_loss = sequence_balance_loss(
                     scores.view(bsz, seq_len, -1), indices.view(bsz, seq_len, -1), self.balance_alpha
                 )
+        return weights, indices, counts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq_len, dim = x.shape
+        flat = x.reshape(-1, dim)
+        weights, indices, counts = self.route(flat, bsz, seq_len)
         y = self.dispatcher(flat, weights, indices, counts, self.experts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
+        return y.view(bsz, seq_len, dim)
+
+    @property
+    def exchanges_tokens(self) -> bool:
+        """True when the dispatcher sends tokens to other ranks in split phases (expert parallelism)."""
+        return hasattr(self.dispatcher, "start_dispatch")
+
+    def forward_phases(self, x: torch.Tensor, cut: GraphCut) -> Generator[None, None, torch.Tensor]:
+        """``forward`` as a generator that yields right after starting each exchange (dispatch, combine), so
+        that its driver can run other work while the tokens are in flight, and returns the output. The
+        graph is cut at both exchanges (``cut``); the values are exactly ``forward``'s."""
+        if not self.exchanges_tokens:
+            return self.forward(x)
+        bsz, seq_len, dim = x.shape
+        flat = x.reshape(-1, dim)
+        weights, indices, counts = self.route(flat, bsz, seq_len)
+        d = self.dispatcher
+        handle = d.start_dispatch(flat, indices, counts)
+        flat, weights = cut(flat, weights)  # used again after the combine
+        if self.balance_loss is not None:
+            (self.balance_loss,) = cut(self.balance_loss)
+        yield
+        routed_x, local_counts = d.finish_dispatch(handle, cut)
+        combine = d.start_combine(d.compute(self.experts, routed_x, local_counts), handle)
+        shared = self.shared_experts(flat) if self.shared_experts is not None else None  # while outputs travel
+        yield
+        y = d.finish_combine(combine, weights, cut)
+        if shared is not None:
+            y = y + shared
         return y.view(bsz, seq_len, dim)
 
     @torch.no_grad()

@@ -11,15 +11,19 @@ its output goes is derived once by ``derive_routes``; the runtime only moves ten
 - **Matching by kind.** Activations and gradients between the same two ranks do not keep one common order
   (docs/pipeline.md), but each kind does. So every message carries the tag of its kind and gloo matches a
   (peer, tag) channel in FIFO order.
-- **I and W.** ``I`` is an ordinary backward run inside ``wgrad.deferring_weight_grads()``: input grads and
-  the gradients of non-deferrable parameters are computed at once, the weight grads of
-  ``deferrable_linear`` layers are queued under the action's key, and ``W`` runs that queue. I + W is
-  therefore exactly a full backward. This was chosen over "backward w.r.t. the input with retain_graph,
-  then backward w.r.t. the weights at W", which is generic but recomputes the whole activation-gradient
-  chain at W (W would cost about as much as B and the bubble it fills would be paid twice).
-- **Pairs.** ``[F&B]`` runs the forward half, then the backward half. Interleaving them at the MoE
-  dispatch/combine boundaries (so each all-to-all hides under the other micro-batch's compute) is a later
-  step; it replaces :meth:`PipelineRuntime._pair` only.
+- **I and W.** ``I`` is an ordinary backward run inside ``ops.wgrad.deferring_weight_grads()``: input
+  grads and the gradients of non-deferrable parameters are computed at once, the weight grads of every
+  ``ops.Linear`` with ``defer_wgrad`` on (the stage model turns it on for DualPipe/DualPipeV) are queued
+  under the action's key, and ``W`` runs that queue. I + W is therefore exactly a full backward. This was
+  chosen over "backward w.r.t. the input with retain_graph, then backward w.r.t. the weights at W", which
+  is generic but recomputes the whole activation-gradient chain at W (W would cost about as much as B and
+  the bubble it fills would be paid twice).
+- **Pairs.** Stages with ``forward_phases`` (the DeepSeek-V3 ``StageModel``) run every forward as a
+  generator cut at the expert all-to-alls (``overlap.Tape``), and every backward region by region with
+  asynchronous gradient exchanges. ``[F&B]`` then interleaves the two halves (:func:`overlap.interleave`,
+  backward first): each starts an exchange and hands over to the other, so each all-to-all is in flight
+  while the other micro-batch computes. ``overlap=False`` runs the halves back to back on the same cut
+  graphs (bitwise the same gradients); stages without ``forward_phases`` always do.
 - **Losses.** The last stage of each direction returns the per-micro-batch objective; every stage may add
   its own terms (the MoE balance losses of its layers). Each is backpropagated as ``loss / n_microbatches``,
   exactly like the single-process trainer's gradient accumulation. Metrics are summed over the pipeline
@@ -28,14 +32,15 @@ its output goes is derived once by ``derive_routes``; the runtime only moves ten
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
+from haillm.parallel.pipeline.overlap import Tape, interleave, run_to_end
 from haillm.parallel.pipeline.schedules import Action, Pair, Route, build, derive_routes
-from haillm.parallel.pipeline.wgrad import deferring_weight_grads
 
 ACTIVATION, GRADIENT = 0, 1  # P2P tags: one FIFO channel per kind and peer
 
@@ -57,7 +62,12 @@ class ChunkOutput:
 
 
 class PipelineStages(Protocol):
-    """The modules one rank runs, one per local chunk (``StageModel`` for DeepSeek-V3)."""
+    """The modules one rank runs, one per local chunk (``StageModel`` for DeepSeek-V3).
+
+    Optionally also ``forward_phases(chunk, x, batch, cut) -> Generator[None, None, ChunkOutput]``: the
+    forward as a generator that yields while tokens are in flight and cuts its graph there through ``cut``
+    (``moe.GraphCut``); the runtime then overlaps F&B pairs.
+    """
 
     metric_keys: tuple[str, ...]
 
@@ -158,8 +168,9 @@ class PipelineRuntime:
     order (``schedules.topology``)."""
 
     def __init__(self, stages: PipelineStages, name: str, n_microbatches: int,
-                 pp_group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu"):
-        self.stages, self.name, self.n = stages, name, n_microbatches
+                 pp_group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu",
+                 overlap: bool = True):
+        self.stages, self.name, self.n, self.overlap = stages, name, n_microbatches, overlap
         self.device = torch.device(device)
         self.group = pp_group
         pp = dist.get_world_size(pp_group) if pp_group is not None else 1
@@ -185,7 +196,8 @@ class PipelineRuntime:
         self.batches = micro_batches
         self.shape, self.dtype = self.stages.activation_shape(micro_batches[0])
         self.p2p = _P2P(self.group)
-        self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = {}
+        self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
+                                                Tape]] = {}
         self.local: dict[tuple[int, int, int], torch.Tensor] = {}  # same-rank hand-offs (the V turn)
         self.deferred: dict[tuple[int, int], list] = {}
         self.metric_parts: list[tuple[int, int, torch.Tensor]] = []  # (key row, micro-batch, value)
@@ -198,12 +210,12 @@ class PipelineRuntime:
             if isinstance(step, Pair):
                 self._pair(step, routes)
             elif step.kind == "F":
-                self._forward(step, routes[0])
+                run_to_end(self._forward(step, routes[0]))
             elif step.kind == "W":
                 for fn in self.deferred.pop((step.chunk, step.microbatch)):
                     fn()
             else:
-                self._backward(step, routes[0])
+                run_to_end(self._backward(step, routes[0]))
         self.p2p.flush()
         self.p2p.reap(wait=True)
         if self.saved or self.deferred or self.local or self.p2p.recvs:
@@ -220,7 +232,7 @@ class PipelineRuntime:
                 key = (kind, route.action.chunk, route.action.microbatch)
                 self.p2p.recv(key, torch.empty(self.shape, dtype=self.dtype, device=self.device), route.src.rank)
 
-    def _forward(self, action: Action, route: Route) -> None:
+    def _forward(self, action: Action, route: Route) -> Iterator[None]:
         key = (action.chunk, action.microbatch)
         if route.src is None:
             x = None
@@ -229,23 +241,28 @@ class PipelineRuntime:
         else:
             x = self.p2p.take((ACTIVATION, *key)).requires_grad_()
         k = self.global_microbatch(action)
-        out = self.stages.forward_chunk(action.chunk, x, self.batches[k])
+        tape = Tape()
+        if hasattr(self.stages, "forward_phases"):
+            out = yield from self.stages.forward_phases(action.chunk, x, self.batches[k], tape)
+        else:
+            out = self.stages.forward_chunk(action.chunk, x, self.batches[k])
         for row, name in enumerate(self.stages.metric_keys):
             if name in out.metrics:
                 self.metric_parts.append((row, k, out.metrics[name]))
         if (route.dst is None) != (out.hidden is None):
             raise RuntimeError(f"chunk {action.chunk}: a hidden state is returned iff the stage is not last")
-        self.saved[key] = (x, out.hidden, out.loss)
+        self.saved[key] = (x, out.hidden, out.loss, tape)
         if route.dst is None:
             return
         if route.dst.rank == self.rank:
             self.local[(ACTIVATION, route.dst.chunk, action.microbatch)] = out.hidden.detach().requires_grad_()
         else:
             self.p2p.send(out.hidden, route.dst.rank, ACTIVATION, free=_free_after_send(out.hidden))
+            self.p2p.flush()  # post it now: in a pair the backward half may run on for a while
 
-    def _backward(self, action: Action, route: Route) -> None:
+    def _backward(self, action: Action, route: Route) -> Iterator[None]:
         key = (action.chunk, action.microbatch)
-        x, hidden, loss = self.saved.pop(key)
+        x, hidden, loss, tape = self.saved.pop(key)
         tensors, grads = [], []
         if hidden is not None:
             if route.src.rank == self.rank:
@@ -257,12 +274,10 @@ class PipelineRuntime:
         if loss is not None:
             tensors.append(loss / self.n)
             grads.append(None)
-        if action.kind == "I":
-            with deferring_weight_grads() as queue:
-                torch.autograd.backward(tensors, grads)
+        queue = [] if action.kind == "I" else None
+        yield from tape.backward(tensors, grads, queue)
+        if queue is not None:
             self.deferred[key] = queue
-        else:
-            torch.autograd.backward(tensors, grads)
         if route.dst is None:
             return
         if x.grad is None:
@@ -273,11 +288,15 @@ class PipelineRuntime:
             self.p2p.send(x.grad, route.dst.rank, GRADIENT, free=False)
 
     def _pair(self, pair: Pair, routes: tuple[Route, Route]) -> None:
-        """An overlapped F&B step. For now the halves run back to back (as DeepSeek's example hook does),
-        with the forward's output posted before the backward starts."""
-        self._forward(pair.forward, routes[0])
-        self.p2p.flush()
-        self._backward(pair.backward, routes[1])
+        """An overlapped F&B step: the halves in turns, switching at each started all-to-all, backward first
+        (its combine gradients travel while the forward runs attention); or back to back (``overlap``
+        off). Both inputs were sent before the pair began, as in DeepSeek's DualPipe."""
+        forward, backward = self._forward(pair.forward, routes[0]), self._backward(pair.backward, routes[1])
+        if self.overlap:
+            interleave(backward, forward)
+        else:
+            run_to_end(forward)
+            run_to_end(backward)
 
     def _reduce_metrics(self) -> StepLosses:
         """One all-reduce of every (key, micro-batch) value over the pipeline, in float64."""

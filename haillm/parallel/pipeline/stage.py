@@ -25,7 +25,8 @@ Parameters that live on two ranks need their gradients summed before the optimiz
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -35,11 +36,13 @@ from torch import nn
 
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.flops import _block_params
-from haillm.models.deepseek_v3.mla import rope_tables
+from haillm.models.deepseek_v3.mla import MLA, rope_tables
 from haillm.models.deepseek_v3.model import Block, init_weights
-from haillm.models.deepseek_v3.moe import MoE
+from haillm.models.deepseek_v3.moe import GraphCut, MoE
 from haillm.models.deepseek_v3.mtp import MTPModule
-from haillm.ops import Linear, RMSNorm
+from haillm.ops import Linear, RMSNorm, set_weight_grad_deferral
+from haillm.ops.recompute import keeping_recipes, mark, stepwise
+from haillm.parallel.pipeline.overlap import run_to_end
 from haillm.parallel.pipeline.runtime import ChunkOutput
 from haillm.parallel.pipeline.schedules import SCHEDULES, topology
 
@@ -118,11 +121,17 @@ class StageModel(nn.Module):
     ``forward_chunk(chunk, x, batch)`` runs one local chunk on a micro-batch ``batch: [B, T+1]`` (tokens)
     and returns the hidden state for the next stage, or on the last stage the objective of
     ``DeepSeekV3.compute_loss`` (main CE, MTP, and the balance losses of this stage's MoE layers).
+    ``forward_phases`` is the same forward as a generator for the runtime's overlapped F&B pairs: it yields
+    while an MoE layer's tokens are in flight (expert parallelism) and cuts the graph there.
+
+    ``recompute`` (``set_recompute``): keep no RMSNorm outputs and no MLA up-projections (q, k, v) for
+    backward; they are recomputed from the norms' inputs and the latents (``haillm.ops.recompute``).
     """
 
     metric_keys = METRIC_KEYS
 
-    def __init__(self, args: ModelArgs, specs: list[StageSpec], init_seed: int | None = 0) -> None:
+    def __init__(self, args: ModelArgs, specs: list[StageSpec], init_seed: int | None = 0,
+                 recompute: bool = False) -> None:
         super().__init__()
         self.args = args.validate()
         self.specs = specs
@@ -144,6 +153,24 @@ class StageModel(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         if init_seed is not None:
             self.init_weights(init_seed)
+        self.recompute = False
+        self._norm_hooks: list = []
+        self.set_recompute(recompute)
+
+    def set_recompute(self, enabled: bool) -> None:
+        """Recompute RMSNorm outputs and MLA up-projections in backward (see the class doc)."""
+        for handle in self._norm_hooks:
+            handle.remove()
+        self._norm_hooks = []
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.recompute_up_proj = enabled
+            if enabled and isinstance(m, RMSNorm):
+                self._norm_hooks.append(m.register_forward_hook(_mark_norm_output))
+        self.recompute = enabled
+
+    def _saving(self) -> contextlib.AbstractContextManager:
+        return keeping_recipes() if self.recompute else contextlib.nullcontext()
 
     def init_weights(self, seed: int) -> None:
         """The full model's values for this rank's parameters (per FQN); rebuilds the rope tables too, so a
@@ -162,13 +189,22 @@ class StageModel(nn.Module):
         return self.rope_cos[:length], self.rope_sin[:length]
 
     def forward_chunk(self, chunk: int, x: torch.Tensor | None, batch: torch.Tensor) -> ChunkOutput:
+        return run_to_end(self.forward_phases(chunk, x, batch, None))
+
+    def forward_phases(self, chunk: int, x: torch.Tensor | None, batch: torch.Tensor, cut: GraphCut | None
+                       ) -> Generator[None, None, ChunkOutput]:
+        """``forward_chunk`` yielding while tokens are in flight, graph cut by ``cut`` (never yields without)."""
+        return stepwise(self._saving, self._phases(chunk, x, batch, cut))
+
+    def _phases(self, chunk: int, x: torch.Tensor | None, batch: torch.Tensor, cut: GraphCut | None
+                ) -> Generator[None, None, ChunkOutput]:
         spec = self.specs[chunk]
         inputs = batch[:, :-1]
         h = self.embed(inputs) if spec.first else x
         cos, sin = self._rope(inputs.shape[1])
         blocks = [self.layers[str(i)] for i in spec.layers]
         for block in blocks:
-            h = block(h, cos, sin)
+            h = yield from block.forward_phases(h, cos, sin, cut)
         if not spec.last:
             balance = _take_balance(blocks, h)
             zero = h.new_zeros(())
@@ -232,6 +268,11 @@ class StageModel(nn.Module):
         return []
 
 
+def _mark_norm_output(norm: RMSNorm, args: tuple, out: torch.Tensor) -> None:
+    if torch.is_grad_enabled():
+        mark(out, norm, *args)
+
+
 def _take_balance(blocks: list[nn.Module], like: torch.Tensor) -> torch.Tensor:
     """Sum (and clear) the balance losses the MoE layers among ``blocks`` left during their forward."""
     total = like.new_zeros(())
@@ -243,10 +284,13 @@ def _take_balance(blocks: list[nn.Module], like: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def build_stage_model(args: ModelArgs, schedule: str, pp: int, pp_rank: int, init_seed: int | None = 0
-                      ) -> StageModel:
-    """This pipeline rank's ``StageModel`` for ``schedule`` on ``pp`` ranks."""
-    return StageModel(args, stage_specs(args, schedule, pp, pp_rank), init_seed)
+def build_stage_model(args: ModelArgs, schedule: str, pp: int, pp_rank: int, init_seed: int | None = 0,
+                      recompute: bool = False) -> StageModel:
+    """This pipeline rank's ``StageModel`` for ``schedule`` on ``pp`` ranks; weight-gradient deferral is on
+    where the schedule has I/W actions and overlapped pairs (DualPipe, DualPipeV)."""
+    model = StageModel(args, stage_specs(args, schedule, pp, pp_rank), init_seed, recompute)
+    set_weight_grad_deferral(model, schedule != "1f1b")
+    return model
 
 
 # --- gradient sums between ranks holding the same parameters -------------------------------------------

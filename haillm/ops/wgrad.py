@@ -2,10 +2,12 @@
 
 ``deferrable_linear`` is ``F.linear`` with a backward that always computes the input gradient at once and,
 while :func:`deferring_weight_grads` is active, queues the weight (and bias) gradient as a closure instead
-of computing it. The pipeline runtime runs an ``I`` action as an ordinary backward inside that context and
-the matching ``W`` action runs the queued closures, so the sum of I and W is exactly a full backward.
-Parameters of other ops (norms, embedding, the router) simply get their gradient during I: deferral is an
-optimisation, never a condition for correctness.
+of computing it. ``ops.Linear`` routes through it when its ``defer_wgrad`` flag is on (pipeline stages with
+I/W actions turn it on), so every linear layer of the model, experts included, can defer. The pipeline
+runtime runs an ``I`` action as an ordinary backward inside that context and the matching ``W`` action
+runs the queued closures, so the sum of I and W is exactly a full backward. Parameters of other ops (norms,
+embedding, the router) simply get their gradient during I: deferral is an optimisation, never a condition
+for correctness. Outside the context the op is bitwise ``F.linear``, forward and backward.
 
 The queue is one module-level list, not thread-local, because on GPU the autograd engine runs backward
 functions on its device thread, not on the thread that called ``backward``.
@@ -46,13 +48,16 @@ def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
 class _DeferrableLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)  # a saved leaf unpacks to the parameter object itself
-        ctx.bias = bias
+        ctx.save_for_backward(x)
+        # The parameters themselves, not saved copies: a saved-tensor hook (activation recomputation) may
+        # unpack a leaf as another tensor object, and the deferred closure must accumulate into the parameter.
+        ctx.weight, ctx.bias = weight, bias
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
+        weight = ctx.weight
         grad_x = dy @ weight if ctx.needs_input_grad[0] else None
         want_w, want_b = ctx.needs_input_grad[1], ctx.bias is not None and ctx.needs_input_grad[2]
         if not (want_w or want_b):
@@ -69,7 +74,8 @@ class _DeferrableLinear(torch.autograd.Function):
         bias = ctx.bias
 
         def deferred() -> None:
-            gw, gb = weight_grads()
+            with torch.no_grad():  # as inside backward: no graph through the saved input
+                gw, gb = weight_grads()
             if gw is not None:
                 _accumulate(weight, gw)
             if gb is not None:
@@ -77,7 +83,6 @@ class _DeferrableLinear(torch.autograd.Function):
 
         _queue.append(deferred)
         return grad_x, None, None
-
 
 
 def deferrable_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

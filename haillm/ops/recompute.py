@@ -1,0 +1,83 @@
+"""Recomputing cheap outputs in backward instead of keeping them (DeepSeek-V3 report §3.2.3: all RMSNorm
+outputs and the MLA up-projections).
+
+A tensor marked by :func:`recomputable` (or :func:`mark`) is not stored by the ops that save it for
+backward while :func:`keeping_recipes` is active: they store its recipe instead, and the first unpack in
+backward recomputes it under ``no_grad`` (once, shared by every op that saved it). Only the consumers'
+copies go: the producing ops' own backward is untouched, so a recipe's inputs must be tensors autograd
+keeps anyway (a norm's input, the latents) for the saving to be real. Recomputation is deterministic, so
+gradients are bitwise those of a run without it.
+
+Unlike ``torch.utils.checkpoint`` this drops outputs consumed by ops outside the recomputed region (the
+q, k, v that attention saves) without recomputing the consumers, and it has no region that could be left
+open across a yield of the pipeline's overlapped F&B pairs: recipes live on tensors, and the saving hook
+is entered per forward step (:func:`stepwise`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+import torch
+
+_TAG = "_haillm_recipe"
+
+
+class _Recipe:
+    """One call ``fn(*args)``, recomputed at most once; ``index`` picks an output of a tuple result."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fn, self.args, self.value = fn, args, None
+
+    def output(self, index: int | None) -> torch.Tensor:
+        if self.value is None:
+            with torch.no_grad():
+                self.value = self.fn(*self.args)
+        return self.value if index is None else self.value[index]
+
+
+def mark(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """Declare ``out == fn(*args)`` so that saving ``out`` for backward stores the recipe; returns ``out``."""
+    setattr(out, _TAG, (_Recipe(fn, args), None))
+    return out
+
+
+def recomputable(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` (a tensor or a tuple of tensors) with every output marked for recomputation."""
+    out = fn(*args)
+    recipe = _Recipe(fn, args)
+    for i, t in enumerate(out if isinstance(out, tuple) else (out,)):
+        setattr(t, _TAG, (recipe, i if isinstance(out, tuple) else None))
+    return out
+
+
+def _pack(t: torch.Tensor) -> Any:
+    return getattr(t, _TAG, t)
+
+
+def _unpack(packed: Any) -> torch.Tensor:
+    if isinstance(packed, torch.Tensor):
+        return packed
+    recipe, index = packed
+    return recipe.output(index)
+
+
+@contextlib.contextmanager
+def keeping_recipes() -> Iterator[None]:
+    """Within the block, ops that save a marked tensor for backward keep its recipe instead."""
+    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        yield
+
+
+def stepwise(context: Callable[[], contextlib.AbstractContextManager], job: Generator) -> Generator:
+    """Run each step of the generator ``job`` inside a fresh ``context()``, never across its yields (the
+    other job of an overlapped pair runs there); returns ``job``'s return value."""
+    while True:
+        with context():
+            try:
+                next(job)
+            except StopIteration as stop:
+                return stop.value
+        yield
