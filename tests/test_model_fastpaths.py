@@ -3,7 +3,9 @@
 import torch
 import torch.nn.functional as F
 
-from haillm.ops import RMSNorm
+import haillm.ops.linear as linear_mod
+from haillm.ops import Linear, RMSNorm
+from haillm.ops.linear import LinearCrossEntropySum
 from haillm.ops.norm import _RMSNormFn
 
 
@@ -29,3 +31,41 @@ def test_rms_norm_gradcheck_float64():
     x = torch.randn(3, 7, 16, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.rand(16, dtype=torch.float64, generator=gen).add(0.5).requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: _RMSNormFn.apply(a, b, 1e-6), (x, w))
+
+
+def _head_and_batch(vocab: int, rows: int, dim: int = 24, seed: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    head = Linear(dim, vocab)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.5, generator=gen)
+    x = torch.randn(rows, dim, generator=gen)
+    return head, x, torch.randint(vocab, (rows,), generator=gen)
+
+
+def test_linear_cross_entropy_matches_f_cross_entropy_across_row_blocks(monkeypatch):
+    monkeypatch.setattr(linear_mod, "CE_BLOCK_BYTES", 4 * 37 * 64)  # 64-row blocks: 150 rows -> 3 blocks
+    head, x, targets = _head_and_batch(vocab=37, rows=150)
+    x.requires_grad_()
+    loss = head.cross_entropy_sum(x.view(6, 25, -1), targets.view(6, 25))
+    loss.backward()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), head.weight.detach().clone().requires_grad_()
+    ref = F.cross_entropy(F.linear(x_ref, w_ref), targets, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head.weight.grad, w_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_gradcheck_float64(monkeypatch):
+    monkeypatch.setattr(linear_mod, "CE_BLOCK_BYTES", 0)  # the 64-row minimum: 70 rows -> 2 blocks
+    _, x, targets = _head_and_batch(vocab=5, rows=70, dim=3)
+    w = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    x = x.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: LinearCrossEntropySum.apply(a, b, targets), (x, w))
+
+
+def test_linear_cross_entropy_other_precisions_use_the_module_forward():
+    head, x, targets = _head_and_batch(vocab=16, rows=8)
+    head.set_precision("bf16_emulated")
+    expected = F.cross_entropy(head(x), targets, reduction="sum")
+    assert torch.equal(head.cross_entropy_sum(x, targets), expected)

@@ -20,6 +20,9 @@ Weight-gradient deferral (zero-bubble I/W, ``haillm.ops.wgrad``) is a second per
 ``deferrable_linear``, bitwise ``F.linear`` unless a backward runs inside ``deferring_weight_grads``. It is
 off by default because the custom autograd function costs ~20 us per call on CPU (~10% of a tiny-model
 step), which only pays where a pipeline schedule uses I/W. The FP8 and bf16-emulated paths do not defer.
+
+``Linear.cross_entropy_sum`` is the output head's training loss, fused on the plain path
+(``LinearCrossEntropySum``).
 """
 
 import torch
@@ -30,6 +33,7 @@ from haillm.fp8 import Fp8WeightCache, fp8_linear
 from haillm.ops.wgrad import deferrable_linear
 
 PRECISIONS = ("default", "fp8", "bf16_emulated")
+CE_BLOCK_BYTES = 16 << 20  # fp32 logits per row block of LinearCrossEntropySum
 
 
 class Bf16EmulatedLinear(torch.autograd.Function):
@@ -53,6 +57,53 @@ class Bf16EmulatedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dw = (dyb.reshape(-1, dy.shape[-1]).t() @ xb.reshape(-1, xb.shape[-1]).float()).to(ctx.w_dtype)
         return dx, dw
+
+
+class LinearCrossEntropySum(torch.autograd.Function):
+    """``sum_i CE(x_i W^T, t_i)`` (logits in fp32 or wider) computed one block of rows at a time; no
+    ``ignore_index`` (every target must be a valid class).
+
+    Each block's logits are turned into their softmax in place and are the only ``[rows, vocab]`` tensor
+    kept for backward, where the logit gradient ``grad * (softmax - onehot)`` is made in one pass and fed
+    straight to the two GEMMs. ``F.cross_entropy(F.linear(x, W))`` instead writes the logits, the
+    log-probabilities, a zeroed one-hot gradient and the log-softmax gradient: four vocab-wide tensors,
+    each a fresh allocation that the CPU page-faults in (a 32 MB one costs ~14 ms here). Blocks of
+    ``CE_BLOCK_BYTES`` stay below glibc's mmap threshold, so their memory is reused instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = max(64, CE_BLOCK_BYTES // (4 * weight.shape[0]))
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        loss = torch.zeros((), dtype=dtype, device=x.device)
+        probs = []
+        for start in range(0, x.shape[0], rows):
+            logits = F.linear(x[start : start + rows], weight).to(dtype)
+            picked = logits.gather(1, targets[start : start + rows, None])
+            peak = logits.amax(dim=1, keepdim=True)
+            exp = logits.sub_(peak).exp_()
+            total = exp.sum(dim=1, keepdim=True)
+            loss += (peak + total.log() - picked).sum()
+            probs.append(exp.div_(total))
+        ctx.rows = rows
+        ctx.save_for_backward(x, weight, targets, *probs)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight, targets, *probs = ctx.saved_tensors
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if ctx.needs_input_grad[0] else None
+        dw = None
+        for i, p in enumerate(probs):
+            block = slice(i * ctx.rows, i * ctx.rows + p.shape[0])
+            dlogits = p * grad
+            dlogits.scatter_add_(1, targets[block, None], (-grad).expand(p.shape[0], 1))
+            dlogits = dlogits.to(x.dtype)
+            if dx is not None:
+                torch.mm(dlogits, weight, out=dx[block])
+            if ctx.needs_input_grad[1]:
+                dw = dlogits.t() @ x[block] if dw is None else dw.addmm_(dlogits.t(), x[block])
+        return dx, dw, None
 
 
 class Linear(nn.Module):
@@ -101,6 +152,14 @@ class Linear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         y = self._fp8_forward(x) if self.precision == "fp8" else Bf16EmulatedLinear.apply(x, self.weight)
         return y if self.bias is None else y + self.bias
+
+    def cross_entropy_sum(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``F.cross_entropy(self(x).float(), targets, reduction="sum")`` over all leading dims; fused
+        (``LinearCrossEntropySum``) on the plain path, the module's own forward otherwise."""
+        x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+        if self.precision == "default" and not self.defer_wgrad and self.bias is None:
+            return LinearCrossEntropySum.apply(x, self.weight, targets)
+        return F.cross_entropy(self(x).float(), targets, reduction="sum")
 
     def extra_repr(self) -> str:
         extra = "" if self.precision == "default" else f", precision={self.precision}"

@@ -6,7 +6,6 @@ from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from haillm.models.deepseek_v3.args import ModelArgs
@@ -86,10 +85,6 @@ def init_weights(module: nn.Module, seed: int, std: float, prefix: str = "") -> 
             mod.tokens_per_expert.zero_()
 
 
-def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
-
-
 class DeepSeekV3(nn.Module):
     """DeepSeek-V3 for training. ``model(tokens)`` gives main-head logits; ``compute_loss(batch)`` the full
     objective. Built with ``init_seed=None`` (or on the meta device) it skips initialisation; otherwise it
@@ -153,12 +148,12 @@ class DeepSeekV3(nn.Module):
         n_positions = bsz * seq_len
         emb = self.embed(inputs)
         h = self.hidden(emb)
-        lm_loss = _ce_sum(self.head(self.norm(h)), targets) / n_positions
+        lm_loss = self.head.cross_entropy_sum(self.norm(h), targets) / n_positions
         mtp_loss = lm_loss.new_zeros(())
         for k, mtp in enumerate(self.mtp.values(), start=1):
             cos, sin = self._rope(0, seq_len - k)
             h = mtp(h[:, :-1], emb[:, k:], cos, sin)
-            mtp_loss = mtp_loss + _ce_sum(self.head(mtp.norm(h)), targets[:, k:]) / n_positions
+            mtp_loss = mtp_loss + self.head.cross_entropy_sum(mtp.norm(h), targets[:, k:]) / n_positions
         if self.args.mtp_depth:
             mtp_loss = mtp_loss * (self.args.mtp_lambda / self.args.mtp_depth)
         balance_loss = lm_loss.new_zeros(())
