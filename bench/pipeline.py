@@ -13,10 +13,16 @@ stage output in place, and ``nn.Linear`` on a 3-D input returns a view); the ben
 compares DualPipeV on ``[tokens, dim]`` activations, where the output is not a view (then GELU works, as
 does ReLU).
 
-Not measured here: the overlap of the expert all-to-all under F&B pairs (issue 6, ep=2); it needs the
-expert-parallel dispatcher and the interleaved pair executor.
+Second part, the overlap of the expert all-to-all in F&B pairs: two gloo processes (one thread each) form
+an EP group of 2; each runs a one-rank DualPipeV pipeline (both stages of a comm-heavy variant of the
+``small`` DeepSeek-V3: wide hidden, narrow experts, top-6) on its own micro-batches, so most steps are
+[F&B] pairs. The same step runs with the pairs interleaved and with their halves back to back (F then B),
+alternating. Within the pairs the bench measures the time blocked waiting for all-to-alls (count and token
+exchanges of dispatch, combine and their gradients) and replays the very same exchanges with no compute
+(their standalone latency); hidden fraction = 1 - wait / standalone.
 
-    python bench/pipeline.py [--dim 256] [--hidden 1024] [--micro-batch 4] [--seq 64] [--microbatches 8]
+    python bench/pipeline.py [--part all|torch|overlap] [--dim 256] [--hidden 1024] [--micro-batch 4]
+        [--seq 64] [--microbatches 8] [--repeats 9] [--ep-microbatches 6] [--ep-seq 128]
 """
 
 from __future__ import annotations
@@ -35,9 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
 
+from haillm.models.deepseek_v3 import get_preset
 from haillm.ops.wgrad import deferrable_linear
+from haillm.parallel import expert
+from haillm.parallel.expert import AllToAllDispatcher, ExpertPlacement, apply_expert_parallel
 from haillm.parallel.pipeline.runtime import ChunkOutput, PipelineRuntime
-from haillm.parallel.pipeline.schedules import topology
+from haillm.parallel.pipeline.schedules import Pair, topology
+from haillm.parallel.pipeline.stage import build_stage_model
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 # Stage variants tried in order until torch's schedule runs: (activation, flat [tokens, dim] activations).
@@ -224,6 +234,118 @@ def _worker(rank: int, opts, cases: list[tuple[str, str, str]], store_path: str)
     dist.destroy_process_group()
 
 
+# --- overlap of the expert all-to-all in F&B pairs (ep=2) ------------------------------------------------
+
+# A variant of the ``small`` preset with more bytes to move per FLOP: wide hidden, narrow experts, top-6.
+OVERLAP_MODEL = dict(n_layers=4, n_dense_layers=1, mtp_depth=0, dim=1024, inter_dim=512, moe_inter_dim=64,
+                     n_heads=4, q_lora_rank=64, kv_lora_rank=64, vocab_size=1024, n_activated_experts=6)
+
+
+class _PairMeter:
+    """Wall time and all-to-all wait inside a runtime's F&B pairs; optionally records the exchanges."""
+
+    def __init__(self, runtime: PipelineRuntime, dispatcher: AllToAllDispatcher):
+        self.wall = self.wait = 0.0
+        self.record: list | None = None
+        run_pair = runtime._pair
+
+        def pair(step, routes) -> None:
+            recording, wait, start = self.record is not None, dispatcher.comm_wait_s, time.perf_counter()
+            _Recorder.active = self.record if recording else None
+            run_pair(step, routes)
+            _Recorder.active = None
+            self.wall += time.perf_counter() - start
+            self.wait += dispatcher.comm_wait_s - wait
+
+        runtime._pair = pair
+
+
+class _Recorder:
+    """Notes the (rows, splits) of every exchange the dispatcher starts while ``active`` is a list."""
+
+    active: list | None = None
+    start_transfer = staticmethod(expert._start_transfer)
+
+    @staticmethod
+    def transfer(send, in_splits, out_splits, group):
+        if _Recorder.active is not None:
+            _Recorder.active.append((tuple(send.shape[1:]), send.dtype, list(in_splits), list(out_splits)))
+        return _Recorder.start_transfer(send, in_splits, out_splits, group)
+
+    @staticmethod
+    def counts(dispatcher: AllToAllDispatcher):
+        announce = dispatcher.announce_dispatch
+
+        def recorded(*args, **kwargs):
+            if _Recorder.active is not None:
+                p = dispatcher.placement
+                _Recorder.active.append(((p.experts_per_rank,), torch.int64, [1] * p.ep_size, [1] * p.ep_size))
+            return announce(*args, **kwargs)
+
+        dispatcher.announce_dispatch = recorded
+
+
+def _replay(exchanges: list, group) -> float:
+    """Seconds to run ``exchanges`` one after another with nothing else to do (the same sizes)."""
+    dist.barrier(group=group)
+    start = time.perf_counter()
+    for row, dtype, in_splits, out_splits in exchanges:
+        send = torch.ones(sum(in_splits), *row, dtype=dtype)
+        recv = torch.empty(sum(out_splits), *row, dtype=dtype)
+        dist.all_to_all_single(recv, send, out_splits, in_splits, group=group)
+    return time.perf_counter() - start
+
+
+def _overlap_worker(rank: int, opts, store_path: str) -> None:
+    _init(rank, store_path, timeout_s=300)
+    group = dist.group.WORLD
+    args = get_preset("small").replace(**OVERLAP_MODEL)
+    model = build_stage_model(args, "dualpipev", 1, 0, init_seed=0)
+    dispatcher = AllToAllDispatcher(group, ExpertPlacement(args.n_routed_experts, 2, rank, None, args.n_expert_groups))
+    apply_expert_parallel(model, dispatcher)
+    expert._start_transfer = _Recorder.transfer
+    _Recorder.counts(dispatcher)
+    n = opts.ep_microbatches
+    gen = torch.Generator().manual_seed(rank)
+    batches = list(torch.randint(0, args.vocab_size, (n * 2, opts.ep_seq + 1), generator=gen).split(2))
+    modes = {"F then B": False, "interleaved": True}
+    runtimes = {m: PipelineRuntime(model, "dualpipev", n, overlap=o) for m, o in modes.items()}
+    meters = {m: _PairMeter(rt, dispatcher) for m, rt in runtimes.items()}
+    rows: dict[str, list[tuple[float, float, float, float]]] = {m: [] for m in modes}
+    exchanges: list = []
+    standalone: list[float] = []
+    for repeat in range(opts.repeats + 1):  # the first round warms up
+        for mode, runtime in runtimes.items():
+            meter = meters[mode]
+            meter.wall = meter.wait = 0.0
+            meter.record = exchanges if repeat == 0 and mode == "interleaved" else None
+            model.zero_grad(set_to_none=True)
+            dist.barrier(group=group)
+            start = time.perf_counter()
+            loss = runtime.step(batches).mean["loss"]
+            wall = time.perf_counter() - start
+            if repeat:
+                rows[mode].append((wall, meter.wall, meter.wait, loss))
+        if repeat:
+            standalone.append(_replay(exchanges, group))
+    if rank == 0:
+        med = {m: [statistics.median(r[i] for r in v) for i in range(3)] for m, v in rows.items()}
+        alone = statistics.median(standalone)
+        n_pairs = sum(isinstance(s, Pair) for s in runtimes["interleaved"].steps)
+        print(f"\nF&B pairs with ep=2: 2 gloo ranks x 1 thread, each a 1-rank DualPipeV of the 'small' variant "
+              f"{OVERLAP_MODEL}, {n} micro-batches of 2x{opts.ep_seq} tokens ({n_pairs} pairs per step), fp32; "
+              f"median of {opts.repeats} steps per mode")
+        print(f"{'mode':12s} {'step':>8s} {'in pairs':>9s} {'a2a wait in pairs':>18s}  {'hidden':>7s}  loss")
+        for mode, (step, pairs, wait) in med.items():
+            print(f"{mode:12s} {step:7.3f}s {pairs:8.3f}s {wait:17.4f}s  {1 - wait / alone:6.1%}  "
+                  f"{rows[mode][-1][3]:.6f}")
+        print(f"the pairs' {len(exchanges)} all-to-alls (counts, tokens, gradients) replayed alone: {alone:.4f}s "
+              f"per step; hidden = 1 - wait / that")
+        print(f"interleaved / F then B: step {med['interleaved'][0] / med['F then B'][0]:.2f}x, "
+              f"pairs {med['interleaved'][1] / med['F then B'][1]:.2f}x")
+    dist.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=256)
@@ -232,8 +354,20 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--part", choices=("all", "torch", "overlap"), default="all")
+    parser.add_argument("--ep-microbatches", type=int, default=6)
+    parser.add_argument("--ep-seq", type=int, default=128)
     opts = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
+    if opts.part in ("all", "torch"):
+        _compare_with_torch(opts)
+    if opts.part in ("all", "overlap"):
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.start_processes(_overlap_worker, args=(opts, os.path.join(tmp, "store")), nprocs=2,
+                               start_method="fork")
+
+
+def _compare_with_torch(opts) -> None:
     cases = []
     for schedule, label in (("1f1b", "1F1B"), ("dualpipev", "DualPipeV")):
         for variant in VARIANTS:

@@ -193,7 +193,7 @@ def _ep_pairs(variants: list[tuple[str, bool, bool]]) -> dict:
         model = build_stage_model(get_preset("tiny"), "dualpipev", 1, 0, init_seed=SEED, recompute=recompute_on)
         dispatcher = AllToAllDispatcher(dist.group.WORLD, ExpertPlacement(8, 2, rank, None, 4))
         apply_expert_parallel(model, dispatcher)
-        events = log_calls(dispatcher, ("start_dispatch", "finish_dispatch", "_send_back"))
+        events = log_calls(dispatcher, ("send_dispatch", "finish_dispatch", "_send_back"))
         if mode == "plain":
             losses = []
             for batch in batches:
@@ -206,7 +206,7 @@ def _ep_pairs(variants: list[tuple[str, bool, bool]]) -> dict:
             runtime = PipelineRuntime(model, "dualpipev", N_MICRO, overlap=mode == "overlap")
             losses = runtime.step(batches).per_microbatch[0]
         # a gradient exchange started while a forward dispatch was in flight: the pair really interleaved
-        overlapped = any(pair == ("start_dispatch", "_send_back") for pair in zip(events, events[1:], strict=False))
+        overlapped = any(pair == ("send_dispatch", "_send_back") for pair in zip(events, events[1:], strict=False))
         out[(mode, recompute_on)] = {"losses": losses, "grads": grads_of(model), "overlapped": overlapped}
     return out
 

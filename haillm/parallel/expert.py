@@ -9,7 +9,9 @@ groups, so the gate's group-limited top-k (``n_limited_groups``) bounds the node
 ``dispatcher(x, weights, indices, counts, experts)``). One token copy is sent per (token, chosen expert);
 gate weights are applied on the source rank after the combine, so their gradient stays local. Each
 exchange can be started and finished separately (``start_dispatch`` / ``finish_dispatch``,
-``start_combine`` / ``finish_combine``) so a scheduler can compute while tokens are in flight. The
+``start_combine`` / ``finish_combine``) so a scheduler can compute while tokens are in flight; the dispatch's
+short count exchange (it sizes the payload) can itself be overlapped: ``start_dispatch`` is
+``send_dispatch(announce_dispatch(...))``. The
 communication runs on detached tensors; ``finish_*`` attaches the received tensor to the sender's graph
 through ``_Exchanged``, whose backward is the reverse exchange of gradients (backward of dispatch is a
 combine and vice versa), synchronous inside autograd. Given a ``moe.GraphCut`` (the pipeline's overlapped
@@ -141,6 +143,20 @@ class _Exchanged(torch.autograd.Function):
 
 
 @dataclass
+class DispatchPlan:
+    """A dispatch whose per-expert row counts are in flight (``announce_dispatch``): ``send_counts[r, e]``
+    rows go to expert ``e`` of rank ``r``; ``recv_counts`` fills in as ``work`` completes."""
+
+    x: torch.Tensor
+    sent: torch.Tensor
+    order: torch.Tensor
+    token_ids: torch.Tensor
+    send_counts: torch.Tensor
+    recv_counts: torch.Tensor
+    work: dist.Work
+
+
+@dataclass
 class DispatchHandle:
     """State of one dispatch, needed by its combine. ``order``/``token_ids`` mean what they mean in
     ``LocalDispatcher``; ``recv_counts[s, e]`` is the number of rows source rank ``s`` sends to local expert
@@ -182,9 +198,15 @@ class AllToAllDispatcher:
     def start_dispatch(
         self, x: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None = None
     ) -> DispatchHandle:
-        """Sort token copies by expert, exchange per-expert counts (a short blocking exchange that sizes the
+        """Sort token copies by expert, exchange per-expert counts (a short exchange that sizes the
         payload), then start the payload exchange. ``x: [N, dim]``, ``indices: [N, k]`` global expert ids,
         ``counts``: the bincount of ``indices`` over all experts (computed when None)."""
+        return self.send_dispatch(self.announce_dispatch(x, indices, counts))
+
+    def announce_dispatch(
+        self, x: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None = None
+    ) -> DispatchPlan:
+        """The first half of ``start_dispatch``: sort token copies by expert and start the count exchange."""
         p = self.placement
         if counts is None:
             counts = torch.bincount(indices.flatten(), minlength=p.n_routed_experts)
@@ -194,7 +216,13 @@ class AllToAllDispatcher:
         sent = x.index_select(0, token_ids)  # row copies: much faster than x[token_ids] on CPU
         send_counts = counts.to(torch.int64).reshape(p.ep_size, p.experts_per_rank).contiguous()
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        work = dist.all_to_all_single(recv_counts, send_counts, group=self.group, async_op=True)
+        return DispatchPlan(x, sent, order, token_ids, send_counts, recv_counts, work)
+
+    def send_dispatch(self, plan: DispatchPlan) -> DispatchHandle:
+        """The second half of ``start_dispatch``: wait for the counts, start the payload exchange."""
+        p, x, sent, send_counts, recv_counts = self.placement, plan.x, plan.sent, plan.send_counts, plan.recv_counts
+        self._wait(plan.work)
         in_splits, out_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
         segment = torch.arange(recv_counts.numel(), device=x.device).repeat_interleave(recv_counts.flatten())
         arrange = ((segment % p.experts_per_rank) * p.ep_size + segment // p.experts_per_rank).argsort(stable=True)
@@ -205,7 +233,7 @@ class AllToAllDispatcher:
         self._sums[3] += self._off_rank_bytes(payload, in_splits)
         transfer = _start_transfer(payload, in_splits, out_splits, self.group)
         fp8_dtype = x.dtype if self.fp8 else None
-        return DispatchHandle(sent, order, token_ids, x.shape[0], recv_counts, arrange, transfer, fp8_dtype)
+        return DispatchHandle(sent, plan.order, plan.token_ids, x.shape[0], recv_counts, arrange, transfer, fp8_dtype)
 
     def finish_dispatch(self, handle: DispatchHandle, cut: GraphCut | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Wait for the tokens; return them grouped by local expert and the rows per local expert."""

@@ -30,8 +30,11 @@ class MLP(nn.Module):
         self.w2 = Linear(inter_dim, dim)
         self.w3 = Linear(dim, inter_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``scale`` (``[rows, 1]``, optional) multiplies each row's hidden activation: a routing weight
+        applied before ``w2`` touches ``inter_dim`` values per row instead of ``dim`` after it."""
+        h = F.silu(self.w1(x)) * self.w3(x)
+        return self.w2(h if scale is None else h * scale)
 
 
 class Gate(nn.Module):
@@ -107,19 +110,29 @@ class GraphCut(Protocol):
 
 class LocalDispatcher:
     """Single-device token movement: sort token copies by expert, run each expert once on its contiguous
-    slice, scatter the weighted results back in token order. Nothing is dropped."""
+    slice, scatter the weighted results back in token order. Nothing is dropped.
+
+    Called as a whole it applies each copy's routing weight inside its expert (``MLP``'s ``scale``), so the
+    combine is a bare scatter-add; ``combine`` keeps the weighting for callers that run the experts
+    without weights (the expert-parallel dispatcher). The two differ by float rounding only.
+    """
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x: [N, dim]``, ``indices: [N, k]`` -> (token copies grouped by expert ``[N*k, dim]``, ``order``
         (positions in the flattened ``indices``), ``token_ids`` (source token of each copy))."""
         order = indices.flatten().argsort(stable=True)
         token_ids = order // indices.shape[1]
-        return x[token_ids], order, token_ids
+        return x.index_select(0, token_ids), order, token_ids  # its backward is an index_add, unlike x[ids]'s
 
-    def compute(self, experts: nn.ModuleDict, routed_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """One call per expert with tokens (``counts[e]`` rows each, in expert order)."""
-        chunks = routed_x.split(counts.tolist())
-        return torch.cat([experts[str(e)](c) if c.shape[0] else c for e, c in enumerate(chunks)])
+    def compute(
+        self, experts: nn.ModuleDict, routed_x: torch.Tensor, counts: torch.Tensor, scales: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One call per expert with tokens (``counts[e]`` rows each, in expert order); ``scales`` (``[rows,
+        1]``, optional) are the routing weights of the rows."""
+        sizes = counts.tolist()
+        row_scales = scales.split(sizes) if scales is not None else [None] * len(sizes)
+        chunks = enumerate(zip(routed_x.split(sizes), row_scales, strict=True))
+        return torch.cat([experts[str(e)](c, s) if c.shape[0] else c for e, (c, s) in chunks])
 
     def combine(
         self, routed_y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token_ids: torch.Tensor, n_tokens: int
@@ -136,8 +149,9 @@ class LocalDispatcher:
         experts: nn.ModuleDict,
     ) -> torch.Tensor:
         routed_x, order, token_ids = self.dispatch(x, indices)
-        routed_y = self.compute(experts, routed_x, counts)
-        return self.combine(routed_y, weights, order, token_ids, x.shape[0])
+        scales = weights.flatten()[order].unsqueeze(-1).type_as(x)
+        routed_y = self.compute(experts, routed_x, counts, scales)
+        return routed_y.new_zeros(x.shape[0], routed_y.shape[-1]).index_add(0, token_ids, routed_y)
 
 
 class MoE(nn.Module):
@@ -186,26 +200,28 @@ class MoE(nn.Module):
     @property
     def exchanges_tokens(self) -> bool:
         """True when the dispatcher sends tokens to other ranks in split phases (expert parallelism)."""
-        return hasattr(self.dispatcher, "start_dispatch")
+        return hasattr(self.dispatcher, "announce_dispatch")
 
     def forward_phases(self, x: torch.Tensor, cut: GraphCut) -> Generator[None, None, torch.Tensor]:
         """``forward`` as a generator that yields right after starting each exchange (dispatch, combine), so
         that its driver can run other work while the tokens are in flight, and returns the output. The
-        graph is cut at both exchanges (``cut``); the values are exactly ``forward``'s."""
+        shared experts run while the dispatch's row counts travel. The graph is cut at both exchanges
+        (``cut``); the values are exactly ``forward``'s."""
         if not self.exchanges_tokens:
             return self.forward(x)
         bsz, seq_len, dim = x.shape
         flat = x.reshape(-1, dim)
         weights, indices, counts = self.route(flat, bsz, seq_len)
         d = self.dispatcher
-        handle = d.start_dispatch(flat, indices, counts)
+        plan = d.announce_dispatch(flat, indices, counts)
         flat, weights = cut(flat, weights)  # used again after the combine
         if self.balance_loss is not None:
             (self.balance_loss,) = cut(self.balance_loss)
+        shared = self.shared_experts(flat) if self.shared_experts is not None else None
+        handle = d.send_dispatch(plan)
         yield
         routed_x, local_counts = d.finish_dispatch(handle, cut)
         combine = d.start_combine(d.compute(self.experts, routed_x, local_counts), handle)
-        shared = self.shared_experts(flat) if self.shared_experts is not None else None  # while outputs travel
         yield
         y = d.finish_combine(combine, weights, cut)
         if shared is not None:

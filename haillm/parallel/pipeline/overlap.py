@@ -15,6 +15,14 @@ in flight. Within a region the input gradients are computed first and the weight
 ``ops.wgrad`` store) only after the exchange has been started, as DeepSeek splits mlp(B)/mlp(W) and
 attn(B)/attn(W).
 
+Per pair of MoE layers this gives, with the backward first: combine(B) start, [attn(F), counts(F) start,
+shared(F), dispatch(F) start], [combine(B) wait, mlp(B), dispatch(B) start, mlp(W)], [dispatch(F) wait,
+mlp(F), combine(F) start], [dispatch(B) wait, attn(B), the next combine(B) start, attn(W)], [combine(F)
+wait, ...]: DeepSeek's order, except that each exchange starts as soon as its data exists (dispatch(F)
+before mlp(B), combine(F) before attn(B)); DeepSeek's launch order follows from the SMs it splits between
+communication and compute, which has no counterpart on gloo's threads. Only the chunk's main-model blocks
+are phased; the MTP block runs plain (its exchanges are synchronous, inside the last region).
+
 Every cut is exact: a cut tensor's leaf gets the full gradient of its later uses before the region that
 produced the tensor is backpropagated, so the gradients equal those of the uncut forward (up to the order
 in which autograd sums contributions).
@@ -22,6 +30,7 @@ in which autograd sums contributions).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Generator, Iterator
 
 import torch
@@ -78,7 +87,7 @@ class Tape:
                     tensors.append(t)
                     region_grads.append(leaf.grad)
             defer = weight_grads is not None or region > 0
-            with deferring_weight_grads() if defer else _nothing() as queue:
+            with deferring_weight_grads() if defer else contextlib.nullcontext() as queue:
                 if tensors:
                     torch.autograd.backward(tensors, region_grads)
             pending = None
@@ -93,16 +102,6 @@ class Tape:
             if pending is not None:
                 yield
         self.carried, self.exchanges = [], []
-
-
-class _nothing:
-    """A context manager yielding None (no weight-gradient deferral)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def interleave(*jobs: Generator) -> None:

@@ -288,15 +288,18 @@ class PipelineRuntime:
             self.p2p.send(x.grad, route.dst.rank, GRADIENT, free=False)
 
     def _pair(self, pair: Pair, routes: tuple[Route, Route]) -> None:
-        """An overlapped F&B step: the halves in turns, switching at each started all-to-all, backward first
-        (its combine gradients travel while the forward runs attention); or back to back (``overlap``
-        off). Both inputs were sent before the pair began, as in DeepSeek's DualPipe."""
+        """An overlapped F&B step: the halves in turns, switching at each started all-to-all, the backward
+        first when it has exchanges (its combine gradients travel while the forward runs attention, as in
+        DeepSeek's order), else the forward (its output is sent sooner); or F then B (``overlap`` off).
+        Both inputs were sent before the pair began, as in DeepSeek's DualPipe."""
         forward, backward = self._forward(pair.forward, routes[0]), self._backward(pair.backward, routes[1])
-        if self.overlap:
-            interleave(backward, forward)
-        else:
+        if not self.overlap:
             run_to_end(forward)
             run_to_end(backward)
+        elif self.saved[(pair.backward.chunk, pair.backward.microbatch)][3].exchanges:
+            interleave(backward, forward)
+        else:
+            interleave(forward, backward)
 
     def _reduce_metrics(self) -> StepLosses:
         """One all-reduce of every (key, micro-batch) value over the pipeline, in float64."""
