@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import haillm.ops.linear as linear_mod
+from haillm.models.deepseek_v3 import DeepSeekV3, get_preset
+from haillm.models.deepseek_v3.model import init_weights
 from haillm.ops import Linear, RMSNorm
 from haillm.ops.linear import LinearCrossEntropySum
 from haillm.ops.norm import _RMSNormFn
@@ -69,3 +71,30 @@ def test_linear_cross_entropy_other_precisions_use_the_module_forward():
     head.set_precision("bf16_emulated")
     expected = F.cross_entropy(head(x), targets, reduction="sum")
     assert torch.equal(head.cross_entropy_sum(x, targets), expected)
+
+
+def test_local_dispatcher_weighting_inside_experts_matches_weighted_combine():
+    """The single-device call scales each routed row inside its expert; the split methods (used by the
+    expert-parallel dispatcher) weight the outputs in ``combine``. Same values and gradients."""
+    args = get_preset("tiny").replace(n_routed_experts=8, n_activated_experts=3)
+    moe = DeepSeekV3(args, init_seed=0).layers["1"].ffn
+    init_weights(moe, 4, 0.1)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(40, args.dim, generator=gen)
+    g = torch.randn(40, args.dim, generator=gen)
+    weights, indices, _ = moe.gate(x)
+    counts = torch.bincount(indices.flatten(), minlength=args.n_routed_experts)
+    results = []
+    for fused in (True, False):
+        xi, wi = x.clone().requires_grad_(), weights.detach().clone().requires_grad_()
+        moe.zero_grad(set_to_none=True)
+        d = moe.dispatcher
+        if fused:
+            y = d(xi, wi, indices, counts, moe.experts)
+        else:
+            routed_x, order, token_ids = d.dispatch(xi, indices)
+            y = d.combine(d.compute(moe.experts, routed_x, counts), wi, order, token_ids, x.shape[0])
+        (y * g).sum().backward()
+        results.append([y, xi.grad, wi.grad] + [p.grad for p in moe.experts.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
