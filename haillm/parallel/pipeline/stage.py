@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from haillm.models.deepseek_v3.args import ModelArgs
@@ -109,10 +108,6 @@ def stage_specs(args: ModelArgs, schedule: str, pp: int, pp_rank: int) -> list[S
         i = stage.index
         specs.append(StageSpec(i, ranges[i], first=i == 0, last=i == topo.n_stages - 1))
     return specs
-
-
-def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
 
 
 class StageModel(nn.Module):
@@ -221,7 +216,7 @@ class StageModel(nn.Module):
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Main and MTP cross-entropies as ``DeepSeekV3.compute_loss`` defines them."""
         n_positions = targets.numel()
-        lm_loss = _ce_sum(self.head(self.norm(h)), targets) / n_positions
+        lm_loss = self.head.cross_entropy_sum(self.norm(h), targets) / n_positions
         mtp_loss = lm_loss.new_zeros(())
         if not self.args.mtp_depth:
             return lm_loss, mtp_loss
@@ -230,7 +225,7 @@ class StageModel(nn.Module):
         for k, mtp in enumerate(self.mtp.values(), start=1):
             cos, sin = self._rope(seq_len - k)
             h = mtp(h[:, :-1], emb[:, k:], cos, sin)
-            mtp_loss = mtp_loss + _ce_sum(self.head(mtp.norm(h)), targets[:, k:]) / n_positions
+            mtp_loss = mtp_loss + self.head.cross_entropy_sum(mtp.norm(h), targets[:, k:]) / n_positions
         return lm_loss, mtp_loss * (self.args.mtp_lambda / self.args.mtp_depth)
 
     # --- expert load balancing (this rank's MoE layers only) -------------------------------------------
