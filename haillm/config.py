@@ -197,7 +197,6 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         f"train.micro_batch_size*parallel.dp = {t.micro_batch_size}*{p.dp} = {per_step}",
     )
     _require(p.tp == 1, f"parallel.tp={p.tp} is not yet supported (only 1 for now)")
-    _require(not cfg.fp8.enabled, "fp8.enabled=true is not yet supported (the FP8 training path is not wired in)")
     _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
     _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
     _one_of("optim.schedule", o.schedule, LR_SCHEDULES)

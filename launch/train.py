@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from haillm.config import ConfigError, compose_config, to_model_args, validate
 from haillm.data import DataError, StepBatcher, StepSampler, build_dataset
+from haillm.fp8.policy import apply_fp8
 from haillm.models.deepseek_v3.flops import flops_per_token
 from haillm.models.deepseek_v3.model import DeepSeekV3
 from haillm.parallel.expert import AllToAllDispatcher, ExpertPlacement, apply_expert_parallel
@@ -66,9 +67,9 @@ def build_model(cfg: DictConfig, dims: ParallelDims, device: torch.device
         else:
             model = DeepSeekV3(args, init_seed=None)
     dispatcher = None
-    if dims.ep > 1:
+    if dims.ep > 1:  # with FP8 the dispatch payload travels as 1x128-tile FP8; the combine stays high precision
         placement = ExpertPlacement.from_dims(dims, args.n_routed_experts, args.n_expert_groups)
-        dispatcher = AllToAllDispatcher(dims.ep_group, placement)
+        dispatcher = AllToAllDispatcher(dims.ep_group, placement, fp8=cfg.fp8.enabled)
         apply_expert_parallel(model, dispatcher)
     model.to_empty(device=device)
     model.init_weights(cfg.seed)
@@ -115,6 +116,8 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         tmp.replace(run_dir / "config.yaml")
     setup_logging(rank, run_dir)
+    if cfg.fp8.enabled:  # FP8 is a compute format only: parameters, gradients and checkpoints stay fp32
+        log.info("fp8: %s", apply_fp8(model, True, cfg.fp8.pow2_scales).summary())
     args = model.args
     log.info("run dir %s | model %s: %.2fM parameters | %d packed sequences of %d tokens", run_dir,
              cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, dataset.num_samples,

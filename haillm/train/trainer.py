@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from haillm.fp8.policy import invalidate_weight_caches
 from haillm.models.deepseek_v3.moe import max_violation
 from haillm.parallel.expert import AllToAllDispatcher
 from haillm.parallel.mesh import ParallelDims
@@ -75,6 +76,7 @@ class Trainer:
         if saved is None:
             log.info("checkpoint.resume=auto: no checkpoint in %s, starting from step 0", self.run_dir)
             return
+        invalidate_weight_caches(self.model)
         self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
         self.batcher.load_state_dict(saved["data"])
         log.info("resumed from step %d (%d samples consumed)", self.state.step, self.state.consumed_samples)
@@ -138,6 +140,7 @@ class Trainer:
             self._skip(step, totals["loss"], grad_norm)
         else:
             opt.step()
+            invalidate_weight_caches(model)  # FP8 weights are quantized once per optimizer step
             self.state.consecutive_skipped = 0
             model.update_gate_bias(loads, model.args.bias_update_speed)
         opt.zero_grad()
