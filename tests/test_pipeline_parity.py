@@ -32,11 +32,13 @@ def tiny(dense: bool, n_layers: int):
     return args.replace(n_dense_layers=n_layers) if dense else args
 
 
-def _pipeline_step(schedule: str, variants: list, deferred_linear: bool = False) -> list[dict]:
+def _pipeline_step(schedule: str, variants: list, deferred_linear: bool = False, recompute: bool = False
+                   ) -> list[dict]:
     """On each rank: a pipelined step per model variant, compared with the full model on the same data.
 
     ``deferred_linear``: keep weight-grad deferral on in every ``ops.Linear`` of the stage model (the
     default for the schedules with I/W actions), else turn it off, so I is a full backward and W is empty.
+    ``recompute``: recompute RMSNorm outputs and MLA up-projections in backward.
     """
     rank, pp = dist.get_rank(), dist.get_world_size()
     group = dist.group.WORLD
@@ -46,7 +48,7 @@ def _pipeline_step(schedule: str, variants: list, deferred_linear: bool = False)
     for args in variants:
         batch = torch.randint(0, args.vocab_size, (n * MICRO_BATCH, SEQ_LEN + 1),
                               generator=torch.Generator().manual_seed(SEED))
-        model = build_stage_model(args, schedule, pp, rank, init_seed=SEED)
+        model = build_stage_model(args, schedule, pp, rank, init_seed=SEED, recompute=recompute)
         set_weight_grad_deferral(model, deferred_linear)
         losses = PipelineRuntime(model, schedule, n, pp_group=group).step(list(batch.split(MICRO_BATCH)))
         sum_partner_grads(model.partner_params(schedule), partners)
@@ -87,8 +89,9 @@ def test_pipeline_matches_single_process(schedule, pp):
 
 @pytest.mark.parametrize(("schedule", "pp"), [("dualpipe", 4), ("dualpipev", 2)])
 def test_pipeline_parity_with_deferred_weight_grads(schedule, pp):
-    """The same parity when I/W defer the weight grads of every linear layer (W runs them later)."""
-    results = run_distributed(_pipeline_step, pp, args=(schedule, [tiny(dense=False, n_layers=4)], True))
+    """The same parity when I/W defer the weight grads of every linear layer (W runs them later), and with
+    activation recomputation."""
+    results = run_distributed(_pipeline_step, pp, args=(schedule, [tiny(dense=False, n_layers=4)], True, True))
     for rank, (moe,) in enumerate(results):
         assert moe["loss_err"] < 1e-6 and moe["grad_err"] < 1e-5, (rank, moe)
 

@@ -232,7 +232,7 @@ class PipelineRuntime:
                 key = (kind, route.action.chunk, route.action.microbatch)
                 self.p2p.recv(key, torch.empty(self.shape, dtype=self.dtype, device=self.device), route.src.rank)
 
-    def _forward(self, action: Action, route: Route) -> Iterator[None]:
+    def _forward(self, action: Action, route: Route, post_now: bool = False) -> Iterator[None]:
         key = (action.chunk, action.microbatch)
         if route.src is None:
             x = None
@@ -258,7 +258,8 @@ class PipelineRuntime:
             self.local[(ACTIVATION, route.dst.chunk, action.microbatch)] = out.hidden.detach().requires_grad_()
         else:
             self.p2p.send(out.hidden, route.dst.rank, ACTIVATION, free=_free_after_send(out.hidden))
-            self.p2p.flush()  # post it now: in a pair the backward half may run on for a while
+            if post_now:  # in a pair, the backward half may run on for a while
+                self.p2p.flush()
 
     def _backward(self, action: Action, route: Route) -> Iterator[None]:
         key = (action.chunk, action.microbatch)
@@ -292,7 +293,8 @@ class PipelineRuntime:
         first when it has exchanges (its combine gradients travel while the forward runs attention, as in
         DeepSeek's order), else the forward (its output is sent sooner); or F then B (``overlap`` off).
         Both inputs were sent before the pair began, as in DeepSeek's DualPipe."""
-        forward, backward = self._forward(pair.forward, routes[0]), self._backward(pair.backward, routes[1])
+        forward = self._forward(pair.forward, routes[0], post_now=True)
+        backward = self._backward(pair.backward, routes[1])
         if not self.overlap:
             run_to_end(forward)
             run_to_end(backward)
