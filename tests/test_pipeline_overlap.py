@@ -184,14 +184,14 @@ def log_calls(obj, names: tuple[str, ...]) -> list[str]:
 
 
 def _ep_pairs(variants: list[tuple[str, bool, bool]]) -> dict:
-    """Per variant (mode, recompute, ...): this rank's step losses and gradients. Modes: "overlap" (pairs
-    interleaved), "serial" (pairs back to back), "plain" (uncut graphs, one micro-batch after another)."""
+    """Per variant (mode, recompute, fp8 dispatch): this rank's step losses and gradients. Modes: "overlap"
+    (pairs interleaved), "serial" (pairs back to back), "plain" (uncut graphs, one micro-batch after another)."""
     rank = dist.get_rank()
     batches = list(tokens(N_MICRO * MICRO_BATCH, seed=SEED + rank).split(MICRO_BATCH))
     out = {}
-    for mode, recompute_on in variants:
+    for mode, recompute_on, fp8 in variants:
         model = build_stage_model(get_preset("tiny"), "dualpipev", 1, 0, init_seed=SEED, recompute=recompute_on)
-        dispatcher = AllToAllDispatcher(dist.group.WORLD, ExpertPlacement(8, 2, rank, None, 4))
+        dispatcher = AllToAllDispatcher(dist.group.WORLD, ExpertPlacement(8, 2, rank, None, 4), fp8=fp8)
         apply_expert_parallel(model, dispatcher)
         events = log_calls(dispatcher, ("send_dispatch", "finish_dispatch", "_send_back"))
         if mode == "plain":
@@ -207,14 +207,15 @@ def _ep_pairs(variants: list[tuple[str, bool, bool]]) -> dict:
             losses = runtime.step(batches).per_microbatch[0]
         # a gradient exchange started while a forward dispatch was in flight: the pair really interleaved
         overlapped = any(pair == ("send_dispatch", "_send_back") for pair in zip(events, events[1:], strict=False))
-        out[(mode, recompute_on)] = {"losses": losses, "grads": grads_of(model), "overlapped": overlapped}
+        out[(mode, recompute_on, fp8)] = {"losses": losses, "grads": grads_of(model), "overlapped": overlapped}
     return out
 
 
 def test_overlapped_pairs_match_serial_pairs_with_expert_parallelism():
-    variants = [("overlap", False), ("serial", False), ("plain", False), ("overlap", True)]
+    variants = [("overlap", False, False), ("serial", False, False), ("plain", False, False),
+                ("overlap", True, False), ("overlap", False, True), ("serial", False, True)]
     for rank, r in enumerate(run_distributed(_ep_pairs, 2, args=(variants,))):
-        overlap, serial, plain = r[("overlap", False)], r[("serial", False)], r[("plain", False)]
+        overlap, serial, plain = r[("overlap", False, False)], r[("serial", False, False)], r[("plain", False, False)]
         assert overlap["overlapped"] and not serial["overlapped"], rank
         assert torch.equal(overlap["losses"], serial["losses"]), rank
         assert overlap["grads"].keys() == serial["grads"].keys()
@@ -223,6 +224,11 @@ def test_overlapped_pairs_match_serial_pairs_with_expert_parallelism():
         assert torch.allclose(overlap["losses"], plain["losses"], rtol=1e-6, atol=0), rank
         assert max_rel_err(overlap["grads"], plain["grads"]) < 1e-6, rank
         # recomputation inside pairs changes no bit
-        recomputed = r[("overlap", True)]
+        recomputed = r[("overlap", True, False)]
         assert recomputed["overlapped"] and torch.equal(recomputed["losses"], overlap["losses"])
         assert all(torch.equal(recomputed["grads"][k], overlap["grads"][k]) for k in overlap["grads"]), rank
+        # FP8 dispatch payload: interleaving changes no bit either
+        fp8, fp8_serial = r[("overlap", False, True)], r[("serial", False, True)]
+        assert fp8["overlapped"] and torch.equal(fp8["losses"], fp8_serial["losses"])
+        assert all(torch.equal(fp8["grads"][k], fp8_serial["grads"][k]) for k in fp8["grads"]), rank
+        assert not torch.equal(fp8["losses"], overlap["losses"])  # the payload really was FP8

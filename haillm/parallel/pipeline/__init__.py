@@ -1,4 +1,5 @@
-"""Pipeline parallelism: schedules as data, their cost model, and (later) the runtime that executes them."""
+"""Pipeline parallelism: schedules as data, their cost model, the runtime that executes them (runtime.py,
+with overlapped F&B pairs in overlap.py) and the DeepSeek-V3 stage split (stage.py)."""
 
 from haillm.parallel.pipeline.schedules import (
     SCHEDULES,
