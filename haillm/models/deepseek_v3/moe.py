@@ -30,11 +30,8 @@ class MLP(nn.Module):
         self.w2 = Linear(inter_dim, dim)
         self.w3 = Linear(dim, inter_dim)
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """``scale`` (``[rows, 1]``, optional) multiplies each row's hidden activation: a routing weight
-        applied before ``w2`` touches ``inter_dim`` values per row instead of ``dim`` after it."""
-        h = F.silu(self.w1(x)) * self.w3(x)
-        return self.w2(h if scale is None else h * scale)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Gate(nn.Module):
@@ -110,12 +107,7 @@ class GraphCut(Protocol):
 
 class LocalDispatcher:
     """Single-device token movement: sort token copies by expert, run each expert once on its contiguous
-    slice, scatter the weighted results back in token order. Nothing is dropped.
-
-    Called as a whole it applies each copy's routing weight inside its expert (``MLP``'s ``scale``), so the
-    combine is a bare scatter-add; ``combine`` keeps the weighting for callers that run the experts
-    without weights (the expert-parallel dispatcher). The two differ by float rounding only.
-    """
+    slice, scatter the weighted results back in token order. Nothing is dropped."""
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x: [N, dim]``, ``indices: [N, k]`` -> (token copies grouped by expert ``[N*k, dim]``, ``order``
@@ -124,15 +116,10 @@ class LocalDispatcher:
         token_ids = order // indices.shape[1]
         return x.index_select(0, token_ids), order, token_ids  # its backward is an index_add, unlike x[ids]'s
 
-    def compute(
-        self, experts: nn.ModuleDict, routed_x: torch.Tensor, counts: torch.Tensor, scales: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """One call per expert with tokens (``counts[e]`` rows each, in expert order); ``scales`` (``[rows,
-        1]``, optional) are the routing weights of the rows."""
-        sizes = counts.tolist()
-        row_scales = scales.split(sizes) if scales is not None else [None] * len(sizes)
-        chunks = enumerate(zip(routed_x.split(sizes), row_scales, strict=True))
-        return torch.cat([experts[str(e)](c, s) if c.shape[0] else c for e, (c, s) in chunks])
+    def compute(self, experts: nn.ModuleDict, routed_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One call per expert with tokens (``counts[e]`` rows each, in expert order)."""
+        chunks = routed_x.split(counts.tolist())
+        return torch.cat([experts[str(e)](c) if c.shape[0] else c for e, c in enumerate(chunks)])
 
     def combine(
         self, routed_y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token_ids: torch.Tensor, n_tokens: int
@@ -149,9 +136,8 @@ class LocalDispatcher:
         experts: nn.ModuleDict,
     ) -> torch.Tensor:
         routed_x, order, token_ids = self.dispatch(x, indices)
-        scales = weights.flatten()[order].unsqueeze(-1).type_as(x)
-        routed_y = self.compute(experts, routed_x, counts, scales)
-        return routed_y.new_zeros(x.shape[0], routed_y.shape[-1]).index_add(0, token_ids, routed_y)
+        routed_y = self.compute(experts, routed_x, counts)
+        return self.combine(routed_y, weights, order, token_ids, x.shape[0])
 
 
 class MoE(nn.Module):
