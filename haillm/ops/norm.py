@@ -18,19 +18,19 @@ class _RMSNormFn(torch.autograd.Function):
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
         rstd = xf.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
         ctx.save_for_backward(x, rstd, weight)
-        return (xf * rstd * weight).to(x.dtype)
+        return torch.mul(xf, rstd).mul_(weight).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, rstd, weight = ctx.saved_tensors
         x_hat = x.to(rstd.dtype) * rstd
         g = grad.to(rstd.dtype)
-        dx = dw = None
+        g_x_hat = g * x_hat  # the few fresh activation-sized tensors are what costs here; the rest is in place
+        dw = g_x_hat.reshape(-1, x.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dx = None
         if ctx.needs_input_grad[0]:
-            gw = g * weight
-            dx = gw.sub_(x_hat * (gw * x_hat).mean(-1, keepdim=True)).mul_(rstd).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dw = (g * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+            dot = g_x_hat.mul_(weight).mean(-1, keepdim=True)
+            dx = (g * weight).sub_(x_hat.mul_(dot)).mul_(rstd).to(x.dtype)
         return dx, dw, None
 
 
