@@ -63,12 +63,13 @@ class LinearCrossEntropySum(torch.autograd.Function):
     """``sum_i CE(x_i W^T, t_i)`` (logits in fp32 or wider) computed one block of rows at a time; no
     ``ignore_index`` (every target must be a valid class).
 
-    Each block's logits are turned into their softmax in place and are the only ``[rows, vocab]`` tensor
-    kept for backward, where the logit gradient ``grad * (softmax - onehot)`` is made in one pass and fed
-    straight to the two GEMMs. ``F.cross_entropy(F.linear(x, W))`` instead writes the logits, the
-    log-probabilities, a zeroed one-hot gradient and the log-softmax gradient: four vocab-wide tensors,
-    each a fresh allocation that the CPU page-faults in (a 32 MB one costs ~14 ms here). Blocks of
-    ``CE_BLOCK_BYTES`` stay below glibc's mmap threshold, so their memory is reused instead.
+    Each block's logits are exponentiated in place (after subtracting the row max) and are the only
+    ``[rows, vocab]`` tensor kept; backward turns them, again in place, into the logit gradient
+    ``grad * (softmax - onehot)`` and feeds it straight to the two GEMMs. ``F.cross_entropy(F.linear(x, W))``
+    instead writes the logits, the log-probabilities, a zeroed one-hot gradient and the log-softmax
+    gradient: four vocab-wide tensors, each a fresh allocation that the CPU page-faults in (a 32 MB one
+    costs ~14 ms here, more than the arithmetic). Because backward consumes what it kept, a second
+    backward through the same graph fails autograd's saved-tensor check (no ``retain_graph``).
     """
 
     @staticmethod
@@ -76,28 +77,28 @@ class LinearCrossEntropySum(torch.autograd.Function):
         rows = max(64, CE_BLOCK_BYTES // (4 * weight.shape[0]))
         dtype = torch.promote_types(x.dtype, torch.float32)
         loss = torch.zeros((), dtype=dtype, device=x.device)
-        probs = []
+        exps, totals = [], []
         for start in range(0, x.shape[0], rows):
             logits = F.linear(x[start : start + rows], weight).to(dtype)
             picked = logits.gather(1, targets[start : start + rows, None])
             peak = logits.amax(dim=1, keepdim=True)
-            exp = logits.sub_(peak).exp_()
-            total = exp.sum(dim=1, keepdim=True)
-            loss += (peak + total.log() - picked).sum()
-            probs.append(exp.div_(total))
+            exps.append(logits.sub_(peak).exp_())
+            totals.append(exps[-1].sum(dim=1, keepdim=True))
+            loss += (peak + totals[-1].log() - picked).sum()
         ctx.rows = rows
-        ctx.save_for_backward(x, weight, targets, *probs)
+        ctx.save_for_backward(x, weight, targets, *exps, *totals)
         return loss
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, weight, targets, *probs = ctx.saved_tensors
+        x, weight, targets, *kept = ctx.saved_tensors
+        n_blocks = len(kept) // 2
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if ctx.needs_input_grad[0] else None
         dw = None
-        for i, p in enumerate(probs):
-            block = slice(i * ctx.rows, i * ctx.rows + p.shape[0])
-            dlogits = p * grad
-            dlogits.scatter_add_(1, targets[block, None], (-grad).expand(p.shape[0], 1))
+        for i, (exp, total) in enumerate(zip(kept[:n_blocks], kept[n_blocks:], strict=True)):
+            block = slice(i * ctx.rows, i * ctx.rows + exp.shape[0])
+            dlogits = exp.mul_(grad / total)
+            dlogits.scatter_add_(1, targets[block, None], (-grad).expand(exp.shape[0], 1))
             dlogits = dlogits.to(x.dtype)
             if dx is not None:
                 torch.mm(dlogits, weight, out=dx[block])
