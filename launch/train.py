@@ -63,7 +63,8 @@ def build_model(cfg: DictConfig, dims: ParallelDims, device: torch.device
     args = to_model_args(cfg.model)
     with torch.device("meta"):
         if dims.pp > 1:
-            model = build_stage_model(args, cfg.parallel.pp_schedule, dims.pp, dims.pp_rank, init_seed=None)
+            model = build_stage_model(args, cfg.parallel.pp_schedule, dims.pp, dims.pp_rank, init_seed=None,
+                                      recompute=cfg.train.recompute)
         else:
             model = DeepSeekV3(args, init_seed=None)
     dispatcher = None

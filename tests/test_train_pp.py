@@ -55,6 +55,7 @@ CASES = [
     (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipe"], [DENSE], 1e-5),
     (4, ["parallel.pp=4", "parallel.pp_schedule=1f1b", "train.micro_batch_size=1"], [DENSE], 1e-5),
     (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipev"], [DENSE], 1e-5),
+    (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipe", "train.recompute=true"], [DENSE], 1e-5),
 ]
 
 
