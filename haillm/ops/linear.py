@@ -154,11 +154,16 @@ class Linear(nn.Module):
         y = self._fp8_forward(x) if self.precision == "fp8" else Bf16EmulatedLinear.apply(x, self.weight)
         return y if self.bias is None else y + self.bias
 
+    @property
+    def is_plain(self) -> bool:
+        """True when ``forward`` is exactly ``F.linear(x, self.weight)``, so fused paths may use the weight."""
+        return self.precision == "default" and not self.defer_wgrad and self.bias is None
+
     def cross_entropy_sum(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``F.cross_entropy(self(x).float(), targets, reduction="sum")`` over all leading dims; fused
         (``LinearCrossEntropySum``) on the plain path, the module's own forward otherwise."""
         x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-        if self.precision == "default" and not self.defer_wgrad and self.bias is None:
+        if self.is_plain:
             return LinearCrossEntropySum.apply(x, self.weight, targets)
         return F.cross_entropy(self(x).float(), targets, reduction="sum")
 

@@ -105,6 +105,37 @@ class GraphCut(Protocol):
         ...
 
 
+GROUPED_EXPERT_MAX_PARAMS = 1 << 16  # per expert; tiny's are 6K, small's 147K
+
+
+def grouped_experts(mlps: list[MLP], routed_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """All experts' SwiGLU on their rows of ``routed_x`` (sorted by expert, ``counts[e]`` each) as three
+    ``torch._grouped_mm`` calls over weights stacked for the call; bitwise the per-expert loop on CPU.
+
+    Stacking copies every expert's weights (and un-stacks their gradients) each step; it pays while the ~20
+    op calls per expert it saves dominate, i.e. for small experts: 1.5x faster experts fwd+bwd at the
+    ``tiny`` preset (-4% step time), no measurable difference at ``small``, where the loop is kept. Idle
+    experts are left out, so their gradients stay ``None`` as with the loop."""
+    busy = counts > 0
+    offs = counts[busy].cumsum(0).to(torch.int32)
+    mlps = [m for m, b in zip(mlps, busy.tolist(), strict=True) if b]
+    w1, w2, w3 = (torch.stack([getattr(m, n).weight for m in mlps]).transpose(1, 2) for n in ("w1", "w2", "w3"))
+    h = F.silu(torch._grouped_mm(routed_x, w1, offs=offs)) * torch._grouped_mm(routed_x, w3, offs=offs)
+    return torch._grouped_mm(h, w2, offs=offs)
+
+
+def _groupable(mlps: list[MLP], routed_x: torch.Tensor) -> bool:
+    """``grouped_experts`` is used on CPU (fp32 grouped GEMM; measured there), outside torch.compile, for
+    small experts whose linears are all plain ``F.linear`` (no FP8 or BF16 emulation, no deferred wgrad)."""
+    return (
+        routed_x.device.type == "cpu"
+        and routed_x.shape[0] > 0
+        and not torch.compiler.is_compiling()
+        and 3 * mlps[0].w1.weight.numel() <= GROUPED_EXPERT_MAX_PARAMS
+        and all(m.w1.is_plain and m.w2.is_plain and m.w3.is_plain for m in mlps)
+    )
+
+
 class LocalDispatcher:
     """Single-device token movement: sort token copies by expert, run each expert once on its contiguous
     slice, scatter the weighted results back in token order. Nothing is dropped."""
@@ -117,9 +148,13 @@ class LocalDispatcher:
         return x.index_select(0, token_ids), order, token_ids  # its backward is an index_add, unlike x[ids]'s
 
     def compute(self, experts: nn.ModuleDict, routed_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """One call per expert with tokens (``counts[e]`` rows each, in expert order)."""
+        """One call per expert with tokens (``counts[e]`` rows each, in expert order), or the same as three
+        grouped GEMMs where ``grouped_experts`` applies."""
+        mlps = [experts[str(e)] for e in range(len(counts))]
+        if _groupable(mlps, routed_x):
+            return grouped_experts(mlps, routed_x, counts)
         chunks = routed_x.split(counts.tolist())
-        return torch.cat([experts[str(e)](c) if c.shape[0] else c for e, c in enumerate(chunks)])
+        return torch.cat([mlp(c) if c.shape[0] else c for mlp, c in zip(mlps, chunks, strict=True)])
 
     def combine(
         self, routed_y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token_ids: torch.Tensor, n_tokens: int
