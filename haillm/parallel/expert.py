@@ -342,8 +342,12 @@ class AllToAllDispatcher:
         maxima), and bytes sent off-rank per phase. With ``group``, over all its ranks (collective)."""
         sums, maxima = self._sums.clone(), self._maxima.clone()
         if group is not None and dist.is_initialized():
+            nccl = dist.get_backend(group) == "nccl"  # NCCL reduces GPU tensors only
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else sums.device
+            sums, maxima = sums.to(device), maxima.to(device)
             dist.all_reduce(sums, group=group)
             dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+            sums, maxima = sums.cpu(), maxima.cpu()
         tokens = max(sums[0].item(), 1.0)
         return {
             "ranks_per_token": sums[1].item() / tokens,

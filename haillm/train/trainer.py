@@ -134,7 +134,7 @@ class Trainer:
                           strict=True))
         loads = self._dp_sum(model.moe_loads())
         if self.pipeline is not None and self.pipeline.mirrored:  # the mirror saw the other micro-batches
-            dist.all_reduce(loads, group=self.pipeline.partner)
+            loads = self._all_reduce(loads, self.pipeline.partner)
         skipped = not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm))
         if skipped:
             self._skip(step, totals["loss"], grad_norm)
@@ -181,15 +181,19 @@ class Trainer:
         """max_vio over every MoE layer of the model: pipeline ranks hold different layers."""
         vio = torch.tensor([max_violation(loads)], dtype=torch.float64)
         if self.dims.pp > 1:
-            dist.all_reduce(vio, op=dist.ReduceOp.MAX, group=self.dims.pp_group)
+            vio = self._all_reduce(vio, self.dims.pp_group, dist.ReduceOp.MAX)
         return vio.item()
 
     def _dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel group (the tensor itself at dp=1)."""
-        if self.dims.dp > 1:
-            tensor = tensor.to(self.device)
-            dist.all_reduce(tensor, group=self.dims.dp_group)
-        return tensor.cpu()
+        return self._all_reduce(tensor, self.dims.dp_group) if self.dims.dp > 1 else tensor
+
+    def _all_reduce(self, tensor: torch.Tensor, group: dist.ProcessGroup,
+                    op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        """All-reduce a small CPU tensor on the training device (NCCL takes GPU tensors only); CPU result."""
+        on_device = tensor.to(self.device)
+        dist.all_reduce(on_device, op=op, group=group)
+        return on_device.cpu()
 
     def _skip(self, step: int, loss: float, grad_norm: float) -> None:
         self.state.skipped_steps += 1
