@@ -13,7 +13,6 @@ from haillm.models.deepseek_v3.moe import MoE
 from haillm.parallel.expert import (
     AllToAllDispatcher,
     ExpertPlacement,
-    all_reduce_loads,
     apply_expert_parallel,
 )
 from haillm.parallel.mesh import ParallelConfigError, ParallelDims
@@ -97,7 +96,8 @@ def _parity_worker(changes: dict) -> dict:
             grad = p.grad.clone()
             dist.all_reduce(grad)
             assert_matches(grad, ref_grad)
-    loads = all_reduce_loads(moe.tokens_per_expert, dist.group.WORLD)
+    loads = moe.tokens_per_expert.clone()
+    dist.all_reduce(loads)
     assert torch.equal(loads, ref.tokens_per_expert)
     return {"loads": loads.tolist(), "received": sum(int(loads[int(e)]) for e in local)}
 
@@ -143,7 +143,8 @@ def _model_worker() -> dict:
             dist.all_reduce(grad)
         ref_grad = ref_params[name].grad
         assert_matches(grad / world, ref_grad if ref_grad is not None else torch.zeros_like(p))
-    loads = all_reduce_loads(model.moe_loads(), dist.group.WORLD)
+    loads = model.moe_loads()
+    dist.all_reduce(loads)
     assert torch.equal(loads, ref.moe_loads())
     return {"expert_params": n_experts}
 

@@ -359,17 +359,6 @@ class AllToAllDispatcher:
         }
 
 
-def all_reduce_loads(loads: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Sum per-expert token counts (e.g. ``model.moe_loads()``) over ``group`` so every rank applies the
-    same bias update. Each rank counts its own tokens against all experts, so the group is the one whose
-    ranks see different tokens: the data-parallel group (EP lies inside it; TP peers see the same tokens).
-    Reduced in float64 so counts stay exact."""
-    total = loads.to(torch.float64)
-    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(total, group=group)
-    return total.to(loads.dtype)
-
-
 def apply_expert_parallel(model: nn.Module, dispatcher: AllToAllDispatcher) -> nn.Module:
     """Keep only this rank's experts (names keep their global ids) in every MoE layer of ``model`` and route
     through ``dispatcher``. In place; returns ``model``."""

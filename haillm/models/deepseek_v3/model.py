@@ -10,7 +10,7 @@ from torch import nn
 
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.mla import MLA, rope_tables
-from haillm.models.deepseek_v3.moe import MLP, Gate, GraphCut, MoE
+from haillm.models.deepseek_v3.moe import MLP, Gate, GraphCut, MoE, take_balance_loss
 from haillm.models.deepseek_v3.mtp import MTPModule
 from haillm.ops import Linear, RMSNorm
 
@@ -85,7 +85,50 @@ def init_weights(module: nn.Module, seed: int, std: float, prefix: str = "") -> 
             mod.tokens_per_expert.zero_()
 
 
-class DeepSeekV3(nn.Module):
+class TrainingObjective:
+    """What the full model and a pipeline stage (``haillm.parallel.pipeline.stage``) share: the main and MTP
+    losses from the last hidden state, and the expert-load bookkeeping. Needs ``args``, ``embed``, ``norm``,
+    ``head``, ``mtp``, the ``rope_cos``/``rope_sin`` tables and ``moe_layers()``."""
+
+    def lm_and_mtp_losses(self, h: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+                          emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lm_loss`` and the weighted ``mtp_loss`` of ``compute_loss`` from the main model's last hidden
+        state ``h`` (``emb``: the input embeddings, looked up here when not given)."""
+        n_positions = targets.numel()
+        lm_loss = self.head.cross_entropy_sum(self.norm(h), targets) / n_positions
+        mtp_loss = lm_loss.new_zeros(())
+        if not self.args.mtp_depth:
+            return lm_loss, mtp_loss
+        emb = self.embed(inputs) if emb is None else emb
+        seq_len = inputs.shape[1]
+        for k, mtp in enumerate(self.mtp.values(), start=1):
+            cos, sin = self.rope_cos[: seq_len - k], self.rope_sin[: seq_len - k]
+            h = mtp(h[:, :-1], emb[:, k:], cos, sin)
+            mtp_loss = mtp_loss + self.head.cross_entropy_sum(mtp.norm(h), targets[:, k:]) / n_positions
+        return lm_loss, mtp_loss * (self.args.mtp_lambda / self.args.mtp_depth)
+
+    def moe_loads(self) -> torch.Tensor:
+        """``[n_moe_layers, n_routed_experts]`` tokens routed per expert since the last reset, in
+        ``moe_layers()`` order (``[0, n_routed]`` for a module without MoE layers)."""
+        layers = self.moe_layers()
+        if not layers:
+            return torch.zeros(0, max(self.args.n_routed_experts, 1))
+        return torch.stack([m.tokens_per_expert for m in layers])
+
+    def reset_moe_loads(self) -> None:
+        for m in self.moe_layers():
+            m.tokens_per_expert.zero_()
+
+    def update_gate_bias(self, loads: torch.Tensor, gamma: float) -> None:
+        """Aux-loss-free bias step for every MoE layer from ``loads`` as ``moe_loads()`` returns them, reduced
+        over every rank that saw part of the step's data (data parallel, and the DualPipe mirror rank)."""
+        if gamma == 0:
+            return
+        for moe, load in zip(self.moe_layers(), loads, strict=True):
+            moe.update_bias(load, gamma)
+
+
+class DeepSeekV3(TrainingObjective, nn.Module):
     """DeepSeek-V3 for training. ``model(tokens)`` gives main-head logits; ``compute_loss(batch)`` the full
     objective. Built with ``init_seed=None`` (or on the meta device) it skips initialisation; otherwise it
     calls ``init_weights(init_seed)``."""
@@ -144,23 +187,9 @@ class DeepSeekV3(nn.Module):
         - ``loss`` = lm + mtp + balance, the tensor to backpropagate; the other three are detached.
         """
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        bsz, seq_len = inputs.shape
-        n_positions = bsz * seq_len
         emb = self.embed(inputs)
-        h = self.hidden(emb)
-        lm_loss = self.head.cross_entropy_sum(self.norm(h), targets) / n_positions
-        mtp_loss = lm_loss.new_zeros(())
-        for k, mtp in enumerate(self.mtp.values(), start=1):
-            cos, sin = self._rope(0, seq_len - k)
-            h = mtp(h[:, :-1], emb[:, k:], cos, sin)
-            mtp_loss = mtp_loss + self.head.cross_entropy_sum(mtp.norm(h), targets[:, k:]) / n_positions
-        if self.args.mtp_depth:
-            mtp_loss = mtp_loss * (self.args.mtp_lambda / self.args.mtp_depth)
-        balance_loss = lm_loss.new_zeros(())
-        for moe in self.moe_layers():
-            if moe.balance_loss is not None:
-                balance_loss = balance_loss + moe.balance_loss
-                moe.balance_loss = None
+        lm_loss, mtp_loss = self.lm_and_mtp_losses(self.hidden(emb), inputs, targets, emb)
+        balance_loss = take_balance_loss(self.moe_layers(), lm_loss)
         loss = lm_loss + mtp_loss + balance_loss
         return {
             "loss": loss,
@@ -175,21 +204,6 @@ class DeepSeekV3(nn.Module):
         """MoE layers in a fixed order: main-model layers by index, then the MTP blocks."""
         blocks = list(self.layers.values()) + [m.block for m in self.mtp.values()]
         return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
-
-    def moe_loads(self) -> torch.Tensor:
-        """``[n_moe_layers incl. MTP, n_routed_experts]`` tokens routed per expert since the last reset."""
-        return torch.stack([m.tokens_per_expert for m in self.moe_layers()])
-
-    def reset_moe_loads(self) -> None:
-        for m in self.moe_layers():
-            m.tokens_per_expert.zero_()
-
-    def update_gate_bias(self, loads: torch.Tensor, gamma: float) -> None:
-        """Aux-loss-free bias step for every MoE layer from (globally reduced) ``loads`` as ``moe_loads()``."""
-        if gamma == 0:
-            return
-        for moe, load in zip(self.moe_layers(), loads, strict=True):
-            moe.update_bias(load, gamma)
 
     # --- inference with the latent cache -------------------------------------------------------------
 

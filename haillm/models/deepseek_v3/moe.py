@@ -256,6 +256,16 @@ class MoE(nn.Module):
         self.gate.bias += gamma * torch.sign(load.mean() - load)
 
 
+def take_balance_loss(layers: list[MoE], like: torch.Tensor) -> torch.Tensor:
+    """Sum (and clear) the sequence-wise balance losses ``layers`` left during their training forward."""
+    total = like.new_zeros(())
+    for moe in layers:
+        if moe.balance_loss is not None:
+            total = total + moe.balance_loss
+            moe.balance_loss = None
+    return total
+
+
 def max_violation(loads: torch.Tensor) -> float:
     """Max over layers of ``(max_i load_i - mean load) / mean load`` (0 for an empty or unloaded layer);
     ``loads`` is ``[n_layers, n_experts]`` or one layer's ``[n_experts]``."""

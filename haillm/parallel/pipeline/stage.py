@@ -36,8 +36,8 @@ from torch import nn
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.flops import _block_params
 from haillm.models.deepseek_v3.mla import MLA, rope_tables
-from haillm.models.deepseek_v3.model import Block, init_weights
-from haillm.models.deepseek_v3.moe import GraphCut, MoE
+from haillm.models.deepseek_v3.model import Block, TrainingObjective, init_weights
+from haillm.models.deepseek_v3.moe import GraphCut, MoE, take_balance_loss
 from haillm.models.deepseek_v3.mtp import MTPModule
 from haillm.ops import Linear, RMSNorm, set_weight_grad_deferral
 from haillm.ops.recompute import keeping_recipes, mark, stepwise
@@ -110,7 +110,7 @@ def stage_specs(args: ModelArgs, schedule: str, pp: int, pp_rank: int) -> list[S
     return specs
 
 
-class StageModel(nn.Module):
+class StageModel(TrainingObjective, nn.Module):
     """The DeepSeek-V3 stages of one pipeline rank, under the full model's parameter names.
 
     ``forward_chunk(chunk, x, batch)`` runs one local chunk on a micro-batch ``batch: [B, T+1]`` (tokens)
@@ -201,58 +201,20 @@ class StageModel(nn.Module):
         for block in blocks:
             h = yield from block.forward_phases(h, cos, sin, cut)
         if not spec.last:
-            balance = _take_balance(blocks, h)
+            balance = take_balance_loss(_moes(blocks), h)
             zero = h.new_zeros(())
             metrics = {"loss": balance.detach(), "lm_loss": zero, "mtp_loss": zero, "balance_loss": balance.detach()}
             return ChunkOutput(h, balance if balance.requires_grad else None, metrics)
-        lm_loss, mtp_loss = self._objective(h, inputs, batch[:, 1:])
-        balance = _take_balance(blocks + [m.block for m in self.mtp.values()], h)
+        lm_loss, mtp_loss = self.lm_and_mtp_losses(h, inputs, batch[:, 1:])
+        balance = take_balance_loss(_moes(blocks + [m.block for m in self.mtp.values()]), h)
         loss = lm_loss + mtp_loss + balance
         metrics = {"loss": loss.detach(), "lm_loss": lm_loss.detach(), "mtp_loss": mtp_loss.detach(),
                    "balance_loss": balance.detach()}
         return ChunkOutput(None, loss, metrics)
 
-    def _objective(self, h: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Main and MTP cross-entropies as ``DeepSeekV3.compute_loss`` defines them."""
-        n_positions = targets.numel()
-        lm_loss = self.head.cross_entropy_sum(self.norm(h), targets) / n_positions
-        mtp_loss = lm_loss.new_zeros(())
-        if not self.args.mtp_depth:
-            return lm_loss, mtp_loss
-        emb = self.embed(inputs)
-        seq_len = inputs.shape[1]
-        for k, mtp in enumerate(self.mtp.values(), start=1):
-            cos, sin = self._rope(seq_len - k)
-            h = mtp(h[:, :-1], emb[:, k:], cos, sin)
-            mtp_loss = mtp_loss + self.head.cross_entropy_sum(mtp.norm(h), targets[:, k:]) / n_positions
-        return lm_loss, mtp_loss * (self.args.mtp_lambda / self.args.mtp_depth)
-
-    # --- expert load balancing (this rank's MoE layers only) -------------------------------------------
-
     def moe_layers(self) -> list[MoE]:
         """This rank's MoE layers: main-model layers by index, then the MTP blocks (if held here)."""
-        blocks = list(self.layers.values()) + [m.block for m in getattr(self, "mtp", {}).values()]
-        return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
-
-    def moe_loads(self) -> torch.Tensor:
-        """``[n_local_moe_layers, n_routed_experts]`` tokens routed per expert since the last reset."""
-        layers = self.moe_layers()
-        if not layers:
-            return torch.zeros(0, max(self.args.n_routed_experts, 1))
-        return torch.stack([m.tokens_per_expert for m in layers])
-
-    def reset_moe_loads(self) -> None:
-        for m in self.moe_layers():
-            m.tokens_per_expert.zero_()
-
-    def update_gate_bias(self, loads: torch.Tensor, gamma: float) -> None:
-        """Aux-loss-free bias step from ``loads`` as ``moe_loads()`` returns them, reduced over every rank
-        that saw part of the step's data (data parallel, and the DualPipe mirror rank)."""
-        if gamma == 0:
-            return
-        for moe, load in zip(self.moe_layers(), loads, strict=True):
-            moe.update_bias(load, gamma)
+        return _moes(list(self.layers.values()) + [m.block for m in getattr(self, "mtp", {}).values()])
 
     def partner_params(self, schedule: str) -> list[tuple[str, nn.Parameter]]:
         """Parameters whose gradients must be summed with the partner rank's (see module docstring)."""
@@ -268,15 +230,8 @@ def _mark_norm_output(norm: RMSNorm, args: tuple, out: torch.Tensor) -> None:
         mark(out, norm, *args)
 
 
-def _take_balance(blocks: list[nn.Module], like: torch.Tensor) -> torch.Tensor:
-    """Sum (and clear) the balance losses the MoE layers among ``blocks`` left during their forward."""
-    total = like.new_zeros(())
-    for block in blocks:
-        moe = block.ffn
-        if isinstance(moe, MoE) and moe.balance_loss is not None:
-            total = total + moe.balance_loss
-            moe.balance_loss = None
-    return total
+def _moes(blocks: list[nn.Module]) -> list[MoE]:
+    return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
 
 
 def build_stage_model(args: ModelArgs, schedule: str, pp: int, pp_rank: int, init_seed: int | None = 0,
