@@ -27,7 +27,8 @@ def _moe_params(a: ModelArgs) -> tuple[int, int]:
     return fixed + a.n_routed_experts * expert, fixed + a.n_activated_experts * expert
 
 
-def _block_params(a: ModelArgs, dense: bool) -> tuple[int, int]:
+def block_params(a: ModelArgs, dense: bool) -> tuple[int, int]:
+    """(total, activated) parameters of one transformer block: the figures the pipeline balances stages by."""
     base = 2 * a.dim + _attn_params(a)  # attn_norm, ffn_norm, MLA
     if dense:
         ffn = 3 * a.dim * a.inter_dim
@@ -41,14 +42,14 @@ def count_params(args: ModelArgs) -> tuple[int, int]:
     total = 2 * args.vocab_size * args.dim + args.dim
     active = args.vocab_size * args.dim + args.dim
     for i in range(args.n_layers):
-        t, a = _block_params(args, dense=i < args.n_dense_layers)
+        t, a = block_params(args, dense=i < args.n_dense_layers)
         total, active = total + t, active + a
     return total, active
 
 
 def mtp_params(args: ModelArgs) -> tuple[int, int]:
     """(total, activated) parameters unique to the MTP modules (embedding and head are shared, not counted)."""
-    t, a = _block_params(args, dense=False)
+    t, a = block_params(args, dense=False)
     per_module = 3 * args.dim + 2 * args.dim * args.dim  # enorm, hnorm, norm, eh_proj
     return args.mtp_depth * (per_module + t), args.mtp_depth * (per_module + a)
 

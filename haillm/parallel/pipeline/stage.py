@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from haillm.models.deepseek_v3.args import ModelArgs
-from haillm.models.deepseek_v3.flops import _block_params
+from haillm.models.deepseek_v3.flops import block_params
 from haillm.models.deepseek_v3.mla import MLA, rope_tables
 from haillm.models.deepseek_v3.model import Block, TrainingObjective, init_weights
 from haillm.models.deepseek_v3.moe import GraphCut, MoE, take_balance_loss
@@ -50,9 +50,9 @@ METRIC_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss")
 
 def layer_costs(args: ModelArgs) -> tuple[list[int], int]:
     """Approximate per-token cost of each layer and the extra cost of the last stage (head, MTP)."""
-    layers = [_block_params(args, dense=i < args.n_dense_layers)[1] for i in range(args.n_layers)]
+    layers = [block_params(args, dense=i < args.n_dense_layers)[1] for i in range(args.n_layers)]
     head = args.vocab_size * args.dim
-    mtp = 2 * args.dim * args.dim + _block_params(args, dense=False)[1] + head
+    mtp = 2 * args.dim * args.dim + block_params(args, dense=False)[1] + head
     return layers, head + args.mtp_depth * mtp
 
 
