@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from haillm.fp8 import (
     FP8_DTYPE,
+    GRAD_AMAX_MIN,
     Fp8WeightCache,
     act_dequant,
     act_quant,
@@ -61,10 +62,22 @@ def test_each_gemm_follows_the_recipe():
     xq = act_quant(x2)
     w_hat = weight_dequant(*weight_quant(w.detach())).double()
     y_ref = act_dequant(*xq).double() @ w_hat.T
-    dx_ref = act_dequant(*act_quant(dy2)).double() @ w_hat
-    dw_ref = act_dequant(*act_quant_t(dy2)).double() @ act_dequant(*requant_t(*xq)).double().T
+    dx_ref = act_dequant(*act_quant(dy2, min_amax=GRAD_AMAX_MIN)).double() @ w_hat
+    dw_ref = act_dequant(*act_quant_t(dy2, min_amax=GRAD_AMAX_MIN)).double() @ act_dequant(*requant_t(*xq)).double().T
     for got, ref in ((y.reshape(300, 384), y_ref), (dx.reshape(300, 256), dx_ref), (dw, dw_ref)):
         assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_gradients_are_scale_invariant(pow2):
+    """Scaling the output gradient by a power of two scales both input and weight gradient by exactly that
+    factor, however small: without loss scaling the gradient's magnitude depends on the token count and
+    the layout's averaging, and it must not change which values E4M3 can represent."""
+    x, w, dy = make(seed=2)
+    _, dx, dw = fp8_run(x, w, dy, pow2=pow2)
+    factor = 2.0**-40  # puts every gradient tile far below the 1e-4 activation floor
+    _, dx_small, dw_small = fp8_run(x, w, dy * factor, pow2=pow2)
+    assert torch.equal(dx_small, dx * factor) and torch.equal(dw_small, dw * factor)
 
 
 def test_saves_only_fp8_activations():

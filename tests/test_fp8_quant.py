@@ -13,6 +13,7 @@ import torch
 
 from haillm.fp8 import (
     FP8_DTYPE,
+    GRAD_AMAX_MIN,
     act_dequant,
     act_quant,
     act_quant_t,
@@ -160,3 +161,15 @@ def test_requant_t_with_pow2_scales_is_exact_in_normal_range():
     assert normal.float().mean() > 0.9
     back = act_dequant(qt, st)
     assert torch.equal(back[normal], x_hat_t[normal])
+
+
+def test_gradient_floor_keeps_small_tiles_precise():
+    """A gradient tile far below the activation floor (1e-4) keeps E4M3's relative precision with
+    ``GRAD_AMAX_MIN``; the activation floor would flush most of it to zero."""
+    g = torch.randn(4, 256, generator=torch.Generator().manual_seed(7)) * 1e-11
+    q, s = act_quant(g, min_amax=GRAD_AMAX_MIN)
+    assert (act_dequant(q, s) - g).abs().le((2**-4 * g.abs() + 2**-10 * s.repeat_interleave(128, -1)) * SLACK).all()
+    assert (act_quant(g)[0].float() == 0).all()
+    zeros = torch.zeros(2, 256)
+    qz, sz = act_quant(zeros, min_amax=GRAD_AMAX_MIN)
+    assert (qz.float() == 0).all() and torch.isfinite(sz).all() and (sz > 0).all()

@@ -77,11 +77,8 @@ def test_fp8_zero_dp2_matches_dp1():
     """dp=2 (one micro-batch per rank) against dp=1 (the same two micro-batches accumulated): every FP8 GEMM
     sees the same tiles and values, so the runs agree to fp32 summation order.
 
-    Two things would break this at the 1e-3 level within 3 steps and are kept out on purpose: dividing the
-    loss by the micro-batch count before backward (the output gradient then differs by the factor dp between
-    layouts, and quantization is not scale-invariant while act_quant clamps amax at 1e-4, which about half
-    of the gradient tiles here fall under), and gradient clipping (its norm is summed in a layout-dependent
-    order; FP8 rounding flips and Adam's normalised update magnify that 1e-7 difference to ~1e-5)."""
+    Gradient clipping is kept out on purpose: its norm is summed in a layout-dependent order, and FP8
+    rounding flips and Adam's normalised update magnify that 1e-7 difference to ~1e-5 within 3 steps."""
     single = run_distributed(zero_fp8_losses, world_size=1, args=(2,))[0]
     ranks = run_distributed(zero_fp8_losses, world_size=2, args=(1,))
     assert ranks[0] == ranks[1]

@@ -11,6 +11,7 @@ from haillm.fp8.linear import Fp8LinearFunction, Fp8WeightCache, fp8_dgrad, fp8_
 from haillm.fp8.quant import (
     FP8_DTYPE,
     FP8_MAX,
+    GRAD_AMAX_MIN,
     act_dequant,
     act_quant,
     act_quant_t,
@@ -23,6 +24,7 @@ from haillm.fp8.quant import (
 __all__ = [
     "FP8_DTYPE",
     "FP8_MAX",
+    "GRAD_AMAX_MIN",
     "Fp8LinearFunction",
     "Fp8WeightCache",
     "act_dequant",

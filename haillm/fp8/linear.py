@@ -15,14 +15,14 @@ per optimizer step and shared by all micro-batches through ``Fp8WeightCache``.
 import torch
 
 from haillm.fp8.gemm import fp8_gemm
-from haillm.fp8.quant import act_quant, act_quant_t, requant_t, weight_quant
+from haillm.fp8.quant import GRAD_AMAX_MIN, act_quant, act_quant_t, requant_t, weight_quant
 
 
 def fp8_dgrad(
     dy: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, pow2: bool = False, out_dtype=torch.float32
 ) -> torch.Tensor:
     """Input gradient ``dy [T, N] @ W [N, K]`` from ``(w_q, w_s) = weight_quant(W)``."""
-    dy_q, dy_s = act_quant(dy, pow2=pow2)
+    dy_q, dy_s = act_quant(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN)
     return fp8_gemm(dy_q, dy_s, w_q.t().contiguous(), w_s.t().contiguous(), out_dtype)
 
 
@@ -30,7 +30,7 @@ def fp8_wgrad(
     dy: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, pow2: bool = False, out_dtype=torch.float32
 ) -> torch.Tensor:
     """Weight gradient ``dy.T [N, T] @ x [T, K]``, contracting over tokens, from ``act_quant(x)``'s pair."""
-    dyt_q, dyt_s = act_quant_t(dy, pow2=pow2)
+    dyt_q, dyt_s = act_quant_t(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN)
     xt_q, xt_s = requant_t(x_q, x_s, pow2=pow2)
     return fp8_gemm(dyt_q, dyt_s, xt_q, xt_s, out_dtype, b_block=1)
 
