@@ -26,7 +26,9 @@ tokens, lr 1e-3) bring it to ~0.5%. The report's 0.25% is measured after ~1T tok
 import argparse
 import json
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from types import SimpleNamespace
 
 import torch
@@ -89,6 +91,33 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
+def run_one(precision: str, seed: int, args) -> list[float]:
+    """One training run in a worker process (``--jobs``): its own thread budget, dataset and model."""
+    torch.set_num_threads(args.threads)
+    dataset = build_dataset(DataConfig(max_bytes=args.max_bytes), args.seq_len, min_samples=args.batch)
+    schedule = SimpleNamespace(
+        train=TrainConfig(steps=args.steps, lr=args.lr), optim=OptimConfig(warmup_steps=args.warmup)
+    )
+    return train(precision, SimpleNamespace(**{**vars(args), "seed": seed}), dataset, schedule)
+
+
+def compare(losses: list[float], base: list[float], warmup: int) -> dict[str, float]:
+    """Signed relative differences of one run against its BF16 twin (same seed)."""
+    last = min(SMOOTH_LAST, len(base))
+    e, eb = ema(losses), ema(base)
+    return {
+        "final": sum(losses[-last:]) / last,
+        "rel_mean_last": (sum(losses[-last:]) - sum(base[-last:])) / sum(base[-last:]),
+        "rel_ema_final": (e[-1] - eb[-1]) / eb[-1],
+        "max_rel_ema_gap": max((rel(a, b) for a, b in zip(e[warmup:], eb[warmup:], strict=True)), default=0.0),
+    }
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, (sum((v - m) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -96,20 +125,16 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one FP8/BF16 pair per seed")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument("--max-bytes", type=int, default=2_000_000)
     parser.add_argument("--pow2", action="store_true", help="FP8 with power-of-two scales (fp8.pow2_scales)")
-    parser.add_argument("--fp32", action="store_true", help="add an fp32 control run (the noise floor)")
+    parser.add_argument("--fp32", action="store_true", help="add an fp32 control run per seed (the noise floor)")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--json", help="write per-step losses and the summary here")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
-    dataset = build_dataset(DataConfig(max_bytes=args.max_bytes), args.seq_len, min_samples=args.batch)
-    schedule = SimpleNamespace(
-        train=TrainConfig(steps=args.steps, lr=args.lr), optim=OptimConfig(warmup_steps=args.warmup)
-    )
     model_args = get_preset("tiny").replace(**FP8_TINY_OVERRIDES)
     (total, active), (mtp_total, _) = count_params(model_args), mtp_params(model_args)
     counts = {"total": total + mtp_total, "main_model": total, "main_activated": active, "mtp": mtp_total}
@@ -120,32 +145,42 @@ def main() -> None:
         f"activated per token; MTP {mtp_total / 1e6:.2f}M)"
     )
     print(
-        f"tokens per run: {tokens} ({args.steps} steps x {args.batch} x {args.seq_len}); data: {dataset.source}, "
-        f"{dataset.num_samples} sequences; CPU threads: {args.threads}"
+        f"tokens per run: {tokens} ({args.steps} steps x {args.batch} x {args.seq_len}); seeds {args.seeds}; "
+        f"{args.jobs} parallel runs x {args.threads} CPU threads"
     )
 
     precisions = ["fp8", "bf16_emulated"] + (["fp32"] if args.fp32 else [])
-    runs = {p: train(p, args, dataset, schedule) for p in precisions}
-    base = runs["bf16_emulated"]
-    last = min(SMOOTH_LAST, args.steps)
-    summary = {"steps": args.steps, "tokens": tokens, "params": counts}
-    for name, losses in runs.items():
-        if name == "bf16_emulated":
-            continue
-        mean_rel = rel(sum(losses[-last:]) / last, sum(base[-last:]) / last)
-        e, eb = ema(losses), ema(base)
-        ema_rel = rel(e[-1], eb[-1])
-        gap = max((rel(a, b) for a, b in zip(e[args.warmup :], eb[args.warmup :], strict=True)), default=0.0)
-        summary[name] = {"rel_mean_last": mean_rel, "rel_ema_final": ema_rel, "max_rel_ema_gap": gap}
+    jobs = [(p, seed) for seed in args.seeds for p in precisions]
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(run_one, *zip(*jobs, strict=True), [args] * len(jobs)))
+    else:
+        results = [run_one(p, seed, args) for p, seed in jobs]
+    runs = dict(zip(jobs, results, strict=True))
+
+    summary: dict = {"steps": args.steps, "tokens": tokens, "params": counts, "seeds": args.seeds}
+    for name in precisions[::2]:  # fp8 and fp32 against bf16
+        per_seed = {s: compare(runs[name, s], runs["bf16_emulated", s], args.warmup) for s in args.seeds}
+        for s, c in per_seed.items():
+            print(
+                f"seed {s}: {name} {c['final']:.4f} vs bf16 {per_seed[s]['final'] / (1 + c['rel_mean_last']):.4f} "
+                f"(mean of last {SMOOTH_LAST} steps): {100 * c['rel_mean_last']:+.3f}%; EMA(0.9) final "
+                f"{100 * c['rel_ema_final']:+.3f}%; largest EMA gap after warmup {100 * c['max_rel_ema_gap']:.3f}%"
+            )
+        diffs = [c["rel_mean_last"] for c in per_seed.values()]
+        m, sd = mean_std(diffs)
+        finals = [c["final"] for c in per_seed.values()]
+        bases = [c["final"] / (1 + c["rel_mean_last"]) for c in per_seed.values()]
+        pooled = (sum(finals) - sum(bases)) / sum(bases)
+        summary[name] = {"per_seed": per_seed, "mean_rel": m, "std_rel": sd, "pooled_rel": pooled}
+        stderr = f" ± {100 * sd / len(diffs) ** 0.5:.3f}% (std error over {len(diffs)} seeds)" if len(diffs) > 1 else ""
         print(
-            f"{name} vs bf16: final loss {sum(losses[-last:]) / last:.4f} vs {sum(base[-last:]) / last:.4f} "
-            f"(mean of last {last} steps): relative difference {100 * mean_rel:.3f}%; "
-            f"EMA(0.9) final {100 * ema_rel:.3f}%; largest EMA gap after warmup {100 * gap:.3f}% "
-            f"(DeepSeek-V3: < 0.25%)"
+            f"{name} vs bf16: relative difference of the smoothed final loss {100 * m:+.3f}%{stderr}; "
+            f"mean |difference| {100 * sum(map(abs, diffs)) / len(diffs):.3f}% (DeepSeek-V3: < 0.25%)"
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"summary": summary, "losses": runs}, f)
+            json.dump({"summary": summary, "losses": {f"{p}/{s}": v for (p, s), v in runs.items()}}, f)
 
 
 if __name__ == "__main__":

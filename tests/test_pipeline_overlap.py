@@ -3,6 +3,7 @@ the tiny DeepSeek-V3: the region-by-region backward of a cut graph equals the un
 pairs interleaved at the expert all-to-alls (ep=2) give bitwise the gradients of the same pairs run back to
 back, and recomputing RMSNorm outputs and MLA up-projections changes no bit but keeps fewer activations."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -11,6 +12,7 @@ import torch.fx.experimental.symbolic_shapes  # noqa: F401
 import torch.nn.functional as F
 from dist import run_distributed
 
+from haillm.fp8.policy import FP8_TINY_OVERRIDES, apply_fp8
 from haillm.models.deepseek_v3 import get_preset
 from haillm.ops import Linear, deferring_weight_grads, recompute
 from haillm.parallel.expert import AllToAllDispatcher, ExpertPlacement, apply_expert_parallel
@@ -21,9 +23,13 @@ from haillm.parallel.pipeline.stage import build_stage_model
 SEED, MICRO_BATCH, SEQ_LEN, N_MICRO = 5, 2, 10, 4
 
 
-def whole_model(recompute_on: bool = False):
-    """The tiny model as one stage (first and last) with weight-grad deferral on."""
-    model = build_stage_model(get_preset("tiny"), "dualpipe", 2, 0, init_seed=SEED, recompute=recompute_on)
+def whole_model(recompute_on: bool = False, fp8: bool = False):
+    """The tiny model as one stage (first and last) with weight-grad deferral on; ``fp8``: its 128-aligned
+    variant with DeepSeek-V3's FP8 policy."""
+    args = get_preset("tiny").replace(**FP8_TINY_OVERRIDES) if fp8 else get_preset("tiny")
+    model = build_stage_model(args, "dualpipe", 2, 0, init_seed=SEED, recompute=recompute_on)
+    if fp8:
+        apply_fp8(model, True)
     model.specs = [model.specs[0].__class__(0, range(4), first=True, last=True)]
     return model
 
@@ -105,9 +111,11 @@ def test_deferred_linear_is_plain_linear_outside_deferral():
     assert all(torch.equal(g, r) for g, r in zip(got, ref, strict=True))
 
 
-def test_input_grad_then_weight_grad_equals_full_backward_on_the_model():
-    """I + W = B on the whole tiny model (every ops.Linear deferred, experts, shared experts, head, MTP)."""
-    model = whole_model()
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
+def test_input_grad_then_weight_grad_equals_full_backward_on_the_model(fp8):
+    """I + W = B on the whole tiny model (every ops.Linear deferred, experts, shared experts, head, MTP);
+    under FP8 the deferred Wgrad is the same FP8 GEMM on the same saved FP8 input."""
+    model = whole_model(fp8=fp8)
     batch = tokens(MICRO_BATCH)
     model.forward_chunk(0, None, batch).loss.backward()
     full = grads_of(model)

@@ -7,10 +7,12 @@
   ``dy.T`` is quantized from the high-precision gradient; ``x.T`` is re-tiled from the FP8 copy of ``x``
   saved in forward (``requant_t``), so only FP8 activations are kept between forward and backward.
 
-``fp8_dgrad`` / ``fp8_wgrad`` are public so that a caller deferring the weight gradient (zero-bubble
-pipeline schedules) can run Wgrad later from the saved FP8 tensors. Weight quantization can be done once
-per optimizer step and shared by all micro-batches through ``Fp8WeightCache``.
+Under zero-bubble pipeline schedules the Wgrad GEMM can be deferred (``defer_wgrad``): backward then
+queues it, holding only the FP8 ``x`` and the output gradient, and a later W action runs it. Weight
+quantization can be done once per optimizer step and shared by all micro-batches through ``Fp8WeightCache``.
 """
+
+from collections.abc import Callable
 
 import torch
 
@@ -39,12 +41,14 @@ class Fp8LinearFunction(torch.autograd.Function):
     """Autograd op for ``x @ W.T`` in FP8; saves only FP8 tensors and their fp32 scales for backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, w_q, w_s, pow2):
+    def forward(ctx, x, weight, w_q, w_s, pow2, defer_wgrad):
         x2 = x.reshape(-1, x.shape[-1])
         x_q, x_s = act_quant(x2, pow2=pow2)
         y = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=x.dtype)
         ctx.save_for_backward(x_q, x_s, w_q, w_s)
         ctx.pow2, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = pow2, x.shape, x.dtype, weight.dtype
+        # The parameter itself (not a saved tensor) receives a deferred gradient; see ops.wgrad.
+        ctx.weight, ctx.defer_wgrad = weight, defer_wgrad
         return y.reshape(*x.shape[:-1], w_q.shape[0])
 
     @staticmethod
@@ -55,8 +59,14 @@ class Fp8LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = fp8_dgrad(dy2, w_q, w_s, ctx.pow2, ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dw = fp8_wgrad(dy2, x_q, x_s, ctx.pow2, ctx.w_dtype)
-        return dx, dw, None, None, None
+            pow2, w_dtype = ctx.pow2, ctx.w_dtype
+
+            def weight_grad() -> torch.Tensor:
+                return fp8_wgrad(dy2, x_q, x_s, pow2, w_dtype)
+
+            if ctx.defer_wgrad is None or not ctx.defer_wgrad(ctx.weight, weight_grad):
+                dw = weight_grad()
+        return dx, dw, None, None, None, None
 
 
 def fp8_linear(
@@ -65,14 +75,17 @@ def fp8_linear(
     *,
     weight_q: tuple[torch.Tensor, torch.Tensor] | None = None,
     pow2: bool = False,
+    defer_wgrad: Callable[[torch.Tensor, Callable[[], torch.Tensor]], bool] | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T`` (no bias) with FP8 Fprop/Dgrad/Wgrad; the output dtype follows ``x``.
 
     ``weight_q`` is a ready ``weight_quant(weight)`` (e.g. ``Fp8WeightCache.get()``); without it the weight
-    is quantized on this call. Any shape works through the reference GEMM; the GPU kernel wants in and out
-    features that are multiples of 128 (see ``scaled_mm_supported``), else it falls back to the reference."""
+    is quantized on this call. ``defer_wgrad`` (``haillm.ops.wgrad.defer_weight_grad``) may take the Wgrad
+    GEMM out of backward, to run later from the saved FP8 tensors (zero-bubble W). Any shape works through
+    the reference GEMM; the GPU kernel wants in and out features that are multiples of 128 (see
+    ``scaled_mm_supported``), else it falls back to the reference."""
     w_q, w_s = weight_q if weight_q is not None else weight_quant(weight.detach(), pow2=pow2)
-    return Fp8LinearFunction.apply(x, weight, w_q, w_s, pow2)
+    return Fp8LinearFunction.apply(x, weight, w_q, w_s, pow2, defer_wgrad)
 
 
 class Fp8WeightCache:

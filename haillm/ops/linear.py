@@ -19,7 +19,8 @@ Weight-gradient deferral (zero-bubble I/W, ``haillm.ops.wgrad``) is a second per
 ``defer_wgrad`` (``set_weight_grad_deferral`` flips it for a whole model): the ``"default"`` path then runs
 ``deferrable_linear``, bitwise ``F.linear`` unless a backward runs inside ``deferring_weight_grads``. It is
 off by default because the custom autograd function costs ~20 us per call on CPU (~10% of a tiny-model
-step), which only pays where a pipeline schedule uses I/W. The FP8 and bf16-emulated paths do not defer.
+step), which only pays where a pipeline schedule uses I/W. The FP8 path defers its Wgrad GEMM the same
+way; the bf16-emulated path (a benchmark baseline) does not defer.
 
 ``Linear.cross_entropy_sum`` is the output head's training loss, fused on the plain path
 (``LinearCrossEntropySum``).
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from haillm.fp8 import Fp8WeightCache, fp8_linear
-from haillm.ops.wgrad import deferrable_linear
+from haillm.ops.wgrad import defer_weight_grad, deferrable_linear
 
 PRECISIONS = ("default", "fp8", "bf16_emulated")
 CE_BLOCK_BYTES = 16 << 20  # fp32 logits per row block of LinearCrossEntropySum
@@ -144,7 +145,8 @@ class Linear(nn.Module):
         cache = self._fp8_weight
         if cache is None or cache.weight is not self.weight:  # built lazily; rebuilt if the Parameter was swapped
             cache = self._fp8_weight = Fp8WeightCache(self.weight, pow2=self.fp8_pow2_scales)
-        return fp8_linear(x, self.weight, weight_q=cache.get(), pow2=self.fp8_pow2_scales)
+        defer = defer_weight_grad if self.defer_wgrad else None
+        return fp8_linear(x, self.weight, weight_q=cache.get(), pow2=self.fp8_pow2_scales, defer_wgrad=defer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.precision == "default":

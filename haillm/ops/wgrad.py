@@ -45,6 +45,21 @@ def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
         param.grad.add_(grad)
 
 
+def defer_weight_grad(param: torch.Tensor, compute: Callable[[], torch.Tensor]) -> bool:
+    """For custom linear ops (the FP8 one): inside :func:`deferring_weight_grads` queue
+    ``param.grad += compute()`` and return True; outside return False, and the caller returns the gradient
+    from its backward as usual. ``compute`` must only read tensors the backward already holds."""
+    if _queue is None:
+        return False
+
+    def deferred() -> None:
+        with torch.no_grad():
+            _accumulate(param, compute())
+
+    _queue.append(deferred)
+    return True
+
+
 class _DeferrableLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
