@@ -4,6 +4,7 @@ reproduces the single-process losses over 10 optimizer steps from the same seed 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,25 @@ def test_bad_pipeline_layouts(overrides, message):
     with pytest.raises(ConfigError) as info:
         validate(cfg, world_size=cfg.parallel.pp)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev"])
+def test_pipeline_resume_and_reshard(tmp_path, schedule):
+    """A checkpoint written by a pp=2 run at step 3 (DualPipe: each stage held twice) continues at pp=2 and
+    at pp=1 exactly like the uninterrupted pp=2 run: parameters, ZeRO state, data position and RNG."""
+    base = tmp_path / "pp2"
+    layout = ["parallel.pp=2", f"parallel.pp_schedule={schedule}", DENSE]
+    argv = [*COMMON, f"output_dir={base}", "train.steps=6", *layout]
+    assert run_distributed(_main, world_size=2, args=(argv,), timeout=300) == [0, 0]
+    ref = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(base / "checkpoints" / "step_6")
+    for world, overrides in ((2, layout), (1, [DENSE])):
+        out = tmp_path / f"to_pp{world}"
+        shutil.copytree(base, out)
+        argv = [*COMMON, f"output_dir={out}", "train.steps=6", "checkpoint.resume=auto", *overrides]
+        codes = run_distributed(_main, world_size=world, args=(argv,), timeout=300) if world > 1 else [_main(argv)]
+        assert codes == [0] * world
+        got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in got] == list(range(1, 7))
+        for g, r in zip(got[3:], ref[3:], strict=True):
+            assert g["loss"] == pytest.approx(r["loss"], rel=1e-5), (world, g["step"], g["loss"], r["loss"])
