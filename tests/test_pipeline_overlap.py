@@ -216,6 +216,12 @@ def _ep_pairs(variants: list[tuple[str, bool, bool]]) -> dict:
         # a gradient exchange started while a forward dispatch was in flight: the pair really interleaved
         overlapped = any(pair == ("send_dispatch", "_send_back") for pair in zip(events, events[1:], strict=False))
         out[(mode, recompute_on, fp8)] = {"losses": losses, "grads": grads_of(model), "overlapped": overlapped}
+    # The last chunk cuts its graph at every exchange of its MoE layers and of the MTP block's MoE layer.
+    tapes = [Tape(), Tape()]
+    hidden = run_to_end(model.forward_phases(0, None, batches[0], tapes[0])).hidden
+    run_to_end(model.forward_phases(1, hidden, batches[0], tapes[1]))
+    last = [model.layers[str(i)] for i in model.specs[1].layers] + [m.block for m in model.mtp.values()]
+    out["exchanges"] = (len(tapes[1].exchanges), 2 * sum(b.exchanges_tokens for b in last), len(model.mtp))
     return out
 
 
@@ -223,6 +229,8 @@ def test_overlapped_pairs_match_serial_pairs_with_expert_parallelism():
     variants = [("overlap", False, False), ("serial", False, False), ("plain", False, False),
                 ("overlap", True, False), ("overlap", False, True), ("serial", False, True)]
     for rank, r in enumerate(run_distributed(_ep_pairs, 2, args=(variants,))):
+        n_exchanges, expected, n_mtp = r["exchanges"]
+        assert n_exchanges == expected and n_mtp == 1, r["exchanges"]
         overlap, serial, plain = r[("overlap", False, False)], r[("serial", False, False)], r[("plain", False, False)]
         assert overlap["overlapped"] and not serial["overlapped"], rank
         assert torch.equal(overlap["losses"], serial["losses"]), rank

@@ -29,11 +29,16 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.ffn(self.ffn_norm(x))
 
+    @property
+    def exchanges_tokens(self) -> bool:
+        """True when the FFN is an MoE layer whose tokens go to other ranks (``forward_phases`` yields)."""
+        return isinstance(self.ffn, MoE) and self.ffn.exchanges_tokens
+
     def forward_phases(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cut: GraphCut | None
                        ) -> Generator[None, None, torch.Tensor]:
         """``forward`` as a generator yielding while an MoE layer's tokens are in flight (``MoE.forward_phases``;
         for the pipeline's overlapped F&B pairs). Without ``cut`` or token exchanges it never yields."""
-        if cut is None or not (isinstance(self.ffn, MoE) and self.ffn.exchanges_tokens):
+        if cut is None or not self.exchanges_tokens:
             return self.forward(x, cos, sin)
         x = x + self.attn(self.attn_norm(x), cos, sin)
         h = self.ffn_norm(x)
@@ -94,6 +99,17 @@ class TrainingObjective:
                           emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``lm_loss`` and the weighted ``mtp_loss`` of ``compute_loss`` from the main model's last hidden
         state ``h`` (``emb``: the input embeddings, looked up here when not given)."""
+        try:
+            next(self.lm_and_mtp_loss_phases(h, inputs, targets, emb))
+        except StopIteration as done:
+            return done.value
+        raise AssertionError("loss phases without a graph cut never yield")
+
+    def lm_and_mtp_loss_phases(self, h: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+                               emb: torch.Tensor | None = None, cut: GraphCut | None = None
+                               ) -> Generator[None, None, tuple[torch.Tensor, torch.Tensor]]:
+        """``lm_and_mtp_losses`` as a generator yielding while the MTP blocks' tokens are in flight
+        (``Block.forward_phases``), for a pipeline's overlapped F&B pairs."""
         n_positions = targets.numel()
         lm_loss = self.head.cross_entropy_sum(self.norm(h), targets) / n_positions
         mtp_loss = lm_loss.new_zeros(())
@@ -103,7 +119,10 @@ class TrainingObjective:
         seq_len = inputs.shape[1]
         for k, mtp in enumerate(self.mtp.values(), start=1):
             cos, sin = self.rope_cos[: seq_len - k], self.rope_sin[: seq_len - k]
-            h = mtp(h[:, :-1], emb[:, k:], cos, sin)
+            x = mtp.project(h[:, :-1], emb[:, k:])
+            if cut is not None and mtp.block.exchanges_tokens:
+                lm_loss, mtp_loss, emb = cut(lm_loss, mtp_loss, emb)  # used again after the block's exchanges
+            h = yield from mtp.block.forward_phases(x, cos, sin, cut)
             mtp_loss = mtp_loss + self.head.cross_entropy_sum(mtp.norm(h), targets[:, k:]) / n_positions
         return lm_loss, mtp_loss * (self.args.mtp_lambda / self.args.mtp_depth)
 

@@ -26,7 +26,10 @@ class MTPModule(nn.Module):
         self.block = block
         self.norm = RMSNorm(args.dim, args.rms_norm_eps)  # shared_head.norm in the HF checkpoint
 
+    def project(self, h_prev: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The block's input. ``h_prev``, ``emb``: ``[B, T', dim]`` aligned so position i holds ``h^{k-1}_i``
+        and ``Emb(t_{i+k})``."""
+        return self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``h_prev``, ``emb``: ``[B, T', dim]`` aligned so position i holds ``h^{k-1}_i`` and ``Emb(t_{i+k})``."""
-        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return self.block(x, cos, sin)
+        return self.block(self.project(h_prev, emb), cos, sin)

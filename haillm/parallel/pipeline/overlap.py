@@ -20,8 +20,8 @@ shared(F), dispatch(F) start], [combine(B) wait, mlp(B), dispatch(B) start, mlp(
 mlp(F), combine(F) start], [dispatch(B) wait, attn(B), the next combine(B) start, attn(W)], [combine(F)
 wait, ...]: DeepSeek's order, except that each exchange starts as soon as its data exists (dispatch(F)
 before mlp(B), combine(F) before attn(B)); DeepSeek's launch order follows from the SMs it splits between
-communication and compute, which has no counterpart on gloo's threads. Only the chunk's main-model blocks
-are phased; the MTP block runs plain (its exchanges are synchronous, inside the last region).
+communication and compute, which has no counterpart on gloo's threads. The MTP blocks of the last stage
+are phased the same way (``TrainingObjective.lm_and_mtp_loss_phases``).
 
 Every cut is exact: a cut tensor's leaf gets the full gradient of its later uses before the region that
 produced the tensor is backpropagated, so the gradients equal those of the uncut forward (up to the order

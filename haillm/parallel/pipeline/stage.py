@@ -205,7 +205,7 @@ class StageModel(TrainingObjective, nn.Module):
             zero = h.new_zeros(())
             metrics = {"loss": balance.detach(), "lm_loss": zero, "mtp_loss": zero, "balance_loss": balance.detach()}
             return ChunkOutput(h, balance if balance.requires_grad else None, metrics)
-        lm_loss, mtp_loss = self.lm_and_mtp_losses(h, inputs, batch[:, 1:])
+        lm_loss, mtp_loss = yield from self.lm_and_mtp_loss_phases(h, inputs, batch[:, 1:], cut=cut)
         balance = take_balance_loss(_moes(blocks + [m.block for m in self.mtp.values()]), h)
         loss = lm_loss + mtp_loss + balance
         metrics = {"loss": loss.detach(), "lm_loss": lm_loss.detach(), "mtp_loss": mtp_loss.detach(),
