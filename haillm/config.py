@@ -61,7 +61,7 @@ class TrainConfig:
     deterministic: bool = False
     max_skipped_steps: int = 10  # consecutive non-finite steps tolerated before aborting
     peak_flops: float = 0.0  # per device, for MFU; 0 = detect (see haillm.train.metrics)
-    recompute: bool = False  # recompute RMSNorm outputs and MLA up-projections in backward (pipeline stages)
+    recompute: bool = False  # recompute RMSNorm outputs and MLA up-projections in backward
 
 
 @dataclass
@@ -215,8 +215,6 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         args.validate()
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
-    _require(not t.recompute or p.pp > 1, "train.recompute=true is implemented for pipeline stages only "
-             "(parallel.pp > 1) for now")
     if p.pp > 1:
         try:  # the schedule's own preconditions, and enough layers for every stage
             SCHEDULES[p.pp_schedule](p.pp, t.global_batch_size // per_step)

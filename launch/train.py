@@ -63,10 +63,10 @@ def build_model(cfg: DictConfig, dims: ParallelDims, device: torch.device
     args = to_model_args(cfg.model)
     with torch.device("meta"):
         if dims.pp > 1:
-            model = build_stage_model(args, cfg.parallel.pp_schedule, dims.pp, dims.pp_rank, init_seed=None,
-                                      recompute=cfg.train.recompute)
+            model = build_stage_model(args, cfg.parallel.pp_schedule, dims.pp, dims.pp_rank, init_seed=None)
         else:
             model = DeepSeekV3(args, init_seed=None)
+    model.set_recompute(cfg.train.recompute)
     dispatcher = None
     if dims.ep > 1:  # with FP8 the dispatch payload travels as 1x128-tile FP8; the combine stays high precision
         placement = ExpertPlacement.from_dims(dims, args.n_routed_experts, args.n_expert_groups)

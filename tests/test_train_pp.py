@@ -57,6 +57,8 @@ CASES = [
     (4, ["parallel.pp=4", "parallel.pp_schedule=1f1b", "train.micro_batch_size=1"], [DENSE], 1e-5),
     (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipev"], [DENSE], 1e-5),
     (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipe", "train.recompute=true"], [DENSE], 1e-5),
+    (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b", "train.recompute=true"], [], 1e-3),
+    (1, ["train.recompute=true"], [], 1e-6),
 ]
 
 

@@ -53,13 +53,37 @@ def recomputable(fn: Callable[..., Any], *args: Any) -> Any:
     return out
 
 
+class _View:
+    """A saved view of a marked contiguous tensor (``F.linear`` on a 3-D input saves its 2-D reshape):
+    rebuilt on the recomputed tensor from its geometry."""
+
+    def __init__(self, tag: tuple[_Recipe, int | None], t: torch.Tensor, base: torch.Tensor) -> None:
+        self.tag, self.size, self.stride = tag, t.size(), t.stride()
+        self.offset = t.storage_offset() - base.storage_offset()
+
+    def unpack(self) -> torch.Tensor:
+        recipe, index = self.tag
+        base = recipe.output(index)
+        return base.as_strided(self.size, self.stride, base.storage_offset() + self.offset)
+
+
 def _pack(t: torch.Tensor) -> Any:
-    return getattr(t, _TAG, t)
+    tag = getattr(t, _TAG, None)
+    if tag is not None:
+        return tag
+    base = t._base
+    if base is not None and base.is_contiguous():
+        tag = getattr(base, _TAG, None)
+        if tag is not None:
+            return _View(tag, t, base)
+    return t
 
 
 def _unpack(packed: Any) -> torch.Tensor:
     if isinstance(packed, torch.Tensor):
         return packed
+    if isinstance(packed, _View):
+        return packed.unpack()
     recipe, index = packed
     return recipe.output(index)
 

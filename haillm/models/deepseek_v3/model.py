@@ -1,6 +1,7 @@
 """The DeepSeek-V3 transformer: embedding, pre-norm blocks (MLA + dense FFN or MoE), final norm, head, and
 the MTP modules; the training objective (``compute_loss``) and the latent-cache inference path."""
 
+import contextlib
 import hashlib
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from haillm.models.deepseek_v3.mla import MLA, rope_tables
 from haillm.models.deepseek_v3.moe import MLP, Gate, GraphCut, MoE, take_balance_loss
 from haillm.models.deepseek_v3.mtp import MTPModule
 from haillm.ops import Linear, RMSNorm
+from haillm.ops.recompute import keeping_recipes, mark
 
 
 class Block(nn.Module):
@@ -90,10 +92,35 @@ def init_weights(module: nn.Module, seed: int, std: float, prefix: str = "") -> 
             mod.tokens_per_expert.zero_()
 
 
+def _mark_norm_output(norm: RMSNorm, args: tuple, out: torch.Tensor) -> None:
+    if torch.is_grad_enabled():
+        mark(out, norm, *args)
+
+
 class TrainingObjective:
     """What the full model and a pipeline stage (``haillm.parallel.pipeline.stage``) share: the main and MTP
-    losses from the last hidden state, and the expert-load bookkeeping. Needs ``args``, ``embed``, ``norm``,
-    ``head``, ``mtp``, the ``rope_cos``/``rope_sin`` tables and ``moe_layers()``."""
+    losses from the last hidden state, the expert-load bookkeeping and activation recomputation. Needs
+    ``args``, ``embed``, ``norm``, ``head``, ``mtp``, the ``rope_cos``/``rope_sin`` tables and
+    ``moe_layers()``; is an ``nn.Module``."""
+
+    recompute = False
+
+    def set_recompute(self, enabled: bool) -> None:
+        """Keep no RMSNorm outputs and no MLA up-projections (q, k, v) for backward: recompute them from the
+        norms' inputs and the latents (report §3.2.3; ``haillm.ops.recompute``). Gradients are unchanged."""
+        for handle in getattr(self, "_norm_hooks", []):
+            handle.remove()
+        self._norm_hooks = []
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.recompute_up_proj = enabled
+            if enabled and isinstance(m, RMSNorm):
+                self._norm_hooks.append(m.register_forward_hook(_mark_norm_output))
+        self.recompute = enabled
+
+    def _saving(self) -> contextlib.AbstractContextManager:
+        """Enter around each piece of a training forward: saved marked tensors become recipes."""
+        return keeping_recipes() if self.recompute else contextlib.nullcontext()
 
     def lm_and_mtp_losses(self, h: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
                           emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,8 +233,9 @@ class DeepSeekV3(TrainingObjective, nn.Module):
         - ``loss`` = lm + mtp + balance, the tensor to backpropagate; the other three are detached.
         """
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        emb = self.embed(inputs)
-        lm_loss, mtp_loss = self.lm_and_mtp_losses(self.hidden(emb), inputs, targets, emb)
+        with self._saving():
+            emb = self.embed(inputs)
+            lm_loss, mtp_loss = self.lm_and_mtp_losses(self.hidden(emb), inputs, targets, emb)
         balance_loss = take_balance_loss(self.moe_layers(), lm_loss)
         loss = lm_loss + mtp_loss + balance_loss
         return {

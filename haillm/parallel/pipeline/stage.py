@@ -25,7 +25,6 @@ Parameters that live on two ranks need their gradients summed before the optimiz
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 
@@ -35,12 +34,12 @@ from torch import nn
 
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.flops import block_params
-from haillm.models.deepseek_v3.mla import MLA, rope_tables
+from haillm.models.deepseek_v3.mla import rope_tables
 from haillm.models.deepseek_v3.model import Block, TrainingObjective, init_weights
 from haillm.models.deepseek_v3.moe import GraphCut, MoE, take_balance_loss
 from haillm.models.deepseek_v3.mtp import MTPModule
 from haillm.ops import Linear, RMSNorm, set_weight_grad_deferral
-from haillm.ops.recompute import keeping_recipes, mark, stepwise
+from haillm.ops.recompute import stepwise
 from haillm.parallel.pipeline.overlap import run_to_end
 from haillm.parallel.pipeline.runtime import ChunkOutput
 from haillm.parallel.pipeline.schedules import SCHEDULES, topology
@@ -148,24 +147,7 @@ class StageModel(TrainingObjective, nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         if init_seed is not None:
             self.init_weights(init_seed)
-        self.recompute = False
-        self._norm_hooks: list = []
         self.set_recompute(recompute)
-
-    def set_recompute(self, enabled: bool) -> None:
-        """Recompute RMSNorm outputs and MLA up-projections in backward (see the class doc)."""
-        for handle in self._norm_hooks:
-            handle.remove()
-        self._norm_hooks = []
-        for m in self.modules():
-            if isinstance(m, MLA):
-                m.recompute_up_proj = enabled
-            if enabled and isinstance(m, RMSNorm):
-                self._norm_hooks.append(m.register_forward_hook(_mark_norm_output))
-        self.recompute = enabled
-
-    def _saving(self) -> contextlib.AbstractContextManager:
-        return keeping_recipes() if self.recompute else contextlib.nullcontext()
 
     def init_weights(self, seed: int) -> None:
         """The full model's values for this rank's parameters (per FQN); rebuilds the rope tables too, so a
@@ -223,11 +205,6 @@ class StageModel(TrainingObjective, nn.Module):
         if schedule == "1f1b" and self.args.mtp_depth and self.has_first != self.has_last:
             return [("embed.weight", self.embed.weight)]  # first or last rank of a pp > 1 pipeline
         return []
-
-
-def _mark_norm_output(norm: RMSNorm, args: tuple, out: torch.Tensor) -> None:
-    if torch.is_grad_enabled():
-        mark(out, norm, *args)
 
 
 def _moes(blocks: list[nn.Module]) -> list[MoE]:
