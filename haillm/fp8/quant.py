@@ -6,7 +6,7 @@ to at least ``min_amax``, optionally rounded up to a power of two (``pow2``, Dee
 Activations and weights use DeepGEMM's floor ``AMAX_MIN = 1e-4``. Gradients use ``GRAD_AMAX_MIN``, which
 only keeps an all-zero tile from dividing by zero: without loss scaling, gradient magnitude falls with the
 token count and depth, and a 1e-4 floor coarsened or flushed about half of the tiny model's output-gradient
-tiles (its fidelity run lost 1.3% of loss against BF16 with it, 0.8% less without).
+tiles (52% of its Wgrad tiles at 1,024 tokens per micro-batch).
 Dequantization is ``q * s``. Finite inputs never give NaN or inf: the value cast to E4M3 is clamped to
 ±448 first. A non-finite input yields NaN in its tile, which surfaces a divergence instead of hiding it.
 Every function is vectorised: inputs are zero-padded to whole tiles (zeros never raise an amax) and

@@ -64,6 +64,8 @@ class _View:
     def unpack(self) -> torch.Tensor:
         recipe, index = self.tag
         base = recipe.output(index)
+        if not base.is_contiguous():  # the geometry was taken on a contiguous original
+            raise RuntimeError("a recomputed tensor is not contiguous; cannot rebuild a saved view of it")
         return base.as_strided(self.size, self.stride, base.storage_offset() + self.offset)
 
 
