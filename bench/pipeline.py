@@ -366,6 +366,10 @@ def main() -> None:
     parser.add_argument("--ep-seq", type=int, default=128)
     opts = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
+    load = os.getloadavg()[0]
+    print(f"load average before the run: {load:.2f} on {os.cpu_count()} CPUs"
+          + (" -- a loaded machine skews the ratios (gloo threads then compete with compute for the cores)"
+             if load > 0.5 * (os.cpu_count() or 1) else ""))
     if opts.part in ("all", "torch"):
         _compare_with_torch(opts)
     if opts.part in ("all", "overlap"):
