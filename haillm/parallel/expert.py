@@ -211,9 +211,7 @@ class AllToAllDispatcher:
         if counts is None:
             counts = torch.bincount(indices.flatten(), minlength=p.n_routed_experts)
         self._record_stats(indices)
-        order = indices.flatten().argsort(stable=True)
-        token_ids = order // indices.shape[1]
-        sent = x.index_select(0, token_ids)  # row copies: much faster than x[token_ids] on CPU
+        sent, order, token_ids = self._local.dispatch(x, indices)
         send_counts = counts.to(torch.int64).reshape(p.ep_size, p.experts_per_rank).contiguous()
         recv_counts = torch.empty_like(send_counts)
         work = dist.all_to_all_single(recv_counts, send_counts, group=self.group, async_op=True)
@@ -230,7 +228,7 @@ class AllToAllDispatcher:
         if self.fp8:
             q, s = act_quant(payload, FP8_BLOCK)
             payload = torch.cat([q.view(torch.uint8), s.view(torch.uint8)], dim=1)
-        self._sums[3] += self._off_rank_bytes(payload, in_splits)
+        self._bytes[0] += self._off_rank_bytes(payload, in_splits)
         transfer = _start_transfer(payload, in_splits, out_splits, self.group)
         fp8_dtype = x.dtype if self.fp8 else None
         return DispatchHandle(sent, plan.order, plan.token_ids, x.shape[0], recv_counts, arrange, transfer, fp8_dtype)
@@ -255,17 +253,15 @@ class AllToAllDispatcher:
 
     # ---- expert compute ----
     def compute(self, experts: nn.ModuleDict, routed_x: torch.Tensor, local_counts: torch.Tensor) -> torch.Tensor:
-        """One call per local expert with tokens, on its contiguous slice (experts keyed by global id)."""
-        first = self.placement.local_expert_ids.start
-        chunks = routed_x.split(local_counts.tolist())
-        return torch.cat([experts[str(first + e)](c) if c.shape[0] else c for e, c in enumerate(chunks)])
+        """The local experts on their contiguous slices, as ``LocalDispatcher.compute`` (keyed by global id)."""
+        return self._local.compute(experts, routed_x, local_counts, first=self.placement.local_expert_ids.start)
 
     # ---- combine ----
     def start_combine(self, routed_y: torch.Tensor, handle: DispatchHandle) -> CombineHandle:
         """Put expert outputs back in the order they arrived and start sending them home."""
         sent = routed_y.index_select(0, handle.arrange.argsort())
         t = handle.transfer
-        self._sums[4] += self._off_rank_bytes(sent, t.out_splits)
+        self._bytes[1] += self._off_rank_bytes(sent, t.out_splits)
         return CombineHandle(handle, sent, _start_transfer(sent, t.out_splits, t.in_splits, self.group))
 
     def finish_combine(self, handle: CombineHandle, weights: torch.Tensor, cut: GraphCut | None = None
@@ -318,19 +314,24 @@ class AllToAllDispatcher:
     # ---- statistics ----
     def reset_stats(self) -> None:
         self.comm_wait_s = 0.0
-        self._sums = torch.zeros(5, dtype=torch.float64)  # tokens, rank hits, node hits, dispatch/combine bytes
-        self._maxima = torch.zeros(2, dtype=torch.float64)  # ranks, nodes per token
+        self._routing: torch.Tensor | None = None  # tokens, rank hits, node hits: on the tokens' device
+        self._maxima: torch.Tensor | None = None  # ranks, nodes per token
+        self._bytes = [0, 0]  # sent off-rank by dispatch, combine
 
     def _record_stats(self, indices: torch.Tensor) -> None:
+        """Accumulated on the device without reading anything back: no host sync per MoE layer."""
         p = self.placement
+        if self._routing is None:
+            self._routing = torch.zeros(3, dtype=torch.float64, device=indices.device)
+            self._maxima = torch.zeros(2, dtype=torch.float64, device=indices.device)
+        if not indices.shape[0]:
+            return
         hit = torch.zeros(indices.shape[0], p.ep_size, dtype=torch.bool, device=indices.device)
         hit.scatter_(1, p.rank_of(indices), True)
         ranks = hit.sum(1)
         nodes = hit.view(-1, p.n_nodes, p.ep_ranks_per_node).any(-1).sum(1)
-        self._sums[:3] += torch.tensor([indices.shape[0], ranks.sum().item(), nodes.sum().item()], dtype=torch.float64)
-        if indices.shape[0]:
-            seen = torch.tensor([ranks.max().item(), nodes.max().item()], dtype=torch.float64)
-            self._maxima = torch.maximum(self._maxima, seen)
+        self._routing += torch.stack([ranks.new_tensor(indices.shape[0]), ranks.sum(), nodes.sum()])
+        self._maxima = torch.maximum(self._maxima, torch.stack([ranks.max(), nodes.max()]))
 
     def _off_rank_bytes(self, payload: torch.Tensor, splits: list[int]) -> int:
         """Bytes this rank sends to other ranks (its own rows stay in memory)."""
@@ -340,14 +341,16 @@ class AllToAllDispatcher:
     def stats(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
         """Averages since ``reset_stats()``: distinct EP ranks and nodes each token was sent to (and their
         maxima), and bytes sent off-rank per phase. With ``group``, over all its ranks (collective)."""
-        sums, maxima = self._sums.clone(), self._maxima.clone()
+        routing = self._routing if self._routing is not None else torch.zeros(3, dtype=torch.float64)
+        maxima = self._maxima.clone() if self._maxima is not None else torch.zeros(2, dtype=torch.float64)
+        sums = torch.cat([routing, routing.new_tensor(self._bytes)])
         if group is not None and dist.is_initialized():
             nccl = dist.get_backend(group) == "nccl"  # NCCL reduces GPU tensors only
-            device = torch.device("cuda", torch.cuda.current_device()) if nccl else sums.device
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
             sums, maxima = sums.to(device), maxima.to(device)
             dist.all_reduce(sums, group=group)
             dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
-            sums, maxima = sums.cpu(), maxima.cpu()
+        sums, maxima = sums.cpu(), maxima.cpu()
         tokens = max(sums[0].item(), 1.0)
         return {
             "ranks_per_token": sums[1].item() / tokens,

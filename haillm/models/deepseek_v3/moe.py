@@ -147,10 +147,12 @@ class LocalDispatcher:
         token_ids = order // indices.shape[1]
         return x.index_select(0, token_ids), order, token_ids  # its backward is an index_add, unlike x[ids]'s
 
-    def compute(self, experts: nn.ModuleDict, routed_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def compute(self, experts: nn.ModuleDict, routed_x: torch.Tensor, counts: torch.Tensor, first: int = 0
+                ) -> torch.Tensor:
         """One call per expert with tokens (``counts[e]`` rows each, in expert order), or the same as three
-        grouped GEMMs where ``grouped_experts`` applies."""
-        mlps = [experts[str(e)] for e in range(len(counts))]
+        grouped GEMMs where ``grouped_experts`` applies. ``experts`` are keyed by global id from ``first``
+        (an expert-parallel rank holds a contiguous block)."""
+        mlps = [experts[str(first + e)] for e in range(len(counts))]
         if _groupable(mlps, routed_x):
             return grouped_experts(mlps, routed_x, counts)
         chunks = routed_x.split(counts.tolist())
