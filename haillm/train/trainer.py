@@ -169,13 +169,13 @@ class Trainer:
                 out = self.pipeline.runtime.step(micro_batches)
             sum_partner_grads(self.pipeline.partner_params, self.pipeline.partner)
             return out.per_microbatch.sum(dim=1)
-        sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
+        sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(micro_batches):
             with opt.no_sync() if i < n - 1 else contextlib.nullcontext():
                 out = self.model.compute_loss(batch)
                 (out["loss"] / n).backward()
-            sums += torch.tensor([out[key].item() for key in LOSS_KEYS], dtype=torch.float64)
-        return sums
+            sums += torch.stack([out[key].detach() for key in LOSS_KEYS]).double()  # read back once per step
+        return sums.cpu()
 
     def _max_violation(self, loads: torch.Tensor) -> float:
         """max_vio over every MoE layer of the model: pipeline ranks hold different layers."""
