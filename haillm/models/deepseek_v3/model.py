@@ -92,6 +92,11 @@ def init_weights(module: nn.Module, seed: int, std: float, prefix: str = "") -> 
             mod.tokens_per_expert.zero_()
 
 
+def moe_layers_of(blocks: list[Block]) -> list[MoE]:
+    """The FFNs of ``blocks`` that are MoE layers, in order."""
+    return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
+
+
 def _mark_norm_output(norm: RMSNorm, args: tuple, out: torch.Tensor) -> None:
     if torch.is_grad_enabled():
         mark(out, norm, *args)
@@ -153,6 +158,19 @@ class TrainingObjective:
             mtp_loss = mtp_loss + self.head.cross_entropy_sum(mtp.norm(h), targets[:, k:]) / n_positions
         return lm_loss, mtp_loss * (self.args.mtp_lambda / self.args.mtp_depth)
 
+    def init_weights(self, seed: int) -> None:
+        """Deterministic from ``seed`` alone, per parameter FQN (see module-level ``init_weights``), so a
+        pipeline stage or expert shard gets the full model's values; also rebuilds the rope tables (needed
+        after ``to_empty`` from the meta device)."""
+        init_weights(self, seed, self.args.init_std)
+        cos, sin = rope_tables(self.args, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE layers held here in a fixed order: main-model layers by index, then the MTP blocks."""
+        return moe_layers_of(list(self.layers.values()) + [m.block for m in getattr(self, "mtp", {}).values()])
+
     def moe_loads(self) -> torch.Tensor:
         """``[n_moe_layers, n_routed_experts]`` tokens routed per expert since the last reset, in
         ``moe_layers()`` order (``[0, n_routed]`` for a module without MoE layers)."""
@@ -194,14 +212,6 @@ class DeepSeekV3(TrainingObjective, nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         if init_seed is not None and self.embed.weight.device.type != "meta":
             self.init_weights(init_seed)
-
-    def init_weights(self, seed: int) -> None:
-        """Deterministic from ``seed`` alone, per parameter FQN (see module-level ``init_weights``); also
-        rebuilds the rope tables (needed after ``to_empty`` from the meta device)."""
-        init_weights(self, seed, self.args.init_std)
-        cos, sin = rope_tables(self.args, device=self.rope_cos.device)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
 
     def _rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if start + length > self.args.max_seq_len:
@@ -246,11 +256,6 @@ class DeepSeekV3(TrainingObjective, nn.Module):
         }
 
     # --- expert load balancing -------------------------------------------------------------------------
-
-    def moe_layers(self) -> list[MoE]:
-        """MoE layers in a fixed order: main-model layers by index, then the MTP blocks."""
-        blocks = list(self.layers.values()) + [m.block for m in self.mtp.values()]
-        return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
 
     # --- inference with the latent cache -------------------------------------------------------------
 

@@ -35,8 +35,8 @@ from torch import nn
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.flops import block_params
 from haillm.models.deepseek_v3.mla import rope_tables
-from haillm.models.deepseek_v3.model import Block, TrainingObjective, init_weights
-from haillm.models.deepseek_v3.moe import GraphCut, MoE, take_balance_loss
+from haillm.models.deepseek_v3.model import Block, TrainingObjective, moe_layers_of
+from haillm.models.deepseek_v3.moe import GraphCut, take_balance_loss
 from haillm.models.deepseek_v3.mtp import MTPModule
 from haillm.ops import Linear, RMSNorm, set_weight_grad_deferral
 from haillm.ops.recompute import stepwise
@@ -149,14 +149,6 @@ class StageModel(TrainingObjective, nn.Module):
             self.init_weights(init_seed)
         self.set_recompute(recompute)
 
-    def init_weights(self, seed: int) -> None:
-        """The full model's values for this rank's parameters (per FQN); rebuilds the rope tables too, so a
-        stage built on the meta device can be materialised with ``to_empty`` and then initialised."""
-        init_weights(self, seed, self.args.init_std)
-        cos, sin = rope_tables(self.args, device=self.rope_cos.device)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
-
     def activation_shape(self, batch: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype]:
         return (batch.shape[0], batch.shape[1] - 1, self.args.dim), self.rope_cos.dtype
 
@@ -183,20 +175,16 @@ class StageModel(TrainingObjective, nn.Module):
         for block in blocks:
             h = yield from block.forward_phases(h, cos, sin, cut)
         if not spec.last:
-            balance = take_balance_loss(_moes(blocks), h)
+            balance = take_balance_loss(moe_layers_of(blocks), h)
             zero = h.new_zeros(())
             metrics = {"loss": balance.detach(), "lm_loss": zero, "mtp_loss": zero, "balance_loss": balance.detach()}
             return ChunkOutput(h, balance if balance.requires_grad else None, metrics)
         lm_loss, mtp_loss = yield from self.lm_and_mtp_loss_phases(h, inputs, batch[:, 1:], cut=cut)
-        balance = take_balance_loss(_moes(blocks + [m.block for m in self.mtp.values()]), h)
+        balance = take_balance_loss(moe_layers_of(blocks + [m.block for m in self.mtp.values()]), h)
         loss = lm_loss + mtp_loss + balance
         metrics = {"loss": loss.detach(), "lm_loss": lm_loss.detach(), "mtp_loss": mtp_loss.detach(),
                    "balance_loss": balance.detach()}
         return ChunkOutput(None, loss, metrics)
-
-    def moe_layers(self) -> list[MoE]:
-        """This rank's MoE layers: main-model layers by index, then the MTP blocks (if held here)."""
-        return _moes(list(self.layers.values()) + [m.block for m in getattr(self, "mtp", {}).values()])
 
     def partner_params(self, schedule: str) -> list[tuple[str, nn.Parameter]]:
         """Parameters whose gradients must be summed with the partner rank's (see module docstring)."""
@@ -205,10 +193,6 @@ class StageModel(TrainingObjective, nn.Module):
         if schedule == "1f1b" and self.args.mtp_depth and self.has_first != self.has_last:
             return [("embed.weight", self.embed.weight)]  # first or last rank of a pp > 1 pipeline
         return []
-
-
-def _moes(blocks: list[nn.Module]) -> list[MoE]:
-    return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
 
 
 def build_stage_model(args: ModelArgs, schedule: str, pp: int, pp_rank: int, init_seed: int | None = 0,
