@@ -28,7 +28,6 @@ Two measurements:
 
 import argparse
 import json
-import logging
 import math
 import multiprocessing
 import time
@@ -39,6 +38,7 @@ import torch
 
 from haillm.config import OptimConfig, TrainConfig
 from haillm.data import DataConfig, StepBatcher, StepSampler, build_dataset
+from haillm.fp8 import policy as fp8_policy
 from haillm.fp8.policy import FP8_TINY_OVERRIDES, apply_precision
 from haillm.models.deepseek_v3 import count_params, mtp_params
 from haillm.models.deepseek_v3.args import get_preset
@@ -50,12 +50,12 @@ PROBE_SEED = 10_000
 
 
 def probe(model: DeepSeekV3, batch: torch.Tensor, run_precision: str, pow2: bool) -> dict[str, float]:
-    """One model, three numerics: main-model loss and the objective's gradient on ``batch`` with the policy's linears in
-    FP8, BF16-emulated and fp32, all on the same weights; returns FP8's and BF16's relative loss difference
-    and relative gradient error ``|g - g_fp32| / |g_fp32|`` against fp32. Unlike the training comparison
-    this is not chaotic: it is the error of the arithmetic alone."""
+    """One model, three numerics: main-model loss and the objective's gradient on ``batch`` with the policy's
+    linears in FP8, BF16-emulated and fp32, all on the same weights; returns FP8's and BF16's relative loss
+    difference and relative gradient error ``|g - g_fp32| / |g_fp32|`` against fp32. Unlike the training
+    comparison this is not chaotic: it is the error of the arithmetic alone."""
     results = {}
-    logging.getLogger("haillm").disabled = True  # the shape-fallback warnings, once per switch
+    fp8_policy.logger.disabled = True  # its shape-fallback warnings, repeated at every switch
     for precision in ("default", "bf16_emulated", "fp8"):
         apply_precision(model, precision, pow2_scales=pow2)
         model.zero_grad(set_to_none=True)
@@ -65,7 +65,7 @@ def probe(model: DeepSeekV3, batch: torch.Tensor, run_precision: str, pow2: bool
         grads = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in model.parameters()])
         results[precision] = (out["lm_loss"].item(), grads)
     apply_precision(model, "default" if run_precision == "fp32" else run_precision, pow2_scales=pow2)
-    logging.getLogger("haillm").disabled = False
+    fp8_policy.logger.disabled = False
     model.zero_grad(set_to_none=True)
     loss32, grad32 = results["default"]
     summary = {}
@@ -76,9 +76,10 @@ def probe(model: DeepSeekV3, batch: torch.Tensor, run_precision: str, pow2: bool
     return summary
 
 
-def train(precision: str, args, dataset, schedule, probe_batch: torch.Tensor | None = None):
-    """Per-step main-model (next-token) loss of one run; with ``probe_batch`` also ``probe`` results every
-    ``args.probe_every`` steps (before the step's update), as a second return value."""
+def train(precision: str, args, dataset, schedule, probe_batch: torch.Tensor | None = None
+          ) -> tuple[list[float], list[dict[str, float]]]:
+    """Per-step main-model (next-token) loss of one run, and with ``probe_batch`` the ``probe`` results
+    every ``args.probe_every`` steps (before the step's update)."""
     torch.manual_seed(args.seed)
     model = DeepSeekV3(get_preset("tiny").replace(**FP8_TINY_OVERRIDES), init_seed=args.seed)
     report = apply_precision(model, "default" if precision == "fp32" else precision, pow2_scales=args.pow2)
@@ -111,7 +112,7 @@ def train(precision: str, args, dataset, schedule, probe_batch: torch.Tensor | N
             print(f"[{precision}] step {step:4d}  lm loss {losses[-1]:.4f}  ({rate:.2f} steps/s)", flush=True)
     if not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"{precision} run produced a non-finite loss")
-    return (losses, probes) if probe_batch is not None else losses
+    return losses, probes
 
 
 def ema(values: list[float], coef: float = 0.9) -> list[float]:
@@ -126,7 +127,7 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
-def run_one(precision: str, seed: int, args) -> list[float]:
+def run_one(precision: str, seed: int, args) -> tuple[list[float], list[dict[str, float]]]:
     """One training run in a worker process (``--jobs``): its own thread budget, dataset and model."""
     torch.set_num_threads(args.threads)
     dataset = build_dataset(DataConfig(max_bytes=args.max_bytes), args.seq_len, min_samples=args.batch)
@@ -137,8 +138,7 @@ def run_one(precision: str, seed: int, args) -> list[float]:
     if precision == "bf16_emulated" and args.probe_every:  # a fixed batch, not drawn by the run's sampler
         sampler = StepSampler(dataset.num_samples, args.batch, PROBE_SEED + seed)
         probe_batch = StepBatcher(dataset, sampler, 0, 1, args.batch).next_step()[0]
-    out = train(precision, SimpleNamespace(**{**vars(args), "seed": seed}), dataset, schedule, probe_batch)
-    return out if probe_batch is not None else (out, [])
+    return train(precision, SimpleNamespace(**{**vars(args), "seed": seed}), dataset, schedule, probe_batch)
 
 
 def compare(losses: list[float], base: list[float], warmup: int) -> dict[str, float]:
