@@ -1,12 +1,12 @@
 """DeepSeek-V3 model: presets, parameter/FLOP counts (golden values), seed-only initialisation, the
 training objective (MTP alignment and normalisation) and a short training run on tiny."""
 
-import contextlib
 import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
+from saved_tensors import saved_storages
 
 from haillm.models.deepseek_v3 import (
     PRESETS,
@@ -206,7 +206,7 @@ def test_tiny_trains_on_a_fixed_batch():
 def test_recompute_on_the_full_model_changes_no_gradient_and_keeps_less():
     """``set_recompute`` (report §3.2.3) on the single-process model: no RMSNorm output is kept for backward
     (recipes instead, recomputed there) and less is kept in all; every gradient is bitwise the plain run's."""
-    from haillm.ops import RMSNorm, recompute
+    from haillm.ops import RMSNorm
 
     args = get_preset("tiny")
     batch = torch.randint(0, args.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
@@ -214,26 +214,11 @@ def test_recompute_on_the_full_model_changes_no_gradient_and_keeps_less():
     def run(enabled: bool) -> tuple[int, int, dict[str, torch.Tensor]]:
         model = DeepSeekV3(args, init_seed=4)
         model.set_recompute(enabled)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         norm_outputs: list[torch.Tensor] = []  # kept alive, so that no other tensor reuses their memory
         for m in model.modules():
             if isinstance(m, RMSNorm):
                 m.register_forward_hook(lambda _m, _a, out: norm_outputs.append(out))
-        kept: dict[int, int] = {}
-
-        def count(t):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
-                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        pack = recompute._pack
-        recompute._pack = lambda t: count(pack(t))  # with recompute on, every saved tensor passes here
-        try:
-            plain_hooks = torch.autograd.graph.saved_tensors_hooks(count, lambda t: t)
-            with contextlib.nullcontext() if enabled else plain_hooks:
-                loss = model.compute_loss(batch)["loss"]
-        finally:
-            recompute._pack = pack
+        kept, loss = saved_storages(model, lambda: model.compute_loss(batch)["loss"])
         kept_norms = len({t.untyped_storage().data_ptr() for t in norm_outputs} & kept.keys())
         loss.backward()  # (recomputation runs the norms again)
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

@@ -11,10 +11,11 @@ import torch.distributed as dist
 import torch.fx.experimental.symbolic_shapes  # noqa: F401
 import torch.nn.functional as F
 from dist import run_distributed
+from saved_tensors import saved_storages
 
 from haillm.fp8.policy import FP8_TINY_OVERRIDES, apply_fp8
 from haillm.models.deepseek_v3 import get_preset
-from haillm.ops import Linear, deferring_weight_grads, recompute
+from haillm.ops import Linear, deferring_weight_grads
 from haillm.parallel.expert import AllToAllDispatcher, ExpertPlacement, apply_expert_parallel
 from haillm.parallel.pipeline.overlap import Tape, interleave, run_to_end
 from haillm.parallel.pipeline.runtime import PipelineRuntime
@@ -139,25 +140,8 @@ def test_input_grad_then_weight_grad_equals_full_backward_on_the_model(fp8):
 
 def saved_bytes(model, batch: torch.Tensor) -> tuple[int, dict]:
     """Bytes of the distinct non-parameter storages autograd keeps for one forward, and the gradients."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def count(t):
-        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     model.zero_grad(set_to_none=True)
-    if model.recompute:
-        pack = recompute._pack
-        recompute._pack = lambda t: count(pack(t))
-        try:
-            out = model.forward_chunk(0, None, batch)
-        finally:
-            recompute._pack = pack
-    else:
-        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-            out = model.forward_chunk(0, None, batch)
+    kept, out = saved_storages(model, lambda: model.forward_chunk(0, None, batch))
     out.loss.backward()
     return sum(kept.values()), grads_of(model)
 
