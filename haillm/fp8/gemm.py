@@ -53,7 +53,13 @@ def _check_args(a, a_s, b, b_s, b_block) -> None:
 def fp8_gemm_reference(
     a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, b_block: int = BLOCK
 ) -> torch.Tensor:
-    """Plain-torch ``a @ b.T`` with per-128-K promotion; returns fp32 ``[M, N]``."""
+    """Plain-torch ``a @ b.T`` with per-128-K promotion; returns fp32 ``[M, N]``. Its batched matmul is fp32
+    by definition, so autocast is kept out of it."""
+    with torch.autocast(a.device.type, enabled=False):
+        return _reference(a, a_s, b, b_s, b_block)
+
+
+def _reference(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, b_block: int) -> torch.Tensor:
     (m, k), n = a.shape, b.shape[0]
     kb = ceil_div(k, BLOCK)
     pad = kb * BLOCK - k
