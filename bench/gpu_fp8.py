@@ -7,6 +7,7 @@ and FP8 vs BF16 GEMM throughput on DeepSeek-V3 shapes.
 1. Accuracy (DeepGEMM's metric ``calc_diff``, float64): for each shape, ``fp8_gemm`` (cuBLAS through
    ``F.scaled_mm``) against ``fp8_gemm_reference`` run on the same FP8 operands (same semantics: must agree
    to fp32 rounding) and against the fp32 product of the original bf16 inputs (DeepGEMM's bound: < 1e-3).
+   Shapes cuBLAS does not take as they are (N = 2112) run zero-padded ("padded").
    Both recipes: 1x128 x 128x128 (Fprop/Dgrad) and 1x128 x 1x128 (Wgrad).
 2. Throughput: BF16 ``torch.mm`` vs FP8 ``fp8_gemm`` on pre-quantized operands, and FP8 including the
    activation quantization (``act_quant`` is eager torch, several kernels), timed with CUDA events.
@@ -56,10 +57,6 @@ def accuracy(device: str) -> bool:
     cases += [(1, n_out, tokens, k_in) for n_out, tokens, k_in in WGRAD_SHAPES]
     for b_block, m, k, n in cases:
         x, w, args = quantized(m, k, n, b_block, device)
-        if not scaled_mm_supported(args[0], args[2], b_block, torch.float32):
-            print(f"{b_block:>10} {m:>5} {k:>6} {n:>6}  not taken by scaled_mm_supported")
-            all_ok = False
-            continue
         out32 = fp8_gemm(*args, out_dtype=torch.float32, b_block=b_block)
         out16 = fp8_gemm(*args, out_dtype=torch.bfloat16, b_block=b_block)
         d_ref = calc_diff(out32, fp8_gemm_reference(*args, b_block=b_block))
@@ -67,7 +64,8 @@ def accuracy(device: str) -> bool:
         ok = d_ref < 1e-6 and d_hp < 1e-3
         all_ok &= ok
         recipe = "1x128" if b_block == 1 else "128x128"
-        print(f"{recipe:>10} {m:>5} {k:>6} {n:>6}  {d_ref:12.3e}  {d_hp:17.3e}  {'yes' if ok else 'NO'}")
+        padded = " (padded)" if not scaled_mm_supported(args[0], args[2], b_block, torch.float32) else ""
+        print(f"{recipe:>10} {m:>5} {k:>6} {n:>6}  {d_ref:12.3e}  {d_hp:17.3e}  {'yes' if ok else 'NO'}{padded}")
     return all_ok
 
 
