@@ -115,8 +115,8 @@ def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 
 class LocalDispatcher:
-    """Single-device token movement: sort token copies by expert, run each expert once on its contiguous
-    slice, scatter the weighted results back in token order. Nothing is dropped."""
+    """Single-device token movement: sort token copies by expert, run the experts as grouped GEMMs over
+    their contiguous slices, scatter the weighted results back in token order. Nothing is dropped."""
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x: [N, dim]``, ``indices: [N, k]`` -> (token copies grouped by expert ``[N*k, dim]``, ``order``
