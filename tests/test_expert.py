@@ -8,6 +8,7 @@ from dist import run_distributed
 
 from haillm.fp8 import act_dequant, act_quant, calc_diff
 from haillm.models.deepseek_v3 import DeepSeekV3, get_preset
+from haillm.models.deepseek_v3.experts import per_expert_state
 from haillm.models.deepseek_v3.model import init_weights
 from haillm.models.deepseek_v3.moe import MoE
 from haillm.parallel.expert import (
@@ -55,6 +56,20 @@ def bias_gate(moe: MoE) -> None:
     moe.gate.bias[8:12] = -1.0
 
 
+def per_expert_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``named_parameters()`` with the stacked routed experts split into their experts (views carrying the
+    matching ``.grad`` views), named by global id as in ``state_dict()``: the same names whatever experts a
+    rank holds."""
+    pieces, params = per_expert_state(module), {}
+    for name, p in module.named_parameters():
+        for piece, offset, shape in pieces(name, p):
+            def cut(t, offset=offset, shape=shape):
+                return None if t is None else t.detach().flatten()[offset : offset + shape.numel()].view(shape)
+            params[piece] = cut(p)
+            params[piece].grad = cut(p.grad)
+    return params
+
+
 def ep_setup(args, fp8: bool = False, ranks_per_node: int | None = None) -> tuple[MoE, AllToAllDispatcher]:
     placement = ExpertPlacement(
         args.n_routed_experts, dist.get_world_size(), dist.get_rank(), ranks_per_node, args.n_expert_groups
@@ -82,16 +97,13 @@ def _parity_worker(changes: dict) -> dict:
 
     assert_matches(y, y_ref[mine].detach())
     assert_matches(x.grad, x_ref.grad[mine])
-    ref_params = dict(ref.named_parameters())
+    ref_params = per_expert_params(ref)
     local = {str(e) for e in dispatcher.placement.local_expert_ids}
     assert {n.split(".")[1] for n in moe.state_dict() if n.startswith("experts.")} == local  # global ids
-    for name, p in moe.named_parameters():
+    for name, p in per_expert_params(moe).items():
         ref_grad = ref_params[name].grad
         if name.startswith("experts."):  # lives on this rank only: its grad is the whole batch's
-            if ref_grad is None:  # an expert that got no tokens anywhere
-                assert p.grad is None, name
-                continue
-            assert_matches(p.grad, ref_grad)
+            assert_matches(p.grad, ref_grad)  # zero for an expert that got no tokens anywhere
         else:  # gate and shared experts are replicated: per-rank grads sum to the reference
             grad = p.grad.clone()
             dist.all_reduce(grad)
@@ -132,9 +144,9 @@ def _model_worker() -> dict:
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
     assert abs(mean_loss.item() / world - ref_loss.item()) <= 1e-6 * ref_loss.item()
-    ref_params = dict(ref.named_parameters())
+    ref_params = per_expert_params(ref)
     n_experts = 0
-    for name, p in model.named_parameters():
+    for name, p in per_expert_params(model).items():
         assert torch.equal(p.detach(), ref_params[name].detach()), name  # same seed, same weights, any layout
         grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
         if ".experts." in name:  # already summed over every rank's tokens; the global loss is the mean

@@ -15,6 +15,7 @@ import haillm.fp8.policy as policy
 from haillm.fp8 import act_quant, calc_diff, fp8_gemm, fp8_gemm_reference, gemm_plan, pad_for_scaled_mm, weight_quant
 from haillm.fp8.gemm import scaled_mm_shape
 from haillm.models.deepseek_v3 import DeepSeekV3, get_preset
+from haillm.models.deepseek_v3.experts import GroupedExperts
 from haillm.ops import Linear
 
 SM90, SM80 = (9, 0), (8, 0)
@@ -50,14 +51,26 @@ def test_plan_rule():
     assert gemm_plan(SM80, 4096, 7168, 2048) == "unsupported"
 
 
-def fp8_linears(preset: str) -> tuple[list[Linear], list[Linear]]:
-    """The linears the FP8 policy puts in FP8 and those it keeps in default precision, on the meta device."""
+def linear_shape(model: torch.nn.Module, fqn: str) -> tuple[int, int, str]:
+    """(in features, out features, precision) of a linear the FP8 report names: an ``ops.Linear``, or one
+    expert's projection ``<experts>.<gid>.<w1|w2|w3>`` of a stacked ``GroupedExperts``."""
+    owner, _, name = fqn.rpartition(".")
+    experts_fqn, _, gid = owner.rpartition(".")
+    if gid.isdigit() and isinstance(experts := model.get_submodule(experts_fqn), GroupedExperts):
+        out_features, in_features = getattr(experts, name).shape[1:]
+        return in_features, out_features, experts.precision
+    module = model.get_submodule(fqn)
+    return module.in_features, module.out_features, module.precision
+
+
+def fp8_linears(preset: str) -> tuple[list[tuple[int, int, str]], list[tuple[int, int, str]]]:
+    """Shapes and precisions of the linears the FP8 policy puts in FP8 and of those it keeps in default
+    precision, on the meta device."""
     with torch.device("meta"):
         model = DeepSeekV3(get_preset(preset), init_seed=None)
     report = policy.apply_precision(model, "fp8")
-    low = [model.get_submodule(n) for n in report.low]
-    high = [model.get_submodule(n) for n in report.fallback + report.kept]
-    return low, high
+    return ([linear_shape(model, n) for n in report.low],
+            [linear_shape(model, n) for n in report.fallback + report.kept])
 
 
 @pytest.mark.parametrize("preset", ["v3_671b", "v2_lite_16b", "small"])
@@ -69,12 +82,12 @@ def test_every_linear_shape_runs_fp8_or_bf16_on_a_gpu(preset, caplog):
         low, high = fp8_linears(preset)
     assert low and high
     plans = set()
-    for lin in low:
-        k, n = lin.in_features, lin.out_features
+    assert {p for _, _, p in low} == {"fp8"}
+    for k, n, _ in low:
         for t in TOKENS:
             plans |= {gemm_plan(SM90, t, k, n), gemm_plan(SM90, t, n, k), gemm_plan(SM90, n, t, k, b_block=1)}
     assert plans <= {"scaled_mm", "scaled_mm_padded"}, plans
-    assert all(lin.precision == "default" for lin in high)
+    assert {p for _, _, p in high} == {"default"}
 
 
 def test_gpu_without_blockwise_fp8_keeps_bf16(monkeypatch, caplog):

@@ -13,6 +13,7 @@ import haillm.fp8.linear as fp8_linear_module
 from haillm.fp8 import calc_diff, weight_quant
 from haillm.fp8.policy import FP8_TINY_OVERRIDES, apply_fp8, apply_precision, invalidate_weight_caches
 from haillm.models.deepseek_v3.args import get_preset
+from haillm.models.deepseek_v3.experts import WEIGHTS, GroupedExperts
 from haillm.models.deepseek_v3.model import DeepSeekV3
 from haillm.ops import Linear
 from haillm.ops.linear import Bf16EmulatedLinear
@@ -29,7 +30,14 @@ def tokens(seed: int, bsz: int = 2, seq: int = 64) -> torch.Tensor:
 
 
 def precisions(model) -> dict[str, str]:
-    return {n: m.precision for n, m in model.named_modules() if isinstance(m, Linear)}
+    """Every linear's precision by FQN, the stacked routed experts' as their per-expert linears."""
+    found = {}
+    for n, m in model.named_modules():
+        if isinstance(m, Linear):
+            found[n] = m.precision
+        elif isinstance(m, GroupedExperts):
+            found |= {f"{n}.{gid}.{w}": m.precision for gid in m.ids for w in WEIGHTS}
+    return found
 
 
 def test_policy_selects_the_published_linears():

@@ -136,10 +136,9 @@ def test_init_depends_on_seed_and_fqn_only():
     init_weights(block, 7, args.init_std, prefix="layers.2")
     assert all(torch.equal(v, full[f"layers.2.{k}"]) for k, v in block.state_dict().items())
 
-    # An expert-parallel rank keeping only experts 5 and 2 (in that construction order).
+    # An expert-parallel rank keeping only experts 5 and 2 (of its stacked experts).
     model = DeepSeekV3(args, init_seed=None)
-    moe = model.layers["3"].ffn
-    moe.experts = torch.nn.ModuleDict({k: moe.experts[k] for k in ("5", "2")})
+    model.layers["3"].ffn.experts.keep([5, 2])
     model.init_weights(7)
     assert all(torch.equal(v, full[k]) for k, v in model.state_dict().items())
 

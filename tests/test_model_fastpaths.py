@@ -4,11 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import haillm.models.deepseek_v3.moe as moe_mod
 import haillm.ops.linear as linear_mod
-from haillm.models.deepseek_v3 import DeepSeekV3, get_preset
-from haillm.models.deepseek_v3.model import init_weights
-from haillm.models.deepseek_v3.moe import MLP
 from haillm.ops import Linear, RMSNorm
 from haillm.ops.linear import LinearCrossEntropySum
 from haillm.ops.norm import _RMSNormFn
@@ -82,35 +78,3 @@ def test_linear_cross_entropy_other_precisions_use_the_module_forward():
     head.set_precision("bf16_emulated")
     expected = F.cross_entropy(head(x), targets, reduction="sum")
     assert torch.equal(head.cross_entropy_sum(x, targets), expected)
-
-
-
-def test_grouped_experts_are_bitwise_the_per_expert_loop(monkeypatch):
-    args = get_preset("tiny").replace(n_routed_experts=8, n_activated_experts=3)
-    moe = DeepSeekV3(args, init_seed=0).layers["1"].ffn
-    init_weights(moe, 4, 0.1)
-    gen = torch.Generator().manual_seed(5)
-    x, g = torch.randn(40, args.dim, generator=gen), torch.randn(40, args.dim, generator=gen)
-    moe.gate.bias[0] = -10.0  # an idle expert: an empty group
-    weights, indices, _ = moe.gate(x)
-    counts = torch.bincount(indices.flatten(), minlength=args.n_routed_experts)
-    assert counts[0] == 0 and counts.sum() == 120
-    results = []
-    for max_params in (moe_mod.GROUPED_EXPERT_MAX_PARAMS, 0):  # grouped, then the loop
-        monkeypatch.setattr(moe_mod, "GROUPED_EXPERT_MAX_PARAMS", max_params)
-        xi = x.clone().requires_grad_()
-        moe.zero_grad(set_to_none=True)
-        y = moe.dispatcher(xi, weights.detach(), indices, counts, moe.experts)
-        (y * g).sum().backward()
-        results.append([y, xi.grad] + [p.grad for p in moe.experts.parameters()])
-    for a, b in zip(*results, strict=True):
-        assert (a is None and b is None) or torch.equal(a, b)
-
-
-def test_grouped_experts_only_for_small_plain_experts():
-    mlps = [MLP(64, 32) for _ in range(3)]
-    rows = torch.zeros(5, 64)
-    assert moe_mod._groupable(mlps, rows)
-    mlps[1].w2.set_precision("bf16_emulated")
-    assert not moe_mod._groupable(mlps, rows)
-    assert not moe_mod._groupable([MLP(256, 128)], rows)  # 98K parameters per expert

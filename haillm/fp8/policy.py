@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from haillm.fp8.gemm import blockwise_fp8_available, device_capability
+from haillm.models.deepseek_v3.experts import WEIGHTS, GroupedExperts
 from haillm.ops.linear import Linear
 
 logger = logging.getLogger(__name__)
@@ -78,23 +79,30 @@ def apply_precision(model: nn.Module, precision: str, pow2_scales: bool = False)
     built (before or after the optimizer: parameters are not touched)."""
     report = PrecisionReport(precision)
     misfits: dict[str, list[str]] = {}
+    shapes: dict[str, list[int]] = {}
     for fqn, module in model.named_modules():
-        if not isinstance(module, Linear):
-            continue
-        eligible = precision != "default" and fqn.rsplit(".", 1)[-1] in FP8_LINEARS
-        fits = module.in_features % BLOCK == 0 and module.out_features % BLOCK == 0
-        module.set_precision(precision if eligible and fits else "default", pow2_scales)
-        if eligible and fits:
-            report.low.append(fqn)
-        elif eligible:
-            report.fallback.append(fqn)
-            if precision == "fp8":
-                misfits.setdefault(_expert_pattern(fqn), []).append(fqn)
+        if isinstance(module, Linear):
+            linears = [(fqn, [module.out_features, module.in_features])]
+            fits = module.in_features % BLOCK == 0 and module.out_features % BLOCK == 0
+        elif isinstance(module, GroupedExperts):  # reported as its experts' linears, by global id
+            linears = [(f"{fqn}.{gid}.{w}", list(getattr(module, w).shape[1:])) for gid in module.ids for w in WEIGHTS]
+            fits = module.fp8_fits
         else:
-            report.kept.append(fqn)
+            continue
+        eligible = precision != "default" and all(n.rsplit(".", 1)[-1] in FP8_LINEARS for n, _ in linears)
+        module.set_precision(precision if eligible and fits else "default", pow2_scales)
+        for name, shape in linears:
+            shapes[name] = shape
+            if eligible and fits:
+                report.low.append(name)
+            elif eligible:
+                report.fallback.append(name)
+                if precision == "fp8":
+                    misfits.setdefault(_expert_pattern(name), []).append(name)
+            else:
+                report.kept.append(name)
     for pattern, fqns in misfits.items():
-        module = model.get_submodule(fqns[0])
-        shape = [module.out_features, module.in_features]
+        shape = shapes[fqns[0]]
         many = f" ({len(fqns)} linears)" if len(fqns) > 1 else ""
         logger.warning(
             f"FP8 off for {pattern}{many}: weight {shape} is not a whole number of {BLOCK}x{BLOCK} "
@@ -119,5 +127,5 @@ def invalidate_weight_caches(model: nn.Module) -> None:
     """Drop every cached FP8 weight of ``model`` so the next forward requantizes: call after each optimizer
     step and checkpoint load (required with ZeRO-1; harmless and cheap otherwise)."""
     for module in model.modules():
-        if isinstance(module, Linear):
+        if isinstance(module, (Linear, GroupedExperts)):
             module.invalidate_fp8_weight()

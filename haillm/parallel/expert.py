@@ -38,7 +38,8 @@ import torch.distributed as dist
 from torch import nn
 
 from haillm.fp8 import FP8_DTYPE, act_dequant, act_quant
-from haillm.models.deepseek_v3.moe import GraphCut, LocalDispatcher, MoE
+from haillm.models.deepseek_v3.experts import GroupedExperts
+from haillm.models.deepseek_v3.moe import GraphCut, LocalDispatcher, MoE, expert_counts
 from haillm.parallel.mesh import ParallelConfigError, ParallelDims
 
 FP8_BLOCK = 128
@@ -209,7 +210,7 @@ class AllToAllDispatcher:
         """The first half of ``start_dispatch``: sort token copies by expert and start the count exchange."""
         p = self.placement
         if counts is None:
-            counts = torch.bincount(indices.flatten(), minlength=p.n_routed_experts)
+            counts = expert_counts(indices, p.n_routed_experts)
         self._record_stats(indices)
         sent, order, token_ids = self._local.dispatch(x, indices)
         send_counts = counts.to(torch.int64).reshape(p.ep_size, p.experts_per_rank).contiguous()
@@ -222,7 +223,8 @@ class AllToAllDispatcher:
         p, x, sent, send_counts, recv_counts = self.placement, plan.x, plan.sent, plan.send_counts, plan.recv_counts
         self._wait(plan.work)
         in_splits, out_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
-        segment = torch.arange(recv_counts.numel(), device=x.device).repeat_interleave(recv_counts.flatten())
+        segment = torch.arange(recv_counts.numel(), device=x.device).repeat_interleave(
+            recv_counts.flatten(), output_size=sum(out_splits))  # sized on the host: no wait for the device
         arrange = ((segment % p.experts_per_rank) * p.ep_size + segment // p.experts_per_rank).argsort(stable=True)
         payload = sent.detach()
         if self.fp8:
@@ -252,9 +254,9 @@ class AllToAllDispatcher:
         return routed_x, local_counts, handle
 
     # ---- expert compute ----
-    def compute(self, experts: nn.ModuleDict, routed_x: torch.Tensor, local_counts: torch.Tensor) -> torch.Tensor:
-        """The local experts on their contiguous slices, as ``LocalDispatcher.compute`` (keyed by global id)."""
-        return self._local.compute(experts, routed_x, local_counts, first=self.placement.local_expert_ids.start)
+    def compute(self, experts: GroupedExperts, routed_x: torch.Tensor, local_counts: torch.Tensor) -> torch.Tensor:
+        """The local experts (this rank's block, ``apply_expert_parallel``) on their rows, as ``LocalDispatcher``."""
+        return self._local.compute(experts, routed_x, local_counts)
 
     # ---- combine ----
     def start_combine(self, routed_y: torch.Tensor, handle: DispatchHandle) -> CombineHandle:
@@ -282,7 +284,7 @@ class AllToAllDispatcher:
         weights: torch.Tensor,
         indices: torch.Tensor,
         counts: torch.Tensor,
-        experts: nn.ModuleDict,
+        experts: GroupedExperts,
     ) -> torch.Tensor:
         routed_x, local_counts, handle = self.dispatch(x, indices, counts)
         return self.combine(self.compute(experts, routed_x, local_counts), weights, handle)
@@ -331,7 +333,7 @@ class AllToAllDispatcher:
         hit.scatter_(1, p.rank_of(indices), True)
         ranks = hit.sum(1)
         nodes = hit.view(-1, p.n_nodes, p.ep_ranks_per_node).any(-1).sum(1)
-        self._routing += torch.stack([ranks.new_tensor(indices.shape[0]), ranks.sum(), nodes.sum()])
+        self._routing += torch.stack([ranks.new_full((), indices.shape[0]), ranks.sum(), nodes.sum()])
         self._maxima = torch.maximum(self._maxima, torch.stack([ranks.max(), nodes.max()]))
 
     def _off_rank_bytes(self, payload: torch.Tensor, splits: list[int]) -> int:
@@ -364,12 +366,11 @@ class AllToAllDispatcher:
 
 
 def apply_expert_parallel(model: nn.Module, dispatcher: AllToAllDispatcher) -> nn.Module:
-    """Keep only this rank's experts (names keep their global ids) in every MoE layer of ``model`` and route
-    through ``dispatcher``. In place; returns ``model``."""
-    placement = dispatcher.placement
+    """Keep only this rank's block of experts (checkpoints keep naming them by global id) in every MoE layer
+    of ``model`` and route through ``dispatcher``. In place (build ``model`` on the meta device to never hold
+    the other experts); returns ``model``."""
     for module in model.modules():
         if isinstance(module, MoE):
-            for name in [n for n in module.experts if not placement.is_local(int(n))]:
-                del module.experts[name]
+            module.experts.keep(dispatcher.placement.local_expert_ids)
             module.dispatcher = dispatcher
     return model

@@ -36,7 +36,9 @@ group's size; experts use dp because each expert's gradient already holds every 
 A group with `"in_norm": False` is left out of the gradient norm (it is still clipped): for copies of
 parameters that another rank of `norm_groups` holds too (DualPipe's mirror stages).
 `weight_decay` applies to params for which
-`no_decay(name, param)` is False (default: every 1-D param: norms, biases). Params without a gradient
+`no_decay(name, param)` is False (default: every 1-D param: norms, biases). `state_pieces(name, param)`
+may checkpoint one parameter's state as several named pieces (stacked experts under per-expert names, so
+that the state reshards across expert layouts); by default each parameter is one piece. Params without a gradient
 in a step count as zero-gradient (Adam still decays their moments).
 """
 
@@ -56,6 +58,13 @@ from torch import Tensor, nn
 from haillm.parallel.zero_state import copy_pieces, sharded_view
 
 STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
+# (name, param) -> the pieces its state is checkpointed as: (name, element offset in the param, shape).
+StatePieces = Callable[[str, Tensor], list[tuple[str, int, torch.Size]]]
+
+
+def whole_param(name: str, param: Tensor) -> list[tuple[str, int, torch.Size]]:
+    """The default `state_pieces`: each parameter's state under its own name and shape."""
+    return [(name, 0, param.shape)]
 
 
 def default_no_decay(name: str, param: Tensor) -> bool:
@@ -114,6 +123,7 @@ class ZeroAdamW:
         moment_dtype: torch.dtype = torch.float32,
         reduce_dtype: torch.dtype = torch.float32,
         no_decay: Callable[[str, Tensor], bool] = default_no_decay,
+        state_pieces: StatePieces | None = None,
     ) -> None:
         params = list(params)
         user_groups = params if params and isinstance(params[0], dict) else [{"params": params}]
@@ -129,6 +139,7 @@ class ZeroAdamW:
         self.norm_groups = tuple(norm_groups)
         self.moment_dtype, self.reduce_dtype = moment_dtype, reduce_dtype
         self.no_decay = no_decay
+        self.state_pieces = state_pieces or whole_param
         self.step_count = 0
         self._sync = True
         self._overlap_gather = False
@@ -401,31 +412,36 @@ class ZeroAdamW:
         views of this rank's state, so DCP saves only those and, on load, fills them in place from
         whatever dp layout wrote the checkpoint. Pass the optimizer itself to dcp.save / dcp.load."""
         state: dict[str, dict[str, Tensor]] = {}
-        for b in self._buckets:
-            for i, name in enumerate(b.names):
-                state[name] = {kind: self._state_view(b, i, kind) for kind in STATE_KINDS}
+        for b, i, name, offset, shape in self._pieces():
+            state[name] = {kind: self._state_view(b, i, kind, offset, shape) for kind in STATE_KINDS}
         return {"step": torch.tensor(self.step_count), "state": state}
 
-    def _state_view(self, b: _Bucket, i: int, kind: str) -> Tensor:
-        """Parameter i of bucket b's `kind` state, in the parameter's shape (sharded over the group)."""
+    def _pieces(self) -> Iterator[tuple[_Bucket, int, str, int, torch.Size]]:
+        """(bucket, param index, checkpoint name, element offset in the param, shape) of every piece of state."""
+        for b in self._buckets:
+            for i, (name, p) in enumerate(zip(b.names, b.params, strict=True)):
+                for piece, offset, shape in self.state_pieces(name, p):
+                    yield b, i, piece, offset, shape
+
+    def _state_view(self, b: _Bucket, i: int, kind: str, offset: int, shape: torch.Size) -> Tensor:
+        """`shape` elements from `offset` of parameter i of bucket b's `kind` state (sharded over the group)."""
         pg = b.group["process_group"]
         ranks = dist.get_process_group_ranks(pg) if b.world > 1 else [0]
-        return sharded_view(b.state[kind], b.offsets[i], b.params[i].shape, b.numel // b.world, b.rank, ranks, pg)
+        return sharded_view(b.state[kind], b.offsets[i] + offset, shape, b.numel // b.world, b.rank, ranks, pg)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Adopt a state dict (loaded in place by DCP, or any full/sharded one with the same FQNs and
         shapes), then rebuild the parameters from the loaded master weights."""
         state = state_dict["state"]
-        expected = {n for b in self._buckets for n in b.names}
+        expected = {name for _, _, name, _, _ in self._pieces()}
         missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
         if missing or unexpected:
             raise ValueError(
                 f"optimizer state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
-        for b in self._buckets:
-            for i, name in enumerate(b.names):
-                for kind in STATE_KINDS:
-                    copy_pieces(self._state_view(b, i, kind), state[name][kind], name)
+        for b, i, name, offset, shape in self._pieces():
+            for kind in STATE_KINDS:
+                copy_pieces(self._state_view(b, i, kind, offset, shape), state[name][kind], name)
         self.step_count = int(state_dict["step"])
         for b in reversed(self._buckets):
             self._launch_gather(b)

@@ -7,12 +7,14 @@ import math
 import torch
 from omegaconf import DictConfig
 
+from haillm.models.deepseek_v3.experts import per_expert_state
 from haillm.parallel.mesh import ParallelDims
 from haillm.parallel.zero import ZeroAdamW
 
 
 def is_expert_param(name: str) -> bool:
-    """Routed-expert weights (`...ffn.experts.<global id>...`), sharded over the expert-parallel group."""
+    """Routed-expert weights (stacked `...ffn.experts.w1`; `...ffn.experts.<global id>...` in checkpoints),
+    sharded over the expert-parallel group."""
     return ".experts." in name
 
 
@@ -42,6 +44,7 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig, dims: ParallelDims,
         process_group=dims.dp_group, norm_groups=(dims.pp_group,) if dims.pp > 1 else (),
         moment_dtype=torch.bfloat16 if o.moment_dtype == "bf16" else torch.float32,
         reduce_dtype=torch.bfloat16 if o.grad_reduce_dtype == "bf16" else torch.float32,
+        state_pieces=per_expert_state(model),
     )
 
 

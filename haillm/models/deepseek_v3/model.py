@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from haillm.models.deepseek_v3.args import ModelArgs
+from haillm.models.deepseek_v3.experts import GroupedExperts
 from haillm.models.deepseek_v3.mla import MLA, rope_tables
 from haillm.models.deepseek_v3.moe import MLP, Gate, GraphCut, MoE, take_balance_loss
 from haillm.models.deepseek_v3.mtp import MTPModule
@@ -75,10 +76,12 @@ def init_weights(module: nn.Module, seed: int, std: float, prefix: str = "") -> 
 
     Because no random state is shared between parameters, a pipeline stage or expert-parallel shard that
     holds a subset of the parameters (under their full-model FQNs, via ``prefix``) gets bitwise the values
-    the full model would have, whatever the construction order.
+    the full model would have, whatever the construction order. Stacked routed experts are seeded row by
+    row under their per-expert names (``...experts.<gid>.w1.weight``), so any expert layout agrees too.
     """
     for mod_name, mod in module.named_modules(prefix=prefix.rstrip(".")):
-        for name, p in mod.named_parameters(recurse=False):
+        params = mod.named_expert_weights() if isinstance(mod, GroupedExperts) else mod.named_parameters(recurse=False)
+        for name, p in params:
             if isinstance(mod, RMSNorm):
                 p.fill_(1.0)
             elif name == "bias":

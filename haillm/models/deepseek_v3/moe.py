@@ -3,8 +3,9 @@ balancing (a routing-only bias) and the complementary sequence-wise balance loss
 
 The MoE layer decides routing (``Gate``) and hands token movement to ``self.dispatcher``. ``LocalDispatcher``
 is the single-device version; expert parallelism swaps in an all-to-all dispatcher with the same
-dispatch / compute / combine methods. Experts live in an ``nn.ModuleDict`` keyed by the global expert id, so
-a rank may hold only a subset and keep the same parameter names.
+dispatch / compute / combine methods. The routed experts are one ``GroupedExperts`` module (stacked weights,
+grouped GEMMs); a rank may hold only a block of them, and checkpoints name each by its global id.
+Routing and dispatch never wait for the device: counts, offsets and permutations stay on it.
 
 ``MoE.forward_phases`` is the forward split at the all-to-all exchanges, as a generator, for the pipeline's
 overlapped F&B pairs (``haillm.parallel.pipeline.overlap``); ``GraphCut`` is what it needs from its driver.
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from haillm.models.deepseek_v3.args import ModelArgs
+from haillm.models.deepseek_v3.experts import GroupedExperts
 from haillm.ops import Linear
 
 
@@ -105,40 +107,16 @@ class GraphCut(Protocol):
         ...
 
 
-GROUPED_EXPERT_MAX_PARAMS = 1 << 16  # per expert; tiny's are 6K, small's 147K
-
-
-def grouped_experts(mlps: list[MLP], routed_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """All experts' SwiGLU on their rows of ``routed_x`` (sorted by expert, ``counts[e]`` each) as three
-    ``torch._grouped_mm`` calls over weights stacked for the call; bitwise the per-expert loop on CPU.
-
-    Stacking copies every expert's weights (and un-stacks their gradients) each step; it pays while the ~20
-    op calls per expert it saves dominate, i.e. for small experts: 1.5x faster experts fwd+bwd at the
-    ``tiny`` preset (-4% step time), no measurable difference at ``small``, where the loop is kept. Idle
-    experts are left out, so their gradients stay ``None`` as with the loop."""
-    busy = counts > 0
-    offs = counts[busy].cumsum(0).to(torch.int32)
-    mlps = [m for m, b in zip(mlps, busy.tolist(), strict=True) if b]
-    w1, w2, w3 = (torch.stack([getattr(m, n).weight for m in mlps]).transpose(1, 2) for n in ("w1", "w2", "w3"))
-    h = F.silu(torch._grouped_mm(routed_x, w1, offs=offs)) * torch._grouped_mm(routed_x, w3, offs=offs)
-    return torch._grouped_mm(h, w2, offs=offs)
-
-
-def _groupable(mlps: list[MLP], routed_x: torch.Tensor) -> bool:
-    """``grouped_experts`` is used on CPU (fp32 grouped GEMM; measured there), outside torch.compile, for
-    small experts whose linears are all plain ``F.linear`` (no FP8 or BF16 emulation, no deferred wgrad)."""
-    return (
-        routed_x.device.type == "cpu"
-        and routed_x.shape[0] > 0
-        and not torch.compiler.is_compiling()
-        and 3 * mlps[0].w1.weight.numel() <= GROUPED_EXPERT_MAX_PARAMS
-        and all(m.w1.is_plain and m.w2.is_plain and m.w3.is_plain for m in mlps)
-    )
+def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Token copies per expert, ``[n_experts]`` int64: a fixed-size scatter (``bincount`` sizes its output
+    from the data and so waits for the device)."""
+    flat = indices.flatten()
+    return flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 class LocalDispatcher:
-    """Single-device token movement: sort token copies by expert, run each expert once on its contiguous
-    slice, scatter the weighted results back in token order. Nothing is dropped."""
+    """Single-device token movement: sort token copies by expert, run the experts as grouped GEMMs over
+    their contiguous slices, scatter the weighted results back in token order. Nothing is dropped."""
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x: [N, dim]``, ``indices: [N, k]`` -> (token copies grouped by expert ``[N*k, dim]``, ``order``
@@ -147,16 +125,9 @@ class LocalDispatcher:
         token_ids = order // indices.shape[1]
         return x.index_select(0, token_ids), order, token_ids  # its backward is an index_add, unlike x[ids]'s
 
-    def compute(self, experts: nn.ModuleDict, routed_x: torch.Tensor, counts: torch.Tensor, first: int = 0
-                ) -> torch.Tensor:
-        """One call per expert with tokens (``counts[e]`` rows each, in expert order), or the same as three
-        grouped GEMMs where ``grouped_experts`` applies. ``experts`` are keyed by global id from ``first``
-        (an expert-parallel rank holds a contiguous block)."""
-        mlps = [experts[str(first + e)] for e in range(len(counts))]
-        if _groupable(mlps, routed_x):
-            return grouped_experts(mlps, routed_x, counts)
-        chunks = routed_x.split(counts.tolist())
-        return torch.cat([mlp(c) if c.shape[0] else c for mlp, c in zip(mlps, chunks, strict=True)])
+    def compute(self, experts: GroupedExperts, routed_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The experts' grouped GEMMs over their rows (``counts[e]`` rows for row ``e`` of the stacks)."""
+        return experts(routed_x, counts)
 
     def combine(
         self, routed_y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token_ids: torch.Tensor, n_tokens: int
@@ -170,7 +141,7 @@ class LocalDispatcher:
         weights: torch.Tensor,
         indices: torch.Tensor,
         counts: torch.Tensor,
-        experts: nn.ModuleDict,
+        experts: GroupedExperts,
     ) -> torch.Tensor:
         routed_x, order, token_ids = self.dispatch(x, indices)
         routed_y = self.compute(experts, routed_x, counts)
@@ -190,7 +161,7 @@ class MoE(nn.Module):
         self.n_routed_experts = args.n_routed_experts
         self.balance_alpha = args.balance_alpha
         self.gate = Gate(args)
-        self.experts = nn.ModuleDict({str(i): MLP(args.dim, args.moe_inter_dim) for i in range(args.n_routed_experts)})
+        self.experts = GroupedExperts(args.dim, args.moe_inter_dim, range(args.n_routed_experts))
         self.shared_experts = (
             MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts > 0 else None
         )
@@ -202,7 +173,7 @@ class MoE(nn.Module):
         """Gate ``flat: [bsz*seq_len, dim]`` -> (weights, indices, per-expert counts); in training also count
         the loads and leave the balance loss."""
         weights, indices, scores = self.gate(flat)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)
+        counts = expert_counts(indices, self.n_routed_experts)
         if self.training:
             self.tokens_per_expert += counts
             if self.balance_alpha > 0 and torch.is_grad_enabled():

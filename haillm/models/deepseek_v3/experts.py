@@ -1,0 +1,334 @@
+"""The routed experts of one MoE layer as grouped GEMMs over weights stored stacked.
+
+``GroupedExperts`` holds one parameter per projection for all the experts a rank owns: ``w1``/``w3``
+``[E, inter, dim]`` and ``w2`` ``[E, dim, inter]``, row ``e`` being global expert ``ids[e]``. Their SwiGLU over
+token rows sorted by expert is three grouped GEMMs (``torch._grouped_mm``) whose group offsets are a
+cumulative sum on the device: no per-expert Python loop, no host synchronisation, no weight copies per step.
+Experts that got no rows are empty groups; their weight gradient is zero.
+
+Outside the module every expert keeps its global identity: ``state_dict()`` shows per-expert keys
+``<gid>.w1.weight`` ... with per-expert shapes (views of the stacks, so DCP's in-place load and a Hugging
+Face import write into them), ``load_state_dict`` stacks such keys back, ``per_expert_state`` names the
+ZeRO-1 optimizer state the same way, and the model's ``init_weights`` seeds each row from its per-expert
+FQN. A checkpoint therefore reads the same whichever ranks hold which experts.
+
+GEMM numerics follow ``precision`` (set by the FP8 policy, as on ``ops.Linear``):
+
+- ``"default"``: operands in the activation dtype (the autocast dtype under autocast); BF16 on CPU runs
+  as fp32 arithmetic on bf16 operands (``ops.precision``). ``torch._grouped_mm`` serves CPU tensors and
+  BF16 CUDA tensors whose row strides are 16-byte multiples; anything else (fp32 on CUDA, odd widths)
+  falls back to one GEMM per expert over host-side offsets: correct, but it synchronises.
+- ``"bf16_emulated"``: operands rounded to bf16, fp32 arithmetic (``ops.linear.Bf16EmulatedLinear``).
+- ``"fp8"``: DeepSeek-V3's recipe per expert (``fp8.linear``: 1x128 activation tiles, 128x128 weight
+  blocks); each stack is quantized once per optimizer step (``invalidate_fp8_weight`` after in-place
+  updates). A reference path: one GEMM per expert over host-side offsets (a grouped FP8 kernel is #12).
+
+In every precision the weight gradient can be deferred (zero-bubble I/W): inside ``deferring_weight_grads``
+backward computes the input gradient and queues one closure per stacked weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from haillm.fp8 import Fp8WeightCache, act_quant, fp8_dgrad, fp8_gemm, fp8_wgrad
+from haillm.ops import precision
+from haillm.ops.linear import PRECISIONS
+from haillm.ops.wgrad import defer_weight_grad
+
+WEIGHTS = ("w1", "w2", "w3")
+FP8_BLOCK = 128
+
+
+# ---- grouped GEMMs ----------------------------------------------------------------------------------------
+
+
+def _aligned(t: torch.Tensor, itemsize: int) -> bool:
+    """``torch._grouped_mm``'s layout rule: one of the last two strides is 1, the other a 16-byte multiple."""
+    (rows, cols), (s_rows, s_cols) = t.shape[-2:], t.stride()[-2:]
+    if s_rows == 1 and s_cols >= max(1, rows):
+        return s_cols * itemsize % 16 == 0
+    if s_cols == 1 and s_rows >= max(1, cols):
+        return s_rows * itemsize % 16 == 0
+    return False
+
+
+def _grouped_serves(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` (through ``ops.precision.grouped_mm``) takes these operands."""
+    if a.device.type == "cpu":
+        itemsize = 4 if precision.widens(a, b) else a.element_size()
+    elif a.dtype == b.dtype == torch.bfloat16:
+        itemsize = 2
+    else:
+        return False
+    return _aligned(a, itemsize) and _aligned(b, itemsize)
+
+
+def _bounds(offs: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(group, start, end)`` of every non-empty group, read on the host (a sync on a GPU)."""
+    ends = offs.tolist()
+    return [(g, s, e) for g, (s, e) in enumerate(zip([0, *ends[:-1]], ends, strict=True)) if e > s]
+
+
+def group_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``a[rows of g] @ b[g]`` for every group ``g``: ``a [rows, K]`` sorted by group, ``b [G, K, N]``,
+    ``offs`` the int32 end row of each group (``offs[-1] == rows``)."""
+    if a.shape[0] == 0:
+        return a.new_zeros(0, b.shape[-1])
+    if _grouped_serves(a, b):
+        return precision.grouped_mm(a, b, offs)
+    out = a.new_empty(a.shape[0], b.shape[-1])
+    for g, s, e in _bounds(offs):
+        precision.mm(a[s:e], b[g], out=out[s:e])
+    return out
+
+
+def group_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``dy[rows of g].T @ x[rows of g]`` for every group: ``[G, N, K]`` from ``dy [rows, N]``, ``x [rows, K]``;
+    zero for empty groups."""
+    shape = (offs.shape[0], dy.shape[1], x.shape[1])
+    if x.shape[0] == 0:  # no contraction at all: the grouped kernel would leave its output unwritten
+        return x.new_zeros(shape)
+    if _grouped_serves(dy.t(), x):
+        return precision.grouped_mm(dy.t(), x, offs)
+    out = x.new_zeros(shape)
+    for g, s, e in _bounds(offs):
+        precision.mm(dy[s:e].t(), x[s:e], out=out[g])
+    return out
+
+
+# ---- one stacked linear -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Numerics:
+    """How one grouped linear computes: ``precision``, the operand ``dtype`` of the default path, and for FP8
+    the stack's cached ``(q, s)`` (as ``weight_quant`` of ``[E * out, in]``) and scale format."""
+
+    precision: str
+    dtype: torch.dtype
+    weight_q: tuple[torch.Tensor, torch.Tensor] | None = None
+    pow2: bool = False
+
+    def operand(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.bfloat16 if self.precision == "bf16_emulated" else self.dtype)
+
+    def gemm(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        if self.precision == "bf16_emulated":
+            a, b = a.float(), b.float()
+        return group_mm(a, b, offs).to(out_dtype)
+
+    def wgrad(self, dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        if self.precision == "bf16_emulated":
+            dy, x = dy.float(), x.float()
+        return group_wgrad(dy, x, offs).to(out_dtype)
+
+    def fp8_expert(self, g: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``g``'s rows of the quantized stack: its ``out_features`` rows of ``q`` and their scales."""
+        q, s = self.weight_q
+        lo, hi = g * out_features, (g + 1) * out_features
+        return q[lo:hi], s[lo // FP8_BLOCK : hi // FP8_BLOCK]
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """``y[rows of g] = x[rows of g] @ weight[g].T`` with ``weight [G, out, in]`` a stacked parameter."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, num: _Numerics) -> torch.Tensor:
+        # The parameter itself, not a saved copy: a deferred closure accumulates into it (see ops.wgrad).
+        ctx.weight, ctx.num, ctx.x_dtype = weight, num, x.dtype
+        with torch.autocast(x.device.type, enabled=False):  # the dtypes are chosen here, not by autocast
+            if num.precision == "fp8":
+                x_q, x_s = act_quant(x, pow2=num.pow2)
+                ctx.bounds = _bounds(offs)
+                y = x.new_empty(x.shape[0], weight.shape[1])
+                for g, s, e in ctx.bounds:
+                    y[s:e] = fp8_gemm(x_q[s:e], x_s[s:e], *num.fp8_expert(g, weight.shape[1]), out_dtype=x.dtype)
+                ctx.save_for_backward(x_q, x_s, offs)
+                return y
+            a = num.operand(x)
+            ctx.save_for_backward(a, offs)
+            out_dtype = x.dtype if num.precision == "bf16_emulated" else a.dtype
+            return num.gemm(a, num.operand(weight).transpose(1, 2), offs, out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        weight, num = ctx.weight, ctx.num
+        dy = dy.contiguous()
+        if num.precision == "fp8":
+            x_q, x_s, offs = ctx.saved_tensors
+            bounds, dx = ctx.bounds, None
+            if ctx.needs_input_grad[0]:
+                dx = dy.new_empty(dy.shape[0], weight.shape[2], dtype=ctx.x_dtype)
+                for g, s, e in bounds:
+                    dx[s:e] = fp8_dgrad(dy[s:e], *num.fp8_expert(g, weight.shape[1]), num.pow2, ctx.x_dtype)
+
+            def weight_grad() -> torch.Tensor:
+                dw = torch.zeros_like(weight)
+                for g, s, e in bounds:
+                    dw[g] = fp8_wgrad(dy[s:e], x_q[s:e], x_s[s:e], num.pow2, weight.dtype)
+                return dw
+        else:
+            a, offs = ctx.saved_tensors
+            g = num.operand(dy)
+            dx = num.gemm(g, num.operand(weight), offs, ctx.x_dtype) if ctx.needs_input_grad[0] else None
+
+            def weight_grad() -> torch.Tensor:
+                return num.wgrad(g, a, offs, weight.dtype)
+
+        dw = None
+        if ctx.needs_input_grad[1] and not defer_weight_grad(weight, weight_grad):
+            dw = weight_grad()
+        return dx, dw, None, None
+
+
+# ---- the module -------------------------------------------------------------------------------------------
+
+
+class GroupedExperts(nn.Module):
+    """SwiGLU experts ``w2(silu(w1 x) * w3 x)`` with stacked weights; row ``e`` is global expert ``ids[e]``
+    (see the module docstring). ``self(x, counts)`` takes ``x [rows, dim]`` sorted by expert, ``counts[e]``
+    rows for row ``e``."""
+
+    def __init__(self, dim: int, inter_dim: int, expert_ids: Iterable[int]) -> None:
+        super().__init__()
+        self.ids = list(expert_ids)
+        n = len(self.ids)
+        self.w1 = nn.Parameter(torch.empty(n, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n, inter_dim, dim))
+        self.precision = "default"
+        self.fp8_pow2_scales = False
+        self._fp8: dict[str, Fp8WeightCache] = {}
+        self.register_state_dict_post_hook(_per_expert_state_dict)
+        self.register_load_state_dict_pre_hook(_stacked_state_dict)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        h = F.silu(self._linear(x, "w1", offs)) * self._linear(x, "w3", offs)
+        return self._linear(h, "w2", offs)
+
+    def _linear(self, x: torch.Tensor, name: str, offs: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        weight_q = self._fp8_weight(name) if self.precision == "fp8" else None
+        num = _Numerics(self.precision, dtype, weight_q, self.fp8_pow2_scales)
+        return _GroupedLinear.apply(x, getattr(self, name), offs, num)
+
+    # ---- precision (the FP8 policy's switch, as on ops.Linear) ----
+    def set_precision(self, precision: str, pow2_scales: bool = False) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == "fp8" and not self.fp8_fits:
+            raise ValueError(f"fp8 experts need 128-multiple widths, got w1 {list(self.w1.shape[1:])}")
+        self.precision, self.fp8_pow2_scales = precision, pow2_scales
+        self._fp8.clear()
+
+    @property
+    def fp8_fits(self) -> bool:
+        """Whether every expert weight is whole 128x128 blocks (the FP8 GEMM's and the stack's quantization)."""
+        return all(n % FP8_BLOCK == 0 for n in self.w1.shape[1:])
+
+    def invalidate_fp8_weight(self) -> None:
+        """Forget the quantized stacks: call after the weights changed behind autograd's version counter."""
+        for cache in self._fp8.values():
+            cache.invalidate()
+
+    def _fp8_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        p = getattr(self, name)
+        cache = self._fp8.get(name)
+        if cache is None or cache.weight.data_ptr() != p.data_ptr():  # new, or the storage moved (ZeRO-1)
+            cache = self._fp8[name] = Fp8WeightCache(p.detach().view(-1, p.shape[-1]), self.fp8_pow2_scales)
+        return cache.get()
+
+    # ---- global expert identities ----
+    def expert_pieces(self, name: str) -> list[tuple[str, int, torch.Size]]:
+        """Stacked weight ``name`` as per-expert pieces: (state-dict suffix ``<gid>.<name>.weight``, element
+        offset in the stack, shape)."""
+        p = getattr(self, name)
+        return [(f"{gid}.{name}.weight", e * p.shape[1:].numel(), p.shape[1:]) for e, gid in enumerate(self.ids)]
+
+    def named_expert_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(<gid>.<w>.weight, view of the stack's row)`` in checkpoint order (expert by expert)."""
+        for e, gid in enumerate(self.ids):
+            for name in WEIGHTS:
+                yield f"{gid}.{name}.weight", getattr(self, name)[e]
+
+    def keep(self, expert_ids: Iterable[int]) -> None:
+        """Hold only ``expert_ids`` (a subset of ``ids``; values kept, stacks copied): an expert-parallel rank's
+        block, built on the meta device before any storage exists."""
+        wanted = set(expert_ids)
+        if not wanted <= set(self.ids):
+            raise ValueError(f"experts {sorted(wanted - set(self.ids))} are not held here (held: {self.ids})")
+        rows = [e for e, gid in enumerate(self.ids) if gid in wanted]
+        index = torch.tensor(rows, dtype=torch.long, device=self.w1.device)
+        for name in WEIGHTS:
+            p = getattr(self, name)
+            setattr(self, name, nn.Parameter(p.detach().index_select(0, index), requires_grad=p.requires_grad))
+        self.ids = [self.ids[e] for e in rows]
+        self._fp8.clear()
+
+    def __getitem__(self, key: str) -> ExpertView:
+        """Expert ``key`` (a global id, as in checkpoints) alone: a reference, gradients reach the stacks."""
+        return ExpertView(self, self.ids.index(int(key)))
+
+    def __delitem__(self, key: str) -> None:
+        self.keep(gid for gid in self.ids if gid != int(key))
+
+    def extra_repr(self) -> str:
+        extra = "" if self.precision == "default" else f", precision={self.precision}"
+        return f"experts={self.ids[0]}..{self.ids[-1]} ({len(self.ids)}){extra}" if self.ids else "experts=none"
+
+
+@dataclass(frozen=True)
+class ExpertView:
+    """Row ``row`` of a ``GroupedExperts``: that expert's SwiGLU and weights (views of the stacks)."""
+
+    experts: GroupedExperts
+    row: int
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        return (getattr(self.experts, name)[self.row] for name in WEIGHTS)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w1, w2, w3 = self.parameters()
+        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def _per_expert_state_dict(module: GroupedExperts, state: dict, prefix: str, local_metadata: dict) -> None:
+    stacks = {name: state.pop(prefix + name) for name in WEIGHTS}
+    for e, gid in enumerate(module.ids):
+        for name in WEIGHTS:
+            state[f"{prefix}{gid}.{name}.weight"] = stacks[name][e]
+
+
+def _stacked_state_dict(module: GroupedExperts, state: dict, prefix: str, *args) -> None:
+    for name in WEIGHTS:
+        keys = [f"{prefix}{gid}.{name}.weight" for gid in module.ids]
+        if all(k in state for k in keys):
+            state[prefix + name] = torch.stack([state.pop(k) for k in keys])
+
+
+def per_expert_state(model: nn.Module) -> Callable[[str, torch.Tensor], list[tuple[str, int, torch.Size]]]:
+    """For ``ZeroAdamW(state_pieces=...)``: the optimizer state of each stacked expert weight of ``model``
+    (named as in ``model.named_parameters()``) under its per-expert names, as in ``model.state_dict()``."""
+    stacks = {
+        f"{prefix}.{name}" if prefix else name: (prefix, module, name)
+        for prefix, module in model.named_modules()
+        if isinstance(module, GroupedExperts)
+        for name in WEIGHTS
+    }
+
+    def pieces(name: str, param: torch.Tensor) -> list[tuple[str, int, torch.Size]]:
+        if name not in stacks:
+            return [(name, 0, param.shape)]
+        prefix, module, weight = stacks[name]
+        return [(f"{prefix}.{suffix}" if prefix else suffix, off, shape)
+                for suffix, off, shape in module.expert_pieces(weight)]
+
+    return pieces
