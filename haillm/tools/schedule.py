@@ -17,7 +17,7 @@ from haillm.parallel.pipeline.schedules import SCHEDULES, build, format_rank
 from haillm.parallel.pipeline.simulate import Costs, plot_timeline, simulate
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse prints usage plus the error; the viewer's contract is a single line."""
 
     def error(self, message: str):
@@ -25,7 +25,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python -m haillm.tools.schedule", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m haillm.tools.schedule", description=__doc__.splitlines()[0])
     p.add_argument("--schedule", required=True, choices=sorted(SCHEDULES))
     p.add_argument("--pp", type=int, required=True, help="pipeline ranks (DualPipeV: 2*pp stages)")
     p.add_argument("--microbatches", type=int, required=True, help="micro-batches per step, all directions")
