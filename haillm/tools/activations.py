@@ -2,12 +2,13 @@
 
 Every term is a tensor that an op of ``haillm.models.deepseek_v3`` saves for its backward, per token of a
 micro-batch unless marked per sequence: RMSNorm keeps its input and an fp32 ``rstd``; a linear keeps its
-input (an FP8 linear its own FP8 copy and 1x128 scales instead); RoPE keeps the tensor it rotates; attention
+input (an FP8 linear its own FP8 copy and 1x128 scales instead); RoPE keeps its rotation table; attention
 keeps q, k, v, its output and an fp32 log-sum-exp per head; SwiGLU keeps three intermediates; the router
 keeps fp32 scores, the chosen indices and weights; every routed copy of a token (top-k of them) keeps its
-input, intermediates and output; the fused head + cross-entropy keeps fp32 exponentiated logits. A tensor
-saved by several ops counts once. With ``train.recompute`` the RMSNorm outputs and the attention's q, k, v
-are recomputed in backward, so they are not kept. Parameters are never counted here.
+input, intermediates, output and weighted output (``index_add`` keeps its source); the fused head +
+cross-entropy keeps fp32 exponentiated logits. A tensor saved by several ops counts once. With
+``train.recompute`` the RMSNorm outputs and the attention's q, k, v are recomputed in backward, so they
+are not kept. Parameters are never counted here.
 
 The CPU specifics follow the code: CPU attention pads v to the q/k head dim, and small routed experts run
 as grouped GEMMs over weights stacked per micro-batch (``moe.grouped_experts``).
@@ -119,6 +120,7 @@ def grouped_expert_weights(a: ModelArgs, s: ActivationSetup) -> float:
 
 
 def block_bytes(a: ModelArgs, dense: bool, micro_batch: int, seq_len: int, s: ActivationSetup) -> float:
+    """One transformer block (dense or MoE) on a micro-batch of ``micro_batch`` sequences of ``seq_len``."""
     tokens = micro_batch * seq_len
     out = tokens * (attention_per_token(a, s) + ffn_per_token(a, dense, s)) + rope_per_sequence(a, seq_len)
     if not dense:
