@@ -1,0 +1,48 @@
+"""The planner's activation model (haillm.tools.activations) against what autograd really keeps, for one
+micro-batch of the whole model in one process: fp32 and BF16 parameters, FP8 linears, recomputation, and
+weight-gradient deferral (DualPipe's linears). Measured by storage with tests/saved_tensors.py."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from saved_tensors import saved_storages
+
+from haillm.fp8.policy import FP8_TINY_OVERRIDES, apply_fp8
+from haillm.models.deepseek_v3.args import get_preset
+from haillm.models.deepseek_v3.model import DeepSeekV3
+from haillm.ops import set_weight_grad_deferral
+from haillm.parallel.pipeline.stage import StageSpec
+from haillm.tools.activations import ActivationSetup, chunk_bytes
+from haillm.tools.memory import fp8_weight_cache_bytes
+
+
+@pytest.mark.parametrize("dtype, fp8, recompute, deferred", [
+    (torch.float32, False, False, False),
+    (torch.float32, False, True, False),
+    (torch.float32, False, False, True),
+    (torch.bfloat16, False, False, False),
+    (torch.bfloat16, False, True, True),
+    (torch.float32, True, False, False),
+    (torch.float32, True, True, False),
+])
+def test_kept_bytes_of_one_micro_batch(dtype, fp8, recompute, deferred, caplog):
+    args = get_preset("tiny").replace(**(FP8_TINY_OVERRIDES if fp8 else {}))
+    torch.manual_seed(0)
+    model = DeepSeekV3(args).to(dtype)
+    caplog.set_level(logging.ERROR, logger="haillm.fp8.policy")  # shape fallbacks are expected here
+    apply_fp8(model, fp8)
+    set_weight_grad_deferral(model, deferred)
+    model.set_recompute(recompute)
+    micro_batch, seq_len = 2, 64
+    batch = torch.randint(0, args.vocab_size, (micro_batch, seq_len + 1))
+    kept, _ = saved_storages(model, lambda: model.compute_loss(batch))
+    setup = ActivationSetup(act_bytes=dtype.itemsize, recompute=recompute, fp8=fp8, cpu=True,
+                            deferred_wgrad=deferred)
+    whole = StageSpec(0, range(args.n_layers), first=True, last=True)
+    predicted = chunk_bytes(args, whole, micro_batch, seq_len, setup, shared_embedding=True)
+    if fp8:  # the FP8 linears also keep the step's cached FP8 weights, which the planner counts apart
+        predicted += fp8_weight_cache_bytes(model)
+    assert predicted == pytest.approx(sum(kept.values()), rel=0.01)
