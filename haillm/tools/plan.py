@@ -65,7 +65,8 @@ def compose(overrides: list[str], gpus: int | None, gpu: str) -> tuple[DictConfi
 
 def layout_of(cfg: DictConfig, gpu: str) -> Layout:
     t, p = cfg.train, cfg.parallel
-    param_dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32
+    device_default = torch.float32 if gpu == "cpu" else torch.bfloat16  # e.g. for a device-dependent value
+    param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(t.dtype, device_default)
     setup = ActivationSetup(act_bytes=param_dtype.itemsize, recompute=t.recompute, fp8=cfg.fp8.enabled,
                             cpu=gpu == "cpu", ep=p.ep, deferred_wgrad=p.pp > 1 and p.pp_schedule != "1f1b")
     return Layout(dp=p.dp, pp=p.pp, ep=p.ep, schedule=p.pp_schedule, ranks_per_node=p.ranks_per_node,
