@@ -196,9 +196,13 @@ def test_readme_slurm_instructions_run_the_script(stand_ins):
     _valid(overrides, nodes * gpus)
     header = (ROOT / script).read_text()
     assert "#SBATCH --ntasks-per-node=1" in header
+    # submitted from an empty directory: a checkout's .venv (activated by the script) would put the real
+    # torchrun ahead of the stand-in
+    submit_dir = Path(env["HOME"]) / "submit"
+    submit_dir.mkdir()
     slurm = {"SLURM_JOB_NODELIST": "gpu-a[17-18],gpu-b02", "SLURM_NNODES": str(nodes), "SLURM_JOB_ID": "4242",
-             "SLURM_GPUS_ON_NODE": str(gpus), "SLURM_SUBMIT_DIR": str(ROOT)}
-    proc = subprocess.run(["bash", str(ROOT / script), *overrides], cwd=ROOT, env={**env, **slurm},
+             "SLURM_GPUS_ON_NODE": str(gpus), "SLURM_SUBMIT_DIR": str(submit_dir)}
+    proc = subprocess.run(["bash", str(ROOT / script), *overrides], cwd=submit_dir, env={**env, **slurm},
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     srun = next(ln for ln in log.read_text().splitlines() if ln.startswith("srun "))
