@@ -25,7 +25,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PP_SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
 WANDB_MODES = ("disabled", "offline", "online")
 LR_SCHEDULES = ("cosine", "constant_then_decay", "constant")
-DTYPES = ("fp32", "bf16")
+DTYPES = ("auto", "fp32", "bf16")  # auto: bf16 on a GPU, fp32 on CPU
 
 
 class ConfigError(ValueError):
@@ -57,7 +57,7 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
     seq_len: int = 128
     lr: float = 3e-3
-    dtype: str = "fp32"  # compute dtype: fp32, or bf16 autocast (GPU)
+    dtype: str = "auto"  # parameters/compute: fp32, or bf16 with fp32 masters in the optimizer; auto = bf16 on GPU
     deterministic: bool = False
     max_skipped_steps: int = 10  # consecutive non-finite steps tolerated before aborting
     peak_flops: float = 0.0  # per device, for MFU; 0 = detect (see haillm.train.metrics)
@@ -76,6 +76,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     decay_start: float = 0.8  # constant_then_decay: fraction of steps before the decay begins
     moment_dtype: str = "fp32"  # Adam moments: fp32 or bf16 (DeepSeek-V3 used bf16)
+    grad_reduce_dtype: str = "fp32"  # data-parallel gradient reduction: fp32, or bf16 (half the bytes)
 
 
 @dataclass
@@ -205,6 +206,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     _require(0 <= o.decay_start <= 1, f"optim.decay_start={o.decay_start} must be in [0, 1]")
     _one_of("optim.moment_dtype", o.moment_dtype, ("fp32", "bf16"))
+    _one_of("optim.grad_reduce_dtype", o.grad_reduce_dtype, ("fp32", "bf16"))
     _one_of("logging.wandb", cfg.logging.wandb, WANDB_MODES)
     _require(cfg.checkpoint.interval > 0, f"checkpoint.interval={cfg.checkpoint.interval} must be positive")
     _require(cfg.checkpoint.keep >= 0, f"checkpoint.keep={cfg.checkpoint.keep} must be >= 0")
@@ -225,3 +227,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         t.seq_len <= args.max_seq_len,
         f"train.seq_len={t.seq_len} exceeds model.max_seq_len={args.max_seq_len}",
     )
+
+
+def resolve_dtype(cfg: DictConfig, device_type: str) -> None:
+    """Fix `train.dtype=auto` for this device, so that config.yaml records what the run used."""
+    if cfg.train.dtype == "auto":
+        cfg.train.dtype = "bf16" if device_type == "cuda" else "fp32"

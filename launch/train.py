@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from haillm.config import ConfigError, compose_config, to_model_args, validate
+from haillm.config import ConfigError, compose_config, resolve_dtype, to_model_args, validate
 from haillm.data import DataError, StepBatcher, StepSampler, build_dataset
 from haillm.fp8.policy import apply_fp8
 from haillm.models.deepseek_v3.flops import flops_per_token
 from haillm.models.deepseek_v3.model import DeepSeekV3
+from haillm.ops.precision import cast_parameters
 from haillm.parallel.expert import AllToAllDispatcher, ExpertPlacement, apply_expert_parallel
 from haillm.parallel.mesh import ParallelConfigError, ParallelDims
 from haillm.parallel.pipeline.runtime import PipelineRuntime
@@ -81,6 +82,8 @@ def build_model(cfg: DictConfig, dims: ParallelDims, device: torch.device
         if not Path(path).is_dir():
             raise ConfigError(f"model.init_from={cfg.model.init_from}: {path} is not a directory")
         load_hf_state(model, path)
+    if cfg.train.dtype == "bf16":  # the compute copy; fp32 masters are made from it by the optimizer
+        cast_parameters(model, torch.bfloat16)
     return model, dispatcher
 
 
@@ -94,6 +97,7 @@ def build_pipeline(cfg: DictConfig, dims: ParallelDims, model: StageModel, devic
 
 def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer:
     """Train as `cfg` says; returns the trainer (its model and optimizer) for programmatic use."""
+    resolve_dtype(cfg, device.type)
     run_dir = prepare_run_dir(cfg, rank)
     seed_everything(cfg.seed, cfg.train.deterministic)
     dataset = build_dataset(cfg.data, cfg.train.seq_len, min_samples=cfg.train.global_batch_size)

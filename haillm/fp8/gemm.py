@@ -9,9 +9,14 @@ scale of ``b``'s rows, and added to an FP32 accumulator.
   ``weight_quant``: Fprop and Dgrad) or 1x128 like ``a`` (``b_block=1``, ``b_s [N, ceil(K/128)]``: the Wgrad
   recipe of DeepGEMM's ``wgrad_gemm_fp8_fp8_fp32_nt``, where K is the token dimension).
 
-On a Hopper GPU supported shapes go through ``torch.nn.functional.scaled_mm`` (cuBLAS blockwise scaling);
-everything else, the CPU included, runs ``fp8_gemm_reference``: FP8 upcast to FP32, one batched matmul over
-the K slices, then the scaled sum. The reference is device-agnostic and exact about the semantics.
+On a Hopper GPU every shape goes through ``torch.nn.functional.scaled_mm`` (cuBLAS blockwise scaling):
+shapes cuBLAS does not take as they are (M not a multiple of 4, K not a multiple of 128, N not whole
+blocks, as per-expert token counts and 576-wide projections are) are zero-padded to the next size it takes
+and the result sliced (``pad_for_scaled_mm``; zeros add nothing to any dot product, so the values are
+those of the unpadded product). The CPU runs ``fp8_gemm_reference``: FP8 upcast to FP32, one batched matmul
+over the K slices, then the scaled sum; it is device-agnostic and exact about the semantics, and never
+runs on a GPU (``gemm_plan`` is the rule; a GPU without blockwise FP8 raises, and the FP8 policy keeps
+such GPUs on BF16).
 """
 
 import functools
@@ -53,7 +58,13 @@ def _check_args(a, a_s, b, b_s, b_block) -> None:
 def fp8_gemm_reference(
     a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, b_block: int = BLOCK
 ) -> torch.Tensor:
-    """Plain-torch ``a @ b.T`` with per-128-K promotion; returns fp32 ``[M, N]``."""
+    """Plain-torch ``a @ b.T`` with per-128-K promotion; returns fp32 ``[M, N]``. Its batched matmul is fp32
+    by definition, so autocast is kept out of it."""
+    with torch.autocast(a.device.type, enabled=False):
+        return _reference(a, a_s, b, b_s, b_block)
+
+
+def _reference(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, b_block: int) -> torch.Tensor:
     (m, k), n = a.shape, b.shape[0]
     kb = ceil_div(k, BLOCK)
     pad = kb * BLOCK - k
@@ -71,21 +82,67 @@ def fp8_gemm_reference(
 
 
 @functools.cache
-def _is_sm90(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] == 9
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """CUDA compute capability of ``device`` (None for the CPU)."""
+    return _cuda_capability(device.index or 0) if device.type == "cuda" else None
+
+
+def blockwise_fp8_available(capability: tuple[int, int] | None) -> bool:
+    """Whether ``fp8_gemm`` can run on a device of this capability: the CPU (None: the reference) or SM90
+    (torch's "DeepSeek style" blockwise scaling needs cuBLASLt >= 12.9 on Hopper)."""
+    return capability is None or capability[0] == 9
+
+
+def scaled_mm_shape(m: int, k: int, n: int, b_block: int) -> tuple[int, int, int]:
+    """The smallest (M, K, N) at least (m, k, n) that cuBLAS's blockwise ``scaled_mm`` takes: K a multiple
+    of 128, b's rows whole 128-blocks (16 for 1x128 tiles) and M a multiple of 4, so that the column-major
+    scale strides are 16-byte aligned."""
+    n_unit = BLOCK if b_block == BLOCK else 16
+    return -(-m // 4) * 4, -(-k // BLOCK) * BLOCK, -(-n // n_unit) * n_unit
+
+
+def gemm_plan(capability: tuple[int, int] | None, m: int, k: int, n: int, b_block: int = BLOCK) -> str:
+    """How ``fp8_gemm`` runs ``[m, k] x [n, k]^T`` on a device of ``capability`` (None: CPU): "reference"
+    (CPU only), "scaled_mm", "scaled_mm_padded", or "unsupported" (a GPU without blockwise FP8)."""
+    if capability is None:
+        return "reference"
+    if not blockwise_fp8_available(capability):
+        return "unsupported"
+    return "scaled_mm" if scaled_mm_shape(m, k, n, b_block) == (m, k, n) else "scaled_mm_padded"
 
 
 def scaled_mm_supported(a: torch.Tensor, b: torch.Tensor, b_block: int, out_dtype: torch.dtype) -> bool:
-    """Whether ``F.scaled_mm`` takes this case: SM90 only (torch's "DeepSeek style" blockwise scaling needs
-    cuBLASLt >= 12.9 on Hopper), K a multiple of 128, b's rows whole 128-blocks (16 for 1x128 tiles) and
-    M (and N for 1x128 tiles) a multiple of 4 so the column-major scale strides are 16-byte aligned."""
-    if not (a.is_cuda and b.is_cuda) or not _is_sm90(a.device.index or 0):
-        return False
+    """Whether ``F.scaled_mm`` takes this case as it is (no padding), on this device."""
     (m, k), n = a.shape, b.shape[0]
-    n_ok = n % BLOCK == 0 if b_block == BLOCK else (n % 16 == 0)
-    return (
-        out_dtype in (torch.bfloat16, torch.float16, torch.float32) and k % BLOCK == 0 and m % 4 == 0 and n_ok
-    )
+    return (a.is_cuda and b.is_cuda and gemm_plan(device_capability(a.device), m, k, n, b_block) == "scaled_mm"
+            and out_dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def _pad_rows_cols(t: torch.Tensor, rows: int, cols: int, value: float = 0.0) -> torch.Tensor:
+    """``t`` [r, c] zero- (or ``value``-) padded to [rows, cols]; FP8 through its bytes (E4M3's zero is 0x00)."""
+    if tuple(t.shape) == (rows, cols):
+        return t
+    if t.dtype == FP8_DTYPE:
+        return F.pad(t.view(torch.uint8), (0, cols - t.shape[1], 0, rows - t.shape[0])).view(FP8_DTYPE)
+    return F.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]), value=value)
+
+
+def pad_for_scaled_mm(
+    a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, b_block: int = BLOCK
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The operands padded to ``scaled_mm_shape``: zero data (padded K sits in the last scale block, whose
+    scale is unchanged), scale 1 for new rows. ``fp8_gemm_reference`` of the result, sliced to [m, n], is
+    that of the unpadded operands (to fp32 rounding: every product added is the same or zero)."""
+    (m, k), n = a.shape, b.shape[0]
+    m2, k2, n2 = scaled_mm_shape(m, k, n, b_block)
+    a, b = _pad_rows_cols(a, m2, k2), _pad_rows_cols(b, n2, k2)
+    a_s = _pad_rows_cols(a_s, m2, a_s.shape[1], 1.0)
+    b_s = _pad_rows_cols(b_s, ceil_div(n2, b_block), b_s.shape[1], 1.0)
+    return a, a_s, b, b_s
 
 
 def fp8_gemm_scaled_mm(
@@ -134,6 +191,14 @@ def fp8_gemm(
 ) -> torch.Tensor:
     """``a @ b.T`` from FP8 operands and their scales (see the module doc), returned in ``out_dtype``."""
     _check_args(a, a_s, b, b_s, b_block)
-    if scaled_mm_supported(a, b, b_block, out_dtype):
-        return fp8_gemm_scaled_mm(a, a_s, b, b_s, out_dtype, b_block=b_block)
-    return fp8_gemm_reference(a, a_s, b, b_s, b_block).to(out_dtype)
+    (m, k), n = a.shape, b.shape[0]
+    plan = gemm_plan(device_capability(a.device), m, k, n, b_block)
+    if plan == "reference":
+        return fp8_gemm_reference(a, a_s, b, b_s, b_block).to(out_dtype)
+    if plan == "unsupported":
+        raise RuntimeError(f"blockwise FP8 GEMMs need an SM90 (Hopper) GPU, not {torch.cuda.get_device_name(a.device)}"
+                           "; run with fp8.enabled=false")
+    if plan == "scaled_mm_padded":
+        out = fp8_gemm_scaled_mm(*pad_for_scaled_mm(a, a_s, b, b_s, b_block), out_dtype, b_block=b_block)
+        return out[:m, :n]
+    return fp8_gemm_scaled_mm(a, a_s, b, b_s, out_dtype, b_block=b_block)

@@ -82,8 +82,8 @@ def fp8_linear(
     ``weight_q`` is a ready ``weight_quant(weight)`` (e.g. ``Fp8WeightCache.get()``); without it the weight
     is quantized on this call. ``defer_wgrad`` (``haillm.ops.wgrad.defer_weight_grad``) may take the Wgrad
     GEMM out of backward, to run later from the saved FP8 tensors (zero-bubble W). Any shape works through
-    the reference GEMM; the GPU kernel wants in and out features that are multiples of 128 (see
-    ``scaled_mm_supported``), else it falls back to the reference."""
+    the reference GEMM on CPU and cuBLAS's on an SM90 GPU, zero-padded where it wants whole blocks
+    (``gemm_plan``)."""
     w_q, w_s = weight_q if weight_q is not None else weight_quant(weight.detach(), pow2=pow2)
     return Fp8LinearFunction.apply(x, weight, w_q, w_s, pow2, defer_wgrad)
 

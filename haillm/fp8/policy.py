@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from haillm.fp8.gemm import blockwise_fp8_available, device_capability
 from haillm.ops.linear import Linear
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,14 @@ def apply_precision(model: nn.Module, precision: str, pow2_scales: bool = False)
 
 
 def apply_fp8(model: nn.Module, enabled: bool, pow2_scales: bool = False) -> PrecisionReport:
-    """Turn DeepSeek-V3's FP8 policy on (or everything back to default precision when not ``enabled``)."""
+    """Turn DeepSeek-V3's FP8 policy on (or everything back to default precision when not ``enabled``). On a
+    GPU without blockwise FP8 GEMMs (not SM90) every linear stays in default precision, said in one warning:
+    the CPU reference GEMM never runs on a GPU."""
+    device = next(model.parameters()).device
+    if enabled and not blockwise_fp8_available(device_capability(device)):
+        logger.warning(f"fp8.enabled=true: blockwise FP8 GEMMs need an SM90 (Hopper) GPU; {device} runs every "
+                       "linear in its default precision")
+        enabled = False
     return apply_precision(model, "fp8" if enabled else "default", pow2_scales)
 
 

@@ -31,10 +31,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from haillm.fp8 import Fp8WeightCache, fp8_linear
+from haillm.ops import precision
+from haillm.ops.precision import apply_like_autocast, autocast_off
 from haillm.ops.wgrad import defer_weight_grad, deferrable_linear
 
 PRECISIONS = ("default", "fp8", "bf16_emulated")
-CE_BLOCK_BYTES = 16 << 20  # fp32 logits per row block of LinearCrossEntropySum
+# fp32 logits per row block of LinearCrossEntropySum, on CPU and on accelerators. The kept exponentials of
+# all blocks add up to the same [tokens, vocab] either way; the block bounds the temporaries and sets the
+# GEMM count. On CPU a fresh block is page-faulted in (small is fast); on a GPU every block costs a round of
+# kernel launches and small GEMMs waste the tensor cores.
+CE_BLOCK_BYTES = 16 << 20
+CE_BLOCK_BYTES_GPU = 512 << 20
 
 
 class Bf16EmulatedLinear(torch.autograd.Function):
@@ -49,6 +56,7 @@ class Bf16EmulatedLinear(torch.autograd.Function):
         return F.linear(xb.float(), wb.float()).to(x.dtype)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy: torch.Tensor):
         xb, wb = ctx.saved_tensors
         dyb = dy.to(torch.bfloat16).float()
@@ -75,12 +83,13 @@ class LinearCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        rows = max(64, CE_BLOCK_BYTES // (4 * weight.shape[0]))
+        budget = CE_BLOCK_BYTES if x.device.type == "cpu" else CE_BLOCK_BYTES_GPU
+        rows = max(64, budget // (4 * weight.shape[0]))
         dtype = torch.promote_types(x.dtype, torch.float32)
         loss = torch.zeros((), dtype=dtype, device=x.device)
         exps, totals = [], []
         for start in range(0, x.shape[0], rows):
-            logits = F.linear(x[start : start + rows], weight).to(dtype)
+            logits = precision.linear(x[start : start + rows], weight).to(dtype)
             picked = logits.gather(1, targets[start : start + rows, None])
             peak = logits.amax(dim=1, keepdim=True)
             exps.append(logits.sub_(peak).exp_())
@@ -91,21 +100,23 @@ class LinearCrossEntropySum(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, weight, targets, *kept = ctx.saved_tensors
         n_blocks = len(kept) // 2
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if ctx.needs_input_grad[0] else None
-        dw = None
+        dw = None  # summed over blocks in fp32 (or wider), rounded to the weight's dtype once
         for i, (exp, total) in enumerate(zip(kept[:n_blocks], kept[n_blocks:], strict=True)):
             block = slice(i * ctx.rows, i * ctx.rows + exp.shape[0])
             dlogits = exp.mul_(grad / total)
             dlogits.scatter_add_(1, targets[block, None], (-grad).expand(exp.shape[0], 1))
             dlogits = dlogits.to(x.dtype)
             if dx is not None:
-                torch.mm(dlogits, weight, out=dx[block])
+                precision.mm(dlogits, weight, out=dx[block])
             if ctx.needs_input_grad[1]:
-                dw = dlogits.t() @ x[block] if dw is None else dw.addmm_(dlogits.t(), x[block])
-        return dx, dw, None
+                part = precision.matmul(dlogits.t(), x[block])
+                dw = part.to(exp.dtype) if dw is None else dw.add_(part)
+        return dx, None if dw is None else dw.to(weight.dtype), None
 
 
 class Linear(nn.Module):
@@ -152,8 +163,11 @@ class Linear(nn.Module):
         if self.precision == "default":
             if self.defer_wgrad:
                 return deferrable_linear(x, self.weight, self.bias)
-            return F.linear(x, self.weight, self.bias)
-        y = self._fp8_forward(x) if self.precision == "fp8" else Bf16EmulatedLinear.apply(x, self.weight)
+            return precision.linear(x, self.weight, self.bias)
+        if self.precision == "fp8":
+            y = self._fp8_forward(x)
+        else:
+            y = apply_like_autocast(Bf16EmulatedLinear, x, self.weight)
         return y if self.bias is None else y + self.bias
 
     @property
@@ -166,7 +180,7 @@ class Linear(nn.Module):
         (``LinearCrossEntropySum``) on the plain path, the module's own forward otherwise."""
         x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
         if self.is_plain:
-            return LinearCrossEntropySum.apply(x, self.weight, targets)
+            return apply_like_autocast(LinearCrossEntropySum, x, self.weight, targets)
         return F.cross_entropy(self(x).float(), targets, reduction="sum")
 
     def extra_repr(self) -> str:

@@ -14,8 +14,13 @@ device, never on a CPU measurement, so nothing decided here changes what a GPU r
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -34,6 +39,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not widens(x, weight, bias):
         return F.linear(x, weight, bias)
     return F.linear(x.float(), weight.float(), _wide(bias)).to(x.dtype)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in ``a``'s dtype (bf16 on CPU: fp32 arithmetic)."""
+    if not widens(a, b):
+        return a @ b
+    return (a.float() @ b.float()).to(a.dtype)
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,3 +69,39 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=scale)
     return out.to(q.dtype)
+
+
+def cast_parameters(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Parameters (not buffers: the gate's balancing bias, load counters and rope tables stay fp32) to
+    ``dtype``, in place; the compute copy of mixed-precision training. Returns ``module``."""
+    for p in module.parameters():
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return module
+
+
+def apply_like_autocast(function: type[torch.autograd.Function], *args: Any) -> Any:
+    """``function.apply(*args)`` as autocast runs a low-precision op: when autocast is on for the inputs'
+    device, floating tensors are cast to its dtype and the Function runs with autocast off (its backward
+    must be wrapped in ``autocast_off`` too, since a backward called inside an autocast block runs under it).
+    Without autocast, plain ``apply``: the Function then works in its inputs' own dtypes."""
+    device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+    if not torch.is_autocast_enabled(device):
+        return function.apply(*args)
+    dtype = torch.get_autocast_dtype(device)
+    args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    with torch.autocast(device, enabled=False):
+        return function.apply(*args)
+
+
+def autocast_off(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator for an autograd Function's ``backward``: run it with autocast off on the gradients' device,
+    so its GEMMs keep the dtypes forward chose (see ``apply_like_autocast``)."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx: Any, *grads: torch.Tensor | None) -> Any:
+        device = next(g.device.type for g in grads if isinstance(g, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return backward(ctx, *grads)
+
+    return wrapped

@@ -19,7 +19,9 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
+
+from haillm.ops import precision
+from haillm.ops.precision import autocast_off
 
 _queue: list[Callable[[], None]] | None = None
 
@@ -39,7 +41,11 @@ def deferring_weight_grads() -> Iterator[list[Callable[[], None]]]:
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
-    if param.grad is None:
+    """``param``'s fp32 ``main_grad`` (ZeRO-1's gradient buffer) += grad, else ``param.grad`` += grad."""
+    main_grad = getattr(param, "main_grad", None)
+    if main_grad is not None:
+        main_grad.add_(grad)
+    elif param.grad is None:
         param.grad = grad
     else:
         param.grad.add_(grad)
@@ -67,21 +73,27 @@ class _DeferrableLinear(torch.autograd.Function):
         # The parameters themselves, not saved copies: a saved-tensor hook (activation recomputation) may
         # unpack a leaf as another tensor object, and the deferred closure must accumulate into the parameter.
         ctx.weight, ctx.bias = weight, bias
-        return F.linear(x, weight, bias)
+        # Under autocast the GEMMs run in its dtype, as F.linear's would; the parameters keep theirs.
+        device = x.device.type
+        ctx.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            return precision.linear(x.to(ctx.dtype), weight.to(ctx.dtype), None if bias is None else bias.to(ctx.dtype))
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy: torch.Tensor):
         (x,) = ctx.saved_tensors
-        weight = ctx.weight
-        grad_x = dy @ weight if ctx.needs_input_grad[0] else None
+        weight, dtype = ctx.weight, ctx.dtype
+        dy = dy.to(dtype)
+        grad_x = precision.matmul(dy, weight.to(dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
         want_w, want_b = ctx.needs_input_grad[1], ctx.bias is not None and ctx.needs_input_grad[2]
         if not (want_w or want_b):
             return grad_x, None, None
 
         def weight_grads() -> tuple[torch.Tensor | None, torch.Tensor | None]:
             dy2 = dy.reshape(-1, dy.shape[-1])
-            gw = dy2.t() @ x.reshape(-1, x.shape[-1]) if want_w else None
-            gb = dy2.sum(0) if want_b else None
+            gw = precision.matmul(dy2.t(), x.reshape(-1, x.shape[-1]).to(dtype)).to(weight.dtype) if want_w else None
+            gb = dy2.sum(0).to(ctx.bias.dtype) if want_b else None
             return gw, gb
 
         if _queue is None:

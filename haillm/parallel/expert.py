@@ -258,8 +258,9 @@ class AllToAllDispatcher:
 
     # ---- combine ----
     def start_combine(self, routed_y: torch.Tensor, handle: DispatchHandle) -> CombineHandle:
-        """Put expert outputs back in the order they arrived and start sending them home."""
-        sent = routed_y.index_select(0, handle.arrange.argsort())
+        """Put expert outputs back in the order they arrived and start sending them home, in the dtype the
+        tokens left in (every rank must put the same dtype on the wire, whatever its experts computed in)."""
+        sent = routed_y.index_select(0, handle.arrange.argsort()).to(handle.sent.dtype)
         t = handle.transfer
         self._bytes[1] += self._off_rank_bytes(sent, t.out_splits)
         return CombineHandle(handle, sent, _start_transfer(sent, t.out_splits, t.in_splits, self.group))

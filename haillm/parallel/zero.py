@@ -8,6 +8,13 @@ Each rank owns one contiguous 1/dp shard of every bucket: both Adam moments and 
 weights for that shard only (for fp32 params the master shard is the rank's slice of the parameter
 storage itself). Reduce-scatter and all-gather both run in place in the bucket buffers.
 
+Mixed precision (DeepSeek-V3, Megatron's distributed optimizer): parameters may be bf16, the compute
+copy; their fp32 masters then exist only as this rank's shards. Gradients always accumulate in fp32:
+every parameter gets ``main_grad``, its fp32 view into the bucket's gradient buffer. A bf16 ``.grad``
+that autograd produces is added into it (and dropped) as soon as it is accumulated, micro-batch by
+micro-batch; code that produces weight gradients outside autograd (deferred W) adds to ``main_grad``.
+The reduction runs in fp32 (``reduce_dtype=bfloat16`` halves its bytes).
+
 One step:
   1. Backward of non-final micro-batches runs under `no_sync()`: gradients accumulate locally.
   2. On the final micro-batch, post-accumulate-grad hooks count ready parameters; a complete bucket is
@@ -159,8 +166,9 @@ class ZeroAdamW:
             view = param_buf[off : off + p.numel()].view_as(p)
             view.copy_(p.detach())
             p.data = view  # the model now reads the bucket: gathers land in place
+            p.main_grad = grad_buf[off : off + p.numel()].view_as(p)  # fp32 accumulator, as Megatron's
             if p.dtype == torch.float32:
-                p.grad = grad_buf[off : off + p.numel()].view_as(p)
+                p.grad = p.main_grad
         size = numel // world
         lo, hi = rank * size, (rank + 1) * size
         # fp32 params: the master shard *is* the rank's slice of the parameters (gathered in place)

@@ -52,6 +52,7 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig, dims: ParallelDims,
         param_groups, lr=cfg.train.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
         process_group=dims.dp_group, norm_groups=(dims.pp_group,) if dims.pp > 1 else (),
         moment_dtype=torch.bfloat16 if o.moment_dtype == "bf16" else torch.float32,
+        reduce_dtype=torch.bfloat16 if o.grad_reduce_dtype == "bf16" else torch.float32,
     )
 
 

@@ -124,9 +124,7 @@ class Trainer:
         model.reset_moe_loads()
         if self.dispatcher is not None:
             self.dispatcher.reset_stats()
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
-        with autocast:
-            sums = self.forward_backward([b.to(self.device, non_blocking=True) for b in micro_batches])
+        sums = self.forward_backward([b.to(self.device, non_blocking=True) for b in micro_batches])
         # The norm first: it completes the gradient reduce-scatters, which must precede any other collective.
         grad_norm = opt.clip_grad_norm_(cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
         # Global figures, identical on every rank, so every rank takes the same skip/bias decisions.

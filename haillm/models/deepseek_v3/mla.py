@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from haillm.models.deepseek_v3.args import ModelArgs
-from haillm.ops import Linear, RMSNorm
+from haillm.ops import Linear, RMSNorm, precision
 from haillm.ops.recompute import recomputable
 
 
@@ -137,7 +137,7 @@ class MLA(nn.Module):
             q, k, v = recomputable(self.up_project, *latents)
         else:
             q, k, v = self.up_project(*latents)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        o = precision.attention(q, k, v, self.softmax_scale)
         return self.wo(o[..., : self.v_dim].transpose(1, 2).flatten(2))
 
     def forward_absorbed(

@@ -150,7 +150,10 @@ class StageModel(TrainingObjective, nn.Module):
         self.set_recompute(recompute)
 
     def activation_shape(self, batch: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype]:
-        return (batch.shape[0], batch.shape[1] - 1, self.args.dim), self.rope_cos.dtype
+        """The hidden state travels in the parameters' dtype (the compute dtype: fp32, or bf16 in mixed
+        precision), the same on every rank."""
+        dtype = next(self.parameters()).dtype
+        return (batch.shape[0], batch.shape[1] - 1, self.args.dim), dtype
 
     def _rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if length > self.args.max_seq_len:
@@ -243,8 +246,19 @@ def sum_partner_grads(params: Iterable[tuple[str, torch.Tensor]], group: dist.Pr
     params = sorted(params, key=lambda item: item[0])
     if not params:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in params]
+    grads = [_gradient(p) for _, p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, group=group)
     for (_, p), g in zip(params, flat.split([g.numel() for g in grads]), strict=True):
-        p.grad = g.view_as(p).clone() if p.grad is None else p.grad.copy_(g.view_as(p))
+        if getattr(p, "main_grad", None) is not None:
+            p.main_grad.copy_(g.view_as(p))
+        else:
+            p.grad = g.view_as(p).clone() if p.grad is None else p.grad.copy_(g.view_as(p))
+
+
+def _gradient(p: torch.Tensor) -> torch.Tensor:
+    """The gradient accumulated so far: the fp32 ``main_grad`` under ZeRO-1 (a bf16 ``.grad`` is already
+    folded into it), else ``.grad``, zeros when there is none."""
+    if getattr(p, "main_grad", None) is not None:
+        return p.main_grad
+    return p.grad if p.grad is not None else torch.zeros_like(p)

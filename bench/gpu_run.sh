@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Everything GPU in one device call, from the repository root of the GPU machine:
+#   bash bench/gpu_run.sh [bench/gpu_train.py arguments]
+# installs the carried wheels (.whl/, see bench/gpu_wheels.sh), runs the tests marked `gpu`, then
+# bench/gpu_fp8.py and bench/gpu_train.py; logs go to $OUT (or /tmp/gpu_out) as well as to the console.
+set -uo pipefail
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1
+out=${OUT:-/tmp/gpu_out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log"
+timeout 150 python3 bench/gpu_fp8.py 2>&1 | tee "$out/gpu_fp8.log"
+timeout 300 python3 bench/gpu_train.py "$@" 2>&1 | tee "$out/gpu_train.log"

@@ -1,0 +1,225 @@
+"""Training speed on one GPU: the trainer's full optimizer step in BF16 and with FP8, our model's forward +
+backward against transformers' DeepseekV3, and the top kernels of one profiled step.
+
+    PYTHONPATH=. python bench/gpu_train.py                      # the GPU issue's configuration, ~3 min
+    PYTHONPATH=. python bench/gpu_train.py --layers 4 --seq 2048 --batch 4 --steps 6
+    PYTHONPATH=. python bench/gpu_train.py --sections trainer   # any of: trainer, model, profile
+
+Default configuration (the GPU training issue's): ``model=v2_lite_16b model.n_layers=3
+model.vocab_size=32768``, MTP off, micro-batch 2 x 4096 tokens, one process. MFU is model FLOPs per token
+(``haillm.models.deepseek_v3.flops``, the trainer's own count) x tokens/s over 989 TFLOP/s (H100/H200 dense
+BF16 datasheet); ``--peak-tflops`` changes it.
+
+1. trainer: ``Trainer.train_step`` (forward, backward, ZeRO-1 reduction, clipping, AdamW on the fp32 masters,
+   parameter all-gather, bias update) on synthetic tokens, built exactly as ``launch/train.py`` builds a run;
+   BF16 (``train.dtype=bf16``) and BF16 with ``fp8.enabled=true``. Median step time after warm-up steps,
+   tokens/s, MFU, peak memory (``torch.cuda.max_memory_allocated``).
+2. model: forward + backward of next-token cross-entropy, ours (``compute_loss``) and transformers'
+   ``DeepseekV3ForCausalLM`` with the same weights (ours written with ``save_hf``, read by
+   ``from_pretrained``), same batch, both with bf16 parameters; median ms, MFU and the ratio.
+3. profile: one trainer step under ``torch.profiler``: CPU time vs GPU time (a launch-bound step has more
+   CPU than GPU time), the ``aten::mm`` count, and the top kernels by GPU time.
+
+Without CUDA it prints one line and exits 0 (``--cpu`` runs a tiny configuration on CPU: a dry run of
+every section for this script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("launch_train", ROOT / "launch" / "train.py")
+launch_train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(launch_train)
+
+from haillm.config import compose_config, resolve_dtype, to_model_args, validate  # noqa: E402
+from haillm.fp8.policy import apply_fp8  # noqa: E402
+from haillm.models.deepseek_v3.flops import flops_per_token  # noqa: E402
+from haillm.parallel.mesh import ParallelDims  # noqa: E402
+from haillm.train.optim import build_optimizer  # noqa: E402
+from haillm.train.trainer import Trainer  # noqa: E402
+
+
+class SyntheticBatcher:
+    """Random tokens in the trainer's batcher interface: the data pipeline is not what is measured here."""
+
+    def __init__(self, n_micro: int, micro_batch: int, seq_len: int, vocab: int, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.batches = [torch.randint(0, vocab, (micro_batch, seq_len + 1), generator=gen) for _ in range(n_micro)]
+
+    def next_step(self) -> list[torch.Tensor]:
+        return self.batches
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def overrides(a: argparse.Namespace, *extra: str) -> list[str]:
+    return [f"model={a.model}", f"model.n_layers={a.layers}", f"model.vocab_size={a.vocab}", "model.mtp_depth=0",
+            f"train.seq_len={a.seq}", f"train.micro_batch_size={a.batch}", f"train.global_batch_size={a.batch}",
+            f"train.peak_flops={a.peak_tflops * 1e12}", "logging.progress=false", *extra]
+
+
+def build_trainer(a: argparse.Namespace, device: torch.device, *extra: str) -> Trainer:
+    """What ``launch/train.py``'s ``run`` builds for one process, with synthetic tokens and no run directory."""
+    cfg = compose_config(overrides(a, *extra))
+    validate(cfg, 1)
+    resolve_dtype(cfg, device.type)
+    dims = ParallelDims.from_config(cfg.parallel, 1).build(device.type)
+    model, dispatcher = launch_train.build_model(cfg, dims, device)
+    optimizer = build_optimizer(model, cfg, dims)
+    if cfg.fp8.enabled:
+        apply_fp8(model, True, cfg.fp8.pow2_scales)
+    batcher = SyntheticBatcher(1, a.batch, a.seq, a.vocab)
+    run_dir = Path(tempfile.mkdtemp(prefix="gpu_train_"))
+    return Trainer(cfg, dims, model, optimizer, batcher, run_dir, device,
+                   flops_per_token(to_model_args(cfg.model), a.seq), dispatcher)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def trainer_section(a: argparse.Namespace, device: torch.device) -> None:
+    print(f"\n== trainer: full optimizer step, {a.batch} x {a.seq} tokens ==")
+    print(f"{'variant':>10} {'step ms':>9} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'loss':>8}")
+    base = None
+    for name, extra in (("bf16", ["train.dtype=bf16"]), ("bf16+fp8", ["train.dtype=bf16", "fp8.enabled=true"])):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        trainer = build_trainer(a, device, *extra)
+        times, record = [], {}
+        for i in range(a.warmup + a.steps):
+            sync(device)
+            start = time.perf_counter()
+            record = trainer.train_step()
+            sync(device)
+            if i >= a.warmup:
+                times.append(time.perf_counter() - start)
+        step = statistics.median(times)
+        tokens = a.batch * a.seq / step
+        mfu = trainer.flops_per_token * tokens / trainer.peak
+        base = base or step
+        print(f"{name:>10} {step * 1e3:9.1f} {tokens:10.0f} {mfu:7.1%} {peak_memory_gib(device):9.2f} "
+              f"{record['loss']:8.4f}  ({base / step:.2f}x bf16)")
+        del trainer
+
+
+def model_section(a: argparse.Namespace, device: torch.device) -> None:
+    import transformers
+
+    from haillm.models.deepseek_v3.hf import save_hf
+    from haillm.models.deepseek_v3.model import DeepSeekV3
+    from haillm.ops.precision import cast_parameters
+
+    args = to_model_args(compose_config(overrides(a)).model)
+    print(f"\n== model forward+backward, bf16 parameters, {a.batch} x {a.seq} tokens ==")
+    ours = DeepSeekV3(args, init_seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(ours, tmp)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16)
+    ours = cast_parameters(ours, torch.bfloat16).to(device).train()
+    theirs = theirs.to(device).train()
+    batch = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(1)).to(device)
+
+    def ours_step() -> None:
+        ours.compute_loss(batch)["loss"].backward()
+        ours.reset_moe_loads()
+
+    def theirs_step() -> None:
+        logits = theirs(batch[:, :-1]).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten()).backward()
+
+    fpt = flops_per_token(args, a.seq)
+    results = {}
+    for name, fn, model in (("ours", ours_step, ours), ("transformers", theirs_step, theirs)):
+        times = []
+        for i in range(a.warmup + a.steps):
+            model.zero_grad(set_to_none=True)
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            if i >= a.warmup:
+                times.append(time.perf_counter() - start)
+        results[name] = statistics.median(times)
+    for name, t in results.items():
+        mfu = fpt * a.batch * a.seq / t / (a.peak_tflops * 1e12)
+        print(f"{name:>13} {t * 1e3:8.1f} ms  MFU {mfu:6.1%}  ({results['transformers'] / t:.2f}x transformers)")
+
+
+def profile_section(a: argparse.Namespace, device: torch.device) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    print("\n== profile: one bf16 trainer step ==")
+    trainer = build_trainer(a, device, "train.dtype=bf16")
+    for _ in range(a.warmup):
+        trainer.train_step()
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        trainer.train_step()
+        sync(device)
+    events = prof.key_averages()
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    device_us = sum(e.self_device_time_total for e in events) if device.type == "cuda" else 0.0
+    cpu_us = max((e.cpu_time_total for e in events if e.key == "ProfilerStep*"), default=0.0) or sum(
+        e.self_cpu_time_total for e in events)
+    mm_calls = sum(e.count for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    print(f"CPU time {cpu_us / 1e3:.1f} ms, GPU time {device_us / 1e3:.1f} ms, {mm_calls} mm/addmm/bmm calls")
+    print(events.table(sort_by=sort, row_limit=a.top))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="v2_lite_16b")
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--sections", nargs="+", default=["trainer", "model", "profile"],
+                   choices=["trainer", "model", "profile"])
+    p.add_argument("--cpu", action="store_true", help="dry run on CPU with a tiny configuration")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if a.cpu:
+        a.model, a.layers, a.vocab, a.batch, a.seq, a.steps, a.warmup = "tiny", 4, 512, 2, 64, 2, 1
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        print("gpu_train: no CUDA device; nothing to measure (pass --cpu for a dry run)")
+        return 0
+    else:
+        device = torch.device("cuda")
+        torch.cuda.set_device(device)
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}; "
+          f"model={a.model} layers={a.layers} vocab={a.vocab} batch={a.batch} seq={a.seq}")
+    for section in a.sections:
+        {"trainer": trainer_section, "model": model_section, "profile": profile_section}[section](a, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
