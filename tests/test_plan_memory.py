@@ -1,8 +1,10 @@
 """The planner against reality: per-rank memory of real tiny runs on CPU (gloo) through launch/train.py's
 `run`, measured by storage (tests/memory_probe.py), against `haillm.tools.plan`'s prediction.
 
-Parameters, gradients and optimizer state must match exactly; activations (the peak of live saved-for-
-backward storages over one optimizer step, pipeline in-flight micro-batches included) within 25%.
+Parameters, gradients and optimizer state must match exactly (BF16 parameters included); activations (the
+peak of live saved-for-backward storages over one optimizer step, pipeline in-flight micro-batches
+included) within 25%, in fp32: a BF16 run on CPU emulates its GEMMs with fp32 copies of their operands
+(haillm/ops/precision.py), which the planner, modelling a GPU's BF16, does not count.
 Run with `-s` to print the table."""
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ LAYOUTS = {
     "dp2_ep2_recompute": ["parallel.dp=2", "parallel.ep=2", "train.recompute=true"],
     "pp2_dualpipev_recompute_bf16moments": ["parallel.pp=2", "parallel.pp_schedule=dualpipev",
                                             "train.recompute=true", "optim.moment_dtype=bf16"],
+    "dp2_ep2_bf16": ["parallel.dp=2", "parallel.ep=2", "train.dtype=bf16"],
+    "pp2_dualpipe_bf16_recompute": ["parallel.pp=2", "parallel.pp_schedule=dualpipe", "train.dtype=bf16",
+                                    "train.recompute=true"],
 }
 # One step of tiny: 8 micro-batches of 2 x 64 tokens per pipeline (DualPipe needs >= 2*pp of them).
 RUN = ["train.steps=1", "train.seq_len=64", "train.global_batch_size=16", "train.micro_batch_size=2",
@@ -68,4 +73,5 @@ def test_predicted_memory_matches_measured(name, tmp_path):
             print(f"  {m['pp_rank']} {kind:<12}{predicted[kind]:>12.0f}{m[kind]:>12}{predicted[kind] / m[kind]:>9.3f}")
         for kind in ("parameters", "gradients", "optimizer"):
             assert predicted[kind] == m[kind], (kind, m["pp_rank"])
-        assert predicted["activations"] == pytest.approx(m["activations"], rel=0.25)
+        if plan["layout"]["param_dtype"] == "fp32":
+            assert predicted["activations"] == pytest.approx(m["activations"], rel=0.25)

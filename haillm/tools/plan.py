@@ -5,9 +5,9 @@
         [--step-time 19.926 | --mfu 0.4] [--json]
 
 Overrides are the trainer's (``launch/train.py``), composed and validated by the same code with the world
-size ``--gpus``. Two defaults differ from the trainer's, because they are what a GPU run uses: parameters
-are BF16 unless ``train.dtype`` is given (``--gpu cpu``: fp32), and with pp > 1 the micro-batch is one
-sequence unless ``train.micro_batch_size`` is given (the most micro-batches: the smallest bubble and
+size ``--gpus``; ``train.dtype=auto`` (the default) resolves for the target as a run does (BF16 parameters
+on a GPU, fp32 for ``--gpu cpu``). One default differs from the trainer's: with pp > 1 the micro-batch is
+one sequence unless ``train.micro_batch_size`` is given (the most micro-batches: the smallest bubble and
 activation footprint). Parameter counts and FLOPs per token are the model's own (``flops.py``); memory comes
 from ``haillm.tools.memory``; the step time from FLOPs per step at a stated MFU of the GPU's dense BF16
 peak, or the MFU from a measured ``--step-time``. Exit code 0 when the layout fits the GPU's memory, 1 when
@@ -23,7 +23,7 @@ import sys
 import torch
 from omegaconf import DictConfig
 
-from haillm.config import ConfigError, compose_config, to_model_args, validate
+from haillm.config import ConfigError, compose_config, resolve_dtype, to_model_args, validate
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.flops import count_params, flops_per_token, mtp_params
 from haillm.parallel.mesh import ParallelConfigError
@@ -48,10 +48,8 @@ def _explicit(overrides: list[str]) -> set[str]:
 def compose(overrides: list[str], gpus: int | None, gpu: str) -> tuple[DictConfig, int]:
     """The trainer's configuration with the planner's two defaults, validated for ``gpus`` ranks."""
     cfg = compose_config(overrides)
-    given = _explicit(overrides)
-    if "train.dtype" not in given:
-        cfg.train.dtype = "fp32" if gpu == "cpu" else "bf16"
-    if "train.micro_batch_size" not in given and cfg.parallel.pp > 1:
+    resolve_dtype(cfg, "cpu" if gpu == "cpu" else "cuda")  # train.dtype=auto: bf16 on a GPU, as a run does
+    if "train.micro_batch_size" not in _explicit(overrides) and cfg.parallel.pp > 1:
         cfg.train.micro_batch_size = 1
     p = cfg.parallel
     ranks = p.dp * p.pp * p.tp
@@ -65,8 +63,7 @@ def compose(overrides: list[str], gpus: int | None, gpu: str) -> tuple[DictConfi
 
 def layout_of(cfg: DictConfig, gpu: str) -> Layout:
     t, p = cfg.train, cfg.parallel
-    device_default = torch.float32 if gpu == "cpu" else torch.bfloat16  # e.g. for a device-dependent value
-    param_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(t.dtype, device_default)
+    param_dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32  # every parameter, as cast_parameters
     setup = ActivationSetup(act_bytes=param_dtype.itemsize, recompute=t.recompute, fp8=cfg.fp8.enabled,
                             cpu=gpu == "cpu", ep=p.ep, deferred_wgrad=p.pp > 1 and p.pp_schedule != "1f1b")
     return Layout(dp=p.dp, pp=p.pp, ep=p.ep, schedule=p.pp_schedule, ranks_per_node=p.ranks_per_node,
