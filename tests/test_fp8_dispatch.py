@@ -51,26 +51,15 @@ def test_plan_rule():
     assert gemm_plan(SM80, 4096, 7168, 2048) == "unsupported"
 
 
-def linear_shape(model: torch.nn.Module, fqn: str) -> tuple[int, int, str]:
-    """(in features, out features, precision) of a linear the FP8 report names: an ``ops.Linear``, or one
-    expert's projection ``<experts>.<gid>.<w1|w2|w3>`` of a stacked ``GroupedExperts``."""
-    owner, _, name = fqn.rpartition(".")
-    experts_fqn, _, gid = owner.rpartition(".")
-    if gid.isdigit() and isinstance(experts := model.get_submodule(experts_fqn), GroupedExperts):
-        out_features, in_features = getattr(experts, name).shape[1:]
-        return in_features, out_features, experts.precision
-    module = model.get_submodule(fqn)
-    return module.in_features, module.out_features, module.precision
-
-
-def fp8_linears(preset: str) -> tuple[list[tuple[int, int, str]], list[tuple[int, int, str]]]:
-    """Shapes and precisions of the linears the FP8 policy puts in FP8 and of those it keeps in default
-    precision, on the meta device."""
+def fp8_linears(preset: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]], set[str]]:
+    """(in, out) features of the linears the FP8 policy puts in FP8 and of those it keeps in default precision,
+    on the meta device, and the precisions their modules were set to."""
     with torch.device("meta"):
         model = DeepSeekV3(get_preset(preset), init_seed=None)
     report = policy.apply_precision(model, "fp8")
-    return ([linear_shape(model, n) for n in report.low],
-            [linear_shape(model, n) for n in report.fallback + report.kept])
+    features = {name: (shape[1], shape[0]) for name, shape in report.shapes.items()}
+    modes = {m.precision for m in model.modules() if isinstance(m, (Linear, GroupedExperts))}
+    return [features[n] for n in report.low], [features[n] for n in report.fallback + report.kept], modes
 
 
 @pytest.mark.parametrize("preset", ["v3_671b", "v2_lite_16b", "small"])
@@ -79,15 +68,13 @@ def test_every_linear_shape_runs_fp8_or_bf16_on_a_gpu(preset, caplog):
     x^T[K,T]^T`` (1x128 tiles along tokens) of every FP8 linear, at every token count: cuBLAS on SM90.
     The policy's other linears run F.linear in the parameters' dtype (BF16 on a GPU)."""
     with caplog.at_level(logging.ERROR, logger=policy.__name__):
-        low, high = fp8_linears(preset)
-    assert low and high
+        low, high, modes = fp8_linears(preset)
+    assert low and high and modes == {"fp8", "default"}
     plans = set()
-    assert {p for _, _, p in low} == {"fp8"}
-    for k, n, _ in low:
+    for k, n in low:
         for t in TOKENS:
             plans |= {gemm_plan(SM90, t, k, n), gemm_plan(SM90, t, n, k), gemm_plan(SM90, n, t, k, b_block=1)}
     assert plans <= {"scaled_mm", "scaled_mm_padded"}, plans
-    assert {p for _, _, p in high} == {"default"}
 
 
 def test_gpu_without_blockwise_fp8_keeps_bf16(monkeypatch, caplog):

@@ -51,12 +51,14 @@ FP8_TINY_OVERRIDES = dict(
 @dataclass
 class PrecisionReport:
     """What ``apply_precision`` did: FQNs of the linears in low precision, of those that fell back because
-    of their shape, and of those kept in high precision by the policy."""
+    of their shape, and of those kept in high precision by the policy; ``shapes``: every reported linear's
+    weight shape ``[out, in]`` (routed experts are reported one by one, ``<experts>.<gid>.<w>``)."""
 
     precision: str
     low: list[str] = field(default_factory=list)
     fallback: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
 
     def summary(self) -> str:
         if self.precision == "default":
@@ -79,7 +81,7 @@ def apply_precision(model: nn.Module, precision: str, pow2_scales: bool = False)
     built (before or after the optimizer: parameters are not touched)."""
     report = PrecisionReport(precision)
     misfits: dict[str, list[str]] = {}
-    shapes: dict[str, list[int]] = {}
+    shapes = report.shapes
     for fqn, module in model.named_modules():
         if isinstance(module, Linear):
             linears = [(fqn, [module.out_features, module.in_features])]

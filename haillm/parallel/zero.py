@@ -55,9 +55,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from haillm.parallel.zero_buckets import BucketPlan, ParamSpec, plan_buckets
 from haillm.parallel.zero_state import copy_pieces, sharded_view
 
 STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
+DEFAULT_BUCKET_MB = 32.0  # gradient bucket size (counted in fp32 elements)
 # (name, param) -> the pieces its state is checkpointed as: (name, element offset in the param, shape).
 StatePieces = Callable[[str, Tensor], list[tuple[str, int, torch.Size]]]
 
@@ -119,7 +121,7 @@ class ZeroAdamW:
         *,
         process_group: dist.ProcessGroup | None = None,
         norm_groups: Iterable[dist.ProcessGroup] = (),
-        bucket_mb: float = 32.0,
+        bucket_mb: float = DEFAULT_BUCKET_MB,
         moment_dtype: torch.dtype = torch.float32,
         reduce_dtype: torch.dtype = torch.float32,
         no_decay: Callable[[str, Tensor], bool] = default_no_decay,
@@ -157,37 +159,17 @@ class ZeroAdamW:
 
     # ---- construction ----
     def _build_buckets(self, bucket_bytes: int) -> list[_Bucket]:
-        order: dict[int, int] = {}  # reverse registration position: ≈ gradient-ready order
-        registered = [p for g in self.param_groups for _, p in g["params"]]
-        for i, p in enumerate(reversed(registered)):
-            order.setdefault(id(p), i)
-        seen: set[int] = set()
-        pending: list[tuple[int, _Bucket]] = []
-        for group in self.param_groups:
-            members: list[tuple[str, nn.Parameter]] = []
-            for name, p in reversed(group["params"]):
-                if id(p) not in seen:  # tied parameters are stepped once
-                    seen.add(id(p))
-                    members.append((name, p))
-            chunk: list[tuple[str, nn.Parameter]] = []
-            for k, (name, p) in enumerate(members):
-                chunk.append((name, p))
-                last = k == len(members) - 1
-                full = sum(q.numel() for _, q in chunk) * 4 >= bucket_bytes
-                if last or full or members[k + 1][1].dtype != p.dtype or members[k + 1][1].device != p.device:
-                    pending.append((order[id(p)], self._make_bucket(group, chunk)))
-                    chunk = []
-        return [b for _, b in sorted(pending, key=lambda kb: kb[0])]
+        specs = [[ParamSpec(n, tuple(p.shape), p.dtype, str(p.device), id(p)) for n, p in g["params"]]
+                 for g in self.param_groups]
+        worlds = [_group_size(g["process_group"]) for g in self.param_groups]
+        plans = plan_buckets(specs, worlds, bucket_bytes)  # the layout haillm.tools.plan predicts memory from
+        return [self._make_bucket(self.param_groups[plan.group], plan) for plan in plans]
 
-    def _make_bucket(self, group: dict[str, Any], members: list[tuple[str, nn.Parameter]]) -> _Bucket:
+    def _make_bucket(self, group: dict[str, Any], plan: BucketPlan) -> _Bucket:
         pg = group["process_group"]
-        world = _group_size(pg)
+        world, numel, offsets = plan.world, plan.numel, list(plan.offsets)
         rank = dist.get_rank(pg) if world > 1 else 0
-        offsets, total = [], 0
-        for _, p in members:
-            offsets.append(total)
-            total += p.numel()
-        numel = -(-total // world) * world
+        members = [group["params"][i] for i in plan.members]
         like = members[0][1]
         param_buf = torch.zeros(numel, dtype=like.dtype, device=like.device)
         grad_buf = torch.zeros(numel, dtype=torch.float32, device=like.device)

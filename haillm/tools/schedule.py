@@ -5,7 +5,8 @@
 
 Output (DESIGN.md): one line per rank, ``rank<r>: <action> <action> ...``. ``--simulate`` appends
 ``sim ...`` lines: the costs used, per-rank busy/idle time and peak in-flight activations, the makespan and
-the bubble (largest idle over ranks). Bad arguments print one line on stderr and exit with code 2.
+the bubble (largest idle over ranks). Bad arguments, and ``--plot`` without matplotlib (an optional
+dependency), print one line on stderr and exit with code 2.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from haillm.parallel.pipeline.schedules import SCHEDULES, build, format_rank
 from haillm.parallel.pipeline.simulate import Costs, plot_timeline, simulate
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse prints usage plus the error; the viewer's contract is a single line."""
 
     def error(self, message: str):
@@ -25,7 +26,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python -m haillm.tools.schedule", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m haillm.tools.schedule", description=__doc__.splitlines()[0])
     p.add_argument("--schedule", required=True, choices=sorted(SCHEDULES))
     p.add_argument("--pp", type=int, required=True, help="pipeline ranks (DualPipeV: 2*pp stages)")
     p.add_argument("--microbatches", type=int, required=True, help="micro-batches per step, all directions")
@@ -47,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         schedule, topo = build(args.schedule, args.pp, args.microbatches)
     except ValueError as e:
         parser.error(str(e))
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (an optional dependency: only the plot needs it)
+        except ImportError:
+            parser.error("--plot needs matplotlib, which is not installed: pip install matplotlib")
     lines = [format_rank(r, steps) for r, steps in enumerate(schedule)]
     if args.simulate or args.plot:
         sim = simulate(schedule, topo, costs)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Iterable
+from typing import TypeVar
 
 import torch
 from omegaconf import DictConfig
@@ -11,11 +13,23 @@ from haillm.models.deepseek_v3.experts import per_expert_state
 from haillm.parallel.mesh import ParallelDims
 from haillm.parallel.zero import ZeroAdamW
 
+T = TypeVar("T")
+
 
 def is_expert_param(name: str) -> bool:
     """Routed-expert weights (stacked `...ffn.experts.w1`; `...ffn.experts.<global id>...` in checkpoints),
     sharded over the expert-parallel group."""
     return ".experts." in name
+
+
+def zero_groups(named: Iterable[tuple[str, T]], ep: int, outside_norm: Collection[str] = frozenset()
+                ) -> list[tuple[tuple[bool, bool], list[tuple[str, T]]]]:
+    """The optimizer's param groups, keyed (routed expert under EP, outside the gradient norm), in a fixed
+    order; also used by the layout planner (haillm.tools.plan) to predict the ZeRO-1 buckets."""
+    groups: dict[tuple[bool, bool], list[tuple[str, T]]] = {}
+    for name, item in named:
+        groups.setdefault((ep > 1 and is_expert_param(name), name in outside_norm), []).append((name, item))
+    return sorted(groups.items(), key=lambda kv: kv[0])
 
 
 def build_optimizer(model: torch.nn.Module, cfg: DictConfig, dims: ParallelDims,
@@ -30,11 +44,8 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig, dims: ParallelDims,
     its buckets. No weight decay on 1-D parameters.
     """
     o = cfg.optim
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, param in model.named_parameters():
-        groups.setdefault((dims.ep > 1 and is_expert_param(name), name in outside_norm), []).append((name, param))
     param_groups = []
-    for (expert, outside), params in sorted(groups.items()):
+    for (expert, outside), params in zero_groups(model.named_parameters(), dims.ep, outside_norm):
         group = {"params": params, "in_norm": not outside}
         if expert:
             group |= {"process_group": dims.edp_group, "norm_groups": (dims.ep_group,), "grad_divisor": dims.dp}

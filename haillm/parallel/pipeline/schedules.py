@@ -10,6 +10,7 @@ serve every generator here.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 KINDS = ("F", "B", "I", "W")
@@ -331,19 +332,20 @@ def p2p_messages(schedule: Schedule, topo: Topology) -> tuple[list[list[Message]
     return sends, recvs
 
 
-def peak_activations(steps: list[Step]) -> int:
+def peak_activations(steps: list[Step], sizes: Sequence[float] | None = None) -> float:
     """Most forwards of one rank whose backward (B or I) has not run yet, counted per (chunk, micro-batch).
 
-    The unit is one chunk's activations for one micro-batch. A pair's forward counts before its backward
-    frees anything (the hook starts the forward first). I frees the activation; the inputs W still needs
-    are not counted.
+    The unit is one chunk's activations for one micro-batch, or ``sizes[chunk]`` when given (e.g. the bytes
+    a chunk keeps per micro-batch). A pair's forward counts before its backward frees anything (the hook
+    starts the forward first). I frees the activation; the inputs W still needs are not counted.
     """
     live = peak = 0
     for step in steps:
         for a in halves(step):
+            size = 1 if sizes is None else sizes[a.chunk]
             if a.kind == "F":
-                live += 1
+                live += size
                 peak = max(peak, live)
             elif a.kind in ("B", "I"):
-                live -= 1
+                live -= size
     return peak

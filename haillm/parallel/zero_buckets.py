@@ -1,0 +1,107 @@
+"""ZeRO-1 bucket layout as a pure function of parameter names, shapes and dtypes.
+
+``ZeroAdamW`` allocates its flat buffers from this plan, and the layout planner (``haillm.tools.plan``)
+predicts a rank's memory from the same plan without building anything, so the two cannot drift. Each
+param group's parameters are packed in reverse registration order (about the order backward produces their
+gradients) into buckets of roughly ``bucket_bytes`` (counted as fp32), never mixing dtypes or devices; a
+bucket is padded to a multiple of its group's size, and buckets are listed in gradient-ready order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+FP32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """What the bucket layout needs of a parameter. ``key`` identifies tied parameters (default: the name)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: str = "cpu"
+    key: Hashable | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def identity(self) -> Hashable:
+        return self.name if self.key is None else self.key
+
+
+@dataclass(frozen=True)
+class BucketPlan:
+    """One bucket: param group ``group``, its members (indices into that group's list) at ``offsets`` in a
+    flat buffer of ``numel`` elements (padded to a multiple of ``world``, the group's size)."""
+
+    group: int
+    members: tuple[int, ...]
+    offsets: tuple[int, ...]
+    numel: int
+    world: int
+    dtype: torch.dtype
+
+    @property
+    def shard_numel(self) -> int:
+        return self.numel // self.world
+
+    def param_bytes(self) -> int:
+        """The parameters' storage (the model's parameters are views of it)."""
+        return self.numel * self.dtype.itemsize
+
+    def grad_bytes(self) -> int:
+        """The fp32 gradient buffer, whatever the parameters' dtype."""
+        return self.numel * FP32_BYTES
+
+    def state_bytes(self, moment_dtype: torch.dtype) -> int:
+        """Optimizer state this rank adds: both Adam moments of its shard, and an fp32 master shard unless
+        the parameters are fp32 (then the master shard is the rank's slice of the parameter storage)."""
+        master = 0 if self.dtype == torch.float32 else self.shard_numel * FP32_BYTES
+        return master + 2 * self.shard_numel * moment_dtype.itemsize
+
+
+def plan_buckets(groups: Sequence[Sequence[ParamSpec]], worlds: Sequence[int], bucket_bytes: int
+                 ) -> list[BucketPlan]:
+    """The buckets of ``groups`` (each in registration order; ``worlds[i]``: group i's size), in launch
+    order. A tied parameter (same ``identity`` twice) is bucketed once, in the first group that holds it."""
+    order: dict[Hashable, int] = {}  # reverse registration position: ≈ gradient-ready order
+    registered = [s for g in groups for s in g]
+    for i, spec in enumerate(reversed(registered)):
+        order.setdefault(spec.identity, i)
+    seen: set[Hashable] = set()
+    pending: list[tuple[int, BucketPlan]] = []
+    for gi, (specs, world) in enumerate(zip(groups, worlds, strict=True)):
+        members = []
+        for i in reversed(range(len(specs))):
+            if specs[i].identity not in seen:
+                seen.add(specs[i].identity)
+                members.append(i)
+        chunk: list[int] = []
+        for k, i in enumerate(members):
+            chunk.append(i)
+            spec = specs[i]
+            last = k == len(members) - 1
+            full = sum(specs[j].numel for j in chunk) * FP32_BYTES >= bucket_bytes
+            if last or full or specs[members[k + 1]].dtype != spec.dtype or specs[members[k + 1]].device != spec.device:
+                pending.append((order[spec.identity], _bucket(gi, chunk, specs, world)))
+                chunk = []
+    return [b for _, b in sorted(pending, key=lambda kb: kb[0])]
+
+
+def _bucket(group: int, members: list[int], specs: Sequence[ParamSpec], world: int) -> BucketPlan:
+    offsets, total = [], 0
+    for i in members:
+        offsets.append(total)
+        total += specs[i].numel
+    numel = -(-total // world) * world
+    return BucketPlan(group, tuple(members), tuple(offsets), numel, world, specs[members[0]].dtype)

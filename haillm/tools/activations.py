@@ -1,0 +1,148 @@
+"""What one micro-batch's forward keeps for backward, modelled from the DeepSeek-V3 layer structure.
+
+Every term is a tensor that an op of ``haillm.models.deepseek_v3`` saves for its backward, per token of a
+micro-batch unless marked per sequence: RMSNorm keeps its input and an fp32 ``rstd``; a linear keeps its
+input (an FP8 linear its own FP8 copy and 1x128 scales instead); RoPE keeps its rotation table; attention
+keeps q, k, v, its output and an fp32 log-sum-exp per head; SwiGLU keeps three intermediates; the router
+keeps fp32 scores, the chosen indices and weights; every routed copy of a token (top-k of them) keeps its
+input, intermediates, output and weighted output (``index_add`` keeps its source); the fused head +
+cross-entropy keeps fp32 exponentiated logits. A tensor saved by several ops counts once. With
+``train.recompute`` the RMSNorm outputs and the attention's q, k, v are recomputed in backward, so they
+are not kept. Parameters are never counted here.
+
+The CPU specifics follow the code: CPU attention pads v to the q/k head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from haillm.fp8.policy import BLOCK as FP8_BLOCK
+from haillm.models.deepseek_v3.args import ModelArgs
+from haillm.parallel.pipeline.stage import StageSpec
+
+FP32, INT64 = 4, 8
+
+
+@dataclass(frozen=True)
+class ActivationSetup:
+    """What changes what is kept: activation dtype size, recomputation, FP8 linears, the device (CPU code
+    paths) and expert parallelism."""
+
+    act_bytes: int
+    recompute: bool = False
+    fp8: bool = False
+    cpu: bool = False
+    ep: int = 1
+
+
+def _kept(features: int, s: ActivationSetup, hp_savers: bool, fp8_linears: list[tuple[int, int]],
+          marked: bool = False) -> float:
+    """Bytes per token of a ``features``-wide activation: once in its own dtype if any high-precision op
+    saves it (unless ``marked`` for recomputation and recompute is on), plus one FP8 copy per FP8 linear."""
+    fp8_copies = sum(1 for i, o in fp8_linears if s.fp8 and i % FP8_BLOCK == 0 and o % FP8_BLOCK == 0)
+    hp = hp_savers or fp8_copies < len(fp8_linears)
+    kept = features * s.act_bytes if hp and not (marked and s.recompute) else 0
+    return kept + fp8_copies * (features + FP32 * math.ceil(features / FP8_BLOCK))
+
+
+def _swiglu(dim: int, inter: int, s: ActivationSetup) -> float:
+    """A SwiGLU MLP without its input: silu's input, silu's output and w3's output (the product's operands),
+    and w2's input."""
+    return 3 * inter * s.act_bytes + _kept(inter, s, False, [(inter, dim)])
+
+
+def attention_per_token(a: ModelArgs, s: ActivationSetup) -> float:
+    """MLA with its pre-norm, per token (the rotation tables are per sequence: ``rope_per_sequence``)."""
+    act, heads, qk = s.act_bytes, a.n_heads, a.qk_nope_head_dim + a.qk_rope_head_dim
+    q_out = heads * qk
+    out = a.dim * act + FP32  # attn_norm: block input, rstd
+    q_in = [(a.dim, a.q_lora_rank)] if a.q_lora_rank else [(a.dim, q_out)]
+    out += _kept(a.dim, s, False, q_in + [(a.dim, a.kv_lora_rank + a.qk_rope_head_dim)], marked=True)
+    if a.q_lora_rank:
+        out += a.q_lora_rank * act + FP32  # q_norm: input, rstd
+        out += _kept(a.q_lora_rank, s, False, [(a.q_lora_rank, q_out)], marked=True)
+    out += (a.kv_lora_rank + a.qk_rope_head_dim) * act + FP32  # wkv_a output (kv_norm and k-rope input), rstd
+    out += _kept(a.kv_lora_rank, s, False, [(a.kv_lora_rank, heads * (a.qk_nope_head_dim + a.v_head_dim))],
+                 marked=True)
+    v_kept = heads * qk if s.cpu else heads * (a.qk_nope_head_dim + a.v_head_dim)  # CPU pads v; GPU views wkv_b
+    if not s.recompute:
+        out += (2 * q_out + v_kept) * act  # q, k, v
+    out += heads * (qk if s.cpu else a.v_head_dim) * act + heads * FP32  # attention output, log-sum-exp
+    out += _kept(heads * a.v_head_dim, s, False, [(heads * a.v_head_dim, a.dim)])  # wo's input
+    return out
+
+
+def rope_per_sequence(a: ModelArgs, seq_len: int) -> float:
+    """The complex rotation tables q's and k's RoPE keep, ``[seq_len, rope_dim/2]`` complex64 each."""
+    return 2 * seq_len * a.qk_rope_head_dim // 2 * 8
+
+
+def ffn_per_token(a: ModelArgs, dense: bool, s: ActivationSetup) -> float:
+    """The FFN half of a block with its pre-norm, per token: dense SwiGLU, or the MoE layer (router,
+    shared experts, and ``n_activated_experts`` routed copies of every token)."""
+    act, dim, k = s.act_bytes, a.dim, a.n_activated_experts
+    out = dim * act + FP32  # ffn_norm: residual, rstd
+    if dense:
+        return out + _kept(dim, s, False, [(dim, a.inter_dim)] * 2, marked=True) + _swiglu(dim, a.inter_dim, s)
+    shared = a.n_shared_experts * a.moe_inter_dim
+    # the router reads the norm output in fp32: the same tensor in fp32 runs, an fp32 copy otherwise
+    gate_hp = act == FP32
+    shared_linears = [(dim, shared)] * 2 if shared else []
+    out += _kept(dim, s, gate_hp, shared_linears, marked=True)
+    if not gate_hp:
+        out += dim * FP32
+    out += a.n_routed_experts * FP32 + k * INT64  # router scores, chosen indices
+    if a.norm_topk_prob:
+        out += k * FP32 + FP32  # weights and their sum
+    if a.balance_alpha > 0:
+        out += FP32  # per-token score sums of the sequence-wise balance loss
+    out += 2 * k * INT64 + k * act  # copies' source tokens and positions, their gate weights
+    if s.ep > 1:
+        out += 2 * k * INT64  # received copies' order and its inverse
+    copy = _kept(dim, s, False, [(dim, a.moe_inter_dim)] * 2) + _swiglu(dim, a.moe_inter_dim, s)
+    out += k * (copy + 2 * dim * act)  # each routed copy: input, SwiGLU, output and weighted output (combine)
+    if shared:
+        out += _swiglu(dim, shared, s)
+    return out
+
+
+def block_bytes(a: ModelArgs, dense: bool, micro_batch: int, seq_len: int, s: ActivationSetup) -> float:
+    """One transformer block (dense or MoE) on a micro-batch of ``micro_batch`` sequences of ``seq_len``."""
+    tokens = micro_batch * seq_len
+    out = tokens * (attention_per_token(a, s) + ffn_per_token(a, dense, s)) + rope_per_sequence(a, seq_len)
+    if not dense:
+        if a.balance_alpha > 0:
+            out += micro_batch * a.n_routed_experts * FP32  # the balance loss's per-sequence expert fractions
+    return out
+
+
+def head_per_token(a: ModelArgs, s: ActivationSetup) -> float:
+    """Final norm (input, rstd, output) and the fused head + cross-entropy (fp32 exponentiated logits and
+    their row sums)."""
+    return a.dim * s.act_bytes + FP32 + _kept(a.dim, s, True, [], marked=True) + (a.vocab_size + 1) * FP32
+
+
+def chunk_bytes(a: ModelArgs, spec: StageSpec, micro_batch: int, seq_len: int, s: ActivationSetup,
+                shared_embedding: bool) -> float:
+    """Bytes one pipeline stage keeps for backward per micro-batch. ``shared_embedding``: the MTP modules
+    reuse the main model's embedding output (the unsplit model); a pipeline's last stage embeds again."""
+    tokens = micro_batch * seq_len
+    out = 0.0
+    if spec.first or spec.last:
+        out += micro_batch * (seq_len + 1) * INT64  # the micro-batch's token ids (embedding, targets)
+    for i in spec.layers:
+        out += block_bytes(a, i < a.n_dense_layers, micro_batch, seq_len, s)
+    if not spec.last:
+        return out
+    out += tokens * head_per_token(a, s)
+    for k in range(1, a.mtp_depth + 1):
+        t_k = micro_batch * (seq_len - k)
+        if k == 1 and not shared_embedding:
+            out += tokens * a.dim * s.act_bytes  # the embedding output that enorm keeps
+        # enorm and hnorm rstd, then eh_proj's input (the concatenated normed embedding and hidden state)
+        out += t_k * (2 * FP32 + _kept(2 * a.dim, s, False, [(2 * a.dim, a.dim)]))
+        out += block_bytes(a, False, micro_batch, seq_len - k, s)
+        out += t_k * head_per_token(a, s)
+    return out

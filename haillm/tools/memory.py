@@ -1,0 +1,157 @@
+"""Memory of one rank of a layout, predicted from the code that will allocate it.
+
+The rank's model is built on the meta device exactly as ``launch/train.py`` builds it (its pipeline stages
+by ``stage.build_stage_model``, only its experts by ``expert.apply_expert_parallel``), its parameters are
+split into the optimizer's groups (``optim.zero_groups``) and laid out in ZeRO-1 buckets by the optimizer's
+own ``zero_buckets.plan_buckets``, so parameter, gradient and optimizer bytes are those the run allocates.
+Activations come from ``activations.chunk_bytes`` per local chunk and micro-batch, weighted by the most
+micro-batches the schedule keeps in flight on the rank (``schedules.peak_activations``: PP+1 on DualPipe).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, fields
+from types import SimpleNamespace
+
+import torch
+
+from haillm.fp8.policy import apply_fp8
+from haillm.models.deepseek_v3.args import ModelArgs
+from haillm.models.deepseek_v3.model import DeepSeekV3
+from haillm.parallel.expert import ExpertPlacement, apply_expert_parallel
+from haillm.parallel.mesh import ParallelDims
+from haillm.parallel.pipeline.schedules import build, peak_activations
+from haillm.parallel.pipeline.stage import StageSpec, build_stage_model, stage_specs
+from haillm.parallel.zero import DEFAULT_BUCKET_MB
+from haillm.parallel.zero_buckets import BucketPlan, ParamSpec, plan_buckets
+from haillm.tools.activations import ActivationSetup, chunk_bytes
+from haillm.train.optim import zero_groups
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the memory of a rank depends on besides the model."""
+
+    dp: int
+    pp: int
+    ep: int
+    schedule: str
+    ranks_per_node: int
+    micro_batch: int
+    seq_len: int
+    n_microbatches: int  # per data-parallel rank and step
+    param_dtype: torch.dtype
+    moment_dtype: torch.dtype
+    setup: ActivationSetup
+
+
+@dataclass
+class RankMemory:
+    """Bytes one rank holds (``pp_rank``; every data-parallel and expert-parallel rank of it alike)."""
+
+    pp_rank: int
+    parameters: int
+    gradients: int
+    optimizer: int
+    fp8_weight_cache: int
+    activations: float
+    activations_per_microbatch: list[float]  # per local chunk
+    specs: list[StageSpec] = field(repr=False)  # the local chunks
+    plans: list[BucketPlan] = field(repr=False)  # the ZeRO-1 buckets
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.fp8_weight_cache + self.activations
+
+    def as_dict(self) -> dict:
+        skip = ("specs", "plans")
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip},
+                "buckets": len(self.plans), "total": self.total}
+
+
+def rank_model(args: ModelArgs, lay: Layout, pp_rank: int) -> torch.nn.Module:
+    """This pipeline rank's model on the meta device, holding the experts of expert-parallel rank 0 (every
+    ep rank holds as many)."""
+    with torch.device("meta"):
+        if lay.pp > 1:
+            model = build_stage_model(args, lay.schedule, lay.pp, pp_rank, init_seed=None)
+        else:
+            model = DeepSeekV3(args, init_seed=None)
+    if lay.ep > 1:
+        dims = ParallelDims(lay.dp, lay.pp, 1, lay.ep, lay.dp * lay.pp, lay.ranks_per_node,
+                            rank=pp_rank * lay.dp)
+        placement = ExpertPlacement.from_dims(dims, args.n_routed_experts, args.n_expert_groups)
+        apply_expert_parallel(model, SimpleNamespace(placement=placement))  # only its placement is read
+    return model
+
+
+def bucket_plans(model: torch.nn.Module, lay: Layout, pp_rank: int) -> list[BucketPlan]:
+    """The ZeRO-1 buckets ``build_optimizer`` makes for this rank: groups by expert / second copy, experts
+    sharded over the expert-data-parallel group (dp/ep), everything else over dp."""
+    outside: set[str] = set()
+    if lay.pp > 1 and pp_rank >= lay.pp // 2:  # the copy another pipeline rank counts in the norm
+        outside = {n for n, _ in model.partner_params(lay.schedule)}
+    specs = [(n, ParamSpec(n, tuple(p.shape), lay.param_dtype)) for n, p in model.named_parameters()]
+    groups = zero_groups(specs, lay.ep, outside)
+    worlds = [lay.dp // lay.ep if expert else lay.dp for (expert, _), _ in groups]
+    return plan_buckets([[s for _, s in g] for _, g in groups], worlds, int(DEFAULT_BUCKET_MB * 2**20))
+
+
+def fp8_weight_cache_bytes(model: torch.nn.Module, only: set[str] | None = None) -> int:
+    """The FP8 copies of the weights FP8 linears quantize once per step (E4M3 plus 128x128 block scales);
+    ``only``: of the linears with these report names."""
+    policy_log = logging.getLogger("haillm.fp8.policy")
+    level = policy_log.level
+    policy_log.setLevel(logging.ERROR)  # shape fallbacks are expected here, not news
+    try:
+        report = apply_fp8(model, True)
+    finally:
+        policy_log.setLevel(level)
+    total = 0
+    for name in report.low if only is None else [n for n in report.low if n in only]:
+        out_f, in_f = report.shapes[name]
+        total += out_f * in_f + 4 * math.ceil(out_f / 128) * math.ceil(in_f / 128)
+    return total
+
+
+def rank_memory(args: ModelArgs, lay: Layout, pp_rank: int, model: torch.nn.Module | None = None) -> RankMemory:
+    """Memory of pipeline rank ``pp_rank``; ``model``: its ``rank_model`` if already built."""
+    model = model if model is not None else rank_model(args, lay, pp_rank)
+    plans = bucket_plans(model, lay, pp_rank)
+    if lay.pp > 1:
+        specs = stage_specs(args, lay.schedule, lay.pp, pp_rank)
+    else:
+        specs = [StageSpec(0, range(args.n_layers), first=True, last=True)]
+    per_mb = [chunk_bytes(args, s, lay.micro_batch, lay.seq_len, lay.setup, shared_embedding=lay.pp == 1)
+              for s in specs]
+    if lay.pp > 1:
+        schedule, _ = build(lay.schedule, lay.pp, lay.n_microbatches)
+        activations = peak_activations(schedule[pp_rank], per_mb)
+    else:
+        activations = per_mb[0]  # micro-batches run one after the other
+    return RankMemory(
+        pp_rank=pp_rank,
+        parameters=sum(b.param_bytes() for b in plans),
+        gradients=sum(b.grad_bytes() for b in plans),
+        optimizer=sum(b.state_bytes(lay.moment_dtype) for b in plans),
+        fp8_weight_cache=fp8_weight_cache_bytes(model) if lay.setup.fp8 else 0,
+        activations=activations,
+        activations_per_microbatch=per_mb,
+        specs=specs,
+        plans=plans,
+    )
+
+
+def all_ranks(args: ModelArgs, lay: Layout) -> list[RankMemory]:
+    """One entry per pipeline rank (the data- and expert-parallel ranks of a stage hold the same amounts).
+    Ranks that hold the same stages (DualPipe's mirror pairs) share one model build."""
+    models: dict[tuple[int, ...], torch.nn.Module] = {}
+    out = []
+    for r in range(lay.pp):
+        key = tuple(sorted(s.index for s in stage_specs(args, lay.schedule, lay.pp, r))) if lay.pp > 1 else ()
+        if key not in models:
+            models[key] = rank_model(args, lay, r)
+        out.append(rank_memory(args, lay, r, models[key]))
+    return out

@@ -1,0 +1,77 @@
+"""The planner against reality: per-rank memory of real tiny runs on CPU (gloo) through launch/train.py's
+`run`, measured by storage (tests/memory_probe.py), against `haillm.tools.plan`'s prediction.
+
+Parameters, gradients and optimizer state must match exactly (BF16 parameters included); activations (the
+peak of live saved-for-backward storages over one optimizer step, pipeline in-flight micro-batches
+included) within 25%, in fp32: a BF16 run on CPU emulates its GEMMs with fp32 copies of their operands
+(haillm/ops/precision.py), which the planner, modelling a GPU's BF16, does not count.
+Run with `-s` to print the table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist import run_distributed
+from memory_probe import LiveSaved, state_bytes
+from test_train import launch_train
+
+from haillm.config import compose_config, validate
+from haillm.tools.plan import make_plan
+from haillm.train.trainer import Trainer
+
+LAYOUTS = {
+    "dp2": ["parallel.dp=2"],
+    "pp2_dualpipe": ["parallel.pp=2", "parallel.pp_schedule=dualpipe"],
+    "dp2_pp2_dualpipe": ["parallel.dp=2", "parallel.pp=2", "parallel.pp_schedule=dualpipe"],
+    "dp2_ep2": ["parallel.dp=2", "parallel.ep=2"],
+    "dp2_ep2_recompute": ["parallel.dp=2", "parallel.ep=2", "train.recompute=true"],
+    "pp2_dualpipev_recompute_bf16moments": ["parallel.pp=2", "parallel.pp_schedule=dualpipev",
+                                            "train.recompute=true", "optim.moment_dtype=bf16"],
+    "dp2_ep2_bf16": ["parallel.dp=2", "parallel.ep=2", "train.dtype=bf16"],
+    "pp2_dualpipe_bf16_recompute": ["parallel.pp=2", "parallel.pp_schedule=dualpipe", "train.dtype=bf16",
+                                    "train.recompute=true"],
+}
+# One step of tiny: 8 micro-batches of 2 x 64 tokens per pipeline (DualPipe needs >= 2*pp of them).
+RUN = ["train.steps=1", "train.seq_len=64", "train.global_batch_size=16", "train.micro_batch_size=2",
+       "data.max_bytes=300000", "logging.progress=false", "checkpoint.interval=1000"]
+
+
+def _measure(overrides: list[str]) -> dict:
+    peaks = []
+    original = Trainer.forward_backward
+
+    def probed(self, micro_batches):
+        with LiveSaved(self.model) as probe:
+            out = original(self, micro_batches)
+        peaks.append(probe.peak)
+        return out
+
+    Trainer.forward_backward = probed
+    try:
+        cfg = compose_config(overrides)
+        validate(cfg, dist.get_world_size())
+        trainer = launch_train.run(cfg, dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
+    finally:
+        Trainer.forward_backward = original
+    return {"pp_rank": trainer.dims.pp_rank, "activations": max(peaks),
+            **state_bytes(trainer.model, trainer.optimizer)}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_predicted_memory_matches_measured(name, tmp_path):
+    overrides = [*RUN, *LAYOUTS[name]]
+    cfg = compose_config(overrides)
+    world = cfg.parallel.dp * cfg.parallel.pp
+    measured = run_distributed(_measure, world_size=world, args=([*overrides, f"output_dir={tmp_path}/run"],),
+                               timeout=120)
+    plan = make_plan(overrides, gpus=world, gpu="cpu")
+    print(f"\n{name}: rank  kind  predicted  measured  predicted/measured")
+    for m in measured:
+        predicted = plan["memory_bytes_per_pp_rank"][m["pp_rank"]]
+        for kind in ("parameters", "gradients", "optimizer", "activations"):
+            print(f"  {m['pp_rank']} {kind:<12}{predicted[kind]:>12.0f}{m[kind]:>12}{predicted[kind] / m[kind]:>9.3f}")
+        for kind in ("parameters", "gradients", "optimizer"):
+            assert predicted[kind] == m[kind], (kind, m["pp_rank"])
+        if plan["layout"]["param_dtype"] == "fp32":
+            assert predicted["activations"] == pytest.approx(m["activations"], rel=0.25)
