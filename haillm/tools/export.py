@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from haillm.config import to_model_args
 from haillm.models.deepseek_v3.hf import save_hf
 from haillm.models.deepseek_v3.model import DeepSeekV3
-from haillm.train.checkpoint import CONFIG, verify
+from haillm.train.checkpoint import CONFIG, describe, verify
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -82,8 +82,7 @@ def _read(checkpoint: Path, read):
     try:
         return read()
     except (Exception, CheckpointException) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise ExportError(f"{checkpoint} cannot be read ({type(exc).__name__}: {first})") from None
+        raise ExportError(f"{checkpoint} cannot be read ({describe(exc)})") from None
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:

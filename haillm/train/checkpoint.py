@@ -6,8 +6,9 @@ Layout of ``<output_dir>/checkpoints/step_<N>/``:
 - ``trainer_state.json``: step, data position (global ``consumed_samples``), skip counters;
 - ``rng_rank<r>.pt``: each rank's RNG states;
 - ``config.yaml``: the resolved run configuration (what `haillm.tools.export` rebuilds the model from);
-- ``manifest.json``: every file with its size, written last; a directory without a matching manifest is
-  incomplete. The whole directory is first written as ``.tmp_step_<N>`` and renamed when complete.
+- ``manifest.json``: every file with its size and CRC-32, written last; a directory without a matching
+  manifest is incomplete, one whose files differ from it (size, or content: a flipped byte) is corrupt.
+  The whole directory is first written as ``.tmp_step_<N>`` and renamed when complete.
 
 `Checkpointer` writes them either in the training thread or, with ``checkpoint.async_save``, from a copy in
 CPU memory on a background thread (with its own gloo process group, so its collectives never interleave with
@@ -25,6 +26,7 @@ import shutil
 import threading
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import torch
@@ -36,7 +38,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from haillm.train import faults
-from haillm.train.setup import broadcast_object, rng_state, set_rng_state
+from haillm.train.setup import gather_object, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -73,22 +75,36 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def verify(path: Path) -> str | None:
-    """Why `path` is not a complete checkpoint, or None when every file matches the manifest."""
+def verify(path: Path, share: tuple[int, int] = (0, 1)) -> str | None:
+    """Why `path` is not a complete checkpoint, or None when every file matches the manifest: sizes, and the
+    CRC-32 of files number `share[0]` modulo `share[1]` (the ranks of a job verify a share each; checkpoints
+    written before checksums were recorded are checked by size only)."""
     manifest = path / MANIFEST
     if not manifest.is_file():
         return "no manifest.json (the write did not finish)"
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as exc:
-        return f"unreadable manifest ({exc})"
+        content = json.loads(manifest.read_text())
+        files, crcs = dict(content["files"]), dict(content.get("crc32", {}))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"unreadable manifest ({type(exc).__name__}: {exc})"
     for name, size in files.items():
         file = path / name
         if not file.is_file():
             return f"missing file {name}"
         if file.stat().st_size != size:
             return f"{name} is {file.stat().st_size} bytes, expected {size} (truncated or corrupt)"
+    for i, name in enumerate(sorted(crcs)):
+        if i % share[1] == share[0] and (not (path / name).is_file() or _crc32(path / name) != crcs[name]):
+            return f"{name} does not match its checksum (corrupt)"
     return None
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 @contextlib.contextmanager
@@ -124,13 +140,21 @@ def _write(run_dir: Path, step: int, state: dict, rng: dict, trainer_state: dict
         dcp.save(state, checkpoint_id=str(tmp), process_group=group, no_dist=not dist.is_initialized())
     faults.inject("checkpoint", step)
     torch.save(rng, tmp / f"rng_rank{_rank()}.pt")
+    # Each rank checksums the files it wrote (still in the page cache); rank 0 the rest.
+    mine = [p for p in tmp.iterdir() if p.name.startswith(f"__{_rank()}_") or p.name == f"rng_rank{_rank()}.pt"]
+    (tmp / f".crc_rank{_rank()}.json").write_text(json.dumps({p.name: _crc32(p) for p in mine}))
     _barrier(group)
     if _rank() == 0:
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
         if config is not None:
             (tmp / CONFIG).write_text(config)
+        crcs = {}
+        for part in tmp.glob(".crc_rank*.json"):
+            crcs |= json.loads(part.read_text())
+            part.unlink()
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        _write_synced(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+        crcs = {name: crcs[name] if name in crcs else _crc32(tmp / name) for name in files}
+        _write_synced(tmp / MANIFEST, json.dumps({"step": step, "files": files, "crc32": crcs}, indent=1))
         if final.exists():  # a re-run of the same step after a resume: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -260,6 +284,15 @@ def load(path: Path, model: torch.nn.Module, optimizer: Stateful) -> dict:
     return json.loads((path / TRAINER_STATE).read_text())
 
 
+def describe(exc: BaseException) -> str:
+    """`Type: first line` of an error reading a checkpoint; DCP's CheckpointException is unwrapped to the
+    first rank's own error (its text is a list of tracebacks)."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        exc = next(iter(exc.failures.values()))[0]
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
 def resume(run_dir: Path, model: torch.nn.Module, optimizer: Stateful) -> dict | None:
     """Load the newest complete checkpoint, falling back past incomplete or unreadable ones (said in the log).
 
@@ -272,14 +305,15 @@ def resume(run_dir: Path, model: torch.nn.Module, optimizer: Stateful) -> dict |
             shutil.rmtree(partial, ignore_errors=True)
     candidates = list_checkpoints(run_dir)
     for _, path in candidates:
-        reason = broadcast_object(verify(path) if _rank() == 0 else None)
+        reasons = gather_object(verify(path, (_rank(), dist.get_world_size() if dist.is_initialized() else 1)))
+        reason = next((r for r in reasons if r is not None), None)  # every rank takes the same decision
         if reason is None:
             try:
                 return load(path, model, optimizer)
             except CheckpointError:
                 raise
             except (Exception, CheckpointException) as exc:  # a corrupt file that still has the right size
-                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                reason = describe(exc)
         log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path, reason)
     if candidates:
         raise CheckpointError(f"no usable checkpoint in {checkpoint_root(run_dir)}: all are incomplete or corrupt")

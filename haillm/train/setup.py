@@ -105,6 +105,15 @@ def broadcast_object(obj: object) -> object:
     return box[0]
 
 
+def gather_object(obj: object) -> list:
+    """Every rank's value of `obj`, by rank ([obj] without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, obj)
+    return values
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed Python, NumPy and torch; in deterministic mode also forbid nondeterministic kernels."""
     random.seed(seed)
