@@ -137,8 +137,12 @@ def compose_config(overrides: list[str], config_name: str = "config") -> DictCon
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
+        OmegaConf.to_container(cfg, resolve=True)  # a dangling ${...} fails now, not somewhere inside the run
     except Exception as exc:  # Hydra raises several types, all with multi-line text
         raise ConfigError(_one_line_hydra_error(exc)) from None
+    unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(Config)})
+    _require(not unknown, f"unknown config key '{unknown[0] if unknown else ''}'; valid top-level keys: "
+             + ", ".join(f.name for f in dataclasses.fields(Config)))
     return cfg
 
 
