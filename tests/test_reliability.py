@@ -232,3 +232,26 @@ def test_slow_step_logs_every_thread_stack(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "step 7 has run" in err and "over 2 x the median step" in err
     assert "--- thread MainThread" in err and "in inject" in err  # the main thread's stack shows the stall
+
+
+# ------------------------------------------------------------------------------------------- checksums
+
+
+def test_flipped_byte_is_caught_and_old_manifests_still_load(tmp_path, capsys):
+    """A byte flipped inside a tensor (same size: the manifest's sizes agree) makes resume fall back to the
+    previous checkpoint; a manifest written before checksums existed (sizes only) still loads."""
+    run = tmp_path / "run"
+    args = [*COMMON, "train.steps=4", "checkpoint.interval=2", f"output_dir={run}", "checkpoint.resume=auto"]
+    assert launch_train.main(args) == 0
+    shard = next((run / "checkpoints" / "step_4").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    shard.write_bytes(bytes(data))
+    legacy = run / "checkpoints" / "step_2" / "manifest.json"
+    manifest = json.loads(legacy.read_text())
+    del manifest["crc32"]
+    legacy.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert launch_train.main([*args, "train.steps=5"]) == 0
+    err = capsys.readouterr().err
+    assert "does not match its checksum" in err and "resumed from step 2" in err
