@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -68,9 +67,7 @@ def load_checkpoint_model(checkpoint: str | Path) -> DeepSeekV3:
     masters = {name: torch.empty_like(p, dtype=torch.float32) for name, p in params.items()
                if f"optim.state.{name}.master" in metadata}
     request = {"model": state, "optim": {"state": {name: {"master": t} for name, t in masters.items()}}}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        _read(checkpoint, lambda: dcp.load(request, checkpoint_id=str(checkpoint), no_dist=True))
+    _read(checkpoint, lambda: dcp.load(request, checkpoint_id=str(checkpoint), no_dist=True))
     with torch.no_grad():
         for name, master in masters.items():
             params[name].copy_(master)

@@ -18,7 +18,6 @@ after every rank has written its part.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -44,6 +43,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 CONFIG = "config.yaml"
+# DCP warns on every call that it assumes one process when there is no process group: that is the intent of a
+# single-process run. A filter for the process, not catch_warnings, which is not thread-safe (async saves).
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 class CheckpointError(ValueError):
@@ -107,15 +109,6 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-@contextlib.contextmanager
-def _quiet_single_process():
-    """DCP warns on every call that it assumes one process when there is no process group; that is the
-    intent of a single-process run, so keep the console clean."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
 def _state(model: torch.nn.Module, optimizer: Stateful) -> dict:
     """What DCP saves and loads in place: parameters by FQN, and the optimizer as a Stateful."""
     return {"model": model.state_dict(), "optim": optimizer}
@@ -136,8 +129,7 @@ def _write(run_dir: Path, step: int, state: dict, rng: dict, trainer_state: dict
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier(group)
-    with _quiet_single_process():
-        dcp.save(state, checkpoint_id=str(tmp), process_group=group, no_dist=not dist.is_initialized())
+    dcp.save(state, checkpoint_id=str(tmp), process_group=group, no_dist=not dist.is_initialized())
     faults.inject("checkpoint", step)
     torch.save(rng, tmp / f"rng_rank{_rank()}.pt")
     # Each rank checksums the files it wrote (still in the page cache); rank 0 the rest.
@@ -276,8 +268,7 @@ def check_shapes(path: Path, model: torch.nn.Module) -> None:
 def load(path: Path, model: torch.nn.Module, optimizer: Stateful) -> dict:
     """Load model, optimizer and this rank's RNG from `path` (any data-parallel layout wrote it)."""
     check_shapes(path, model)
-    with _quiet_single_process():
-        dcp.load(_state(model, optimizer), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    dcp.load(_state(model, optimizer), checkpoint_id=str(path), no_dist=not dist.is_initialized())
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
