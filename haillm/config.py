@@ -8,6 +8,7 @@ cross-field rules that types alone cannot express.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,10 @@ class TrainConfig:
     max_skipped_steps: int = 10  # consecutive non-finite steps tolerated before aborting
     peak_flops: float = 0.0  # per device, for MFU; 0 = detect (see haillm.train.metrics)
     recompute: bool = False  # recompute RMSNorm outputs and MLA up-projections in backward
+    collective_timeout_s: float = 600.0  # a collective (or a rank) stuck this long fails the job, naming the rank
+    watchdog_factor: float = 10.0  # log all threads' stacks when a step takes this many times the median; 0: off
+    loss_spike_factor: float = 0.0  # skip a step whose loss exceeds this many times the recent median; 0: off
+    loss_spike_window: int = 20  # steps in that median
 
 
 @dataclass
@@ -98,6 +103,7 @@ class CheckpointConfig:
     interval: int = 100  # steps between checkpoints; one is always written at the end
     resume: str = "none"  # "none", "auto" (newest complete checkpoint in output_dir) or a step_<N> path
     keep: int = 3  # newest checkpoints kept; 0 keeps all
+    async_save: bool = False  # write from a CPU copy in a background thread while training goes on
 
 
 @dataclass
@@ -132,8 +138,12 @@ def compose_config(overrides: list[str], config_name: str = "config") -> DictCon
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
+        OmegaConf.to_container(cfg, resolve=True)  # a dangling ${...} fails now, not somewhere inside the run
     except Exception as exc:  # Hydra raises several types, all with multi-line text
         raise ConfigError(_one_line_hydra_error(exc)) from None
+    unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(Config)})
+    _require(not unknown, f"unknown config key '{unknown[0] if unknown else ''}'; valid top-level keys: "
+             + ", ".join(f.name for f in dataclasses.fields(Config)))
     return cfg
 
 
@@ -187,6 +197,11 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _require(t.lr > 0, f"train.lr={t.lr} must be positive")
     _one_of("train.dtype", t.dtype, DTYPES)
     _require(t.max_skipped_steps >= 0, f"train.max_skipped_steps={t.max_skipped_steps} must be >= 0")
+    _require(0 < t.collective_timeout_s < math.inf,
+             f"train.collective_timeout_s={t.collective_timeout_s} must be a positive number of seconds")
+    for key in ("watchdog_factor", "loss_spike_factor"):
+        _require(t[key] == 0 or t[key] > 1, f"train.{key}={t[key]} must be 0 (off) or greater than 1")
+    _require(t.loss_spike_window > 0, f"train.loss_spike_window={t.loss_spike_window} must be a positive integer")
     try:
         ParallelDims.from_config(p, world_size)
     except ParallelConfigError as exc:

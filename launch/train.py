@@ -2,11 +2,17 @@
 
 Configuration is composed by Hydra from conf/config.yaml and the overrides. Extra flags:
 `--cfg` prints the composed config and exits; `--help` prints this text.
+
+Exit codes: 0 done (also when SIGTERM/SIGINT stopped the run after a checkpoint), 2 bad configuration or
+input, 3 training aborted (too many skipped steps; the state is checkpointed), 4 a rank died, stalled or a
+collective failed (the error names the rank). Under `torchrun --max-restarts=N` a restarted job continues
+from its newest complete checkpoint in the same run directory.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -26,8 +32,9 @@ from haillm.parallel.pipeline.runtime import PipelineRuntime
 from haillm.parallel.pipeline.stage import StageModel, build_stage_model, partner_group, pipelines_of
 from haillm.train.checkpoint import CheckpointError, list_checkpoints
 from haillm.train.optim import build_optimizer
-from haillm.train.setup import broadcast_object, init_distributed, seed_everything
+from haillm.train.setup import broadcast_object, init_distributed, job_store, restarts, seed_everything
 from haillm.train.trainer import Pipeline, Trainer, TrainingAborted
+from haillm.train.watchdog import PEER_FAILURE_EXIT, PeerFailure
 
 log = logging.getLogger("haillm")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ParallelConfigError)
@@ -43,10 +50,14 @@ def setup_logging(rank: int, run_dir: Path | None = None) -> None:
 
 
 def prepare_run_dir(cfg: DictConfig, rank: int) -> Path:
-    """Resolve `output_dir` once (rank 0's `${now:...}` wins) and refuse to overwrite another run."""
-    output_dir = broadcast_object(str(cfg.output_dir) if rank == 0 else None)
+    """Resolve `output_dir` once (rank 0's `${now:...}` wins; a torchrun restart keeps the first attempt's) and
+    refuse to overwrite another run, unless this is a restart of the job that wrote it."""
+    output_dir = broadcast_object(_job_run_dir(str(cfg.output_dir)) if rank == 0 else None)
     cfg.output_dir = output_dir
     run_dir = Path(output_dir)
+    if restarts() and cfg.checkpoint.resume != "auto":
+        log.warning("restart %d of this torchrun job: continuing from the newest checkpoint", restarts())
+        cfg.checkpoint.resume = "auto"
     holds_run = (run_dir / "metrics.jsonl").exists() or bool(list_checkpoints(run_dir))
     if holds_run and cfg.checkpoint.resume != "auto":
         raise ConfigError(
@@ -54,6 +65,17 @@ def prepare_run_dir(cfg: DictConfig, rank: int) -> Path:
             "or choose another output_dir"
         )
     return run_dir
+
+
+def _job_run_dir(output_dir: str) -> str:
+    """The run directory of the first attempt of this torchrun job (`${now:...}` resolves anew each attempt)."""
+    store = job_store()
+    if store is None:
+        return output_dir
+    if restarts() == 0:
+        store.set("haillm/output_dir", output_dir)
+        return output_dir
+    return store.get("haillm/output_dir").decode()
 
 
 def build_model(cfg: DictConfig, dims: ParallelDims, device: torch.device
@@ -132,7 +154,7 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
                       flops_per_token(args, cfg.train.seq_len), dispatcher, pipeline)
     trainer.resume()
     records = trainer.fit()
-    if rank == 0 and records:
+    if rank == 0 and records and not trainer.stopped_by:
         first, last = records[0], records[-1]
         print(f"loss: step {first['step']} {first['loss']:.4f} -> step {last['step']} {last['loss']:.4f} "
               f"| {last['tokens_per_s']:.0f} tokens/s | outputs in {run_dir}", flush=True)
@@ -145,14 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     rank, world, device = 0, 1, torch.device("cpu")
+    peer_failed = False
     try:
-        rank, world, device = init_distributed()
         setup_logging(rank)
         cfg = compose_config([a for a in argv if a != "--cfg"])
         if "--cfg" in argv:
             print(OmegaConf.to_yaml(cfg))
             return 0
-        validate(cfg, world)
+        validate(cfg, int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1)
+        rank, world, device = init_distributed(cfg.train.collective_timeout_s)
+        setup_logging(rank)
         run(cfg, rank, world, device)
         return 0
     except USER_ERRORS as exc:
@@ -161,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingAborted as exc:
         print(f"haillm: training aborted: {exc}", file=sys.stderr)
         return 3
+    except PeerFailure as exc:
+        peer_failed = True  # tearing the group down could wait on the failed ranks
+        print(f"haillm: error: {exc}", file=sys.stderr)
+        return PEER_FAILURE_EXIT
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized() and not peer_failed:
             dist.destroy_process_group()
 
 

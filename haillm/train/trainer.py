@@ -21,15 +21,18 @@ from haillm.parallel.pipeline.runtime import PipelineRuntime
 from haillm.parallel.pipeline.stage import sum_partner_grads
 from haillm.parallel.zero import ZeroAdamW
 from haillm.train import checkpoint
+from haillm.train.health import LossHealth
 from haillm.train.metrics import JsonlSink, Progress, WandbSink, peak_flops
 from haillm.train.optim import lr_at
+from haillm.train.preemption import Preemption
+from haillm.train.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 LOSS_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss")
 
 
 class TrainingAborted(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient norm."""
+    """Too many consecutive steps were skipped (non-finite loss or gradient norm, loss spikes)."""
 
 
 @dataclass
@@ -63,6 +66,10 @@ class Trainer:
         self.is_logging_rank = dims.is_rank0
         optimizer.register_forward_wait(model)  # parameter all-gathers overlap the next forward
         self.state = TrainState()
+        self.health = LossHealth(cfg.train.loss_spike_factor, cfg.train.loss_spike_window)
+        self.checkpointer = checkpoint.Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save,
+                                                    OmegaConf.to_yaml(cfg, resolve=True))
+        self.stopped_by: str | None = None  # the signal that preempted the run
         self.peak, peak_source = peak_flops(device, cfg.train.peak_flops)
         if self.is_logging_rank:
             log.info("MFU peak: %.3g FLOP/s per device (%s); %.4g FLOPs per token", self.peak, peak_source,
@@ -78,32 +85,57 @@ class Trainer:
             return
         invalidate_weight_caches(self.model)
         self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
+        self.health.load_state_dict(saved.get("health", {}))
         self.batcher.load_state_dict(saved["data"])
         log.info("resumed from step %d (%d samples consumed)", self.state.step, self.state.consumed_samples)
 
     def fit(self) -> list[dict]:
-        """Train to `train.steps`; returns this run's step records (rank 0 also writes them out)."""
+        """Train to `train.steps`; returns this run's step records (rank 0 also writes them out).
+
+        Stops early, after a checkpoint, when a signal reaches any rank (`stopped_by`); a stalled, dead or
+        failing rank ends the run with a `PeerFailure` naming it (haillm.train.watchdog)."""
         cfg = self.cfg
         sinks = self._open_sinks() if self.is_logging_rank else []
         progress = Progress(self.is_logging_rank and cfg.logging.progress, cfg.train.steps, self.state.step)
         records = []
+        watchdog = Watchdog(cfg.train.collective_timeout_s, cfg.train.watchdog_factor, [self.dims.pp_group])
         try:
-            while self.state.step < cfg.train.steps:
-                record = self.train_step()
-                records.append(record)
-                for sink in sinks:
-                    sink.write(record)
-                progress.update(record)
-                last = self.state.step == cfg.train.steps
-                if last or self.state.step % cfg.checkpoint.interval == 0:
-                    self.optimizer.wait_params()
-                    checkpoint.save(self.run_dir, self.state.step, self.model, self.optimizer,
-                                    {**asdict(self.state), "data": self.batcher.state_dict()}, cfg.checkpoint.keep)
+            with Preemption(self.device) as preemption, watchdog:
+                while self.state.step < cfg.train.steps:
+                    with watchdog.step_of(self.state.step + 1):
+                        record = self.train_step()
+                    records.append(record)
+                    for sink in sinks:
+                        sink.write(record)
+                    progress.update(record)
+                    self.stopped_by = preemption.agreed()
+                    last = self.state.step == cfg.train.steps
+                    if last or self.stopped_by or self.state.step % cfg.checkpoint.interval == 0:
+                        self.save_checkpoint()
+                        watchdog.progress()
+                    if self.stopped_by:
+                        break
+                path = self.checkpointer.wait()
+                if self.stopped_by and self.is_logging_rank:
+                    print(f"haillm: stopped by {self.stopped_by} after step {self.state.step}; checkpoint {path} "
+                          "(continue with checkpoint.resume=auto)", flush=True)
+        except TrainingAborted as exc:  # keep what the skipped steps did not spoil, e.g. to retry at a lower lr
+            self.checkpointer.wait()
+            path = checkpoint.checkpoint_root(self.run_dir) / f"step_{self.state.step}"
+            path = path if path.is_dir() else self.save_checkpoint(wait=True)
+            raise TrainingAborted(f"{exc}; the state after step {self.state.step} is in {path}") from None
         finally:
             progress.close()
             for sink in sinks:
                 sink.close()
         return records
+
+    def save_checkpoint(self, wait: bool = False) -> Path:
+        """Checkpoint the state after the last step (asynchronously with checkpoint.async_save)."""
+        self.optimizer.wait_params()
+        trainer_state = {**asdict(self.state), "data": self.batcher.state_dict(), "health": self.health.state_dict()}
+        path = self.checkpointer.save(self.state.step, self.model, self.optimizer, trainer_state)
+        return self.checkpointer.wait() if wait else path
 
     def _open_sinks(self) -> list:
         sinks: list = [JsonlSink(self.run_dir / "metrics.jsonl", after_step=self.state.step)]
@@ -133,12 +165,14 @@ class Trainer:
         loads = self._dp_sum(model.moe_loads())
         if self.pipeline is not None and self.pipeline.mirrored:  # the mirror saw the other micro-batches
             loads = self._all_reduce(loads, self.pipeline.partner)
-        skipped = not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm))
+        why_skip = self.health.verdict(totals["loss"], grad_norm)
+        skipped = why_skip is not None
         if skipped:
-            self._skip(step, totals["loss"], grad_norm)
+            self._skip(step, why_skip, totals["loss"], grad_norm)
         else:
             opt.step()
             invalidate_weight_caches(model)  # FP8 weights are quantized once per optimizer step
+            self.health.applied(totals["loss"])
             self.state.consecutive_skipped = 0
             model.update_gate_bias(loads, model.args.bias_update_speed)
         opt.zero_grad()
@@ -151,6 +185,7 @@ class Trainer:
         record = {"step": step, **totals, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                   "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time_s": elapsed,
                   "max_vio": self._max_violation(loads), "skipped": skipped,
+                  "skipped_steps": self.state.skipped_steps,
                   "consumed_samples": self.state.consumed_samples, "optimizer_state_bytes": opt.state_bytes()}
         if self.dispatcher is not None:  # where tokens went: ranks and nodes per token, over the whole dp group
             stats = self.dispatcher.stats(self.dims.dp_group)
@@ -193,13 +228,13 @@ class Trainer:
         dist.all_reduce(on_device, op=op, group=group)
         return on_device.cpu()
 
-    def _skip(self, step: int, loss: float, grad_norm: float) -> None:
+    def _skip(self, step: int, why: str, loss: float, grad_norm: float) -> None:
         self.state.skipped_steps += 1
         self.state.consecutive_skipped += 1
-        log.warning("step %d skipped: loss=%s grad_norm=%s (%d in a row)", step, loss, grad_norm,
-                    self.state.consecutive_skipped)
+        log.warning("step %d skipped, %s: loss=%s grad_norm=%s (%d in a row, %d in all)", step, why, loss, grad_norm,
+                    self.state.consecutive_skipped, self.state.skipped_steps)
         if self.state.consecutive_skipped > self.cfg.train.max_skipped_steps:
             raise TrainingAborted(
-                f"{self.state.consecutive_skipped} consecutive steps had a non-finite loss or gradient norm "
+                f"{self.state.consecutive_skipped} consecutive steps were skipped, the last for a {why} "
                 f"(train.max_skipped_steps={self.cfg.train.max_skipped_steps}); aborting"
             )

@@ -1,0 +1,118 @@
+"""Export a training checkpoint as a Hugging Face DeepseekV3 checkpoint: `python -m haillm.tools.export
+CHECKPOINT OUT_DIR [--dtype bfloat16]`.
+
+CHECKPOINT is a `checkpoints/step_<N>` directory written by any layout (dp, ep, pp with any schedule): its
+tensors are stored under the full model's names and global shapes, so one process reads them whole. Weights
+come from the optimizer's fp32 master copies when the checkpoint holds them (the model entries may be a
+lower-precision copy), else from the model entries; buffers (the routing bias) from the model entries. The
+model configuration is the checkpoint's `config.yaml` (or, for checkpoints written before it was stored there,
+the run directory's). OUT_DIR is written under a temporary name and renamed when complete; an existing
+non-empty OUT_DIR is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
+from torch.distributed.checkpoint.api import CheckpointException
+
+from haillm.config import to_model_args
+from haillm.models.deepseek_v3.hf import save_hf
+from haillm.models.deepseek_v3.model import DeepSeekV3
+from haillm.train.checkpoint import CONFIG, describe, verify
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ExportError(ValueError):
+    """The checkpoint or the output directory cannot be used (one-line message)."""
+
+
+def _config_path(checkpoint: Path) -> Path:
+    for path in (checkpoint / CONFIG, checkpoint.parent.parent / CONFIG):
+        if path.is_file():
+            return path
+    raise ExportError(f"{checkpoint} has no {CONFIG}, nor has its run directory: cannot tell the model's shape")
+
+
+def load_checkpoint_model(checkpoint: str | Path) -> DeepSeekV3:
+    """The full model (fp32, CPU) held by a training checkpoint of any layout."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise ExportError(f"{checkpoint} is not a directory")
+    problem = verify(checkpoint)
+    if problem:
+        raise ExportError(f"{checkpoint} is not a complete checkpoint: {problem}")
+    try:
+        args = to_model_args(OmegaConf.load(_config_path(checkpoint)).model)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ExportError(f"{_config_path(checkpoint)}: unusable model config ({exc})") from None
+    with torch.device("meta"):
+        model = DeepSeekV3(args, init_seed=None)
+    model.to_empty(device="cpu")
+    state = model.state_dict()
+    metadata = _read(checkpoint, lambda: dcp.FileSystemReader(str(checkpoint)).read_metadata()).state_dict_metadata
+    for name, tensor in state.items():
+        saved = metadata.get(f"model.{name}")
+        if saved is None or list(getattr(saved, "size", [])) != list(tensor.shape):
+            raise ExportError(f"{checkpoint} holds no tensor {name} of shape {list(tensor.shape)}: "
+                              "it does not match its config.yaml")
+    params = dict(model.named_parameters())
+    masters = {name: torch.empty_like(p, dtype=torch.float32) for name, p in params.items()
+               if f"optim.state.{name}.master" in metadata}
+    request = {"model": state, "optim": {"state": {name: {"master": t} for name, t in masters.items()}}}
+    _read(checkpoint, lambda: dcp.load(request, checkpoint_id=str(checkpoint), no_dist=True))
+    with torch.no_grad():
+        for name, master in masters.items():
+            params[name].copy_(master)
+    return model
+
+
+def _read(checkpoint: Path, read):
+    """`read()`, with a corrupt file (of the right size, so the manifest passed) as an ExportError."""
+    try:
+        return read()
+    except (Exception, CheckpointException) as exc:
+        raise ExportError(f"{checkpoint} cannot be read ({describe(exc)})") from None
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write `checkpoint` as a Hugging Face DeepseekV3 checkpoint directory `out_dir`."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ExportError(f"{out_dir} exists and is not an empty directory; choose another OUT_DIR")
+    model = load_checkpoint_model(checkpoint)
+    for p in model.parameters():  # buffers (the routing bias) stay fp32
+        p.data = p.data.to(dtype)
+    tmp = out_dir.with_name(f".tmp_{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf(model, tmp)
+    if out_dir.exists():
+        out_dir.rmdir()
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m haillm.tools.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a checkpoints/step_<N> directory")
+    parser.add_argument("out_dir", help="the Hugging Face checkpoint directory to create")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored weight dtype")
+    args = parser.parse_args(argv)
+    try:
+        path = export(args.checkpoint, args.out_dir, DTYPES[args.dtype])
+    except (ExportError, OSError) as exc:
+        print(f"haillm.tools.export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

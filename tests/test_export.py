@@ -1,0 +1,72 @@
+"""`python -m haillm.tools.export CHECKPOINT OUT_DIR`: a checkpoint of any layout becomes a Hugging Face
+DeepseekV3 checkpoint that transformers loads with our logits (1e-4, fp32)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from dist import run_distributed
+from test_train import launch_train
+from test_train_dp import COMMON
+
+from haillm.config import compose_config, validate
+from haillm.models.deepseek_v3.model import DeepSeekV3
+from haillm.tools.export import main as export_main
+
+transformers = pytest.importorskip("transformers")
+TOL = 1e-4
+STEPS = "train.steps=3"
+
+
+def _main(argv: list[str]) -> int:
+    return launch_train.main(argv)
+
+
+def trained_model(run_dir: Path) -> DeepSeekV3:
+    """The model of the run's last checkpoint as the trainer itself resumes it, in one process."""
+    cfg = compose_config([*COMMON, f"output_dir={run_dir}", STEPS, "checkpoint.resume=auto"])
+    validate(cfg, 1)
+    return launch_train.run(cfg, 0, 1, torch.device("cpu")).model.eval()
+
+
+LAYOUTS = {"dp2-ep2": ["parallel.dp=2", "parallel.ep=2"],
+           "pp2-dualpipe": ["parallel.pp=2", "parallel.pp_schedule=dualpipe"]}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS.values()), ids=list(LAYOUTS))
+def test_export_loads_in_transformers_with_our_logits(tmp_path, layout, capsys):
+    run = tmp_path / "run"
+    argv = [*COMMON, f"output_dir={run}", STEPS, *layout]
+    assert run_distributed(_main, world_size=2, args=(argv,), timeout=240) == [0, 0]
+    out = tmp_path / "hf"
+    assert export_main([str(run / "checkpoints" / "step_3"), str(out)]) == 0
+
+    reference = tmp_path / "reference"
+    shutil.copytree(run, reference)
+    ours = trained_model(reference)
+    tokens = torch.randint(ours.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        expected, got = ours(tokens), hf.eval()(tokens).logits
+        untrained = DeepSeekV3(ours.args, init_seed=1234).eval()(tokens)
+    assert (got - expected).abs().max().item() < TOL
+    assert (untrained - expected).abs().max().item() > 100 * TOL  # the trained weights are what was compared
+
+
+def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert export_main([str(missing), str(tmp_path / "out")]) == 2
+    incomplete = tmp_path / "step_1"
+    incomplete.mkdir()
+    assert export_main([str(incomplete), str(tmp_path / "out")]) == 2
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    assert export_main([str(incomplete), str(occupied)]) == 2
+    assert (occupied / "keep.txt").read_text() == "mine"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("haillm.tools.export: error: ") for line in err), err
+    assert "nowhere" in err[0] and "manifest" in err[1] and "not an empty directory" in err[2]

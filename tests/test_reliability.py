@@ -1,0 +1,257 @@
+"""Preemption, torchrun restarts, crashes during a checkpoint write, and hang protection, end to end.
+
+Exact comparisons: fp32, `train.deterministic=true`, one thread per rank, so an interrupted and resumed run
+must reproduce the uninterrupted run's losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from dist import run_distributed
+from test_train import launch_train, snapshot
+from test_train_dp import COMMON
+
+from haillm.train.checkpoint import list_checkpoints, verify
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = str(ROOT / "launch" / "train.py")
+RESTART = [*COMMON, "parallel.dp=2", "checkpoint.interval=5", "train.steps=14", "checkpoint.resume=auto"]
+
+
+def _main(argv: list[str]) -> int:
+    return launch_train.main(argv)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in records(run_dir)]
+
+
+def env_with(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def torchrun(args: list[str], env: dict[str, str], nproc: int = 2, restarts: int = 0) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           f"--max-restarts={restarts}", TRAIN, *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _rank_process(argv: list[str], rank: int, world: int, port: int, err_path: str, env: dict[str, str]) -> None:
+    """One rank of `run_ranks`: joins through torch.distributed's env:// (as under torchrun, so the process
+    group takes its timeout from the config), stderr to a file, the exit code is main's."""
+    err = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
+    os.dup2(err, 2)  # C-level output, and Python's (pytest replaced sys.stderr)
+    sys.stderr = os.fdopen(err, "w", buffering=1)
+    torch.set_num_threads(1)
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    os._exit(launch_train.main(argv))
+
+
+def run_ranks(argv: list[str], world: int, tmp: Path, timeout: float = 180, **env: str) -> list[tuple[int, str]]:
+    """(exit code, stderr) of each rank of a forked job, however the ranks end (os._exit from a watchdog too)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_rank_process, args=(argv, r, world, port, str(tmp / f"rank{r}.err"), env))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"ranks {hung} still running after {timeout} s"
+    return [(p.exitcode, (tmp / f"rank{r}.err").read_text()) for r, p in enumerate(procs)]
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("haillm: error:")]
+
+
+# ------------------------------------------------------------------------------------------- preemption
+
+
+def test_sigterm_stops_after_the_step_and_resume_is_exact(tmp_path, capsys, monkeypatch):
+    """SIGTERM during step 4 of 8: step 4 completes, step_4 is written, exit 0 with one line saying where;
+    resuming reproduces the uninterrupted run exactly."""
+    fast = [*COMMON, "train.steps=8", "checkpoint.interval=100", "optim.schedule=constant"]
+    assert launch_train.main([*fast, f"output_dir={tmp_path / 'whole'}"]) == 0
+    run = tmp_path / "run"
+    monkeypatch.setenv("HAILLM_FAULT", "sigterm:step=4")
+    capsys.readouterr()
+    handler = signal.getsignal(signal.SIGTERM)
+    assert launch_train.main([*fast, f"output_dir={run}"]) == 0
+    out = capsys.readouterr().out
+    monkeypatch.delenv("HAILLM_FAULT")
+    assert [line for line in out.splitlines() if line.startswith("haillm:")] == [
+        f"haillm: stopped by SIGTERM after step 4; checkpoint {run / 'checkpoints' / 'step_4'} "
+        "(continue with checkpoint.resume=auto)"]
+    assert [r["step"] for r in records(run)] == [1, 2, 3, 4]
+    assert [step for step, _ in list_checkpoints(run)] == [4]
+    assert signal.getsignal(signal.SIGTERM) is handler  # the previous handler is back
+    assert launch_train.main([*fast, f"output_dir={run}", "checkpoint.resume=auto"]) == 0
+    assert losses(run) == losses(tmp_path / "whole")
+
+
+def test_signal_on_one_rank_stops_every_rank(tmp_path):
+    """SIGTERM reaches rank 1 of 2 only: both agree, stop after the same step, exit 0."""
+    run = tmp_path / "run"
+    argv = [*COMMON, "parallel.dp=2", "train.steps=20", f"output_dir={run}"]
+    os.environ["HAILLM_FAULT"] = "sigterm:step=3:rank=1"
+    try:
+        assert run_distributed(_main, world_size=2, args=(argv,), timeout=240) == [0, 0]
+    finally:
+        del os.environ["HAILLM_FAULT"]
+    assert [r["step"] for r in records(run)] == [1, 2, 3]
+    assert [step for step, _ in list_checkpoints(run)] == [3] and verify(run / "checkpoints" / "step_3") is None
+
+
+def test_second_signal_exits_at_once_and_corrupts_nothing(tmp_path):
+    """Two SIGTERMs in a row, while step 5 is running: the process ends at once (killed by the second), the
+    complete checkpoints are untouched and the run resumes from the newest of them."""
+    run = tmp_path / "run"
+    args = [*COMMON, "train.steps=10", "checkpoint.interval=2", f"output_dir={run}"]
+    proc = subprocess.Popen([sys.executable, TRAIN, *args], env=env_with(HAILLM_FAULT="stall:step=5:seconds=60"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len(records(run)) == 4 and len(list_checkpoints(run)) == 2:
+            break
+        time.sleep(0.05)
+    done = {path.name: snapshot(path) for _, path in list_checkpoints(run)}
+    proc.send_signal(signal.SIGTERM)
+    for line in proc.stderr:  # the handler has run (and put the default action back)
+        if "SIGTERM received" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+    assert sorted(done) == ["step_2", "step_4"]
+    for name, files in done.items():
+        if (run / "checkpoints" / name).exists():  # pruning (checkpoint.keep) may remove the oldest
+            assert snapshot(run / "checkpoints" / name) == files
+    newest = list_checkpoints(run)[0][0]
+    assert launch_train.main([*COMMON, f"train.steps={newest + 1}", f"output_dir={run}", "checkpoint.resume=auto"]) == 0
+    assert [r["step"] for r in records(run)] == list(range(1, newest + 2))
+
+
+# ------------------------------------------------------------------------------------ restarts, crashes
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[float]:
+    """The dp=2 run that the restarted jobs must reproduce."""
+    run = tmp_path_factory.mktemp("whole") / "run"
+    assert run_distributed(_main, world_size=2, args=([*RESTART, f"output_dir={run}"],), timeout=240) == [0, 0]
+    return losses(run)
+
+
+def test_torchrun_restart_resumes_exactly(tmp_path, uninterrupted):
+    """`torchrun --max-restarts=1`, one worker killed with SIGKILL after step 7: torchrun restarts both, they
+    continue from step_5 by themselves and every loss equals the uninterrupted run's."""
+    run = tmp_path / "run"
+    proc = torchrun([*RESTART, f"output_dir={run}"], env_with(), restarts=1)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len(records(run)) >= 7:
+            break
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output[-3000:]
+    assert "resumed from step 5" in output
+    assert losses(run) == uninterrupted
+
+
+def test_kill_during_checkpoint_write_resumes_from_previous(tmp_path, uninterrupted):
+    """Rank 1 is killed after writing its part of step_10 (asynchronously), before the checkpoint is
+    complete: the restart ignores the partial write, continues from step_5 and ends with the same losses."""
+    run = tmp_path / "run"
+    proc = torchrun([*RESTART, f"output_dir={run}", "checkpoint.async_save=true"],
+                    env_with(HAILLM_FAULT="kill_in_checkpoint:step=10:rank=1"), restarts=1)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "removing" in output and ".tmp_step_10" in output and "resumed from step 5" in output
+    assert losses(run) == uninterrupted
+    assert [step for step, _ in list_checkpoints(run)] == [14, 10, 5]
+
+
+# --------------------------------------------------------------------------------------- hang protection
+
+
+def test_stalled_rank_is_named_within_the_timeout(tmp_path):
+    """Rank 1 sleeps in step 3 (for an hour): within train.collective_timeout_s both ranks exit with code 4 and
+    an error naming rank 1 and where it is."""
+    run = tmp_path / "run"
+    argv = [*COMMON, "parallel.dp=2", "train.steps=20", f"output_dir={run}", "train.collective_timeout_s=5"]
+    results = run_ranks(argv, 2, tmp_path, HAILLM_FAULT="stall:step=3:rank=1")
+    for code, err in results:
+        assert code == 4, err[-2000:]
+        [line] = error_lines(err)
+        assert "rank 1 is behind: ranks [0] wait for it" in line and "step 3 in faults.py" in line, line
+    assert [r["step"] for r in records(run)] == [1, 2]
+
+
+def test_dead_rank_is_named(tmp_path):
+    """Rank 1 is killed in step 3: rank 0's collective fails and it exits with code 4 naming rank 1."""
+    run = tmp_path / "run"
+    argv = [*COMMON, "parallel.dp=2", "train.steps=20", f"output_dir={run}", "train.collective_timeout_s=5"]
+    (code0, err0), (code1, _) = run_ranks(argv, 2, tmp_path, HAILLM_FAULT="kill:step=3:rank=1")
+    assert code1 == -signal.SIGKILL and code0 == 4, err0[-2000:]
+    [line] = error_lines(err0)
+    assert "a collective failed on rank 0" in line and "rank 1 did not answer" in line, line
+
+
+def test_slow_step_logs_every_thread_stack(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HAILLM_FAULT", "stall:step=7:seconds=6")
+    argv = [*COMMON, "train.steps=7", f"output_dir={tmp_path / 'run'}", "train.watchdog_factor=2"]
+    assert launch_train.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "step 7 has run" in err and "over 2 x the median step" in err
+    assert "--- thread MainThread" in err and "in inject" in err  # the main thread's stack shows the stall
+
+
+# ------------------------------------------------------------------------------------------- checksums
+
+
+def test_flipped_byte_is_caught_and_old_manifests_still_load(tmp_path, capsys):
+    """A byte flipped inside a tensor (same size: the manifest's sizes agree) makes resume fall back to the
+    previous checkpoint; a manifest written before checksums existed (sizes only) still loads."""
+    run = tmp_path / "run"
+    args = [*COMMON, "train.steps=4", "checkpoint.interval=2", f"output_dir={run}", "checkpoint.resume=auto"]
+    assert launch_train.main(args) == 0
+    shard = next((run / "checkpoints" / "step_4").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    shard.write_bytes(bytes(data))
+    legacy = run / "checkpoints" / "step_2" / "manifest.json"
+    manifest = json.loads(legacy.read_text())
+    del manifest["crc32"]
+    legacy.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert launch_train.main([*args, "train.steps=5"]) == 0
+    err = capsys.readouterr().err
+    assert "does not match its checksum" in err and "resumed from step 2" in err
