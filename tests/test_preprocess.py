@@ -130,6 +130,9 @@ def test_output_dir_protection(corpus, tmp_path):
     assert snapshot(out) == before
     run(corpus, out, overwrite=True, shard_mb=1)
     assert len(json.loads((out / MANIFEST).read_text())["shards"]) == 1
+    with pytest.raises(DataError, match="already a preprocessed directory"):
+        run(out, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

@@ -17,6 +17,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -24,7 +25,17 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from haillm.data.config import DataConfig, DataError
-from haillm.data.shards import FORMAT, MANIFEST, SETTINGS, VERSION, npy_length, shard_files, token_dtype, write_shard
+from haillm.data.shards import (
+    FORMAT,
+    MANIFEST,
+    SETTINGS,
+    VERSION,
+    npy_length,
+    read_manifest,
+    shard_files,
+    token_dtype,
+    write_shard,
+)
 from haillm.data.sources import describe_source, iter_documents, local_files
 from haillm.data.tokenizer import ByteTokenizer, build_tokenizer
 
@@ -53,6 +64,8 @@ _worker: dict = {}
 
 def _init_worker(spec: str, out_dir: str, dtype: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
+    if mp.parent_process() is not None:  # Ctrl-C is the main process's to handle (it ends the pool)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker.update(tokenizer=build_tokenizer(spec), out_dir=Path(out_dir), dtype=dtype)
 
 
@@ -171,6 +184,8 @@ def preprocess(cfg: DataConfig, out_dir: str | Path, workers: int = 1, shard_mb:
     start = time.perf_counter()
     out = Path(out_dir).expanduser()
     tokenizer = build_tokenizer(cfg.tokenizer)  # a bad tokenizer or path fails before anything is written
+    if read_manifest(cfg.source) is not None:
+        raise DataError(f"{cfg.source} is already a preprocessed directory: train with data.source={cfg.source}")
     if not cfg.source.startswith("hf:"):
         local_files(cfg)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -188,15 +203,15 @@ def preprocess(cfg: DataConfig, out_dir: str | Path, workers: int = 1, shard_mb:
     shards = list(done)
     bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=None if progress else True,
                initial=sum(e["num_bytes"] for e in done))
-    new_bytes = 0
+    new_bytes = new_tokens = 0
     record = open(out / PROGRESS, "a")
 
     def finish(entry: dict) -> None:
-        nonlocal new_bytes
+        nonlocal new_bytes, new_tokens
         shards.append(entry)
         record.write(json.dumps(entry) + "\n")
         record.flush()
-        new_bytes += entry["num_bytes"]
+        new_bytes, new_tokens = new_bytes + entry["num_bytes"], new_tokens + entry["num_tokens"]
         bar.update(entry["num_bytes"])
         bar.set_postfix(shards=len(shards), refresh=False)
 
@@ -237,7 +252,8 @@ def preprocess(cfg: DataConfig, out_dir: str | Path, workers: int = 1, shard_mb:
     (out / SETTINGS).unlink()
     (out / PROGRESS).unlink()
     seconds = time.perf_counter() - start
-    manifest["throughput"] = {"seconds": seconds, "bytes": new_bytes, "mb_per_s": new_bytes / 1e6 / seconds}
+    manifest["throughput"] = {"seconds": seconds, "bytes": new_bytes, "tokens": new_tokens,
+                              "mb_per_s": new_bytes / 1e6 / seconds, "tokens_per_s": new_tokens / seconds}
     return manifest
 
 
@@ -281,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     t = m["throughput"]
     print(f"{m['num_documents']} documents, {m['num_bytes'] / 1e6:.1f} MB of text -> {m['num_tokens']} tokens "
           f"({m['dtype']}) in {len(m['shards'])} shards | {t['mb_per_s']:.1f} MB/s, "
-          f"{m['num_tokens'] / t['seconds'] / 1e6:.2f}M tokens/s over {t['seconds']:.1f} s | {args.out_dir}")
+          f"{t['tokens_per_s'] / 1e6:.2f}M tokens/s over {t['seconds']:.1f} s | {args.out_dir}")
     return 0
 
 
