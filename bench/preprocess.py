@@ -35,7 +35,7 @@ def timed(fn) -> tuple[float, object]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=float, default=200, help="MB of text (default 200)")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1])
+    p.add_argument("--workers", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}))
     p.add_argument("--bpe-vocab", type=int, default=4096)
     a = p.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
