@@ -25,10 +25,6 @@ class TrainingData:
     sampler: StepSampler  # their order: StepSampler, or BlendSampler for a blend
     eval_dataset: Dataset | None  # held-out rows, None without evaluation
 
-    @property
-    def tokenizer(self):
-        return self.dataset.tokenizer
-
 
 def _blend(cfg: DataConfig, seq_len: int, global_batch_size: int, seed: int) -> tuple[Dataset, StepSampler]:
     try:

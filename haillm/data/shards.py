@@ -130,7 +130,7 @@ class ShardDataset:
         if meta is None:
             raise DataError(f"{self.path} is not a preprocessed directory (no haillm {MANIFEST})")
         check_tokenizer(meta, tokenizer, self.path)
-        self.tokenizer, self.meta, self._seq_len = tokenizer, meta, seq_len
+        self.tokenizer, self._seq_len = tokenizer, seq_len
         self.source = f"preprocessed {self.path} (from {meta['source']})"
         dtype = np.dtype(meta["dtype"])
         self.files = [self.path / s["tokens"] for s in meta["shards"]]
