@@ -44,8 +44,8 @@ def shard_files(index: int) -> tuple[str, str]:
 
 
 def _save_atomic(path: Path, parts: Sequence[np.ndarray]) -> None:
-    """Write the concatenation of 1-D `parts` as one .npy file, atomically, without concatenating them in
-    memory (a fresh 32 MB buffer per shard costs more in page faults than the tokenization)."""
+    """Write the concatenation of 1-D `parts` as one .npy file, atomically, without a second buffer of the
+    whole shard in memory."""
     tmp = path.with_name(path.name + ".tmp")
     header = {"descr": np.lib.format.dtype_to_descr(parts[0].dtype), "fortran_order": False,
               "shape": (sum(len(p) for p in parts),)}

@@ -41,9 +41,7 @@ from haillm.data.sources import describe_source, iter_documents, local_files
 from haillm.data.tokenizer import ByteTokenizer, build_tokenizer
 
 PROGRESS = "progress.jsonl"
-# Text per tokenizer call inside a worker: bounds the tokenizer's buffers, and keeps each allocation small
-# enough to be reused from the heap instead of faulted in afresh for every chunk (4x slower, measured).
-SUB_BATCH_CHARS = 1 << 20
+SUB_BATCH_CHARS = 1 << 20  # text per tokenizer call in a worker: bounds the tokenizer's own buffers
 
 
 def chunks(docs: Iterable[str], max_chars: int) -> Iterator[list[str]]:
@@ -64,10 +62,10 @@ def chunks(docs: Iterable[str], max_chars: int) -> Iterator[list[str]]:
 _worker: dict = {}
 
 
-def _init_worker(spec: str, out_dir: str, dtype: str) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
-    if mp.parent_process() is not None:  # Ctrl-C is the main process's to handle (it ends the pool)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _init_worker(spec: str, out_dir: str, dtype: str, pooled: bool = True) -> None:
+    if pooled:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it ends the pool)
     _worker.update(tokenizer=build_tokenizer(spec), out_dir=Path(out_dir), dtype=dtype)
 
 
@@ -102,12 +100,6 @@ class _Now:
 def _ours(name: str) -> bool:
     return (name in (MANIFEST, SETTINGS, PROGRESS) or name.endswith(".tmp")
             or (name.endswith(".npy") and name.startswith(("tokens_", "docs_"))))
-
-
-def _clear(out: Path) -> None:
-    for p in out.iterdir():
-        if _ours(p.name):
-            p.unlink()
 
 
 def _finished_shards(out: Path, dtype: str) -> list[dict]:
@@ -192,7 +184,7 @@ def preprocess(cfg: DataConfig, out_dir: str | Path, workers: int = 1, shard_mb:
     # Fork before any reading starts threads (pyarrow); the workers need no module the main one lacks.
     pool = mp.get_context("fork").Pool(workers, _init_worker, (cfg.tokenizer, str(out), dtype.str)) if workers else None
     if pool is None:
-        _init_worker(cfg.tokenizer, str(out), dtype.str)
+        _init_worker(cfg.tokenizer, str(out), dtype.str, pooled=False)
     shards = list(done)
     bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=None if progress else True,
                initial=sum(e["num_bytes"] for e in done))
