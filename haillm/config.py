@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from haillm.data import DataConfig
+from haillm.data.blend import parse_blend
 from haillm.models.deepseek_v3.args import PRESETS, ModelArgs
 from haillm.parallel.mesh import ParallelConfigError, ParallelDims
 from haillm.parallel.pipeline.schedules import SCHEDULES
@@ -67,6 +68,8 @@ class TrainConfig:
     watchdog_factor: float = 10.0  # log all threads' stacks when a step takes this many times the median; 0: off
     loss_spike_factor: float = 0.0  # skip a step whose loss exceeds this many times the recent median; 0: off
     loss_spike_window: int = 20  # steps in that median
+    eval_interval: int = 0  # steps between held-out evaluations (data.eval_source / data.eval_holdout); 0 = none
+    eval_batches: int = 4  # global batches (train.global_batch_size sequences each) per evaluation
 
 
 @dataclass
@@ -188,6 +191,25 @@ def _one_of(key: str, value: object, valid: tuple) -> None:
     _require(value in valid, f"{key}={value!r} is not valid; expected one of {', '.join(map(str, valid))}")
 
 
+def _validate_data_and_eval(cfg: DictConfig) -> None:
+    t, d = cfg.train, cfg.data
+    _require(t.eval_interval >= 0, f"train.eval_interval={t.eval_interval} must be >= 0 (0 disables evaluation)")
+    _require(t.eval_batches > 0, f"train.eval_batches={t.eval_batches} must be a positive integer")
+    _require(0 <= d.eval_holdout < 1, f"data.eval_holdout={d.eval_holdout} must be in [0, 1)")
+    _require(not (d.blend and d.eval_holdout), "data.eval_holdout does not apply to data.blend; set data.eval_source")
+    _require(not (d.eval_source and d.eval_holdout), "set data.eval_source or data.eval_holdout, not both")
+    try:
+        parse_blend(d.blend)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if t.eval_interval:
+        _require(bool(d.eval_source) or d.eval_holdout > 0,
+                 f"train.eval_interval={t.eval_interval} needs held-out data: set data.eval_source or "
+                 "data.eval_holdout (a fraction of data.source)")
+        _require(cfg.parallel.pp == 1, f"train.eval_interval={t.eval_interval} is not supported with "
+                 f"parallel.pp={cfg.parallel.pp} yet (evaluation runs the whole model on each rank)")
+
+
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     """Reject inconsistent configurations before any work starts (one-line ConfigError each)."""
     t, p, o = cfg.train, cfg.parallel, cfg.optim
@@ -225,6 +247,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _one_of("logging.wandb", cfg.logging.wandb, WANDB_MODES)
     _require(cfg.checkpoint.interval > 0, f"checkpoint.interval={cfg.checkpoint.interval} must be positive")
     _require(cfg.checkpoint.keep >= 0, f"checkpoint.keep={cfg.checkpoint.keep} must be >= 0")
+    _validate_data_and_eval(cfg)
     init_from = cfg.model.init_from
     _require(not init_from or init_from.startswith("hf:"), f"model.init_from={init_from!r} must be '' or hf:<path>")
     args = to_model_args(cfg.model)

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from haillm.config import ConfigError, compose_config, resolve_dtype, to_model_args, validate
-from haillm.data import DataError, StepBatcher, StepSampler, build_dataset
+from haillm.data import DataError
+from haillm.data.loader import build_training_data, make_batcher
 from haillm.fp8.policy import apply_fp8
 from haillm.models.deepseek_v3.flops import flops_per_token
 from haillm.models.deepseek_v3.model import DeepSeekV3
@@ -31,6 +32,7 @@ from haillm.parallel.mesh import ParallelConfigError, ParallelDims
 from haillm.parallel.pipeline.runtime import PipelineRuntime
 from haillm.parallel.pipeline.stage import StageModel, build_stage_model, partner_group, pipelines_of
 from haillm.train.checkpoint import CheckpointError, list_checkpoints
+from haillm.train.evaluate import build_evaluator
 from haillm.train.optim import build_optimizer
 from haillm.train.setup import broadcast_object, init_distributed, job_store, restarts, seed_everything
 from haillm.train.trainer import Pipeline, Trainer, TrainingAborted
@@ -122,7 +124,10 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
     resolve_dtype(cfg, device.type)
     run_dir = prepare_run_dir(cfg, rank)
     seed_everything(cfg.seed, cfg.train.deterministic)
-    dataset = build_dataset(cfg.data, cfg.train.seq_len, min_samples=cfg.train.global_batch_size)
+    t = cfg.train
+    data = build_training_data(cfg.data, t.seq_len, t.global_batch_size, cfg.seed,
+                               eval_samples=t.eval_batches * t.global_batch_size if t.eval_interval else 0)
+    dataset = data.dataset
     if dataset.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"data.tokenizer has {dataset.tokenizer.vocab_size} ids but model.vocab_size="
                           f"{cfg.model.vocab_size}; use a model with a vocabulary at least that large")
@@ -133,9 +138,7 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
     # stays out of the gradient norm so that every parameter counts once.
     second_copy = pipeline is not None and dims.pp_rank >= dims.pp // 2
     optimizer = build_optimizer(model, cfg, dims, {n for n, _ in pipeline.partner_params} if second_copy else set())
-    sampler = StepSampler(dataset.num_samples, cfg.train.global_batch_size, cfg.seed, cfg.data.shuffle)
-    batcher = StepBatcher(dataset, sampler, dp_rank=dims.dp_rank, dp_size=dims.dp,
-                          micro_batch_size=cfg.train.micro_batch_size)
+    batcher = make_batcher(data, dims.dp_rank, dims.dp, t.micro_batch_size, device, cfg.data.prefetch)
     # Everything that can reject the run has run: only now touch the run directory.
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +154,8 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
              cfg.train.seq_len + 1)
     log.info("layout %s | optimizer state %.2f MB per rank", dims.coords(), optimizer.state_bytes() / 2**20)
     trainer = Trainer(cfg, dims, model, optimizer, batcher, run_dir, device,
-                      flops_per_token(args, cfg.train.seq_len), dispatcher, pipeline)
+                      flops_per_token(args, cfg.train.seq_len), dispatcher, pipeline,
+                      evaluator=build_evaluator(cfg, data.eval_dataset, model, dims, device))
     trainer.resume()
     records = trainer.fit()
     if rank == 0 and records and not trainer.stopped_by:

@@ -6,6 +6,10 @@ Typical use (one data-parallel rank):
     sampler = StepSampler(dataset.num_samples, global_batch_size, seed, cfg.data.shuffle)
     batcher = StepBatcher(dataset, sampler, dp_rank, dp_size, micro_batch_size)
     micro_batches = batcher.next_step()  # list of LongTensor [micro_batch_size, seq_len + 1]
+
+`build_dataset` memory-maps a directory written by `python -m haillm.tools.preprocess` (`shards`), and
+`loader.build_training_data` adds weighted blends (`blend`) and held-out rows; `prefetch.Prefetcher`
+prepares the next step in the background.
 """
 
 from haillm.data.config import DataConfig, DataError

@@ -1,4 +1,8 @@
-"""Packing: documents -> one token stream (EOD after each) -> non-overlapping rows of seq_len + 1 tokens."""
+"""Packing: documents -> one token stream (EOD after each) -> non-overlapping rows of seq_len + 1 tokens.
+
+`build_dataset` packs a source in memory, or memory-maps a preprocessed directory (`haillm.data.shards`),
+which holds the same stream and so gives the same rows.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import numpy as np
 import torch
 
 from haillm.data.config import DataConfig, DataError
+from haillm.data.shards import ShardDataset, read_manifest
 from haillm.data.sources import describe_source, iter_documents
 from haillm.data.tokenizer import Tokenizer, build_tokenizer
 
@@ -50,8 +55,30 @@ class PackedDataset:
         return self.rows[torch.as_tensor(indices, dtype=torch.long)].long()
 
 
-def build_dataset(cfg: DataConfig, seq_len: int, min_samples: int = 1) -> PackedDataset:
-    """Read, tokenize and pack `cfg.source`.
+class RowSlice:
+    """Rows [start, stop) of a dataset, numbered from 0: a held-out split that training never sees."""
+
+    def __init__(self, dataset: PackedDataset | ShardDataset, start: int, stop: int):
+        self.dataset, self.start, self.stop = dataset, start, stop
+        self.tokenizer, self.seq_len = dataset.tokenizer, dataset.seq_len
+        self.source = f"rows [{start}, {stop}) of {dataset.source}"
+
+    @property
+    def num_samples(self) -> int:
+        return self.stop - self.start
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def gather(self, indices: Sequence[int]) -> torch.Tensor:
+        if any(not 0 <= i < self.num_samples for i in indices):
+            raise IndexError(f"rows {list(indices)} out of range for {self.num_samples} rows")
+        return self.dataset.gather([self.start + i for i in indices])
+
+
+def build_dataset(cfg: DataConfig, seq_len: int, min_samples: int = 1,
+                  needed_for: str = "one global batch") -> PackedDataset | ShardDataset:
+    """Read, tokenize and pack `cfg.source`, or memory-map it when it is a preprocessed directory.
 
     `min_samples` is the number of sequences one optimizer step needs (the global batch size); a source
     that packs into fewer raises DataError saying what it has and what it needs.
@@ -59,14 +86,17 @@ def build_dataset(cfg: DataConfig, seq_len: int, min_samples: int = 1) -> Packed
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     tokenizer = build_tokenizer(cfg.tokenizer)  # a bad tokenizer fails before any data is read
-    stream = np.concatenate([tokenizer.encode_documents(docs) for docs in iter_documents(cfg)])
-    rows = pack(stream, seq_len)
-    what = describe_source(cfg)
+    if read_manifest(cfg.source) is not None:
+        dataset = ShardDataset(cfg.source, seq_len, tokenizer)
+    else:
+        stream = np.concatenate([tokenizer.encode_documents(docs) for docs in iter_documents(cfg)])
+        rows = pack(stream, seq_len)
+        dataset = PackedDataset(torch.from_numpy(rows), tokenizer, describe_source(cfg), len(stream))
     need = max(min_samples, 1)
-    if len(rows) < need:
+    if dataset.num_samples < need:
         raise DataError(
-            f"{what} is too small: {len(stream)} tokens make {len(rows)} sequences of {seq_len + 1} tokens, "
-            f"but one global batch needs {need} ({need * (seq_len + 1)} tokens); add data, raise "
-            f"data.max_bytes, or lower train.global_batch_size or train.seq_len"
+            f"{dataset.source} is too small: {dataset.num_tokens} tokens make {dataset.num_samples} sequences "
+            f"of {seq_len + 1} tokens, but {needed_for} needs {need} ({need * (seq_len + 1)} tokens); add "
+            f"data, raise data.max_bytes, or lower train.global_batch_size or train.seq_len"
         )
-    return PackedDataset(torch.from_numpy(rows), tokenizer, what, len(stream))
+    return dataset

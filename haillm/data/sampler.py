@@ -16,6 +16,36 @@ from haillm.data.config import DataError
 from haillm.data.packing import PackedDataset
 
 
+class SampleOrder:
+    """An infinite sequence of sample ids: seeded permutations of `num_samples` ids (or the identity), one
+    per epoch, back to back. `stream` tells apart the orders of several datasets drawn with one seed."""
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True, stream: tuple[int, ...] = ()):
+        self.num_samples, self.seed, self.shuffle, self.stream = num_samples, seed, shuffle, stream
+        self._orders: dict[int, np.ndarray] = {}
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Sample ids in the order epoch `epoch` visits them."""
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:  # a step spans at most two epochs: keep the cache tiny
+                self._orders.pop(min(self._orders))
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed % 2**64, *self.stream, epoch])
+                self._orders[epoch] = rng.permutation(self.num_samples)
+            else:
+                self._orders[epoch] = np.arange(self.num_samples)
+        return self._orders[epoch]
+
+    def ids_at(self, positions: np.ndarray) -> np.ndarray:
+        """Sample ids at the given positions of the sequence (non-decreasing, spanning few epochs)."""
+        epochs, offsets = np.divmod(positions, self.num_samples)
+        ids = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            ids[here] = self.epoch_order(int(epoch))[offsets[here]]
+        return ids
+
+
 class StepSampler:
     def __init__(self, num_samples: int, global_batch_size: int, seed: int = 0, shuffle: bool = True):
         if global_batch_size < 1:
@@ -29,31 +59,21 @@ class StepSampler:
         self.seed = seed
         self.shuffle = shuffle
         self.consumed_samples = 0
-        self._orders: dict[int, np.ndarray] = {}
+        self.order = SampleOrder(num_samples, seed, shuffle)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Sample ids in the order epoch `epoch` visits them."""
-        if epoch not in self._orders:
-            if len(self._orders) >= 2:  # a step spans at most two epochs: keep the cache tiny
-                self._orders.pop(min(self._orders))
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed % 2**64, epoch])
-                self._orders[epoch] = rng.permutation(self.num_samples)
-            else:
-                self._orders[epoch] = np.arange(self.num_samples)
-        return self._orders[epoch]
+        return self.order.epoch_order(epoch)
+
+    def ids_at(self, positions: np.ndarray) -> np.ndarray:
+        """Global sample ids at positions of the infinite sample order."""
+        return self.order.ids_at(positions)
 
     def indices_for_step(self, consumed_samples: int) -> list[int]:
         """Global sample ids of the optimizer step that starts at position `consumed_samples`."""
         if consumed_samples < 0:
             raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
-        positions = np.arange(consumed_samples, consumed_samples + self.global_batch_size)
-        epochs, offsets = np.divmod(positions, self.num_samples)
-        ids = np.empty_like(positions)
-        for epoch in np.unique(epochs):
-            here = epochs == epoch
-            ids[here] = self.epoch_order(int(epoch))[offsets[here]]
-        return ids.tolist()
+        return self.ids_at(np.arange(consumed_samples, consumed_samples + self.global_batch_size)).tolist()
 
     def next_indices(self) -> list[int]:
         """The next step's global sample ids; advances the position."""
@@ -117,11 +137,17 @@ class StepBatcher:
         self.dp_size = dp_size
         self.micro_batch_size = micro_batch_size
 
-    def next_step(self) -> list[torch.Tensor]:
-        """LongTensors [micro_batch_size, seq_len + 1], one per micro-batch of this rank for the next step."""
-        ids = self.sampler.next_indices()
+    def step_at(self, consumed_samples: int) -> list[torch.Tensor]:
+        """This rank's micro-batches of the step starting at `consumed_samples` (a pure function of it)."""
+        ids = self.sampler.indices_for_step(consumed_samples)
         micro = rank_micro_batches(ids, self.dp_rank, self.dp_size, self.micro_batch_size)
         return [self.dataset.gather(m) for m in micro]
+
+    def next_step(self) -> list[torch.Tensor]:
+        """LongTensors [micro_batch_size, seq_len + 1], one per micro-batch of this rank for the next step."""
+        batches = self.step_at(self.sampler.consumed_samples)
+        self.sampler.consumed_samples += self.sampler.global_batch_size
+        return batches
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()

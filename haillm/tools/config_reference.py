@@ -81,6 +81,9 @@ MEANINGS = {
     "data.text_field": "JSON / parquet column holding the text",
     "data.split": "split of an `hf:` dataset",
     "data.shuffle": "shuffle the packed sequences (seeded; resumable)",
+    "data.blend": "weighted blend of preprocessed directories, `WEIGHT:DIR` each "
+    "(`data.blend=[0.7:/d/web,0.3:/d/code]`); when given, the training data instead of `data.source`; "
+    "weights are relative",
     # optim
     "optim.beta1": "AdamW beta1",
     "optim.beta2": "AdamW beta2",

@@ -86,7 +86,7 @@ class Progress:
     """A tqdm bar on rank 0 showing loss, tokens/s and the ETA; a no-op elsewhere."""
 
     def __init__(self, enabled: bool, total: int, initial: int):
-        self.bar = None
+        self.bar, self.eval_loss = None, None
         if enabled:
             from tqdm import tqdm
 
@@ -94,7 +94,9 @@ class Progress:
 
     def update(self, record: dict) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+            self.eval_loss = record.get("eval_loss", self.eval_loss)  # the latest evaluation stays shown
+            extra = {} if self.eval_loss is None else {"eval_loss": f"{self.eval_loss:.4f}"}
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", **extra,
                                  refresh=False)
             self.bar.update(1)
 

@@ -21,6 +21,7 @@ from haillm.parallel.pipeline.runtime import PipelineRuntime
 from haillm.parallel.pipeline.stage import sum_partner_grads
 from haillm.parallel.zero import ZeroAdamW
 from haillm.train import checkpoint
+from haillm.train.evaluate import Evaluator
 from haillm.train.health import LossHealth
 from haillm.train.metrics import JsonlSink, Progress, WandbSink, peak_flops
 from haillm.train.optim import lr_at
@@ -59,9 +60,10 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, dims: ParallelDims, model: torch.nn.Module, optimizer: ZeroAdamW,
                  batcher, run_dir: Path, device: torch.device, flops_per_token: float,
-                 dispatcher: AllToAllDispatcher | None = None, pipeline: Pipeline | None = None):
+                 dispatcher: AllToAllDispatcher | None = None, pipeline: Pipeline | None = None,
+                 evaluator: Evaluator | None = None):
         self.cfg, self.dims, self.model, self.optimizer, self.batcher = cfg, dims, model, optimizer, batcher
-        self.dispatcher, self.pipeline = dispatcher, pipeline
+        self.dispatcher, self.pipeline, self.evaluator = dispatcher, pipeline, evaluator
         self.run_dir, self.device, self.flops_per_token = Path(run_dir), device, flops_per_token
         self.is_logging_rank = dims.is_rank0
         optimizer.register_forward_wait(model)  # parameter all-gathers overlap the next forward
@@ -104,6 +106,8 @@ class Trainer:
                 while self.state.step < cfg.train.steps:
                     with watchdog.step_of(self.state.step + 1):
                         record = self.train_step()
+                    if self.evaluator is not None and self.evaluator.due(self.state.step):
+                        record |= self.evaluator.run()
                     records.append(record)
                     for sink in sinks:
                         sink.write(record)
@@ -153,6 +157,7 @@ class Trainer:
         for group in opt.param_groups:
             group["lr"] = lr
         micro_batches = self.batcher.next_step()
+        data_time = time.perf_counter() - start
         model.reset_moe_loads()
         if self.dispatcher is not None:
             self.dispatcher.reset_stats()
@@ -183,7 +188,7 @@ class Trainer:
         tokens_per_s = tokens / elapsed
         mfu = self.flops_per_token * tokens_per_s / self.peak if self.peak else 0.0
         record = {"step": step, **totals, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                  "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time_s": elapsed,
+                  "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time_s": elapsed, "data_time_s": data_time,
                   "max_vio": self._max_violation(loads), "skipped": skipped,
                   "skipped_steps": self.state.skipped_steps,
                   "consumed_samples": self.state.consumed_samples, "optimizer_state_bytes": opt.state_bytes()}

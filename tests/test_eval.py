@@ -1,0 +1,100 @@
+"""Held-out evaluation: eval_loss every train.eval_interval steps, equal to a separate evaluation of the saved
+checkpoint on the same batches; it leaves training unchanged; dp=2 evaluates like dp=1; bad settings."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from dist import run_distributed
+from test_train import FAST, launch_train
+
+from haillm.config import ConfigError, compose_config, to_model_args, validate
+from haillm.data import DataConfig, DataError
+from haillm.data.loader import build_training_data, eval_row_ids
+from haillm.data.synthetic import write_corpus
+from haillm.models.deepseek_v3.model import DeepSeekV3
+from haillm.train.evaluate import evaluate
+
+EVAL = ["train.steps=4", "train.eval_interval=2", "train.eval_batches=2", "data.eval_holdout=0.05",
+        "optim.schedule=constant", "checkpoint.interval=2", "checkpoint.keep=0"]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "run"
+    assert launch_train.main([*FAST, *EVAL, f"output_dir={out}"]) == 0
+    return out
+
+
+def test_eval_loss_equals_a_separate_evaluation_of_the_checkpoint(single):
+    """Acceptance 5: eval_loss at steps 2 and 4 only, each equal to evaluating that step's checkpoint."""
+    rows = records(single)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+    assert all("data_time_s" in r and r["data_time_s"] >= 0 for r in rows)
+    cfg = compose_config([*FAST, *EVAL])
+    t = cfg.train
+    data = build_training_data(cfg.data, t.seq_len, t.global_batch_size, cfg.seed, 2 * t.global_batch_size)
+    ids = eval_row_ids(t.eval_batches, t.global_batch_size, 0, 1, t.micro_batch_size)
+    for step in (2, 4):
+        model = DeepSeekV3(to_model_args(cfg.model), init_seed=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load({"model": model.state_dict()}, checkpoint_id=str(single / "checkpoints" / f"step_{step}"),
+                     no_dist=True)
+        got = evaluate(model, (data.eval_dataset.gather(m) for m in ids), torch.device("cpu"))
+        assert got == rows[step - 1]["eval_loss"]
+    assert rows[1]["eval_loss"] != rows[3]["eval_loss"]
+
+
+def test_evaluation_leaves_training_unchanged(single, tmp_path):
+    out = tmp_path / "run"
+    assert launch_train.main([*FAST, *EVAL, "train.eval_interval=0", f"output_dir={out}"]) == 0
+    assert [r["loss"] for r in records(out)] == [r["loss"] for r in records(single)]
+    assert all("eval_loss" not in r for r in records(out))
+
+
+def test_dp2_evaluates_like_dp1(single, tmp_path):
+    out = tmp_path / "run"
+    argv = [*FAST, *EVAL, "parallel.dp=2", f"output_dir={out}"]
+    assert run_distributed(launch_train.main, world_size=2, args=(argv,), timeout=240) == [0, 0]
+    for got, ref in zip(records(out), records(single), strict=True):
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        assert got.get("eval_loss", 0) == pytest.approx(ref.get("eval_loss", 0), rel=1e-6)
+
+
+def test_separate_eval_source(tmp_path):
+    """data.eval_source: its first rows are the held-out batches; training keeps all of data.source."""
+    write_corpus(tmp_path / "valid.jsonl", 20_000, seed=7)
+    cfg = DataConfig(max_bytes=100_000, eval_source=str(tmp_path / "valid.jsonl"))
+    data = build_training_data(cfg, 32, 4, 0, eval_samples=8)
+    alone = build_training_data(DataConfig(max_bytes=100_000), 32, 4, 0)
+    assert data.dataset.num_samples == alone.dataset.num_samples
+    assert data.eval_dataset.num_samples >= 8 and "valid.jsonl" in data.eval_dataset.source
+    with pytest.raises(DataError, match="evaluation"):
+        build_training_data(cfg, 32, 4, 0, eval_samples=10**6)
+    with pytest.raises(DataError, match="holds out"):
+        build_training_data(DataConfig(max_bytes=100_000, eval_holdout=0.001), 32, 4, 0, eval_samples=64)
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["train.eval_interval=5"], "needs held-out data"),
+    (["train.eval_interval=-1"], "train.eval_interval=-1"),
+    (["train.eval_batches=0", "train.eval_interval=1", "data.eval_holdout=0.1"], "train.eval_batches=0"),
+    (["data.eval_holdout=1.0"], "data.eval_holdout=1.0"),
+    (["train.eval_interval=2", "data.eval_holdout=0.1", "parallel.pp=2", "train.micro_batch_size=1"],
+     "parallel.pp=2"),
+])
+def test_bad_eval_settings(overrides, expected):
+    world = 2 if "parallel.pp=2" in overrides else 1
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(overrides), world)
+    assert expected in str(err.value) and "\n" not in str(err.value)

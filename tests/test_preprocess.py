@@ -1,0 +1,193 @@
+"""Offline preprocessing into token shards: the shards hold exactly the stream in-memory packing builds,
+whatever the worker count; interrupted runs resume; bad input is one line; the trainer-side dataset reads
+any seq_len by index arithmetic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from haillm.data import DataConfig, DataError, build_dataset, iter_documents
+from haillm.data.shards import MANIFEST, SETTINGS, ShardDataset, token_dtype
+from haillm.data.synthetic import documents, train_bpe, write_corpus
+from haillm.data.tokenizer import build_tokenizer
+from haillm.tools import preprocess as prep
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARD_MB = 0.02  # ~20 KB of text per shard: many shards, rows straddling their boundaries
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A directory mixing text files, a jsonl and a parquet file (~300 KB), with an empty document."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(root / "a_text", 100_000, seed=1, max_doc_words=400)
+    write_corpus(root / "b.jsonl", 100_000, seed=2, max_doc_words=400)
+    rows = [{"text": t} for t in documents(100_000, seed=3, max_doc_words=400)] + [{"text": ""}]
+    pq.write_table(pa.Table.from_pylist(rows), root / "c.parquet")
+    (root / "a_text" / "crlf.txt").write_bytes(b"line one\r\nline two\xff\r\n")  # newlines, a bad byte
+    return root
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory) -> Path:
+    return train_bpe(tmp_path_factory.mktemp("bpe") / "tokenizer.json", documents(300_000, seed=9), 1000)
+
+
+def run(source, out, tokenizer="byte", workers=0, **kw) -> dict:
+    cfg = DataConfig(source=str(source), tokenizer=str(tokenizer), max_bytes=kw.pop("max_bytes", 0))
+    return prep.preprocess(cfg, out, workers=workers, shard_mb=kw.pop("shard_mb", SHARD_MB), progress=False, **kw)
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_shards_hold_the_packed_stream(corpus, bpe, tmp_path, tokenizer):
+    """Every row at several seq_len equals in-memory packing of the same source; manifest counts add up."""
+    spec = bpe if tokenizer == "bpe" else "byte"
+    meta = run(corpus, tmp_path / "out", spec, workers=2)
+    tok = build_tokenizer(str(spec))
+    assert meta["dtype"] == "uint16" and meta["tokenizer"]["eod_id"] == tok.eod_id
+    assert len(meta["shards"]) > 5
+    for seq_len in (7, 64, 1000):
+        direct = build_dataset(DataConfig(source=str(corpus), tokenizer=str(spec), max_bytes=0), seq_len)
+        shards = build_dataset(DataConfig(source=str(tmp_path / "out"), tokenizer=str(spec)), seq_len)
+        assert isinstance(shards, ShardDataset)
+        assert shards.num_samples == direct.num_samples and shards.num_tokens == direct.num_tokens
+        everything = list(range(direct.num_samples))
+        assert torch.equal(shards.gather(everything), direct.rows.long())
+        some = [5, 0, direct.num_samples - 1, 5]
+        assert torch.equal(shards.gather(some), direct.gather(some))
+    stream = np.concatenate([np.load(tmp_path / "out" / s["tokens"]) for s in meta["shards"]])
+    starts = np.cumsum([0] + [s["num_tokens"] for s in meta["shards"]])
+    ends = np.concatenate([np.load(tmp_path / "out" / s["docs"]) + start
+                           for s, start in zip(meta["shards"], starts[:-1], strict=True)])
+    assert np.array_equal(ends, np.flatnonzero(stream == tok.eod_id) + 1)
+    n_docs = sum(len(batch) for batch in iter_documents(DataConfig(source=str(corpus), max_bytes=0)))
+    assert meta["num_tokens"] == len(stream) and len(ends) == meta["num_documents"] == n_docs
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.endswith(".npy")) == [MANIFEST]
+
+
+def test_worker_count_and_max_bytes(corpus, tmp_path):
+    """1 or 3 workers write byte-identical shards to in-process tokenization; a byte cap matches packing's."""
+    run(corpus, tmp_path / "w0", workers=0)
+    run(corpus, tmp_path / "w3", workers=3)
+    assert snapshot(tmp_path / "w0") == snapshot(tmp_path / "w3")
+    run(corpus, tmp_path / "capped", max_bytes=123_457, workers=1)
+    direct = build_dataset(DataConfig(source=str(corpus), max_bytes=123_457), 31)
+    shards = build_dataset(DataConfig(source=str(tmp_path / "capped")), 31)
+    assert torch.equal(shards.gather(range(direct.num_samples)), direct.rows.long())
+
+
+def test_interrupted_run_resumes(corpus, tmp_path, monkeypatch, capsys):
+    """A run killed after 3 shards keeps them, resumes without tokenizing them again, ends identical."""
+    run(corpus, tmp_path / "clean")
+    real, calls = prep._tokenize, []
+
+    def failing(index, docs):
+        if index == 3:
+            raise KeyboardInterrupt
+        calls.append(index)
+        return real(index, docs)
+
+    monkeypatch.setattr(prep, "_tokenize", failing)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(corpus, out)
+    assert calls == [0, 1, 2] and not (out / MANIFEST).exists()
+    (out / "tokens_000004.npy.tmp").write_bytes(b"half a shard")  # debris of a worker killed mid-write
+    with pytest.raises(DataError) as err:  # training refuses an unfinished directory
+        build_dataset(DataConfig(source=str(out)), 8)
+    assert "unfinished" in str(err.value) and str(out) in str(err.value)
+    with pytest.raises(DataError, match="chunk_chars="):  # other settings do not resume it
+        run(corpus, out, "byte", shard_mb=SHARD_MB * 2)
+    calls.clear()
+    monkeypatch.setattr(prep, "_tokenize", lambda i, d: (calls.append(i), real(i, d))[1])
+    capsys.readouterr()
+    run(corpus, out)
+    assert "resuming: 3 shards" in capsys.readouterr().err
+    assert calls[0] == 3 and 0 not in calls
+    assert snapshot(out) == snapshot(tmp_path / "clean")
+
+
+def test_output_dir_protection(corpus, tmp_path):
+    out = tmp_path / "out"
+    run(corpus, out)
+    before = snapshot(out)
+    with pytest.raises(DataError, match="already holds a finished"):
+        run(corpus, out)
+    assert snapshot(out) == before
+    run(corpus, out, overwrite=True, shard_mb=1)
+    assert len(json.loads((out / MANIFEST).read_text())["shards"]) == 1
+    with pytest.raises(DataError, match="already a preprocessed directory"):
+        run(out, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(DataError, match="holds other files"):
+            run(corpus, foreign, overwrite=overwrite)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_shard_dataset_checks(corpus, bpe, tmp_path):
+    out = tmp_path / "out"
+    run(corpus, out)
+    with pytest.raises(DataError) as err:  # ids of one tokenizer must not be read as another's
+        build_dataset(DataConfig(source=str(out), tokenizer=str(bpe)), 8)
+    assert "data.tokenizer" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(DataError, match="too small"):
+        build_dataset(DataConfig(source=str(out)), 32, min_samples=10**7)
+    shard = out / "tokens_000002.npy"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(DataError, match="tokens_000002.npy is missing, truncated"):
+        build_dataset(DataConfig(source=str(out)), 8)
+
+
+def test_large_vocabulary_uses_uint32(tmp_path):
+    """A vocabulary past 2^16 ids is stored as uint32 and reads back unchanged."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(70_000)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)} | {"[UNK]": 70_000}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    (tmp_path / "c.jsonl").write_text("".join(
+        json.dumps({"text": " ".join(rng.choice(words, 50))}) + "\n" for _ in range(40)))
+    assert token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
+    meta = run(tmp_path / "c.jsonl", tmp_path / "out", tmp_path / "tokenizer.json", shard_mb=0.001)
+    assert meta["dtype"] == "uint32"
+    cfg = DataConfig(source=str(tmp_path / "c.jsonl"), tokenizer=str(tmp_path / "tokenizer.json"), max_bytes=0)
+    direct = build_dataset(cfg, 15)
+    assert int(direct.rows.max()) > 2**16
+    shards = build_dataset(DataConfig(source=str(tmp_path / "out"), tokenizer=cfg.tokenizer), 15)
+    assert torch.equal(shards.gather(range(direct.num_samples)), direct.rows.long())
+
+
+def test_cli(corpus, tmp_path):
+    """The command line: a throughput line and exit 0; bad input: one error line, exit 2, nothing written."""
+    cmd = [sys.executable, "-m", "haillm.tools.preprocess"]
+    env = {"PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run([*cmd, str(corpus / "b.jsonl"), str(tmp_path / "out"), "--workers", "2"],
+                        capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "MB/s" in ok.stdout and "tokens/s" in ok.stdout
+    assert (tmp_path / "out" / MANIFEST).is_file() and not (tmp_path / "out" / SETTINGS).exists()
+    bad = subprocess.run([*cmd, str(tmp_path / "missing"), str(tmp_path / "out2")], capture_output=True,
+                         text=True, env=env, timeout=120)
+    errors = [ln for ln in bad.stderr.splitlines() if "error:" in ln]
+    assert bad.returncode == 2 and len(errors) == 1 and "missing" in errors[0] and "does not exist" in errors[0]
+    assert not (tmp_path / "out2").exists()
