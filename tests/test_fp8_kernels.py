@@ -24,12 +24,14 @@ from haillm.fp8.quant import (
     act_quant_t,
     act_quant_t_reference,
     act_quant_with_t,
+    act_quant_with_t_reference,
     quant_kernel_applies,
     requant_t,
     requant_t_reference,
     weight_quant,
     weight_quant_reference,
     weight_quant_with_t,
+    weight_quant_with_t_reference,
 )
 
 gpu = pytest.mark.gpu
@@ -56,15 +58,6 @@ def same_pairs(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) ->
     return len(got) == len(want) and all(
         same_fp8(g, w) if w.dtype == FP8_DTYPE else same_scales(g, w) for g, w in zip(got, want, strict=True)
     )
-
-
-def reference_with_t(x: torch.Tensor, pow2: bool, floor: float = AMAX_MIN) -> tuple[torch.Tensor, ...]:
-    return (*act_quant_reference(x, pow2=pow2, min_amax=floor), *act_quant_t_reference(x, pow2=pow2, min_amax=floor))
-
-
-def weight_reference_with_t(w: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, ...]:
-    q, s = weight_quant_reference(w, pow2=pow2)
-    return q, s, q.t().contiguous(), s.t().contiguous()
 
 
 def varied(t: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -104,7 +97,7 @@ def test_gradient_floor(t, k, pow2):
     """Output gradients: tiny tiles keep their own scale with ``GRAD_AMAX_MIN``, zero tiles get the floor."""
     dy = varied(t, k, torch.bfloat16, seed=k) * 1e-12
     assert quant_kernel_applies(dy, min_amax=GRAD_AMAX_MIN)
-    want = reference_with_t(dy, pow2, GRAD_AMAX_MIN)
+    want = act_quant_with_t_reference(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN)
     assert same_pairs(act_quant_with_t(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN), want)
     assert same_pairs(act_quant(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN), want[:2])
     assert same_pairs(act_quant_t(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN), want[2:])
@@ -134,11 +127,11 @@ def test_special_values(dtype, pow2):
     x = special_values(dtype)
     for floor in (AMAX_MIN, GRAD_AMAX_MIN):
         got = act_quant_with_t(x, pow2=pow2, min_amax=floor)
-        assert same_pairs(got, reference_with_t(x, pow2, floor))
-        assert same_pairs(tuple(g.cpu() for g in got), reference_with_t(x.cpu(), pow2, floor))
+        assert same_pairs(got, act_quant_with_t_reference(x, pow2=pow2, min_amax=floor))
+        assert same_pairs(tuple(g.cpu() for g in got), act_quant_with_t_reference(x.cpu(), pow2=pow2, min_amax=floor))
     q, s = got[:2]
     assert same_pairs(requant_t(q, s, pow2=pow2), requant_t_reference(q, s, pow2=pow2))
-    assert same_pairs(weight_quant_with_t(x, pow2=pow2), weight_reference_with_t(x, pow2))
+    assert same_pairs(weight_quant_with_t(x, pow2=pow2), weight_quant_with_t_reference(x, pow2=pow2))
 
 
 @gpu
@@ -148,7 +141,7 @@ def test_strided_and_batched_inputs():
     for x in (base.t(), base[:, ::3], base[7:, 100:], base.view(3, 100, 1000)):
         assert same_pairs(act_quant(x, pow2=True), act_quant_reference(x, pow2=True))
         if x.dim() == 2:
-            assert same_pairs(act_quant_with_t(x), reference_with_t(x, False))
+            assert same_pairs(act_quant_with_t(x), act_quant_with_t_reference(x))
             assert same_pairs(weight_quant(x), weight_quant_reference(x))
 
 
@@ -158,7 +151,7 @@ def test_strided_and_batched_inputs():
 @pytest.mark.parametrize(("n", "k"), [(1, 37), (128, 128), (300, 200), (2112, 7168), (7168, 2048)])
 def test_weight_kernel_equals_reference(n, k, dtype, pow2):
     w = varied(n, k, dtype, seed=n + k) * 0.02
-    want = weight_reference_with_t(w, pow2)
+    want = weight_quant_with_t_reference(w, pow2=pow2)
     assert same_pairs(weight_quant(w, pow2=pow2), want[:2])
     assert same_pairs(weight_quant_with_t(w, pow2=pow2), want)
 
@@ -205,3 +198,12 @@ def test_cpu_path_never_imports_triton():
         "assert 'triton' not in sys.modules and 'haillm.fp8.triton_quant' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_cpu_entry_points_are_the_reference():
+    x = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
+    assert not quant_kernel_applies(x)
+    for pow2 in (False, True):
+        assert same_pairs(act_quant_with_t(x, pow2=pow2), (*act_quant(x, pow2=pow2), *act_quant_t(x, pow2=pow2)))
+        q, s = weight_quant(x, pow2=pow2)
+        assert same_pairs(weight_quant_with_t(x, pow2=pow2), (q, s, q.t().contiguous(), s.t().contiguous()))

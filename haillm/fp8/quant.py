@@ -131,6 +131,21 @@ def requant_t_reference(
     return act_quant_t_reference(act_dequant(q, s, block), block, pow2)
 
 
+def act_quant_with_t_reference(
+    x: torch.Tensor, block: int = 128, pow2: bool = False, min_amax: float = AMAX_MIN
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(*act_quant_reference(x), *act_quant_t_reference(x))``."""
+    return (*act_quant_reference(x, block, pow2, min_amax), *act_quant_t_reference(x, block, pow2, min_amax))
+
+
+def weight_quant_with_t_reference(
+    w: torch.Tensor, block: int = 128, pow2: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight_quant_reference(w)`` and its transpose ``(q.T, s.T)``, contiguous."""
+    q, s = weight_quant_reference(w, block, pow2)
+    return q, s, q.t().contiguous(), s.t().contiguous()
+
+
 def act_quant(
     x: torch.Tensor, block: int = 128, pow2: bool = False, min_amax: float = AMAX_MIN
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +179,7 @@ def act_quant_with_t(
         from haillm.fp8 import triton_quant
 
         return triton_quant.act_quant_with_t(x, pow2, min_amax)
-    return (*act_quant_reference(x, block, pow2, min_amax), *act_quant_t_reference(x, block, pow2, min_amax))
+    return act_quant_with_t_reference(x, block, pow2, min_amax)
 
 
 def requant_t(
@@ -198,5 +213,4 @@ def weight_quant_with_t(
         from haillm.fp8 import triton_quant
 
         return triton_quant.weight_quant(w, pow2, transposed=True)
-    q, s = weight_quant_reference(w, block, pow2)
-    return q, s, q.t().contiguous(), s.t().contiguous()
+    return weight_quant_with_t_reference(w, block, pow2)
