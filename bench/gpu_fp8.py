@@ -10,7 +10,8 @@ and FP8 vs BF16 GEMM throughput on DeepSeek-V3 shapes.
    Shapes cuBLAS does not take as they are (N = 2112) run zero-padded ("padded").
    Both recipes: 1x128 x 128x128 (Fprop/Dgrad) and 1x128 x 1x128 (Wgrad).
 2. Throughput: BF16 ``torch.mm`` vs FP8 ``fp8_gemm`` on pre-quantized operands, and FP8 including the
-   activation quantization (``act_quant`` is eager torch, several kernels), timed with CUDA events.
+   activation quantization (``act_quant``: the Triton kernel on CUDA), timed with CUDA events; then each
+   quantization kernel against its eager-torch reference (``*_reference``) on the same tensors.
 3. Alignment probe (last, in case a rejected call upsets the context): which M values cuBLAS accepts, to
    check ``scaled_mm_supported``'s conservative rule (M a multiple of 4).
 
@@ -20,6 +21,7 @@ Without CUDA it prints one line and exits 0.
 """
 
 import argparse
+import functools
 import statistics
 import sys
 
@@ -31,6 +33,7 @@ from haillm.fp8 import (
     fp8_gemm,
     fp8_gemm_reference,
     fp8_gemm_scaled_mm,
+    quant,
     scaled_mm_supported,
     weight_quant,
 )
@@ -122,6 +125,26 @@ def throughput(device: str, iters: int) -> None:
     print(f"reference fallback (fp32 bmm), m={BENCH_M} k=7168 n=2048: {tflops:.0f} TFLOP/s")
 
 
+def quant_speed(device: str, iters: int) -> None:
+    """Quantization kernels vs the eager reference at M = BENCH_M tokens (bf16 in), and their bandwidth."""
+    print(f"\n== quantization: Triton kernel vs eager torch reference (us, median of {iters}; bf16 [{BENCH_M}, k]) ==")
+    print(f"{'op':>20} {'k':>6}  {'reference':>9}  {'kernel':>7}  {'speedup':>7}  {'kernel GB/s':>11}")
+    for k in sorted({k for k, _ in V3_KN}):
+        x = torch.randn(BENCH_M, k, device=device, dtype=torch.bfloat16)
+        q, s = quant.act_quant(x)
+        ops = [  # (name, kernel, reference, arguments, bytes per element read + written by the kernel)
+            ("act_quant", quant.act_quant, quant.act_quant_reference, (x,), 3),
+            ("act_quant_with_t", quant.act_quant_with_t, quant.act_quant_with_t_reference, (x,), 4),
+            ("requant_t", quant.requant_t, quant.requant_t_reference, (q, s), 2),
+            ("weight_quant_with_t", quant.weight_quant_with_t, quant.weight_quant_with_t_reference, (x,), 4),
+        ]
+        for name, kernel, reference, op_args, nbytes in ops:
+            t_ref = cuda_ms(functools.partial(reference, *op_args), iters)
+            t_k = cuda_ms(functools.partial(kernel, *op_args), iters)
+            gbs = nbytes * x.numel() / t_k / 1e6
+            print(f"{name:>20} {k:>6}  {t_ref * 1e3:9.0f}  {t_k * 1e3:7.0f}  {t_ref / t_k:7.1f}x  {gbs:11.0f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20)
@@ -141,6 +164,7 @@ def main() -> int:
     torch.manual_seed(0)
     ok = accuracy("cuda")
     throughput("cuda", args.iters)
+    quant_speed("cuda", args.iters)
     alignment_probe("cuda")
     print(f"\naccuracy: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1

@@ -17,7 +17,15 @@ tiles of ``x.T``): ``act_quant_t`` derives them from the high-precision tensor, 
 cached FP8 copy by dequantize + requantize, which is what DeepSeek does for activations cached in FP8.
 With power-of-two scales that re-tiling is exact except where a value falls below E4M3's normal range in
 its new tile (the new scale is a power-of-two multiple of the old one, so only the exponent moves).
+
+Each public function runs a Triton kernel on a CUDA tensor (``haillm.fp8.triton_quant``, bitwise equal, see
+``quant_kernel_applies``) and its ``*_reference`` twin, plain torch and the definition, everywhere else.
+``act_quant_with_t`` and ``weight_quant_with_t`` also return the transposed copy (128x1 activation tiles
+for Wgrad, ``W.T``'s blocks for Dgrad), written by the same kernel from one read of the input.
 """
+
+import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +34,8 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 AMAX_MIN = 1e-4
 GRAD_AMAX_MIN = 1e-30  # scale 2e-33: still a normal fp32 number
+KERNEL_MIN_AMAX = FP8_MAX * 2.0**-116  # smallest floor the kernels take (denormals, see triton_quant)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, FP8_DTYPE)  # widened to fp32 exactly
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -47,7 +57,20 @@ def _to_fp8(y: torch.Tensor) -> torch.Tensor:
     return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def act_quant(
+@functools.cache
+def _triton_on(device_index: int) -> bool:
+    # Triton casts to E4M3 natively from SM89 (Ada, Hopper) on.
+    return importlib.util.find_spec("triton") is not None and torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def quant_kernel_applies(x: torch.Tensor, block: int = 128, min_amax: float = AMAX_MIN) -> bool:
+    """Whether ``x`` is quantized by the Triton kernels: a non-empty fp32/bf16/fp16/e4m3 CUDA tensor on an SM89+
+    GPU with Triton installed, 128-wide tiles and a floor of at least ``KERNEL_MIN_AMAX``."""
+    return (x.is_cuda and block == 128 and x.dtype in _KERNEL_DTYPES and x.numel() > 0
+            and min_amax >= KERNEL_MIN_AMAX and _triton_on(x.get_device()))
+
+
+def act_quant_reference(
     x: torch.Tensor, block: int = 128, pow2: bool = False, min_amax: float = AMAX_MIN
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """1 x ``block`` tiles along the last dim: q is e4m3 like ``x``, s is ``[*x.shape[:-1], ⌈K/block⌉]``."""
@@ -65,7 +88,9 @@ def act_dequant(q: torch.Tensor, s: torch.Tensor, block: int = 128, dtype=torch.
     return (q.float() * s.repeat_interleave(block, dim=-1)[..., :k]).to(dtype)
 
 
-def weight_quant(w: torch.Tensor, block: int = 128, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_quant_reference(
+    w: torch.Tensor, block: int = 128, pow2: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``block`` x ``block`` blocks of a 2-D weight ``[N, K]``: q e4m3 ``[N, K]``, s ``[⌈N/b⌉, ⌈K/b⌉]``."""
     if w.dim() != 2:
         raise ValueError(f"weight_quant expects a 2-D weight, got shape {tuple(w.shape)}")
@@ -84,19 +109,108 @@ def weight_dequant(q: torch.Tensor, s: torch.Tensor, block: int = 128, dtype=tor
     return (q.float() * full).to(dtype)
 
 
-def act_quant_t(
+def _check_2d(name: str, x: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name} expects a 2-D [tokens, channels] tensor, got {tuple(x.shape)}")
+
+
+def act_quant_t_reference(
     x: torch.Tensor, block: int = 128, pow2: bool = False, min_amax: float = AMAX_MIN
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x [T, K]`` in 128x1 tiles (along tokens): returns ``act_quant(x.T)``, shapes ``[K, T]`` and
     ``[K, ceil(T/block)]``. Use when the high-precision tensor is at hand (e.g. the output gradient)."""
-    if x.dim() != 2:
-        raise ValueError(f"act_quant_t expects a 2-D [tokens, channels] tensor, got {tuple(x.shape)}")
-    return act_quant(x.t(), block, pow2, min_amax)
+    _check_2d("act_quant_t", x)
+    return act_quant_reference(x.t(), block, pow2, min_amax)
+
+
+def requant_t_reference(
+    q: torch.Tensor, s: torch.Tensor, block: int = 128, pow2: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-tile an ``act_quant`` result of a 2-D ``[T, K]`` tensor from 1x128 to 128x1 tiles, from FP8 only:
+    dequantize, transpose, quantize again. Same output layout as ``act_quant_t``."""
+    return act_quant_t_reference(act_dequant(q, s, block), block, pow2)
+
+
+def act_quant_with_t_reference(
+    x: torch.Tensor, block: int = 128, pow2: bool = False, min_amax: float = AMAX_MIN
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(*act_quant_reference(x), *act_quant_t_reference(x))``."""
+    return (*act_quant_reference(x, block, pow2, min_amax), *act_quant_t_reference(x, block, pow2, min_amax))
+
+
+def weight_quant_with_t_reference(
+    w: torch.Tensor, block: int = 128, pow2: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight_quant_reference(w)`` and its transpose ``(q.T, s.T)``, contiguous."""
+    q, s = weight_quant_reference(w, block, pow2)
+    return q, s, q.t().contiguous(), s.t().contiguous()
+
+
+def act_quant(
+    x: torch.Tensor, block: int = 128, pow2: bool = False, min_amax: float = AMAX_MIN
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``act_quant_reference``: q e4m3 like ``x``, s ``[*x.shape[:-1], ⌈K/block⌉]``; a kernel on the GPU."""
+    if quant_kernel_applies(x, block, min_amax):
+        from haillm.fp8 import triton_quant
+
+        return triton_quant.act_quant(x, pow2, min_amax)
+    return act_quant_reference(x, block, pow2, min_amax)
+
+
+def act_quant_t(
+    x: torch.Tensor, block: int = 128, pow2: bool = False, min_amax: float = AMAX_MIN
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``act_quant_t_reference``: ``act_quant(x.T)`` of ``x [T, K]``; on the GPU one kernel reading ``x``."""
+    _check_2d("act_quant_t", x)
+    if quant_kernel_applies(x, block, min_amax):
+        from haillm.fp8 import triton_quant
+
+        return triton_quant.act_quant_t(x, pow2, min_amax)
+    return act_quant_t_reference(x, block, pow2, min_amax)
+
+
+def act_quant_with_t(
+    x: torch.Tensor, block: int = 128, pow2: bool = False, min_amax: float = AMAX_MIN
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(*act_quant(x), *act_quant_t(x))`` of ``x [T, K]``: the 1x128 copy (Fprop, Dgrad) and the 128x1 copy
+    (Wgrad) of one high-precision tensor, such as an output gradient; on the GPU from one read of ``x``."""
+    _check_2d("act_quant_with_t", x)
+    if quant_kernel_applies(x, block, min_amax):
+        from haillm.fp8 import triton_quant
+
+        return triton_quant.act_quant_with_t(x, pow2, min_amax)
+    return act_quant_with_t_reference(x, block, pow2, min_amax)
 
 
 def requant_t(
     q: torch.Tensor, s: torch.Tensor, block: int = 128, pow2: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-tile an ``act_quant`` result of a 2-D ``[T, K]`` tensor from 1x128 to 128x1 tiles, from FP8 only:
-    dequantize, transpose, quantize again. Same output layout as ``act_quant_t``."""
-    return act_quant_t(act_dequant(q, s, block), block, pow2)
+    """``requant_t_reference``: the 128x1 re-tiling of an FP8 1x128 pair; on the GPU one kernel."""
+    if (q.dim() == 2 and q.dtype == FP8_DTYPE and s.dtype == torch.float32
+            and tuple(s.shape) == (q.shape[0], ceil_div(q.shape[1], block))
+            and quant_kernel_applies(q, block)):
+        from haillm.fp8 import triton_quant
+
+        return triton_quant.requant_t(q, s, pow2)
+    return requant_t_reference(q, s, block, pow2)
+
+
+def weight_quant(w: torch.Tensor, block: int = 128, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight_quant_reference``: q e4m3 ``[N, K]``, s ``[⌈N/b⌉, ⌈K/b⌉]``; a kernel on the GPU."""
+    if w.dim() == 2 and quant_kernel_applies(w, block):
+        from haillm.fp8 import triton_quant
+
+        return triton_quant.weight_quant(w, pow2, transposed=False)
+    return weight_quant_reference(w, block, pow2)
+
+
+def weight_quant_with_t(
+    w: torch.Tensor, block: int = 128, pow2: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, s, q.T, s.T)`` of ``weight_quant(w)``, all contiguous: the Dgrad operand ``W.T [K, N]`` in
+    128x128 blocks is the transposed FP8 weight (square blocks), written by the same kernel on the GPU."""
+    if w.dim() == 2 and quant_kernel_applies(w, block):
+        from haillm.fp8 import triton_quant
+
+        return triton_quant.weight_quant(w, pow2, transposed=True)
+    return weight_quant_with_t_reference(w, block, pow2)

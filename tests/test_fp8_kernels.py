@@ -1,0 +1,209 @@
+"""The Triton quantization kernels (``haillm.fp8.triton_quant``) against the torch reference, bitwise.
+
+Tests marked ``gpu`` run the public functions of ``haillm.fp8.quant`` on CUDA tensors, which dispatch to the
+kernels (asserted), and compare them with the ``*_reference`` functions on the same tensors: the FP8 bytes
+and the fp32 scales must be identical. The one freedom is the sign bit of a NaN byte (0x7F or 0xFF), which
+torch's own cast does not fix across devices either. Tokens 1, 37, 128, 4097 and K 128, 200, 7168 cover
+partial row blocks and partial last tiles. The CPU test checks that the CPU path never imports Triton.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import haillm.fp8.quant as quant
+from haillm.fp8 import fp8_linear
+from haillm.fp8.quant import (
+    AMAX_MIN,
+    FP8_DTYPE,
+    GRAD_AMAX_MIN,
+    act_quant,
+    act_quant_reference,
+    act_quant_t,
+    act_quant_t_reference,
+    act_quant_with_t,
+    act_quant_with_t_reference,
+    quant_kernel_applies,
+    requant_t,
+    requant_t_reference,
+    weight_quant,
+    weight_quant_reference,
+    weight_quant_with_t,
+    weight_quant_with_t_reference,
+)
+
+gpu = pytest.mark.gpu
+TOKENS = [1, 37, 128, 4097]
+CHANNELS = [128, 200, 7168]
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+def same_fp8(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, contiguous, same bytes; NaN (0x7F / 0xFF) matches NaN of either sign."""
+    if a.dtype != FP8_DTYPE or a.shape != b.shape or not a.is_contiguous():
+        return False
+    ua, ub = a.view(torch.uint8), b.view(torch.uint8)
+    both_nan = ((ua & 0x7F) == 0x7F) & ((ub & 0x7F) == 0x7F)
+    return bool(((ua == ub) | both_nan).all())
+
+
+def same_scales(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dtype == torch.float32 and a.shape == b.shape and a.is_contiguous()
+            and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()))
+
+
+def same_pairs(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> bool:
+    return len(got) == len(want) and all(
+        same_fp8(g, w) if w.dtype == FP8_DTYPE else same_scales(g, w) for g, w in zip(got, want, strict=True)
+    )
+
+
+def varied(t: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Magnitudes that differ by orders from row to row and from column to column (so both the 1x128 and
+    the 128x1 tiles have different scales), a zero 1x128 tile, a zero 128x1 tile and saturating values."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(t, k, generator=g, device="cuda")
+    x *= 10.0 ** torch.randint(-3, 4, (t, 1), generator=g, device="cuda")
+    x *= 10.0 ** torch.randint(-2, 3, (1, k), generator=g, device="cuda")
+    x[t // 2, : min(k, 128)] = 0.0
+    x[:, k - 1] = 0.0
+    x[0, k // 2] = 3e38 if dtype == torch.float32 else 3e37  # scale near the top of the range
+    return x.to(dtype)
+
+
+@gpu
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", CHANNELS)
+@pytest.mark.parametrize("t", TOKENS)
+def test_activation_kernels_equal_reference(t, k, dtype, pow2):
+    x = varied(t, k, dtype, seed=t * k)
+    assert quant_kernel_applies(x)
+    q, s = act_quant(x, pow2=pow2)
+    assert same_pairs((q, s), act_quant_reference(x, pow2=pow2))
+    qt, st = act_quant_t(x, pow2=pow2)
+    assert same_pairs((qt, st), act_quant_t_reference(x, pow2=pow2))
+    assert same_pairs(act_quant_with_t(x, pow2=pow2), (q, s, qt, st))  # one read, both copies
+    # Wgrad's re-tiling of the FP8 copy (linear.py): the kernel reads only q and s.
+    assert same_pairs(requant_t(q, s, pow2=pow2), requant_t_reference(q, s, pow2=pow2))
+
+
+@gpu
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize(("t", "k"), [(37, 200), (4097, 7168)])
+def test_gradient_floor(t, k, pow2):
+    """Output gradients: tiny tiles keep their own scale with ``GRAD_AMAX_MIN``, zero tiles get the floor."""
+    dy = varied(t, k, torch.bfloat16, seed=k) * 1e-12
+    assert quant_kernel_applies(dy, min_amax=GRAD_AMAX_MIN)
+    want = act_quant_with_t_reference(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN)
+    assert same_pairs(act_quant_with_t(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN), want)
+    assert same_pairs(act_quant(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN), want[:2])
+    assert same_pairs(act_quant_t(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN), want[2:])
+
+
+def special_values(dtype: torch.dtype) -> torch.Tensor:
+    big = torch.finfo(torch.float32).max if dtype == torch.float32 else 3e38  # bf16(fp32 max) is inf
+    x = torch.randn(300, 260, device="cuda")
+    x[0, 3], x[0, 7], x[1, 200], x[2, 9] = big, -big, 1e30, -1e-30
+    x[3, :128] = torch.linspace(-56.0, 56.0, 128)  # amax / 448 = 2^-3 exactly: pow2 keeps it
+    x[4, 128:] = 0.0  # a zero 1x128 tile
+    x[128:256, 7] = 0.0  # a zero 128x1 tile
+    x[5, :] = -0.0
+    x[6, 130:140] = 1e-40  # fp32 denormals
+    x[7, 11] = float("nan")
+    x[8, 140], x[9, 141] = float("inf"), -float("inf")
+    x[200:, 250] = torch.linspace(-1e-3, 1e-3, 100)
+    return x.to(dtype)
+
+
+@gpu
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_special_values(dtype, pow2):
+    """Zeros, -0, saturation, fp32 extremes and denormals, NaN and ±inf (the reference's NaN/inf rules,
+    its pow2 quirk of scale 1 for a non-finite tile included), on the GPU and against the CPU reference."""
+    x = special_values(dtype)
+    for floor in (AMAX_MIN, GRAD_AMAX_MIN):
+        got = act_quant_with_t(x, pow2=pow2, min_amax=floor)
+        assert same_pairs(got, act_quant_with_t_reference(x, pow2=pow2, min_amax=floor))
+        assert same_pairs(tuple(g.cpu() for g in got), act_quant_with_t_reference(x.cpu(), pow2=pow2, min_amax=floor))
+    q, s = got[:2]
+    assert same_pairs(requant_t(q, s, pow2=pow2), requant_t_reference(q, s, pow2=pow2))
+    assert same_pairs(weight_quant_with_t(x, pow2=pow2), weight_quant_with_t_reference(x, pow2=pow2))
+
+
+@gpu
+def test_strided_and_batched_inputs():
+    """Any 2-D strides (transposed views, column slices, storage offsets) and leading batch dims."""
+    base = varied(300, 1000, torch.bfloat16, seed=3)
+    for x in (base.t(), base[:, ::3], base[7:, 100:], base.view(3, 100, 1000)):
+        assert same_pairs(act_quant(x, pow2=True), act_quant_reference(x, pow2=True))
+        if x.dim() == 2:
+            assert same_pairs(act_quant_with_t(x), act_quant_with_t_reference(x))
+            assert same_pairs(weight_quant(x), weight_quant_reference(x))
+
+
+@gpu
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k"), [(1, 37), (128, 128), (300, 200), (2112, 7168), (7168, 2048)])
+def test_weight_kernel_equals_reference(n, k, dtype, pow2):
+    w = varied(n, k, dtype, seed=n + k) * 0.02
+    want = weight_quant_with_t_reference(w, pow2=pow2)
+    assert same_pairs(weight_quant(w, pow2=pow2), want[:2])
+    assert same_pairs(weight_quant_with_t(w, pow2=pow2), want)
+
+
+@gpu
+def test_dispatch_rule():
+    x = torch.randn(64, 256, device="cuda")
+    assert quant_kernel_applies(x) and quant_kernel_applies(act_quant(x)[0])
+    for no in (x.double(), x[:0]):
+        assert not quant_kernel_applies(no)
+    assert not quant_kernel_applies(x, block=64) and not quant_kernel_applies(x, min_amax=1e-40)
+    assert same_pairs(act_quant(x, 64), act_quant_reference(x, 64))  # the reference where the kernel does not apply
+    assert same_pairs(act_quant(x, min_amax=1e-40), act_quant_reference(x, min_amax=1e-40))
+
+
+@gpu
+def test_fp8_linear_same_with_kernels(monkeypatch):
+    """``fp8_linear`` forward and backward give the same bits whether it quantizes through the kernels or
+    (the dispatch rule switched off) through the reference: the GEMMs see identical operands."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(300, 7168, generator=g, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2112, 7168, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02
+    dy = torch.randn(300, 2112, generator=g, device="cuda", dtype=torch.bfloat16)
+
+    def run() -> list[torch.Tensor]:
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8_linear(xi, wi, pow2=True)
+        y.backward(dy)
+        return [y, xi.grad, wi.grad]
+
+    fast = run()
+    monkeypatch.setattr(quant, "quant_kernel_applies", lambda *args, **kwargs: False)
+    for a, b in zip(fast, run(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cpu_path_never_imports_triton():
+    code = (
+        "import sys, torch\n"
+        "from haillm.fp8 import fp8_linear\n"
+        "from haillm.fp8.quant import act_quant_with_t, weight_quant_with_t\n"
+        "x, w = torch.randn(37, 300, requires_grad=True), torch.randn(200, 300, requires_grad=True)\n"
+        "fp8_linear(x, w).sum().backward(); act_quant_with_t(x.detach()); weight_quant_with_t(w.detach())\n"
+        "assert 'triton' not in sys.modules and 'haillm.fp8.triton_quant' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_cpu_entry_points_are_the_reference():
+    x = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
+    assert not quant_kernel_applies(x)
+    for pow2 in (False, True):
+        assert same_pairs(act_quant_with_t(x, pow2=pow2), (*act_quant(x, pow2=pow2), *act_quant_t(x, pow2=pow2)))
+        q, s = weight_quant(x, pow2=pow2)
+        assert same_pairs(weight_quant_with_t(x, pow2=pow2), (q, s, q.t().contiguous(), s.t().contiguous()))
