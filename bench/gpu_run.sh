@@ -12,6 +12,6 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_DATASE
 out=${OUT:-/tmp/gpu_out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
-timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log"
-timeout 150 python3 bench/gpu_fp8.py 2>&1 | tee "$out/gpu_fp8.log"
-timeout 300 python3 bench/gpu_train.py "$@" 2>&1 | tee "$out/gpu_train.log"
+timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log"
+timeout 120 python3 bench/gpu_fp8.py 2>&1 | tee "$out/gpu_fp8.log"
+timeout 240 python3 bench/gpu_train.py "$@" 2>&1 | tee "$out/gpu_train.log"
