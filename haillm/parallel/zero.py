@@ -48,14 +48,13 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from haillm.parallel.zero_buckets import BucketPlan, ParamSpec, plan_buckets
+from haillm.parallel.zero_buckets import Bucket, BucketPlan, ParamSpec, plan_buckets
 from haillm.parallel.zero_state import copy_pieces, sharded_view
 
 STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
@@ -74,40 +73,8 @@ def default_no_decay(name: str, param: Tensor) -> bool:
     return param.ndim < 2 or name.endswith(".bias")
 
 
-def _divisor(b: _Bucket) -> int:
-    """What a bucket's summed gradient is divided by: its group's `grad_divisor`, by default the group size
-    (a plain average over replicas). Experts under EP set dp: their gradient already sums ep ranks' tokens."""
-    return b.group.get("grad_divisor") or b.world
-
-
 def _group_size(pg: dist.ProcessGroup | None) -> int:
     return 1 if pg is None else dist.get_world_size(pg)
-
-
-@dataclass
-class _Bucket:
-    group: dict[str, Any]
-    names: list[str]
-    params: list[nn.Parameter]
-    offsets: list[int]  # start of each param in the flat bucket
-    numel: int  # padded to a multiple of `world`
-    world: int
-    rank: int
-    param_buf: Tensor  # the parameters' storage (param dtype)
-    grad_buf: Tensor  # fp32 local gradients
-    shard_grad: Tensor  # fp32 reduced (averaged) gradient shard
-    state: dict[str, Tensor]  # master / exp_avg / exp_avg_sq shards
-    decay_ranges: list[tuple[int, int]]  # shard-local ranges of weight-decayed elements
-    ready: set[int] = field(default_factory=set)
-    launched: bool = False
-    reduce_work: Any = None
-    reduce_out: Tensor | None = None
-    gather_work: Any = None
-
-    @property
-    def shard(self) -> tuple[int, int]:
-        size = self.numel // self.world
-        return self.rank * size, (self.rank + 1) * size
 
 
 class ZeroAdamW:
@@ -146,26 +113,26 @@ class ZeroAdamW:
         self._sync = True
         self._overlap_gather = False
         self._buckets = self._build_buckets(int(bucket_mb * 2**20))
-        self._bucket_of: dict[int, tuple[_Bucket, int]] = {}
+        self._bucket_of: dict[int, tuple[Bucket, int]] = {}
         for b in self._buckets:
             for i, p in enumerate(b.params):
                 self._bucket_of[id(p)] = (b, i)
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
         self._device = self._buckets[0].grad_buf.device if self._buckets else torch.device("cpu")
-        self._queues: dict[int, list[_Bucket]] = {}  # per reduction group, in launch order
+        self._queues: dict[int, list[Bucket]] = {}  # per reduction group, in launch order
         for b in self._buckets:
             self._queues.setdefault(id(b.group["process_group"]), []).append(b)
         self._next_launch: dict[int, int] = {}  # per reduction group: index of the next bucket to launch
 
     # ---- construction ----
-    def _build_buckets(self, bucket_bytes: int) -> list[_Bucket]:
+    def _build_buckets(self, bucket_bytes: int) -> list[Bucket]:
         specs = [[ParamSpec(n, tuple(p.shape), p.dtype, str(p.device), id(p)) for n, p in g["params"]]
                  for g in self.param_groups]
         worlds = [_group_size(g["process_group"]) for g in self.param_groups]
         plans = plan_buckets(specs, worlds, bucket_bytes)  # the layout haillm.tools.plan predicts memory from
         return [self._make_bucket(self.param_groups[plan.group], plan) for plan in plans]
 
-    def _make_bucket(self, group: dict[str, Any], plan: BucketPlan) -> _Bucket:
+    def _make_bucket(self, group: dict[str, Any], plan: BucketPlan) -> Bucket:
         pg = group["process_group"]
         world, numel, offsets = plan.world, plan.numel, list(plan.offsets)
         rank = dist.get_rank(pg) if world > 1 else 0
@@ -191,7 +158,7 @@ class ZeroAdamW:
                 if decay_ranges and decay_ranges[-1][1] == a:
                     a = decay_ranges.pop()[0]
                 decay_ranges.append((a, b))
-        return _Bucket(
+        return Bucket(
             group=group,
             names=[n for n, _ in members],
             params=[p for _, p in members],
@@ -220,7 +187,7 @@ class ZeroAdamW:
         finally:
             self._sync = True
 
-    def _absorb_grad(self, b: _Bucket, i: int) -> None:
+    def _absorb_grad(self, b: Bucket, i: int) -> None:
         """Make sure param i's gradient lives in the bucket: fp32 `.grad` must be the buffer view (if code
         replaced it, the new tensor is the gradient); a bf16 `.grad` holds new contributions to add."""
         p, off = b.params[i], b.offsets[i]
@@ -255,13 +222,13 @@ class ZeroAdamW:
             i += 1
         self._next_launch[key] = i
 
-    def _launch_reduce(self, b: _Bucket) -> None:
+    def _launch_reduce(self, b: Bucket) -> None:
         b.launched = True
         for i in range(len(b.params)):  # gradients written without autograd (no hook) count too
             self._absorb_grad(b, i)
         if b.world == 1:
-            if _divisor(b) != 1:
-                b.shard_grad.div_(_divisor(b))
+            if b.divisor != 1:
+                b.shard_grad.div_(b.divisor)
             return
         src = b.grad_buf if self.reduce_dtype == torch.float32 else b.grad_buf.to(self.reduce_dtype)
         lo, hi = b.shard
@@ -282,7 +249,7 @@ class ZeroAdamW:
                 if b.reduce_out.data_ptr() != b.shard_grad.data_ptr():
                     b.shard_grad.copy_(b.reduce_out)
                 b.reduce_out = None
-                b.shard_grad.div_(_divisor(b))
+                b.shard_grad.div_(b.divisor)
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Scale the reduced gradient so its global L2 norm is at most `max_norm`; return the norm before
@@ -322,7 +289,7 @@ class ZeroAdamW:
         if not self._overlap_gather:
             self.wait_params()
 
-    def _adamw(self, b: _Bucket) -> None:
+    def _adamw(self, b: Bucket) -> None:
         g = b.group
         lr, (beta1, beta2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
         master, grad = b.state["master"], b.shard_grad
@@ -340,7 +307,7 @@ class ZeroAdamW:
             b.state["exp_avg"].copy_(exp_avg)
             b.state["exp_avg_sq"].copy_(exp_avg_sq)
 
-    def _launch_gather(self, b: _Bucket) -> None:
+    def _launch_gather(self, b: Bucket) -> None:
         lo, hi = b.shard
         if b.state["master"].data_ptr() != b.param_buf[lo:hi].data_ptr():
             b.param_buf[lo:hi].copy_(b.state["master"])
@@ -349,7 +316,7 @@ class ZeroAdamW:
                 b.param_buf, b.param_buf[lo:hi], group=b.group["process_group"], async_op=True
             )
 
-    def wait_params(self, buckets: Iterable[_Bucket] | None = None) -> None:
+    def wait_params(self, buckets: Iterable[Bucket] | None = None) -> None:
         """Block until the updated parameters are gathered (all buckets, or the given ones)."""
         for b in self._buckets if buckets is None else buckets:
             if b.gather_work is not None:
@@ -366,7 +333,7 @@ class ZeroAdamW:
                 module.register_forward_pre_hook(functools.partial(self._forward_wait, buckets))
         self._overlap_gather = True
 
-    def _forward_wait(self, buckets: tuple[_Bucket, ...], module: nn.Module, args: Any) -> None:
+    def _forward_wait(self, buckets: tuple[Bucket, ...], module: nn.Module, args: Any) -> None:
         self.wait_params(buckets)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -398,14 +365,14 @@ class ZeroAdamW:
             state[name] = {kind: self._state_view(b, i, kind, offset, shape) for kind in STATE_KINDS}
         return {"step": torch.tensor(self.step_count), "state": state}
 
-    def _pieces(self) -> Iterator[tuple[_Bucket, int, str, int, torch.Size]]:
+    def _pieces(self) -> Iterator[tuple[Bucket, int, str, int, torch.Size]]:
         """(bucket, param index, checkpoint name, element offset in the param, shape) of every piece of state."""
         for b in self._buckets:
             for i, (name, p) in enumerate(zip(b.names, b.params, strict=True)):
                 for piece, offset, shape in self.state_pieces(name, p):
                     yield b, i, piece, offset, shape
 
-    def _state_view(self, b: _Bucket, i: int, kind: str, offset: int, shape: torch.Size) -> Tensor:
+    def _state_view(self, b: Bucket, i: int, kind: str, offset: int, shape: torch.Size) -> Tensor:
         """`shape` elements from `offset` of parameter i of bucket b's `kind` state (sharded over the group)."""
         pg = b.group["process_group"]
         ranks = dist.get_process_group_ranks(pg) if b.world > 1 else [0]

@@ -1,6 +1,6 @@
 """ZeRO-1 bucket layout as a pure function of parameter names, shapes and dtypes.
 
-``ZeroAdamW`` allocates its flat buffers from this plan, and the layout planner (``haillm.tools.plan``)
+``ZeroAdamW`` allocates its flat buffers (``Bucket``) from this plan, and the layout planner (``haillm.tools.plan``)
 predicts a rank's memory from the same plan without building anything, so the two cannot drift. Each
 param group's parameters are packed in reverse registration order (about the order backward produces their
 gradients) into buckets of roughly ``bucket_bytes`` (counted as fp32), never mixing dtypes or devices; a
@@ -10,9 +10,11 @@ bucket is padded to a multiple of its group's size, and buckets are listed in gr
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 FP32_BYTES = 4
 
@@ -105,3 +107,38 @@ def _bucket(group: int, members: list[int], specs: Sequence[ParamSpec], world: i
         total += specs[i].numel
     numel = -(-total // world) * world
     return BucketPlan(group, tuple(members), tuple(offsets), numel, world, specs[members[0]].dtype)
+
+
+@dataclass
+class Bucket:
+    """One allocated bucket of ``ZeroAdamW``: its parameters' flat storage, the fp32 gradient buffer, this
+    rank's shard of the optimizer state, and the progress of its reduction and gather."""
+
+    group: dict[str, Any]
+    names: list[str]
+    params: list[nn.Parameter]
+    offsets: list[int]  # start of each param in the flat bucket
+    numel: int  # padded to a multiple of `world`
+    world: int
+    rank: int
+    param_buf: Tensor  # the parameters' storage (param dtype)
+    grad_buf: Tensor  # fp32 local gradients
+    shard_grad: Tensor  # fp32 reduced (averaged) gradient shard
+    state: dict[str, Tensor]  # master / exp_avg / exp_avg_sq shards
+    decay_ranges: list[tuple[int, int]]  # shard-local ranges of weight-decayed elements
+    ready: set[int] = field(default_factory=set)
+    launched: bool = False
+    reduce_work: Any = None
+    reduce_out: Tensor | None = None
+    gather_work: Any = None
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        size = self.numel // self.world
+        return self.rank * size, (self.rank + 1) * size
+
+    @property
+    def divisor(self) -> int:
+        """What the summed gradient is divided by: the group's ``grad_divisor``, by default the group size (a
+        plain average over replicas). Experts under EP set dp: their gradient already sums ep ranks' tokens."""
+        return self.group.get("grad_divisor") or self.world
