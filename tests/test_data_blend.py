@@ -54,6 +54,7 @@ def test_70_30_blend_shares_and_resume(parts):
     straight = [data.sampler.next_indices() for _ in range(1250)]  # 10,000 samples
     ids = np.concatenate(straight)
     from_web = np.mean(ids < sizes[0])
+    print(f"\n70/30 blend, 10,000 samples: shares {from_web:.4f} / {1 - from_web:.4f}")  # for the report (-s)
     assert abs(from_web - 0.7) < 0.01 and abs((1 - from_web) - 0.3) < 0.01
     code = ids[ids >= sizes[0]] - sizes[0]
     for epoch in range(len(code) // sizes[1]):  # each pass over a dataset is a permutation of its rows
