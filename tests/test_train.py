@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import resource
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+from haillm.train.metrics import peak_memory_bytes, reset_peak_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("launch_train", ROOT / "launch" / "train.py")
@@ -70,6 +74,21 @@ def test_run_dir_contents_and_metrics(capsys, tmp_path):
         assert key in rows[0], key
     assert rows[0]["tokens"] == 4 * 32 and rows[0]["skipped"] is False
     assert rows[0]["mfu"] > 0
+    # CPU: the process's peak resident set so far, which only grows and includes the model and optimizer
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+    assert 0.05 < rows[0]["peak_memory_gib"] <= rows[-1]["peak_memory_gib"] <= process_peak
+
+
+@pytest.mark.gpu
+def test_peak_memory_is_the_steps_cuda_peak():
+    """On CUDA the figure is the step's own peak of allocated bytes, reset when the next step starts."""
+    device = torch.device("cuda")
+    reset_peak_memory(device)
+    big = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    del big
+    assert peak_memory_bytes(device) >= 256 << 20
+    reset_peak_memory(device)
+    assert peak_memory_bytes(device) < 256 << 20
 
 
 @pytest.mark.parametrize(

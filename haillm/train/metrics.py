@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 from pathlib import Path
 
 import torch
@@ -35,6 +36,20 @@ def peak_flops(device: torch.device, override: float = 0.0) -> tuple[float, str]
         return 0.0, f"unknown GPU {name}: set train.peak_flops for MFU"
     threads = torch.get_num_threads()
     return CPU_FLOPS_PER_THREAD * threads, f"CPU fp32 {threads} thread(s) x 50 GFLOP/s (measured)"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a step's peak-memory window (CUDA keeps a resettable peak; a CPU process only its lifetime peak)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This rank's peak memory: on CUDA the bytes allocated at the peak since ``reset_peak_memory`` (what
+    limits the layout), on CPU the process's peak resident set size since it started."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kilobytes
 
 
 class JsonlSink:
@@ -96,8 +111,8 @@ class Progress:
         if self.bar is not None:
             self.eval_loss = record.get("eval_loss", self.eval_loss)  # the latest evaluation stays shown
             extra = {} if self.eval_loss is None else {"eval_loss": f"{self.eval_loss:.4f}"}
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", **extra,
-                                 refresh=False)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                 mem=f"{record['peak_memory_gib']:.1f}G", **extra, refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:

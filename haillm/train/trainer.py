@@ -23,7 +23,7 @@ from haillm.parallel.zero import ZeroAdamW
 from haillm.train import checkpoint
 from haillm.train.evaluate import Evaluator
 from haillm.train.health import LossHealth
-from haillm.train.metrics import JsonlSink, Progress, WandbSink, peak_flops
+from haillm.train.metrics import JsonlSink, Progress, WandbSink, peak_flops, peak_memory_bytes, reset_peak_memory
 from haillm.train.optim import lr_at
 from haillm.train.preemption import Preemption
 from haillm.train.watchdog import Watchdog
@@ -153,6 +153,7 @@ class Trainer:
         cfg, model, opt = self.cfg, self.model, self.optimizer
         step = self.state.step + 1
         start = time.perf_counter()
+        reset_peak_memory(self.device)
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -187,9 +188,10 @@ class Trainer:
         tokens = cfg.train.global_batch_size * cfg.train.seq_len
         tokens_per_s = tokens / elapsed
         mfu = self.flops_per_token * tokens_per_s / self.peak if self.peak else 0.0
+        max_vio, peak_memory = self._pipeline_max(max_violation(loads), peak_memory_bytes(self.device))
         record = {"step": step, **totals, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                   "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time_s": elapsed, "data_time_s": data_time,
-                  "max_vio": self._max_violation(loads), "skipped": skipped,
+                  "max_vio": max_vio, "peak_memory_gib": peak_memory / 2**30, "skipped": skipped,
                   "skipped_steps": self.state.skipped_steps,
                   "consumed_samples": self.state.consumed_samples, "optimizer_state_bytes": opt.state_bytes()}
         if self.dispatcher is not None:  # where tokens went: ranks and nodes per token, over the whole dp group
@@ -215,12 +217,13 @@ class Trainer:
             sums += torch.stack([out[key].detach() for key in LOSS_KEYS]).double()  # read back once per step
         return sums.cpu()
 
-    def _max_violation(self, loads: torch.Tensor) -> float:
-        """max_vio over every MoE layer of the model: pipeline ranks hold different layers."""
-        vio = torch.tensor([max_violation(loads)], dtype=torch.float64)
+    def _pipeline_max(self, *values: float) -> list[float]:
+        """The largest of each value over the pipeline ranks, which hold different layers (max_vio over every
+        MoE layer of the model; the peak memory of the fullest stage), in one collective."""
+        maxima = torch.tensor(values, dtype=torch.float64)
         if self.dims.pp > 1:
-            vio = self._all_reduce(vio, self.dims.pp_group, dist.ReduceOp.MAX)
-        return vio.item()
+            maxima = self._all_reduce(maxima, self.dims.pp_group, dist.ReduceOp.MAX)
+        return maxima.tolist()
 
     def _dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel group (the tensor itself at dp=1)."""
