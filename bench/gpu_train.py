@@ -13,7 +13,8 @@ BF16 datasheet); ``--peak-tflops`` changes it.
 1. trainer: ``Trainer.train_step`` (forward, backward, ZeRO-1 reduction, clipping, AdamW on the fp32 masters,
    parameter all-gather, bias update) on synthetic tokens, built exactly as ``launch/train.py`` builds a run;
    BF16 (``train.dtype=bf16``) and BF16 with ``fp8.enabled=true``. Median step time after warm-up steps,
-   tokens/s, MFU, peak memory (``torch.cuda.max_memory_allocated``).
+   tokens/s, MFU, peak memory (the last step's ``peak_memory_gib``: the step's
+   ``torch.cuda.max_memory_allocated``).
 2. model: forward + backward of next-token cross-entropy, ours (``compute_loss``) and transformers'
    ``DeepseekV3ForCausalLM`` with the same weights (ours written with ``save_hf``, read by
    ``from_pretrained``), same batch, both with bf16 parameters; median ms, MFU and the ratio.
@@ -94,10 +95,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-
-
 def trainer_section(a: argparse.Namespace, device: torch.device) -> None:
     print(f"\n== trainer: full optimizer step, {a.batch} x {a.seq} tokens ==")
     print(f"{'variant':>10} {'step ms':>9} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'loss':>8}")
@@ -105,7 +102,6 @@ def trainer_section(a: argparse.Namespace, device: torch.device) -> None:
     for name, extra in (("bf16", ["train.dtype=bf16"]), ("bf16+fp8", ["train.dtype=bf16", "fp8.enabled=true"])):
         if device.type == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
         trainer = build_trainer(a, device, *extra)
         times, record = [], {}
         for i in range(a.warmup + a.steps):
@@ -119,7 +115,7 @@ def trainer_section(a: argparse.Namespace, device: torch.device) -> None:
         tokens = a.batch * a.seq / step
         mfu = trainer.flops_per_token * tokens / trainer.peak
         base = base or step
-        print(f"{name:>10} {step * 1e3:9.1f} {tokens:10.0f} {mfu:7.1%} {peak_memory_gib(device):9.2f} "
+        print(f"{name:>10} {step * 1e3:9.1f} {tokens:10.0f} {mfu:7.1%} {record['peak_memory_gib']:9.2f} "
               f"{record['loss']:8.4f}  ({base / step:.2f}x bf16)")
         del trainer
 
