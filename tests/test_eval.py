@@ -18,6 +18,7 @@ from haillm.data import DataConfig, DataError
 from haillm.data.loader import build_training_data, eval_row_ids
 from haillm.data.synthetic import write_corpus
 from haillm.models.deepseek_v3.model import DeepSeekV3
+from haillm.tools.preprocess import preprocess
 from haillm.train.evaluate import evaluate
 
 EVAL = ["train.steps=4", "train.eval_interval=2", "train.eval_batches=2", "data.eval_holdout=0.05",
@@ -83,6 +84,25 @@ def test_separate_eval_source(tmp_path):
         build_training_data(cfg, 32, 4, 0, eval_samples=10**6)
     with pytest.raises(DataError, match="holds out"):
         build_training_data(DataConfig(max_bytes=100_000, eval_holdout=0.001), 32, 4, 0, eval_samples=64)
+
+
+@pytest.mark.parametrize("blend", [False, True])
+def test_eval_source_from_the_command_line(tmp_path, blend):
+    """data.eval_source through the launcher (whose `data` is an OmegaConf node), with one data.source and
+    with a blend, which cannot hold rows out of its datasets."""
+    write_corpus(tmp_path / "valid.jsonl", 20_000, seed=7)
+    data = []
+    if blend:
+        for name in ("web", "code"):
+            write_corpus(tmp_path / f"{name}.jsonl", 60_000, seed=len(name))
+            preprocess(DataConfig(source=str(tmp_path / f"{name}.jsonl"), max_bytes=0), tmp_path / name,
+                       workers=0, progress=False)
+        data = ["data=blend", f"data.blend=[0.7:{tmp_path / 'web'},0.3:{tmp_path / 'code'}]"]
+    out = tmp_path / "run"
+    argv = [*FAST, *data, "train.steps=2", "train.eval_interval=1", "train.eval_batches=2",
+            f"data.eval_source={tmp_path / 'valid.jsonl'}", f"output_dir={out}"]
+    assert launch_train.main(argv) == 0
+    assert [r["step"] for r in records(out) if r["eval_loss"] > 0] == [1, 2]
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from haillm.data.blend import BlendedDataset, BlendSampler, parse_blend
 from haillm.data.config import DataConfig, DataError
@@ -42,11 +43,14 @@ def _blend(cfg: DataConfig, seq_len: int, global_batch_size: int, seed: int) -> 
     return BlendedDataset(parts), sampler
 
 
-def build_training_data(cfg: DataConfig, seq_len: int, global_batch_size: int, seed: int,
+def build_training_data(cfg: DataConfig | DictConfig, seq_len: int, global_batch_size: int, seed: int,
                         eval_samples: int = 0) -> TrainingData:
     """Training rows and order, and held-out rows: the last `cfg.eval_holdout` fraction of `cfg.source`
     (kept out of training whether or not this run evaluates, so evaluation never changes what it trains
-    on), or `cfg.eval_source` when this run evaluates on `eval_samples` rows (>0)."""
+    on), or `cfg.eval_source` when this run evaluates on `eval_samples` rows (>0). `cfg` may be the
+    launcher's OmegaConf `data` node."""
+    if isinstance(cfg, DictConfig):  # a plain dataclass, so that it can be copied with another source
+        cfg = DataConfig(**OmegaConf.to_container(cfg, resolve=True))
     eval_dataset = None
     if cfg.blend:
         dataset, sampler = _blend(cfg, seq_len, global_batch_size, seed)
