@@ -77,10 +77,11 @@ def build_training_data(cfg: DataConfig | DictConfig, seq_len: int, global_batch
 
 
 def make_batcher(data: TrainingData, dp_rank: int, dp_size: int, micro_batch_size: int,
-                 device: torch.device, prefetch: bool = True) -> StepBatcher | Prefetcher:
-    """This rank's training batches, prepared in the background when `prefetch`."""
+                 device: torch.device, prefetch: bool = True, end: int | None = None) -> StepBatcher | Prefetcher:
+    """This rank's training batches, prepared in the background when `prefetch`, up to the step that
+    starts at sample `end` (train.steps x train.global_batch_size: the run's last step)."""
     batcher = StepBatcher(data.dataset, data.sampler, dp_rank, dp_size, micro_batch_size)
-    return Prefetcher(batcher, device) if prefetch else batcher
+    return Prefetcher(batcher, device, end) if prefetch else batcher
 
 
 def eval_row_ids(num_batches: int, global_batch_size: int, dp_rank: int, dp_size: int,

@@ -154,3 +154,6 @@ class StepBatcher:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
+
+    def close(self) -> None:
+        """Nothing to stop (the Prefetcher's interface: the trainer closes whichever it has)."""
