@@ -19,6 +19,7 @@ from haillm.data import (
     build_tokenizer,
     rank_micro_batches,
 )
+from haillm.data.sampler import SampleOrder
 from haillm.data.tokenizer import encoding_fingerprint
 
 DOCS = ["Hello, world!\n", "naïve café — 世界 🚀\n", "def f(x):\n    return x + 1\n"]
@@ -277,6 +278,19 @@ def test_sampler_epochs_are_seeded_permutations():
     assert [i for _ in range(5) for i in other.next_indices()] != order
     plain = StepSampler(10, 4, seed=3, shuffle=False)
     assert [i for _ in range(5) for i in plain.next_indices()] == list(range(10)) * 2
+
+
+def test_sample_orders_are_compact_and_unchanged():
+    """Epoch orders are int32 (4 bytes a sample) holding the permutations rng.permutation gives (those the
+    exact-loss tests were written with); without shuffling no order is held at all."""
+    order = SampleOrder(1000, seed=3, stream=(1,))
+    for epoch in (0, 1, 0):
+        got = order.epoch_order(epoch)
+        assert got.dtype == np.int32 and np.array_equal(got, np.random.default_rng([3, 1, epoch]).permutation(1000))
+    assert SampleOrder(2**31).dtype == np.int64
+    plain = SampleOrder(1000, shuffle=False)
+    assert plain.ids_at(np.arange(996, 1004)).tolist() == [996, 997, 998, 999, 0, 1, 2, 3]
+    assert plain._orders == {}
 
 
 def test_sampler_resume_equals_uninterrupted():
