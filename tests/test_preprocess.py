@@ -191,8 +191,9 @@ def test_shard_dataset_checks(corpus, bpe, tmp_path):
     with pytest.raises(DataError) as err:  # ids of one tokenizer must not be read as another's
         build_dataset(DataConfig(source=str(out), tokenizer=str(bpe)), 8)
     assert "data.tokenizer" in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(DataError, match="too small"):
+    with pytest.raises(DataError, match="too small") as err:  # advice that applies to shards
         build_dataset(DataConfig(source=str(out)), 32, min_samples=10**7)
+    assert "preprocess more text" in str(err.value) and "raise data.max_bytes" not in str(err.value)
     shard = out / "tokens_000002.npy"
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(DataError, match="tokens_000002.npy is missing, truncated"):
