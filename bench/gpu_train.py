@@ -67,6 +67,9 @@ class SyntheticBatcher:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 def overrides(a: argparse.Namespace, *extra: str) -> list[str]:
     return [f"model={a.model}", f"model.n_layers={a.layers}", f"model.vocab_size={a.vocab}", "model.mtp_depth=0",

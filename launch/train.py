@@ -138,7 +138,8 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
     # stays out of the gradient norm so that every parameter counts once.
     second_copy = pipeline is not None and dims.pp_rank >= dims.pp // 2
     optimizer = build_optimizer(model, cfg, dims, {n for n, _ in pipeline.partner_params} if second_copy else set())
-    batcher = make_batcher(data, dims.dp_rank, dims.dp, t.micro_batch_size, device, cfg.data.prefetch)
+    batcher = make_batcher(data, dims.dp_rank, dims.dp, t.micro_batch_size, device, cfg.data.prefetch,
+                           end=t.steps * t.global_batch_size)
     # Everything that can reject the run has run: only now touch the run directory.
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

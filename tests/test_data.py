@@ -19,6 +19,8 @@ from haillm.data import (
     build_tokenizer,
     rank_micro_batches,
 )
+from haillm.data.sampler import SampleOrder
+from haillm.data.tokenizer import encoding_fingerprint
 
 DOCS = ["Hello, world!\n", "naïve café — 世界 🚀\n", "def f(x):\n    return x + 1\n"]
 
@@ -89,6 +91,38 @@ def test_hf_tokenizer_without_eod_appends_one(tmp_path):
     tok = HFTokenizer(path)
     assert tok.eod_id == base_size and tok.vocab_size == base_size + 1
     assert tok.encode_documents(["ab"]).tolist()[-1] == tok.eod_id
+
+
+def test_tokenizer_files_own_padding_and_truncation_are_ignored(tmp_path):
+    """A tokenizer.json saved with truncation and padding on encodes whole documents, no pad ids, and has
+    the fingerprint of the same tokenizer saved without them (its shards are interchangeable)."""
+    from tokenizers import Tokenizer
+
+    plain = _train_bpe(tmp_path / "plain.json", ["<pad>", "<|endoftext|>"])
+    tok = Tokenizer.from_file(str(plain))
+    tok.enable_truncation(8)
+    tok.enable_padding(pad_id=0, pad_token="<pad>", length=64)
+    tok.save(str(tmp_path / "padded.json"))
+    padded, reference = HFTokenizer(tmp_path / "padded.json"), HFTokenizer(plain)
+    assert padded.encode_documents(DOCS).tolist() == reference.encode_documents(DOCS).tolist()
+    assert padded.encode(DOCS[1]) == reference.encode(DOCS[1]) and len(reference.encode(DOCS[1])) > 8
+    assert padded.fingerprint == reference.fingerprint
+
+
+def test_tokenizer_fingerprint_ignores_the_serialisation_format(tmp_path):
+    """The fingerprint of a tokenizer.json does not change with the `tokenizers` release that wrote it (an
+    older one: merges as "a b", no ignore_merges, another version tag) but does with its rules or EOD."""
+    spec = json.loads(_train_bpe(tmp_path / "tokenizer.json", ["<|endoftext|>"]).read_text())
+    old = json.loads(json.dumps(spec))
+    old["version"] = "0.9"
+    old["model"]["merges"] = [" ".join(pair) for pair in spec["model"]["merges"]]
+    old["model"].pop("ignore_merges")
+    old["decoder"] = None
+    assert isinstance(spec["model"]["merges"][0], list)
+    assert encoding_fingerprint(old, 0) == encoding_fingerprint(spec, 0) == HFTokenizer(tmp_path).fingerprint
+    other = json.loads(json.dumps(spec))
+    other["pre_tokenizer"]["add_prefix_space"] = True
+    assert encoding_fingerprint(other, 0) != encoding_fingerprint(spec, 0) != encoding_fingerprint(spec, 1)
 
 
 def test_bad_tokenizer_files_raise_data_error(tmp_path):
@@ -244,6 +278,19 @@ def test_sampler_epochs_are_seeded_permutations():
     assert [i for _ in range(5) for i in other.next_indices()] != order
     plain = StepSampler(10, 4, seed=3, shuffle=False)
     assert [i for _ in range(5) for i in plain.next_indices()] == list(range(10)) * 2
+
+
+def test_sample_orders_are_compact_and_unchanged():
+    """Epoch orders are int32 (4 bytes a sample) holding the permutations rng.permutation gives (those the
+    exact-loss tests were written with); without shuffling no order is held at all."""
+    order = SampleOrder(1000, seed=3, stream=(1,))
+    for epoch in (0, 1, 0):
+        got = order.epoch_order(epoch)
+        assert got.dtype == np.int32 and np.array_equal(got, np.random.default_rng([3, 1, epoch]).permutation(1000))
+    assert SampleOrder(2**31).dtype == np.int64
+    plain = SampleOrder(1000, shuffle=False)
+    assert plain.ids_at(np.arange(996, 1004)).tolist() == [996, 997, 998, 999, 0, 1, 2, 3]
+    assert plain._orders == {}
 
 
 def test_sampler_resume_equals_uninterrupted():

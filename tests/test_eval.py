@@ -18,6 +18,8 @@ from haillm.data import DataConfig, DataError
 from haillm.data.loader import build_training_data, eval_row_ids
 from haillm.data.synthetic import write_corpus
 from haillm.models.deepseek_v3.model import DeepSeekV3
+from haillm.ops.precision import cast_parameters
+from haillm.tools.preprocess import preprocess
 from haillm.train.evaluate import evaluate
 
 EVAL = ["train.steps=4", "train.eval_interval=2", "train.eval_batches=2", "data.eval_holdout=0.05",
@@ -35,24 +37,38 @@ def single(tmp_path_factory) -> Path:
     return out
 
 
+def evaluate_checkpoint(run_dir: Path, overrides: list[str], step: int) -> float:
+    """The separate evaluation README "Data" documents: the run's model from its step checkpoint (in its
+    dtype: a bf16 run trains and saves bf16 parameters), `evaluate` on the same held-out batches."""
+    cfg = compose_config([*FAST, *EVAL, *overrides])
+    t = cfg.train
+    data = build_training_data(cfg.data, t.seq_len, t.global_batch_size, cfg.seed, 2 * t.global_batch_size)
+    ids = eval_row_ids(t.eval_batches, t.global_batch_size, 0, 1, t.micro_batch_size)
+    model = DeepSeekV3(to_model_args(cfg.model), init_seed=None)
+    if t.dtype == "bf16":
+        cast_parameters(model, torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load({"model": model.state_dict()}, checkpoint_id=str(run_dir / "checkpoints" / f"step_{step}"),
+                 no_dist=True)
+    return evaluate(model, (data.eval_dataset.gather(m) for m in ids), torch.device("cpu"))
+
+
 def test_eval_loss_equals_a_separate_evaluation_of_the_checkpoint(single):
     """Acceptance 5: eval_loss at steps 2 and 4 only, each equal to evaluating that step's checkpoint."""
     rows = records(single)
     assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
     assert all("data_time_s" in r and r["data_time_s"] >= 0 for r in rows)
-    cfg = compose_config([*FAST, *EVAL])
-    t = cfg.train
-    data = build_training_data(cfg.data, t.seq_len, t.global_batch_size, cfg.seed, 2 * t.global_batch_size)
-    ids = eval_row_ids(t.eval_batches, t.global_batch_size, 0, 1, t.micro_batch_size)
     for step in (2, 4):
-        model = DeepSeekV3(to_model_args(cfg.model), init_seed=None)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dcp.load({"model": model.state_dict()}, checkpoint_id=str(single / "checkpoints" / f"step_{step}"),
-                     no_dist=True)
-        got = evaluate(model, (data.eval_dataset.gather(m) for m in ids), torch.device("cpu"))
-        assert got == rows[step - 1]["eval_loss"]
+        assert evaluate_checkpoint(single, [], step) == rows[step - 1]["eval_loss"]
     assert rows[1]["eval_loss"] != rows[3]["eval_loss"]
+
+
+def test_bf16_eval_loss_equals_a_separate_evaluation(tmp_path):
+    """In a bf16 run too: evaluation computes as training does (bf16 parameters, no autocast)."""
+    bf16 = ["train.dtype=bf16", "train.steps=1", "train.eval_interval=1", "checkpoint.interval=1"]
+    assert launch_train.main([*FAST, *EVAL, *bf16, f"output_dir={tmp_path}"]) == 0
+    assert evaluate_checkpoint(tmp_path, bf16, 1) == records(tmp_path)[0]["eval_loss"]
 
 
 def test_evaluation_leaves_training_unchanged(single, tmp_path):
@@ -83,6 +99,25 @@ def test_separate_eval_source(tmp_path):
         build_training_data(cfg, 32, 4, 0, eval_samples=10**6)
     with pytest.raises(DataError, match="holds out"):
         build_training_data(DataConfig(max_bytes=100_000, eval_holdout=0.001), 32, 4, 0, eval_samples=64)
+
+
+@pytest.mark.parametrize("blend", [False, True])
+def test_eval_source_from_the_command_line(tmp_path, blend):
+    """data.eval_source through the launcher (whose `data` is an OmegaConf node), with one data.source and
+    with a blend, which cannot hold rows out of its datasets."""
+    write_corpus(tmp_path / "valid.jsonl", 20_000, seed=7)
+    data = []
+    if blend:
+        for name in ("web", "code"):
+            write_corpus(tmp_path / f"{name}.jsonl", 60_000, seed=len(name))
+            preprocess(DataConfig(source=str(tmp_path / f"{name}.jsonl"), max_bytes=0), tmp_path / name,
+                       workers=0, progress=False)
+        data = ["data=blend", f"data.blend=[0.7:{tmp_path / 'web'},0.3:{tmp_path / 'code'}]"]
+    out = tmp_path / "run"
+    argv = [*FAST, *data, "train.steps=2", "train.eval_interval=1", "train.eval_batches=2",
+            f"data.eval_source={tmp_path / 'valid.jsonl'}", f"output_dir={out}"]
+    assert launch_train.main(argv) == 0
+    assert [r["step"] for r in records(out) if r["eval_loss"] > 0] == [1, 2]
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [

@@ -5,9 +5,11 @@ arrive on the device through pinned memory."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
+from test_train import FAST, launch_train
 
 from haillm.data import ByteTokenizer, PackedDataset, StepBatcher, StepSampler
 from haillm.data.prefetch import Prefetcher
@@ -48,6 +50,23 @@ def test_background_error_reaches_the_training_thread():
     fetched.next_step()
     with pytest.raises(OSError, match="shard vanished"):
         fetched.next_step()
+
+
+def test_a_run_prepares_only_its_steps_and_leaves_no_thread(tmp_path, monkeypatch):
+    """launch/train.py prefetches steps 1..train.steps, not the one after, and no prefetch thread outlives
+    it (each preparation is slowed so that one still running at the end would be seen)."""
+    prepared = []
+    step_at = StepBatcher.step_at
+
+    def slow_step_at(self, consumed_samples):
+        prepared.append(consumed_samples)
+        time.sleep(0.2)
+        return step_at(self, consumed_samples)
+
+    monkeypatch.setattr(StepBatcher, "step_at", slow_step_at)
+    assert launch_train.main([*FAST, "train.steps=2", f"output_dir={tmp_path}"]) == 0
+    assert not any(t.name == "haillm-prefetch" for t in threading.enumerate())
+    assert prepared == [0, 4]  # train.global_batch_size=4
 
 
 @pytest.mark.gpu

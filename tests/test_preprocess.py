@@ -4,6 +4,7 @@ any seq_len by index arithmetic."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import sys
@@ -121,6 +122,45 @@ def test_interrupted_run_resumes(corpus, tmp_path, monkeypatch, capsys):
     assert snapshot(out) == snapshot(tmp_path / "clean")
 
 
+def test_resume_refuses_a_changed_source(corpus, tmp_path, monkeypatch):
+    """An unfinished run is not resumed over a source changed since (its finished shards hold the old
+    text): one line says so; --overwrite starts again."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "b.jsonl").write_bytes((corpus / "b.jsonl").read_bytes())
+    real = prep._tokenize
+
+    def failing(index, docs):
+        if index == 2:
+            raise KeyboardInterrupt
+        return real(index, docs)
+
+    monkeypatch.setattr(prep, "_tokenize", failing)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(source, out)
+    monkeypatch.setattr(prep, "_tokenize", real)
+    with open(source / "b.jsonl", "a") as f:
+        f.write(json.dumps({"text": "a document added since"}) + "\n")
+    with pytest.raises(DataError) as err:
+        run(source, out)
+    assert "changed" in str(err.value) and str(out) in str(err.value) and "\n" not in str(err.value)
+    assert run(source, out, overwrite=True)["num_documents"] == run(source, tmp_path / "clean")["num_documents"]
+
+
+def test_one_run_writes_an_output_dir_at_a_time(corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / prep.LOCK, "a") as held:  # as another run holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(DataError) as err:
+            run(corpus / "b.jsonl", out)
+        assert str(err.value) == f"another preprocess is writing {out}"
+        assert sorted(p.name for p in out.iterdir()) == [prep.LOCK]
+    run(corpus / "b.jsonl", out)
+    assert (out / MANIFEST).is_file()
+
+
 def test_output_dir_protection(corpus, tmp_path):
     out = tmp_path / "out"
     run(corpus, out)
@@ -133,6 +173,9 @@ def test_output_dir_protection(corpus, tmp_path):
     with pytest.raises(DataError, match="already a preprocessed directory"):
         run(out, tmp_path / "again")
     assert not (tmp_path / "again").exists()
+    with pytest.raises(DataError, match="inside the source directory"):  # it would read its own files
+        run(corpus, corpus / "a_text" / "tok")
+    assert not (corpus / "a_text" / "tok").exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -148,8 +191,9 @@ def test_shard_dataset_checks(corpus, bpe, tmp_path):
     with pytest.raises(DataError) as err:  # ids of one tokenizer must not be read as another's
         build_dataset(DataConfig(source=str(out), tokenizer=str(bpe)), 8)
     assert "data.tokenizer" in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(DataError, match="too small"):
+    with pytest.raises(DataError, match="too small") as err:  # advice that applies to shards
         build_dataset(DataConfig(source=str(out)), 32, min_samples=10**7)
+    assert "preprocess more text" in str(err.value) and "raise data.max_bytes" not in str(err.value)
     shard = out / "tokens_000002.npy"
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(DataError, match="tokens_000002.npy is missing, truncated"):

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from haillm.data.blend import BlendedDataset, BlendSampler, parse_blend
 from haillm.data.config import DataConfig, DataError
@@ -42,11 +43,14 @@ def _blend(cfg: DataConfig, seq_len: int, global_batch_size: int, seed: int) -> 
     return BlendedDataset(parts), sampler
 
 
-def build_training_data(cfg: DataConfig, seq_len: int, global_batch_size: int, seed: int,
+def build_training_data(cfg: DataConfig | DictConfig, seq_len: int, global_batch_size: int, seed: int,
                         eval_samples: int = 0) -> TrainingData:
     """Training rows and order, and held-out rows: the last `cfg.eval_holdout` fraction of `cfg.source`
     (kept out of training whether or not this run evaluates, so evaluation never changes what it trains
-    on), or `cfg.eval_source` when this run evaluates on `eval_samples` rows (>0)."""
+    on), or `cfg.eval_source` when this run evaluates on `eval_samples` rows (>0). `cfg` may be the
+    launcher's OmegaConf `data` node."""
+    if isinstance(cfg, DictConfig):  # a plain dataclass, so that it can be copied with another source
+        cfg = DataConfig(**OmegaConf.to_container(cfg, resolve=True))
     eval_dataset = None
     if cfg.blend:
         dataset, sampler = _blend(cfg, seq_len, global_batch_size, seed)
@@ -73,10 +77,11 @@ def build_training_data(cfg: DataConfig, seq_len: int, global_batch_size: int, s
 
 
 def make_batcher(data: TrainingData, dp_rank: int, dp_size: int, micro_batch_size: int,
-                 device: torch.device, prefetch: bool = True) -> StepBatcher | Prefetcher:
-    """This rank's training batches, prepared in the background when `prefetch`."""
+                 device: torch.device, prefetch: bool = True, end: int | None = None) -> StepBatcher | Prefetcher:
+    """This rank's training batches, prepared in the background when `prefetch`, up to the step that
+    starts at sample `end` (train.steps x train.global_batch_size: the run's last step)."""
     batcher = StepBatcher(data.dataset, data.sampler, dp_rank, dp_size, micro_batch_size)
-    return Prefetcher(batcher, device) if prefetch else batcher
+    return Prefetcher(batcher, device, end) if prefetch else batcher
 
 
 def eval_row_ids(num_batches: int, global_batch_size: int, dp_rank: int, dp_size: int,

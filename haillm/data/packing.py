@@ -94,9 +94,11 @@ def build_dataset(cfg: DataConfig, seq_len: int, min_samples: int = 1,
         dataset = PackedDataset(torch.from_numpy(rows), tokenizer, describe_source(cfg), len(stream))
     need = max(min_samples, 1)
     if dataset.num_samples < need:
+        more = ("preprocess more text (--max-bytes; data.max_bytes does not apply to shards)"
+                if isinstance(dataset, ShardDataset) else "add data, raise data.max_bytes")
         raise DataError(
             f"{dataset.source} is too small: {dataset.num_tokens} tokens make {dataset.num_samples} sequences "
-            f"of {seq_len + 1} tokens, but {needed_for} needs {need} ({need * (seq_len + 1)} tokens); add "
-            f"data, raise data.max_bytes, or lower train.global_batch_size or train.seq_len"
+            f"of {seq_len + 1} tokens, but {needed_for} needs {need} ({need * (seq_len + 1)} tokens); {more}, "
+            f"or lower train.global_batch_size or train.seq_len"
         )
     return dataset

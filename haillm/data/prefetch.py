@@ -40,10 +40,11 @@ class _Job(threading.Thread):
 
 
 class Prefetcher:
-    """A StepBatcher whose next step is always being prepared; same interface (`next_step`, state)."""
+    """A StepBatcher whose next step is always being prepared, up to the step that starts at `end` samples
+    (the run's last, so nothing is read for a step that never runs); same interface (`next_step`, state)."""
 
-    def __init__(self, batcher: StepBatcher, device: torch.device):
-        self.batcher, self.device = batcher, device
+    def __init__(self, batcher: StepBatcher, device: torch.device, end: int | None = None):
+        self.batcher, self.device, self.end = batcher, device, end
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.job: _Job | None = None
@@ -68,7 +69,8 @@ class Prefetcher:
             job = _Job(self, position)
         batches, event = job.result()
         sampler.consumed_samples = position + sampler.global_batch_size
-        self.job = _Job(self, sampler.consumed_samples)
+        ahead = sampler.consumed_samples
+        self.job = _Job(self, ahead) if self.end is None or ahead < self.end else None
         if event is not None:  # the training stream must not read before the copy is done
             current = torch.cuda.current_stream(self.device)
             current.wait_event(event)

@@ -18,27 +18,34 @@ from haillm.data.packing import PackedDataset
 
 class SampleOrder:
     """An infinite sequence of sample ids: seeded permutations of `num_samples` ids (or the identity), one
-    per epoch, back to back. `stream` tells apart the orders of several datasets drawn with one seed."""
+    per epoch, back to back. `stream` tells apart the orders of several datasets drawn with one seed.
+
+    A permutation is held as int32 when the ids fit (4 bytes a sample, two epochs cached); the identity is
+    never materialised."""
 
     def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True, stream: tuple[int, ...] = ()):
         self.num_samples, self.seed, self.shuffle, self.stream = num_samples, seed, shuffle, stream
+        self.dtype = np.int32 if num_samples < 2**31 else np.int64
         self._orders: dict[int, np.ndarray] = {}
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Sample ids in the order epoch `epoch` visits them."""
+        if not self.shuffle:
+            return np.arange(self.num_samples, dtype=self.dtype)
         if epoch not in self._orders:
             if len(self._orders) >= 2:  # a step spans at most two epochs: keep the cache tiny
                 self._orders.pop(min(self._orders))
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed % 2**64, *self.stream, epoch])
-                self._orders[epoch] = rng.permutation(self.num_samples)
-            else:
-                self._orders[epoch] = np.arange(self.num_samples)
+            # the ids rng.permutation(num_samples) gives (it shuffles an int64 arange the same way)
+            order = np.arange(self.num_samples, dtype=self.dtype)
+            np.random.default_rng([self.seed % 2**64, *self.stream, epoch]).shuffle(order)
+            self._orders[epoch] = order
         return self._orders[epoch]
 
     def ids_at(self, positions: np.ndarray) -> np.ndarray:
         """Sample ids at the given positions of the sequence (non-decreasing, spanning few epochs)."""
         epochs, offsets = np.divmod(positions, self.num_samples)
+        if not self.shuffle:
+            return offsets
         ids = np.empty_like(positions)
         for epoch in np.unique(epochs):
             here = epochs == epoch
@@ -154,3 +161,6 @@ class StepBatcher:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
+
+    def close(self) -> None:
+        """Nothing to stop (the Prefetcher's interface: the trainer closes whichever it has)."""

@@ -9,6 +9,7 @@ tokenizer are never read with another.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -25,6 +26,9 @@ EOD_CANDIDATES = (
     "<eos>",
     "<|eos|>",
 )
+# The parts of a tokenizer.json that decide the ids `encode_documents` produces: not the decoder, nor the
+# post-processor (encoding adds no template tokens), nor padding and truncation (turned off).
+ENCODING_KEYS = ("added_tokens", "normalizer", "pre_tokenizer", "model")
 
 
 class Tokenizer(Protocol):
@@ -54,6 +58,29 @@ def join_with_eod(flat: np.ndarray, lengths: np.ndarray, eod_id: int, dtype: typ
     return out
 
 
+def _without_unset(node: object) -> object:
+    """`node` without the keys whose value is None or False: `tokenizers` releases add fields with such
+    defaults (BPE's `ignore_merges` in 0.19), which must not change a fingerprint."""
+    if isinstance(node, dict):
+        return {k: _without_unset(v) for k, v in node.items() if v is not None and v is not False}
+    if isinstance(node, list):
+        return [_without_unset(v) for v in node]
+    return node
+
+
+def encoding_fingerprint(spec: dict, eod_id: int) -> str:
+    """sha256 of what decides the ids of a parsed tokenizer.json (`spec`) and of its EOD id, in a form the
+    `tokenizers` version that serialised it does not change: the encoding keys only, unset fields dropped,
+    BPE merges as pairs (written "a b" before tokenizers 0.20, ["a", "b"] since), keys sorted."""
+    parts = {key: spec.get(key) for key in ENCODING_KEYS}
+    model = dict(parts["model"] or {})
+    if isinstance(model.get("merges"), list):
+        model["merges"] = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    parts |= {"model": model, "eod_id": eod_id}
+    canonical = json.dumps(_without_unset(parts), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255, plus end-of-document (256) and pad (257). Needs no files."""
 
@@ -81,6 +108,8 @@ class HFTokenizer:
     End of document is the first of `EOD_CANDIDATES` the tokenizer knows. If it knows none,
     "<|endoftext|>" is added as a special token, which appends it at the end of the vocabulary.
     Encoding never adds the tokenizer's own BOS/EOS template tokens: documents get exactly one EOD each.
+    The file's own padding and truncation settings are turned off: they would pad documents with ids and
+    cut them short inside a batched call.
     """
 
     def __init__(self, path: str | Path):
@@ -101,6 +130,8 @@ class HFTokenizer:
                 f"tokenizer file {path} does not parse as a Hugging Face tokenizer.json: {reason}"
             ) from e
         self.path = path
+        self._tok.no_padding()
+        self._tok.no_truncation()
         eod = next((i for name in EOD_CANDIDATES if (i := self._tok.token_to_id(name)) is not None), None)
         if eod is None:
             self._tok.add_special_tokens([EOD_CANDIDATES[0]])
@@ -108,8 +139,8 @@ class HFTokenizer:
         self.eod_id: int = eod
         # max id + 1 rather than the count, in case the vocabulary has holes
         self.vocab_size: int = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
-        # of the canonical serialisation (EOD included), so a reformatted copy of the file still matches
-        self.fingerprint: str = "sha256:" + hashlib.sha256(self._tok.to_str().encode()).hexdigest()
+        # of the library's own serialisation, so a reformatted copy of the file still matches
+        self.fingerprint: str = encoding_fingerprint(json.loads(self._tok.to_str()), eod)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

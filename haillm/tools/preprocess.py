@@ -7,13 +7,16 @@ stream in the order training reads it. The main process cuts the documents into 
 MB of text; worker processes tokenize them (batched `tokenizers` calls) and each writes one shard (see
 `haillm.data.shards` for the format). The main process records every finished shard in `progress.jsonl`, in
 order, and writes `manifest.json` last. An interrupted run resumes when started again with the same
-arguments (finished shards are kept; their text is read again but not tokenized), or restarts from
-scratch with `--overwrite`.
+arguments and an unchanged source (finished shards are kept; their text is read again but not tokenized),
+or restarts from scratch with `--overwrite`. A run holds a lock on OUT_DIR, so two never write it at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import hashlib
 import itertools
 import json
 import multiprocessing as mp
@@ -24,6 +27,8 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import numpy as np
 
 from haillm.data.config import DataConfig, DataError
 from haillm.data.shards import (
@@ -37,10 +42,11 @@ from haillm.data.shards import (
     token_dtype,
     write_shard,
 )
-from haillm.data.sources import describe_source, iter_documents, local_files
-from haillm.data.tokenizer import ByteTokenizer, build_tokenizer
+from haillm.data.sources import describe_source, iter_documents, local_files, stdlib_root
+from haillm.data.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
 
 PROGRESS = "progress.jsonl"
+LOCK = ".lock"  # flock'ed by the run writing the directory
 SUB_BATCH_CHARS = 1 << 20  # text per tokenizer call in a worker: bounds the tokenizer's own buffers
 
 
@@ -98,7 +104,7 @@ class _Now:
 
 
 def _ours(name: str) -> bool:
-    return (name in (MANIFEST, SETTINGS, PROGRESS) or name.endswith(".tmp")
+    return (name in (MANIFEST, SETTINGS, PROGRESS, LOCK) or name.endswith(".tmp")
             or (name.endswith(".npy") and name.startswith(("tokens_", "docs_"))))
 
 
@@ -120,8 +126,10 @@ def _finished_shards(out: Path, dtype: str) -> list[dict]:
     return done
 
 
-def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> list[dict]:
-    """Make `out` ready; returns the shards an interrupted run with the same settings already wrote."""
+@contextlib.contextmanager
+def claim_out_dir(out: Path) -> Iterator[None]:
+    """Create `out` (new, or holding only our files) and hold its lock for the run, so that no other run
+    writes the same shards and tmp files. The lock file is removed, still locked, when the run ends."""
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -129,6 +137,23 @@ def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> list[dict]:
     if foreign:
         raise DataError(f"output directory {out} holds other files ({', '.join(foreign[:3])}); choose an "
                         "empty or new directory")
+    path = out / LOCK
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino  # not a file a run ending removed
+        except (BlockingIOError, FileNotFoundError):
+            held = False
+        if not held:
+            raise DataError(f"another preprocess is writing {out}")
+        try:
+            yield
+        finally:
+            path.unlink()
+
+
+def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> list[dict]:
+    """Make the claimed `out` ready; returns the shards an interrupted run with the same settings wrote."""
     if (out / MANIFEST).is_file() and not overwrite:
         raise DataError(f"{out} already holds a finished preprocessed dataset; pass --overwrite to redo it")
     done: list[dict] = []
@@ -138,6 +163,9 @@ def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> list[dict]:
         except ValueError:
             saved = {}
         changed = [k for k in settings if saved.get(k) != settings[k]]
+        if changed == ["source_files"]:
+            raise DataError(f"source {settings['source']} changed (files added, removed, resized or modified) "
+                            f"since the unfinished run in {out} started; pass --overwrite to start again")
         if changed:
             k = changed[0]
             raise DataError(f"{out} holds an unfinished run with {k}={saved.get(k)!r}, not {settings[k]!r}; "
@@ -145,7 +173,7 @@ def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> list[dict]:
         done = _finished_shards(out, settings["dtype"])
     keep = {name for entry in done for name in shard_files(entry["index"])}
     for p in out.iterdir():
-        if _ours(p.name) and p.name not in keep and p.name != PROGRESS:
+        if _ours(p.name) and p.name not in keep and p.name not in (PROGRESS, LOCK):
             p.unlink()
     (out / PROGRESS).write_text("".join(json.dumps(e) + "\n" for e in done))
     tmp = out / (SETTINGS + ".tmp")
@@ -161,24 +189,62 @@ def _source_key(source: str) -> str:
     return source if source == "stdlib" or source.startswith("hf:") else str(Path(source).expanduser().resolve())
 
 
+def _source_root(cfg: DataConfig) -> Path | None:
+    """The local file or directory `cfg.source` reads; None for a hub dataset."""
+    if cfg.source.startswith("hf:"):
+        return None
+    return stdlib_root() if cfg.source == "stdlib" else Path(cfg.source).expanduser()
+
+
+def _source_files(cfg: DataConfig) -> str | None:
+    """sha256 of the (path relative to the source, size, mtime_ns) of each local file read: a resume of a
+    changed source is refused, at the cost of a stat per file. None for a hub dataset: `data.source` names
+    no revision, so its name (in the settings) is all that identifies it."""
+    root = _source_root(cfg)
+    if root is None:
+        return None
+    base = root if root.is_dir() else root.parent
+    files = sorted(f for group in local_files(cfg).values() for f in group)
+    stats = [(str(f.relative_to(base)), (st := f.stat()).st_size, st.st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
 def preprocess(cfg: DataConfig, out_dir: str | Path, workers: int = 1, shard_mb: float = 16,
                overwrite: bool = False, progress: bool = True) -> dict:
     """Tokenize `cfg.source` into shards under `out_dir`; returns the manifest. Resumes an unfinished run."""
-    from tqdm import tqdm
-
     start = time.perf_counter()
     out = Path(out_dir).expanduser()
     tokenizer = build_tokenizer(cfg.tokenizer)  # a bad tokenizer or path fails before anything is written
     if read_manifest(cfg.source) is not None:
         raise DataError(f"{cfg.source} is already a preprocessed directory: train with data.source={cfg.source}")
-    if not cfg.source.startswith("hf:"):
-        local_files(cfg)
+    root = _source_root(cfg)
+    if root is not None and root.is_dir() and out.resolve().is_relative_to(root.resolve()):
+        raise DataError(f"output {out} is inside the source directory {root}, whose files would be read as "
+                        "data; choose an output outside it")
     dtype = token_dtype(tokenizer.vocab_size)
     chunk_chars = max(1, int(shard_mb * 2**20))
     settings = {"format": FORMAT, "version": VERSION, "source": _source_key(cfg.source),
                 "text_field": cfg.text_field, "split": cfg.split, "max_bytes": cfg.max_bytes,
-                "tokenizer": tokenizer.fingerprint, "dtype": dtype.str, "chunk_chars": chunk_chars}
-    done = prepare_out_dir(out, settings, overwrite)
+                "tokenizer": tokenizer.fingerprint, "dtype": dtype.str, "chunk_chars": chunk_chars,
+                "source_files": _source_files(cfg)}  # last: a changed setting is named before the files it reads
+    with claim_out_dir(out):
+        done = prepare_out_dir(out, settings, overwrite)
+        manifest = _write(cfg, out, settings, tokenizer, done, workers, progress)
+    seconds = time.perf_counter() - start
+    new_bytes = manifest["num_bytes"] - sum(e["num_bytes"] for e in done)
+    new_tokens = manifest["num_tokens"] - sum(e["num_tokens"] for e in done)
+    manifest["throughput"] = {"seconds": seconds, "bytes": new_bytes, "tokens": new_tokens,
+                              "mb_per_s": new_bytes / 1e6 / seconds, "tokens_per_s": new_tokens / seconds}
+    return manifest
+
+
+def _write(cfg: DataConfig, out: Path, settings: dict, tokenizer: Tokenizer, done: list[dict], workers: int,
+           progress: bool) -> dict:
+    """Tokenize the shards after `done` in `workers` processes, then write the manifest; returns it."""
+    from tqdm import tqdm
+
+    dtype = np.dtype(settings["dtype"])
+    chunk_chars = settings["chunk_chars"]
     if done:
         print(f"resuming: {len(done)} shards already written; reading past their text", file=sys.stderr)
     # Fork before any reading starts threads (pyarrow); the workers need no module the main one lacks.
@@ -188,15 +254,12 @@ def preprocess(cfg: DataConfig, out_dir: str | Path, workers: int = 1, shard_mb:
     shards = list(done)
     bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=None if progress else True,
                initial=sum(e["num_bytes"] for e in done))
-    new_bytes = new_tokens = 0
     record = open(out / PROGRESS, "a")
 
     def finish(entry: dict) -> None:
-        nonlocal new_bytes, new_tokens
         shards.append(entry)
         record.write(json.dumps(entry) + "\n")
         record.flush()
-        new_bytes, new_tokens = new_bytes + entry["num_bytes"], new_tokens + entry["num_tokens"]
         bar.update(entry["num_bytes"])
         bar.set_postfix(shards=len(shards), refresh=False)
 
@@ -237,9 +300,6 @@ def preprocess(cfg: DataConfig, out_dir: str | Path, workers: int = 1, shard_mb:
     os.replace(tmp, out / MANIFEST)
     (out / SETTINGS).unlink()
     (out / PROGRESS).unlink()
-    seconds = time.perf_counter() - start
-    manifest["throughput"] = {"seconds": seconds, "bytes": new_bytes, "tokens": new_tokens,
-                              "mb_per_s": new_bytes / 1e6 / seconds, "tokens_per_s": new_tokens / seconds}
     return manifest
 
 

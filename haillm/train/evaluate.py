@@ -19,17 +19,17 @@ from haillm.parallel.mesh import ParallelDims
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.device, dtype: str = "fp32",
+def evaluate(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.device,
              group: dist.ProcessGroup | None = None) -> float:
     """Mean `lm_loss` over micro-batches `[B, T + 1]` (the same B for all), in eval mode (no expert-load
-    counting, no balance loss), summed over `group`'s ranks when given (each passes its share)."""
+    counting, no balance loss), summed over `group`'s ranks when given (each passes its share). No autocast:
+    the forward computes as training's does, in the parameters' own dtype (bf16 ones in a bf16 run)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, micro-batch count
     try:
         for batch in batches:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                sums[0] += model.compute_loss(batch.to(device, non_blocking=True))["lm_loss"].double()
+            sums[0] += model.compute_loss(batch.to(device, non_blocking=True))["lm_loss"].double()
             sums[1] += 1
     finally:
         model.train(was_training)
@@ -42,9 +42,9 @@ class Evaluator:
     """Evaluates `model` on this rank's fixed micro-batches of a held-out dataset every `interval` steps."""
 
     def __init__(self, model: torch.nn.Module, dataset, row_ids: Sequence[Sequence[int]], interval: int,
-                 device: torch.device, dtype: str = "fp32", group: dist.ProcessGroup | None = None):
+                 device: torch.device, group: dist.ProcessGroup | None = None):
         self.model, self.dataset, self.row_ids, self.interval = model, dataset, row_ids, interval
-        self.device, self.dtype, self.group = device, dtype, group
+        self.device, self.group = device, group
 
     def due(self, step: int) -> bool:
         return step % self.interval == 0
@@ -54,7 +54,7 @@ class Evaluator:
 
     def run(self) -> dict:
         start = time.perf_counter()
-        loss = evaluate(self.model, self.batches(), self.device, self.dtype, self.group)
+        loss = evaluate(self.model, self.batches(), self.device, self.group)
         return {"eval_loss": loss, "eval_time_s": time.perf_counter() - start}
 
 
@@ -65,5 +65,4 @@ def build_evaluator(cfg: DictConfig, eval_dataset, model: torch.nn.Module, dims:
     if not t.eval_interval:
         return None
     row_ids = eval_row_ids(t.eval_batches, t.global_batch_size, dims.dp_rank, dims.dp, t.micro_batch_size)
-    return Evaluator(model, eval_dataset, row_ids, t.eval_interval, device, t.dtype,
-                     dims.dp_group if dims.dp > 1 else None)
+    return Evaluator(model, eval_dataset, row_ids, t.eval_interval, device, dims.dp_group if dims.dp > 1 else None)

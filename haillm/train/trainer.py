@@ -129,6 +129,7 @@ class Trainer:
             path = path if path.is_dir() else self.save_checkpoint(wait=True)
             raise TrainingAborted(f"{exc}; the state after step {self.state.step} is in {path}") from None
         finally:
+            self.batcher.close()  # no prefetch thread outlives the run
             progress.close()
             for sink in sinks:
                 sink.close()
