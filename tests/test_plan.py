@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from haillm.models.deepseek_v3.args import get_preset
 from haillm.models.deepseek_v3.flops import count_params, flops_per_token
 from haillm.tools.plan import GIB, main, make_plan
+from haillm.train.metrics import peak_flops
 
 PUBLISHED = ["model=v3_671b", "parallel.pp=16", "parallel.ep=64", "parallel.dp=128", "parallel.pp_schedule=dualpipe",
              "train.global_batch_size=15360", "train.seq_len=4096"]
@@ -80,6 +82,19 @@ def test_assumed_mfu_gives_the_step_time():
     measured = make_plan([*TINY, "parallel.dp=2"], gpu="h100", step_time=plan["step_time_s"])
     assert measured["mfu"] == pytest.approx(0.5)
     assert measured["gpu_hours_per_trillion_tokens"] == pytest.approx(plan["gpu_hours_per_trillion_tokens"])
+
+
+def test_peak_is_the_trainers():
+    """The same function as the trainer's MFU: on CPU 50 GFLOP/s per thread of the process, not of one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        plan = make_plan(TINY, gpu="cpu")
+        assert (plan["peak_flops_per_gpu"], plan["peak_flops_source"]) == peak_flops(torch.device("cpu"))
+        assert plan["peak_flops_per_gpu"] == 3 * 50e9
+    finally:
+        torch.set_num_threads(threads)
+    assert make_plan(TINY, gpu="a100")["peak_flops_per_gpu"] == 312e12
 
 
 def test_json_is_one_object(capsys):

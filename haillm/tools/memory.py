@@ -23,11 +23,11 @@ from haillm.models.deepseek_v3.model import DeepSeekV3
 from haillm.parallel.expert import ExpertPlacement, apply_expert_parallel
 from haillm.parallel.mesh import ParallelDims
 from haillm.parallel.pipeline.schedules import build, peak_activations
-from haillm.parallel.pipeline.stage import StageSpec, build_stage_model, stage_specs
+from haillm.parallel.pipeline.stage import StageSpec, build_stage_model, second_copies, stage_specs
 from haillm.parallel.zero import DEFAULT_BUCKET_MB
 from haillm.parallel.zero_buckets import BucketPlan, ParamSpec, plan_buckets
 from haillm.tools.activations import ActivationSetup, chunk_bytes
-from haillm.train.optim import zero_groups
+from haillm.train.optim import replica_dim, zero_groups
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,11 @@ class RankMemory:
                 "buckets": len(self.plans), "total": self.total}
 
 
+def dims_of(lay: Layout, pp_rank: int) -> ParallelDims:
+    """The rank arithmetic of data-parallel rank 0 of pipeline rank ``pp_rank`` (no process groups)."""
+    return ParallelDims(lay.dp, lay.pp, 1, lay.ep, lay.dp * lay.pp, lay.ranks_per_node, rank=pp_rank * lay.dp)
+
+
 def rank_model(args: ModelArgs, lay: Layout, pp_rank: int) -> torch.nn.Module:
     """This pipeline rank's model on the meta device, holding the experts of expert-parallel rank 0 (every
     ep rank holds as many)."""
@@ -80,22 +85,18 @@ def rank_model(args: ModelArgs, lay: Layout, pp_rank: int) -> torch.nn.Module:
         else:
             model = DeepSeekV3(args, init_seed=None)
     if lay.ep > 1:
-        dims = ParallelDims(lay.dp, lay.pp, 1, lay.ep, lay.dp * lay.pp, lay.ranks_per_node,
-                            rank=pp_rank * lay.dp)
-        placement = ExpertPlacement.from_dims(dims, args.n_routed_experts, args.n_expert_groups)
+        placement = ExpertPlacement.from_dims(dims_of(lay, pp_rank), args.n_routed_experts, args.n_expert_groups)
         apply_expert_parallel(model, SimpleNamespace(placement=placement))  # only its placement is read
     return model
 
 
 def bucket_plans(model: torch.nn.Module, lay: Layout, pp_rank: int) -> list[BucketPlan]:
-    """The ZeRO-1 buckets ``build_optimizer`` makes for this rank: groups by expert / second copy, experts
-    sharded over the expert-data-parallel group (dp/ep), everything else over dp."""
-    outside: set[str] = set()
-    if lay.pp > 1 and pp_rank >= lay.pp // 2:  # the copy another pipeline rank counts in the norm
-        outside = {n for n, _ in model.partner_params(lay.schedule)}
+    """The ZeRO-1 buckets ``build_optimizer`` makes for this rank, from its own rules: the param groups
+    (``zero_groups``, second copies by ``second_copies``) and each group's replicas (``replica_dim``)."""
+    dims = dims_of(lay, pp_rank)
     specs = [(n, ParamSpec(n, tuple(p.shape), lay.param_dtype)) for n, p in model.named_parameters()]
-    groups = zero_groups(specs, lay.ep, outside)
-    worlds = [lay.dp // lay.ep if expert else lay.dp for (expert, _), _ in groups]
+    groups = zero_groups(specs, lay.ep, second_copies(model, lay.schedule, lay.pp, pp_rank))
+    worlds = [getattr(dims, replica_dim(expert)) for (expert, _), _ in groups]
     return plan_buckets([[s for _, s in g] for _, g in groups], worlds, int(DEFAULT_BUCKET_MB * 2**20))
 
 

@@ -32,7 +32,7 @@ from haillm.parallel.pipeline.simulate import simulate
 from haillm.tools.activations import ActivationSetup
 from haillm.tools.memory import Layout, RankMemory, all_ranks
 from haillm.tools.schedule import OneLineParser
-from haillm.train.metrics import CPU_FLOPS_PER_THREAD, GPU_PEAK_FLOPS
+from haillm.train.metrics import GPU_PEAK_FLOPS, named_peak_flops
 
 GIB = 2**30
 # HBM per GPU in GiB (the vendors' "80 GB" parts carry 80 GiB); the runtime itself takes a little of it.
@@ -103,12 +103,6 @@ def traffic(args: ModelArgs, lay: Layout, rank: RankMemory, fp8_dispatch: bool) 
     return {"all_to_all": a2a, "pipeline_p2p": float(p2p), **zero, "mirror_all_reduce": float(mirror)}
 
 
-def peak_flops(cfg: DictConfig, gpu: str) -> float:
-    if cfg.train.peak_flops > 0:
-        return float(cfg.train.peak_flops)
-    return CPU_FLOPS_PER_THREAD if gpu == "cpu" else GPU_PEAK_FLOPS[gpu.upper()]
-
-
 def make_plan(overrides: list[str], gpus: int | None = None, gpu: str = "h100", step_time: float | None = None,
               mfu: float = DEFAULT_MFU) -> dict:
     """Everything the planner prints, as one JSON-ready dict (see ``python -m haillm.tools.plan --help``)."""
@@ -119,7 +113,7 @@ def make_plan(overrides: list[str], gpus: int | None = None, gpu: str = "h100", 
     total, active = count_params(args)
     fpt = flops_per_token(args, lay.seq_len)
     tokens = cfg.train.global_batch_size * lay.seq_len
-    peak = peak_flops(cfg, gpu)
+    peak, peak_source = named_peak_flops(None if gpu == "cpu" else gpu.upper(), cfg.train.peak_flops)
     step_flops = tokens * fpt
     if step_time is None:
         step_time = step_flops / (gpus * peak * mfu)
@@ -152,6 +146,7 @@ def make_plan(overrides: list[str], gpus: int | None = None, gpu: str = "h100", 
         "comm_bytes_per_rank_per_step": traffic(args, lay, worst, cfg.fp8.enabled and lay.ep > 1),
         "tokens_per_step": tokens,
         "peak_flops_per_gpu": peak,
+        "peak_flops_source": peak_source,
         "step_time_s": step_time,
         "mfu": mfu,
         "mfu_source": mfu_source,
@@ -209,7 +204,7 @@ def render(plan: dict) -> str:
     bubble = plan["pipeline_bubble_fraction"]
     lines.append(
         f"time: step {plan['step_time_s']:.3f} s at MFU {100 * plan['mfu']:.1f}% ({plan['mfu_source']}) of "
-        f"{plan['peak_flops_per_gpu'] / 1e12:g} TFLOP/s per GPU; "
+        f"{plan['peak_flops_per_gpu'] / 1e12:g} TFLOP/s per GPU ({plan['peak_flops_source']}); "
         f"{_si(plan['gpu_hours_per_trillion_tokens'])} GPU-hours per trillion tokens"
         + (f"; simulated pipeline bubble {100 * bubble:.1f}% (F=1, B=2, W=1, F&B=2.5)" if bubble is not None else "")
     )
