@@ -97,6 +97,13 @@ def test_peak_is_the_trainers():
     assert make_plan(TINY, gpu="a100")["peak_flops_per_gpu"] == 312e12
 
 
+def test_bf16_gradient_reduction_halves_the_reduce_scatter():
+    fp32 = make_plan([*TINY, "parallel.dp=2"])["comm_bytes_per_rank_per_step"]
+    bf16 = make_plan([*TINY, "parallel.dp=2", "optim.grad_reduce_dtype=bf16"])["comm_bytes_per_rank_per_step"]
+    assert bf16["zero_reduce_scatter"] == fp32["zero_reduce_scatter"] / 2 > 0
+    assert bf16["zero_all_gather"] == fp32["zero_all_gather"]
+
+
 def test_json_is_one_object(capsys):
     assert main([*TINY, "parallel.dp=2", "parallel.ep=2", "--gpu", "h200", "--json"]) == 0
     out = capsys.readouterr().out.strip().splitlines()

@@ -44,6 +44,7 @@ class Layout:
     n_microbatches: int  # per data-parallel rank and step
     param_dtype: torch.dtype
     moment_dtype: torch.dtype
+    reduce_dtype: torch.dtype  # optim.grad_reduce_dtype
     setup: ActivationSetup
 
 

@@ -20,7 +20,6 @@ import argparse
 import json
 import sys
 
-import torch
 from omegaconf import DictConfig
 
 from haillm.config import ConfigError, compose_config, resolve_dtype, to_model_args, validate
@@ -33,6 +32,7 @@ from haillm.tools.activations import ActivationSetup
 from haillm.tools.memory import Layout, RankMemory, all_ranks
 from haillm.tools.schedule import OneLineParser
 from haillm.train.metrics import GPU_PEAK_FLOPS, named_peak_flops
+from haillm.train.optim import config_dtype
 
 GIB = 2**30
 # HBM per GPU in GiB (the vendors' "80 GB" parts carry 80 GiB); the runtime itself takes a little of it.
@@ -62,22 +62,24 @@ def compose(overrides: list[str], gpus: int | None, gpu: str) -> tuple[DictConfi
 
 
 def layout_of(cfg: DictConfig, gpu: str) -> Layout:
-    t, p = cfg.train, cfg.parallel
-    param_dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32  # every parameter, as cast_parameters
+    t, p, o = cfg.train, cfg.parallel, cfg.optim
+    param_dtype = config_dtype(t.dtype)  # every parameter, as cast_parameters
     setup = ActivationSetup(act_bytes=param_dtype.itemsize, recompute=t.recompute, fp8=cfg.fp8.enabled,
                             cpu=gpu == "cpu", ep=p.ep)
     return Layout(dp=p.dp, pp=p.pp, ep=p.ep, schedule=p.pp_schedule, ranks_per_node=p.ranks_per_node,
                   micro_batch=t.micro_batch_size, seq_len=t.seq_len,
                   n_microbatches=t.global_batch_size // (t.micro_batch_size * p.dp), param_dtype=param_dtype,
-                  moment_dtype=torch.bfloat16 if cfg.optim.moment_dtype == "bf16" else torch.float32, setup=setup)
+                  moment_dtype=config_dtype(o.moment_dtype), reduce_dtype=config_dtype(o.grad_reduce_dtype),
+                  setup=setup)
 
 
 def traffic(args: ModelArgs, lay: Layout, rank: RankMemory, fp8_dispatch: bool) -> dict[str, float]:
     """Bytes one rank of pipeline rank ``rank.pp_rank`` sends per step, by kind. All-to-all: every routed
     copy of a token that lands on another EP rank (uniform routing: (ep-1)/ep of them), dispatched (FP8 with
     1x128 scales under ``fp8.enabled``) and combined forward, and both again as gradients in backward.
-    P2P: activations and gradients between pipeline ranks. ZeRO-1: ring reduce-scatter of the fp32
-    gradient buckets and all-gather of the parameters. DualPipe: the all-reduce of mirror gradients."""
+    P2P: activations and gradients between pipeline ranks. ZeRO-1: ring reduce-scatter of the gradient
+    buckets (in ``optim.grad_reduce_dtype``) and all-gather of the parameters. DualPipe: the all-reduce of
+    mirror gradients."""
     act, dim, k = lay.setup.act_bytes, args.dim, args.n_activated_experts
     copy_out = dim + 4 * -(-dim // 128) if fp8_dispatch else dim * act
     per_copy = (copy_out + 3 * dim * act) * (lay.ep - 1) / lay.ep
@@ -97,7 +99,7 @@ def traffic(args: ModelArgs, lay: Layout, rank: RankMemory, fp8_dispatch: bool) 
     zero = {"zero_reduce_scatter": 0.0, "zero_all_gather": 0.0}
     for b in rank.plans:
         share = (b.world - 1) / b.world
-        zero["zero_reduce_scatter"] += b.grad_bytes() * share
+        zero["zero_reduce_scatter"] += b.reduce_bytes(lay.reduce_dtype) * share
         zero["zero_all_gather"] += b.param_bytes() * share
     mirror = rank.gradients if lay.pp > 1 and lay.schedule == "dualpipe" else 0
     return {"all_to_all": a2a, "pipeline_p2p": float(p2p), **zero, "mirror_all_reduce": float(mirror)}
