@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from haillm.fp8.policy import FP8_TINY_OVERRIDES
 from haillm.models.deepseek_v3.args import get_preset
 from haillm.models.deepseek_v3.flops import count_params, flops_per_token
 from haillm.tools.plan import GIB, main, make_plan
@@ -102,6 +103,22 @@ def test_bf16_gradient_reduction_halves_the_reduce_scatter():
     bf16 = make_plan([*TINY, "parallel.dp=2", "optim.grad_reduce_dtype=bf16"])["comm_bytes_per_rank_per_step"]
     assert bf16["zero_reduce_scatter"] == fp32["zero_reduce_scatter"] / 2 > 0
     assert bf16["zero_all_gather"] == fp32["zero_all_gather"]
+
+
+def test_fp8_linears_only_where_the_runtime_runs_them():
+    """apply_fp8 keeps every linear in BF16 on a GPU without blockwise FP8 GEMMs (an A100); the dispatcher
+    still sends its payload in FP8 there."""
+    fp8_tiny = [*TINY, "parallel.dp=2", "parallel.ep=2", *(f"model.{k}={v}" for k, v in FP8_TINY_OVERRIDES.items())]
+    plans = {(gpu, fp8): make_plan([*fp8_tiny, f"fp8.enabled={fp8}"], gpu=gpu)
+             for gpu in ("h100", "a100") for fp8 in ("true", "false")}
+    mem = {key: plan["memory_bytes_per_rank"] for key, plan in plans.items()}
+    assert mem["h100", "true"]["fp8_weight_cache"] > 0
+    assert mem["h100", "true"]["activations"] != mem["h100", "false"]["activations"]
+    assert mem["a100", "true"]["fp8_weight_cache"] == 0
+    assert mem["a100", "true"]["activations"] == mem["a100", "false"]["activations"]
+    a2a = {key: plan["comm_bytes_per_rank_per_step"]["all_to_all"] for key, plan in plans.items()}
+    assert a2a["a100", "true"] == a2a["h100", "true"] < a2a["a100", "false"]
+    assert plans["a100", "true"]["layout"]["fp8_linears"] is False
 
 
 def test_json_is_one_object(capsys):

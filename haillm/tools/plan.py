@@ -23,6 +23,7 @@ import sys
 from omegaconf import DictConfig
 
 from haillm.config import ConfigError, compose_config, resolve_dtype, to_model_args, validate
+from haillm.fp8 import blockwise_fp8_available
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.flops import count_params, flops_per_token, mtp_params
 from haillm.parallel.mesh import ParallelConfigError
@@ -37,6 +38,8 @@ from haillm.train.optim import config_dtype
 GIB = 2**30
 # HBM per GPU in GiB (the vendors' "80 GB" parts carry 80 GiB); the runtime itself takes a little of it.
 GPU_MEMORY_GIB = {"H100": 80, "H800": 80, "H200": 141, "H20": 96, "A100": 80, "A800": 80}
+# CUDA compute capability: whether FP8 linears run (``fp8.blockwise_fp8_available``, the rule ``apply_fp8`` uses)
+GPU_CAPABILITY = {"H100": (9, 0), "H800": (9, 0), "H200": (9, 0), "H20": (9, 0), "A100": (8, 0), "A800": (8, 0)}
 GPUS = sorted(name.lower() for name in GPU_PEAK_FLOPS) + ["cpu"]
 DEFAULT_MFU = 0.40
 
@@ -61,10 +64,17 @@ def compose(overrides: list[str], gpus: int | None, gpu: str) -> tuple[DictConfi
     return cfg, gpus
 
 
+def fp8_linears(cfg: DictConfig, gpu: str) -> bool:
+    """Whether the run's linears go FP8: ``fp8.enabled`` on a device with blockwise FP8 GEMMs (SM90, or the
+    CPU's reference GEMM), as ``apply_fp8`` decides at run time. Elsewhere only the dispatch payload is FP8."""
+    capability = None if gpu == "cpu" else GPU_CAPABILITY[gpu.upper()]
+    return bool(cfg.fp8.enabled) and blockwise_fp8_available(capability)
+
+
 def layout_of(cfg: DictConfig, gpu: str) -> Layout:
     t, p, o = cfg.train, cfg.parallel, cfg.optim
     param_dtype = config_dtype(t.dtype)  # every parameter, as cast_parameters
-    setup = ActivationSetup(act_bytes=param_dtype.itemsize, recompute=t.recompute, fp8=cfg.fp8.enabled,
+    setup = ActivationSetup(act_bytes=param_dtype.itemsize, recompute=t.recompute, fp8=fp8_linears(cfg, gpu),
                             cpu=gpu == "cpu", ep=p.ep)
     return Layout(dp=p.dp, pp=p.pp, ep=p.ep, schedule=p.pp_schedule, ranks_per_node=p.ranks_per_node,
                   micro_batch=t.micro_batch_size, seq_len=t.seq_len,
@@ -141,7 +151,7 @@ def make_plan(overrides: list[str], gpus: int | None = None, gpu: str = "h100", 
                    "microbatches_per_step": lay.n_microbatches, "seq_len": lay.seq_len,
                    "global_batch_size": cfg.train.global_batch_size, "param_dtype": cfg.train.dtype,
                    "moment_dtype": cfg.optim.moment_dtype, "recompute": bool(cfg.train.recompute),
-                   "fp8": bool(cfg.fp8.enabled)},
+                   "fp8": bool(cfg.fp8.enabled), "fp8_linears": lay.setup.fp8},
         "memory_bytes_per_rank": {**worst.as_dict(), "capacity": capacity,
                                   "fits": None if capacity is None else worst.total <= capacity},
         "memory_bytes_per_pp_rank": [r.as_dict() for r in ranks],
@@ -172,6 +182,13 @@ def _si(x: float, unit: str = "") -> str:
     return f"{x:.3g}{' ' if unit else ''}{unit}"
 
 
+def _fp8(lay: dict) -> str:
+    if lay["fp8"] and not lay["fp8_linears"]:
+        return (f"on for the dispatch only ({lay['gpu'].upper()} has no blockwise FP8 GEMMs: linears in "
+                f"{lay['param_dtype']})")
+    return "on" if lay["fp8"] else "off"
+
+
 def render(plan: dict) -> str:
     """The plan as a few lines of text."""
     lay, mem, comm = plan["layout"], plan["memory_bytes_per_rank"], plan["comm_bytes_per_rank_per_step"]
@@ -187,7 +204,7 @@ def render(plan: dict) -> str:
         f"{lay['micro_batch_size']} ({lay['microbatches_per_step']} per data-parallel rank); "
         f"{lay['param_dtype']} parameters, "
         f"{lay['moment_dtype']} Adam moments, recompute {'on' if lay['recompute'] else 'off'}, "
-        f"fp8 {'on' if lay['fp8'] else 'off'}",
+        f"fp8 {_fp8(lay)}",
         f"memory per rank (the largest: pipeline rank {mem['pp_rank']}):",
     ]
     for key in ("parameters", "gradients", "optimizer", "fp8_weight_cache", "activations"):
