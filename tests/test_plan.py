@@ -72,7 +72,10 @@ def test_published_layout_memory_and_traffic(published):
     # our activations keep ~2.3 GiB per layer per 4096-token micro-batch: this layout does not fit 80 GiB
     assert mem["fits"] is False and mem["capacity"] == 80 * GIB
     comm = plan["comm_bytes_per_rank_per_step"]
-    assert comm["all_to_all"] > comm["pipeline_p2p"] > 0 and comm["mirror_all_reduce"] == mem["gradients"]
+    assert comm["all_to_all"] > comm["pipeline_p2p"] > 0
+    # each mirror pair all-reduces every fp32 gradient: the gradient buckets less their padding
+    for rank, sent in zip(ranks, plan["comm_bytes_per_pp_rank_per_step"], strict=True):
+        assert rank["gradients"] - 128 * 4 * rank["buckets"] < sent["partner_all_reduce"] <= rank["gradients"]
 
 
 def test_assumed_mfu_gives_the_step_time():
@@ -119,6 +122,19 @@ def test_fp8_linears_only_where_the_runtime_runs_them():
     a2a = {key: plan["comm_bytes_per_rank_per_step"]["all_to_all"] for key, plan in plans.items()}
     assert a2a["a100", "true"] == a2a["h100", "true"] < a2a["a100", "false"]
     assert plans["a100", "true"]["layout"]["fp8_linears"] is False
+
+
+@pytest.mark.parametrize("mtp_depth", [1, 0])
+def test_1f1b_with_mtp_all_reduces_the_embedding_gradient(mtp_depth):
+    """sum_partner_grads on the first and the last rank: the fp32 gradient of the embedding both hold,
+    reported whichever rank holds the most memory."""
+    plan = make_plan([*TINY, "parallel.pp=4", "parallel.pp_schedule=1f1b", f"model.mtp_depth={mtp_depth}"])
+    args = get_preset("tiny")
+    embedding = args.vocab_size * args.dim * 4 if mtp_depth else 0
+    assert [r["partner_grads"] for r in plan["memory_bytes_per_pp_rank"]] == [embedding, 0, 0, embedding]
+    sent = [c["partner_all_reduce"] for c in plan["comm_bytes_per_pp_rank_per_step"]]
+    assert sent == [embedding, 0, 0, embedding]
+    assert plan["comm_bytes_per_rank_per_step"]["partner_all_reduce"] == embedding
 
 
 def test_json_is_one_object(capsys):

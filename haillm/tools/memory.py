@@ -25,7 +25,7 @@ from haillm.parallel.mesh import ParallelDims
 from haillm.parallel.pipeline.schedules import build, peak_activations
 from haillm.parallel.pipeline.stage import StageSpec, build_stage_model, second_copies, stage_specs
 from haillm.parallel.zero import DEFAULT_BUCKET_MB
-from haillm.parallel.zero_buckets import BucketPlan, ParamSpec, plan_buckets
+from haillm.parallel.zero_buckets import FP32_BYTES, BucketPlan, ParamSpec, plan_buckets
 from haillm.tools.activations import ActivationSetup, chunk_bytes
 from haillm.train.optim import replica_dim, zero_groups
 
@@ -57,6 +57,7 @@ class RankMemory:
     gradients: int
     optimizer: int
     fp8_weight_cache: int
+    partner_grads: int  # the fp32 buffer sum_partner_grads all-reduces with the partner rank
     activations: float
     activations_per_microbatch: list[float]  # per local chunk
     specs: list[StageSpec] = field(repr=False)  # the local chunks
@@ -101,6 +102,14 @@ def bucket_plans(model: torch.nn.Module, lay: Layout, pp_rank: int) -> list[Buck
     return plan_buckets([[s for _, s in g] for _, g in groups], worlds, int(DEFAULT_BUCKET_MB * 2**20))
 
 
+def partner_grad_bytes(model: torch.nn.Module, lay: Layout) -> int:
+    """The flat buffer ``sum_partner_grads`` builds and all-reduces: the fp32 ``main_grad`` of every partner
+    parameter (``StageModel.partner_params``)."""
+    if lay.pp == 1:
+        return 0
+    return sum(p.numel() for _, p in model.partner_params(lay.schedule)) * FP32_BYTES
+
+
 def fp8_weight_cache_bytes(model: torch.nn.Module, only: set[str] | None = None) -> int:
     """The FP8 copies of the weights FP8 linears quantize once per step (E4M3 plus 128x128 block scales);
     ``only``: of the linears with these report names."""
@@ -139,6 +148,7 @@ def rank_memory(args: ModelArgs, lay: Layout, pp_rank: int, model: torch.nn.Modu
         gradients=sum(b.grad_bytes() for b in plans),
         optimizer=sum(b.state_bytes(lay.moment_dtype) for b in plans),
         fp8_weight_cache=fp8_weight_cache_bytes(model) if lay.setup.fp8 else 0,
+        partner_grads=partner_grad_bytes(model, lay),
         activations=activations,
         activations_per_microbatch=per_mb,
         specs=specs,

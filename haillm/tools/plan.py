@@ -83,36 +83,42 @@ def layout_of(cfg: DictConfig, gpu: str) -> Layout:
                   setup=setup)
 
 
-def traffic(args: ModelArgs, lay: Layout, rank: RankMemory, fp8_dispatch: bool) -> dict[str, float]:
-    """Bytes one rank of pipeline rank ``rank.pp_rank`` sends per step, by kind. All-to-all: every routed
-    copy of a token that lands on another EP rank (uniform routing: (ep-1)/ep of them), dispatched (FP8 with
-    1x128 scales under ``fp8.enabled``) and combined forward, and both again as gradients in backward.
-    P2P: activations and gradients between pipeline ranks. ZeRO-1: ring reduce-scatter of the gradient
-    buckets (in ``optim.grad_reduce_dtype``) and all-gather of the parameters. DualPipe: the all-reduce of
-    mirror gradients."""
+def traffic(args: ModelArgs, lay: Layout, ranks: list[RankMemory], fp8_dispatch: bool) -> list[dict[str, float]]:
+    """Bytes one rank of each pipeline rank sends per step, by kind. All-to-all: every routed copy of a token
+    that lands on another EP rank (uniform routing: (ep-1)/ep of them), dispatched (FP8 with 1x128 scales
+    under ``fp8.enabled``) and combined forward, and both again as gradients in backward. P2P: activations
+    and gradients between pipeline ranks. ZeRO-1: ring reduce-scatter of the gradient buckets (in
+    ``optim.grad_reduce_dtype``) and all-gather of the parameters. Partner: the fp32 all-reduce of
+    ``sum_partner_grads`` between two ranks (a ring of two sends the buffer once): every gradient of a
+    DualPipe mirror pair, the embedding's between the first and the last rank of 1F1B with MTP."""
     act, dim, k = lay.setup.act_bytes, args.dim, args.n_activated_experts
     copy_out = dim + 4 * -(-dim // 128) if fp8_dispatch else dim * act
     per_copy = (copy_out + 3 * dim * act) * (lay.ep - 1) / lay.ep
     if lay.pp > 1:
         schedule, topo = build(lay.schedule, lay.pp, lay.n_microbatches)
-        forwards = [sum(1 for s in schedule[rank.pp_rank] for a in halves(s) if a.kind == "F" and a.chunk == c)
-                    for c in range(len(rank.specs))]
-        p2p = len(p2p_messages(schedule, topo)[0][rank.pp_rank]) * lay.micro_batch * lay.seq_len * dim * act
-    else:
-        forwards, p2p = [lay.n_microbatches], 0
-    a2a = 0.0
-    for spec, n in zip(rank.specs, forwards, strict=True):
-        tokens = sum(lay.seq_len for i in spec.layers if i >= args.n_dense_layers)
-        if spec.last:
-            tokens += sum(lay.seq_len - d for d in range(1, args.mtp_depth + 1))
-        a2a += n * lay.micro_batch * tokens * k * per_copy
-    zero = {"zero_reduce_scatter": 0.0, "zero_all_gather": 0.0}
-    for b in rank.plans:
-        share = (b.world - 1) / b.world
-        zero["zero_reduce_scatter"] += b.reduce_bytes(lay.reduce_dtype) * share
-        zero["zero_all_gather"] += b.param_bytes() * share
-    mirror = rank.gradients if lay.pp > 1 and lay.schedule == "dualpipe" else 0
-    return {"all_to_all": a2a, "pipeline_p2p": float(p2p), **zero, "mirror_all_reduce": float(mirror)}
+        sends = p2p_messages(schedule, topo)[0]
+    out = []
+    for rank in ranks:
+        if lay.pp > 1:
+            forwards = [sum(1 for s in schedule[rank.pp_rank] for a in halves(s) if a.kind == "F" and a.chunk == c)
+                        for c in range(len(rank.specs))]
+            p2p = len(sends[rank.pp_rank]) * lay.micro_batch * lay.seq_len * dim * act
+        else:
+            forwards, p2p = [lay.n_microbatches], 0
+        a2a = 0.0
+        for spec, n in zip(rank.specs, forwards, strict=True):
+            tokens = sum(lay.seq_len for i in spec.layers if i >= args.n_dense_layers)
+            if spec.last:
+                tokens += sum(lay.seq_len - d for d in range(1, args.mtp_depth + 1))
+            a2a += n * lay.micro_batch * tokens * k * per_copy
+        zero = {"zero_reduce_scatter": 0.0, "zero_all_gather": 0.0}
+        for b in rank.plans:
+            share = (b.world - 1) / b.world
+            zero["zero_reduce_scatter"] += b.reduce_bytes(lay.reduce_dtype) * share
+            zero["zero_all_gather"] += b.param_bytes() * share
+        out.append({"all_to_all": a2a, "pipeline_p2p": float(p2p), **zero,
+                    "partner_all_reduce": float(rank.partner_grads)})
+    return out
 
 
 def make_plan(overrides: list[str], gpus: int | None = None, gpu: str = "h100", step_time: float | None = None,
@@ -122,6 +128,7 @@ def make_plan(overrides: list[str], gpus: int | None = None, gpu: str = "h100", 
     args, lay = to_model_args(cfg.model), layout_of(cfg, gpu)
     ranks = all_ranks(args, lay)
     worst = max(ranks, key=lambda r: r.total)
+    comm = traffic(args, lay, ranks, cfg.fp8.enabled and lay.ep > 1)
     total, active = count_params(args)
     fpt = flops_per_token(args, lay.seq_len)
     tokens = cfg.train.global_batch_size * lay.seq_len
@@ -155,7 +162,8 @@ def make_plan(overrides: list[str], gpus: int | None = None, gpu: str = "h100", 
         "memory_bytes_per_rank": {**worst.as_dict(), "capacity": capacity,
                                   "fits": None if capacity is None else worst.total <= capacity},
         "memory_bytes_per_pp_rank": [r.as_dict() for r in ranks],
-        "comm_bytes_per_rank_per_step": traffic(args, lay, worst, cfg.fp8.enabled and lay.ep > 1),
+        "comm_bytes_per_rank_per_step": {kind: max(c[kind] for c in comm) for kind in comm[0]},
+        "comm_bytes_per_pp_rank_per_step": comm,
         "tokens_per_step": tokens,
         "peak_flops_per_gpu": peak,
         "peak_flops_source": peak_source,
@@ -218,7 +226,8 @@ def render(plan: dict) -> str:
     if lay["pp"] > 1:
         lines.append("  per pipeline rank: " + ", ".join(
             f"{r['pp_rank']}: {_gib(r['total'])}" for r in plan["memory_bytes_per_pp_rank"]))
-    lines.append("communication per rank and step: " + (", ".join(
+    busiest = " (each kind's busiest pipeline rank)" if lay["pp"] > 1 else ""
+    lines.append(f"communication per rank and step{busiest}: " + (", ".join(
         f"{k.replace('_', ' ')} {_si(v, 'B')}" for k, v in comm.items() if v) or "none"))
     bubble = plan["pipeline_bubble_fraction"]
     lines.append(
