@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from haillm.config import compose_config
 from haillm.fp8.policy import FP8_TINY_OVERRIDES
 from haillm.models.deepseek_v3.args import get_preset
 from haillm.models.deepseek_v3.flops import count_params, flops_per_token
@@ -135,6 +136,17 @@ def test_1f1b_with_mtp_all_reduces_the_embedding_gradient(mtp_depth):
     sent = [c["partner_all_reduce"] for c in plan["comm_bytes_per_pp_rank_per_step"]]
     assert sent == [embedding, 0, 0, embedding]
     assert plan["comm_bytes_per_rank_per_step"]["partner_all_reduce"] == embedding
+
+
+@pytest.mark.parametrize("overrides, micro_batch", [
+    ([], 8),
+    (["parallel.pp=2", "parallel.pp_schedule=dualpipe"], 1),
+    (["parallel.pp=2", "train.micro_batch_size=2"], 2),
+])
+def test_micro_batch_is_the_trainers(overrides, micro_batch):
+    """The planner plans what launch/train.py would run with the same overrides."""
+    assert compose_config(overrides).train.micro_batch_size == micro_batch  # launch/train.py's composition
+    assert make_plan(overrides, gpu="cpu")["layout"]["micro_batch_size"] == micro_batch
 
 
 def test_json_is_one_object(capsys):

@@ -4,14 +4,13 @@
         parallel.pp_schedule=dualpipe train.global_batch_size=15360 train.seq_len=4096 --gpus 2048 --gpu h800 \\
         [--step-time 19.926 | --mfu 0.4] [--json]
 
-Overrides are the trainer's (``launch/train.py``), composed and validated by the same code with the world
-size ``--gpus``; ``train.dtype=auto`` (the default) resolves for the target as a run does (BF16 parameters
-on a GPU, fp32 for ``--gpu cpu``). One default differs from the trainer's: with pp > 1 the micro-batch is
-one sequence unless ``train.micro_batch_size`` is given (the most micro-batches: the smallest bubble and
-activation footprint). Parameter counts and FLOPs per token are the model's own (``flops.py``); memory comes
-from ``haillm.tools.memory``; the step time from FLOPs per step at a stated MFU of the GPU's dense BF16
-peak, or the MFU from a measured ``--step-time``. Exit code 0 when the layout fits the GPU's memory, 1 when
-it does not, 2 for bad input (one line on stderr).
+Overrides are the trainer's (``launch/train.py``), composed, resolved and validated by the same code with
+the world size ``--gpus``: ``train.dtype=auto`` (the default) resolves for the target as a run does (BF16
+parameters on a GPU, fp32 for ``--gpu cpu``), ``train.micro_batch_size`` as ``compose_config`` does (one
+sequence with pp > 1). Parameter counts and FLOPs per token are the model's own (``flops.py``); memory comes from
+``haillm.tools.memory``; the step time from FLOPs per step at a stated MFU of the peak the trainer's MFU uses
+(``metrics.named_peak_flops``), or the MFU from a measured ``--step-time``. Exit code 0 when the layout fits
+the GPU's memory, 1 when it does not, 2 for bad input (one line on stderr).
 """
 
 from __future__ import annotations
@@ -44,16 +43,11 @@ GPUS = sorted(name.lower() for name in GPU_PEAK_FLOPS) + ["cpu"]
 DEFAULT_MFU = 0.40
 
 
-def _explicit(overrides: list[str]) -> set[str]:
-    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-
-
 def compose(overrides: list[str], gpus: int | None, gpu: str) -> tuple[DictConfig, int]:
-    """The trainer's configuration with the planner's two defaults, validated for ``gpus`` ranks."""
+    """The trainer's configuration (``compose_config``, defaults resolved as for a run), validated for
+    ``gpus`` ranks."""
     cfg = compose_config(overrides)
     resolve_dtype(cfg, "cpu" if gpu == "cpu" else "cuda")  # train.dtype=auto: bf16 on a GPU, as a run does
-    if "train.micro_batch_size" not in _explicit(overrides) and cfg.parallel.pp > 1:
-        cfg.train.micro_batch_size = 1
     p = cfg.parallel
     ranks = p.dp * p.pp * p.tp
     if gpus is not None and gpus != ranks:
