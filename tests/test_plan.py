@@ -149,6 +149,24 @@ def test_micro_batch_is_the_trainers(overrides, micro_batch):
     assert make_plan(overrides, gpu="cpu")["layout"]["micro_batch_size"] == micro_batch
 
 
+def test_end_of_step_copies_and_the_usable_memory():
+    """Total = the larger of the forward/backward peak and the end of the step (static state plus the larger
+    transient copy), against HBM less the stated reserve."""
+    dualpipe = make_plan([*TINY, "parallel.pp=2", "parallel.pp_schedule=dualpipe"], gpu="h100")
+    bf16_reduce = make_plan([*TINY, "parallel.dp=2", "optim.grad_reduce_dtype=bf16"], gpu="h100")
+    for plan in (dualpipe, bf16_reduce):
+        for mem in [plan["memory_bytes_per_rank"], *plan["memory_bytes_per_pp_rank"]]:
+            static = mem["parameters"] + mem["gradients"] + mem["optimizer"] + mem["fp8_weight_cache"]
+            assert mem["end_of_step"] == static + max(mem["partner_grads"], mem["reduce_copies"]) > static
+            assert mem["total"] == max(static + mem["activations"], mem["end_of_step"])
+    # DualPipe sums every fp32 gradient with the mirror's; a bf16 reduction copies every (dp-sharded) bucket
+    mem = dualpipe["memory_bytes_per_rank"]
+    assert mem["partner_grads"] == mem["gradients"] and mem["reduce_copies"] == 0
+    mem = bf16_reduce["memory_bytes_per_rank"]
+    assert mem["reduce_copies"] == mem["gradients"] / 2 and mem["partner_grads"] == 0
+    assert (mem["capacity"], mem["usable"]) == (80 * GIB, 0.9 * 80 * GIB) and mem["fits"] is True
+
+
 def test_json_is_one_object(capsys):
     assert main([*TINY, "parallel.dp=2", "parallel.ep=2", "--gpu", "h200", "--json"]) == 0
     out = capsys.readouterr().out.strip().splitlines()

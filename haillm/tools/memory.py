@@ -50,27 +50,43 @@ class Layout:
 
 @dataclass
 class RankMemory:
-    """Bytes one rank holds (``pp_rank``; every data-parallel and expert-parallel rank of it alike)."""
+    """Bytes one rank holds (``pp_rank``; every data-parallel and expert-parallel rank of it alike).
+
+    Two peaks: during forward and backward, the static state plus the activations in flight; at the end of
+    the step, with the activations freed, the static state plus the larger of two transient copies made one
+    after the other: ``sum_partner_grads``' flat fp32 gradients, then the low-precision bucket copies a
+    ``grad_reduce_dtype=bf16`` reduction keeps until ``finish_grad_sync``. (Without a pipeline the copies
+    are made in the last backward, as its activations are freed: one layer's overlap is not counted.)"""
 
     pp_rank: int
     parameters: int
     gradients: int
     optimizer: int
     fp8_weight_cache: int
-    partner_grads: int  # the fp32 buffer sum_partner_grads all-reduces with the partner rank
     activations: float
     activations_per_microbatch: list[float]  # per local chunk
+    partner_grads: int  # transient: the fp32 buffer sum_partner_grads all-reduces with the partner rank
+    reduce_copies: int  # transient: gradient buckets copied to optim.grad_reduce_dtype for their reduction
     specs: list[StageSpec] = field(repr=False)  # the local chunks
     plans: list[BucketPlan] = field(repr=False)  # the ZeRO-1 buckets
 
     @property
+    def static(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.fp8_weight_cache
+
+    @property
+    def end_of_step(self) -> int:
+        return self.static + max(self.partner_grads, self.reduce_copies)
+
+    @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.fp8_weight_cache + self.activations
+        return max(self.static + self.activations, self.end_of_step)
 
     def as_dict(self) -> dict:
         skip = ("specs", "plans")
         return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip},
-                "buckets": len(self.plans), "total": self.total}
+                "buckets": len(self.plans), "static": self.static, "end_of_step": self.end_of_step,
+                "total": self.total}
 
 
 def dims_of(lay: Layout, pp_rank: int) -> ParallelDims:
@@ -148,9 +164,10 @@ def rank_memory(args: ModelArgs, lay: Layout, pp_rank: int, model: torch.nn.Modu
         gradients=sum(b.grad_bytes() for b in plans),
         optimizer=sum(b.state_bytes(lay.moment_dtype) for b in plans),
         fp8_weight_cache=fp8_weight_cache_bytes(model) if lay.setup.fp8 else 0,
-        partner_grads=partner_grad_bytes(model, lay),
         activations=activations,
         activations_per_microbatch=per_mb,
+        partner_grads=partner_grad_bytes(model, lay),
+        reduce_copies=sum(b.reduce_copy_bytes(lay.reduce_dtype) for b in plans),
         specs=specs,
         plans=plans,
     )

@@ -35,8 +35,11 @@ from haillm.train.metrics import GPU_PEAK_FLOPS, named_peak_flops
 from haillm.train.optim import config_dtype
 
 GIB = 2**30
-# HBM per GPU in GiB (the vendors' "80 GB" parts carry 80 GiB); the runtime itself takes a little of it.
+# HBM per GPU in GiB, nominal (the vendors' "80 GB" parts carry 80 GiB; the driver reports up to ~1% less).
 GPU_MEMORY_GIB = {"H100": 80, "H800": 80, "H200": 141, "H20": 96, "A100": 80, "A800": 80}
+# What a layout may not plan to use: the CUDA context, NCCL's buffers and the caching allocator's fragmentation
+# live outside the tensors modelled here (and outside torch's max_memory_allocated, the trainer's figure).
+MEMORY_RESERVE = 0.10
 # CUDA compute capability: whether FP8 linears run (``fp8.blockwise_fp8_available``, the rule ``apply_fp8`` uses)
 GPU_CAPABILITY = {"H100": (9, 0), "H800": (9, 0), "H200": (9, 0), "H20": (9, 0), "A100": (8, 0), "A800": (8, 0)}
 GPUS = sorted(name.lower() for name in GPU_PEAK_FLOPS) + ["cpu"]
@@ -135,6 +138,7 @@ def make_plan(overrides: list[str], gpus: int | None = None, gpu: str = "h100", 
         mfu = step_flops / (step_time * gpus * peak)
         mfu_source = "from the measured step time (--step-time)"
     capacity = GPU_MEMORY_GIB.get(gpu.upper(), 0) * GIB or None
+    usable = None if capacity is None else capacity * (1 - MEMORY_RESERVE)
     bubble = None
     if lay.pp > 1:
         sim = simulate(*build(lay.schedule, lay.pp, lay.n_microbatches))
@@ -151,10 +155,11 @@ def make_plan(overrides: list[str], gpus: int | None = None, gpu: str = "h100", 
                    "pp_schedule": lay.schedule if lay.pp > 1 else None, "micro_batch_size": lay.micro_batch,
                    "microbatches_per_step": lay.n_microbatches, "seq_len": lay.seq_len,
                    "global_batch_size": cfg.train.global_batch_size, "param_dtype": cfg.train.dtype,
-                   "moment_dtype": cfg.optim.moment_dtype, "recompute": bool(cfg.train.recompute),
+                   "moment_dtype": cfg.optim.moment_dtype, "grad_reduce_dtype": cfg.optim.grad_reduce_dtype,
+                   "recompute": bool(cfg.train.recompute),
                    "fp8": bool(cfg.fp8.enabled), "fp8_linears": lay.setup.fp8},
-        "memory_bytes_per_rank": {**worst.as_dict(), "capacity": capacity,
-                                  "fits": None if capacity is None else worst.total <= capacity},
+        "memory_bytes_per_rank": {**worst.as_dict(), "capacity": capacity, "usable": usable,
+                                  "fits": None if usable is None else worst.total <= usable},
         "memory_bytes_per_pp_rank": [r.as_dict() for r in ranks],
         "comm_bytes_per_rank_per_step": {kind: max(c[kind] for c in comm) for kind in comm[0]},
         "comm_bytes_per_pp_rank_per_step": comm,
@@ -213,10 +218,16 @@ def render(plan: dict) -> str:
         lines.append(f"  {key.replace('_', ' '):<17}{_gib(mem[key]):>12}")
     per_mb = ", ".join(_gib(x) for x in mem["activations_per_microbatch"])
     lines[-1] += f"  (peak in flight; per micro-batch of each local stage: {per_mb})"
-    verdict = ""
+    for key, what in (("partner_grads", "sum_partner_grads' fp32 copy"),
+                      ("reduce_copies", f"{lay['grad_reduce_dtype']} copies of the gradient buckets")):
+        if mem[key]:
+            lines.append(f"  {key.replace('_', ' '):<17}{_gib(mem[key]):>12}  (transient: {what})")
+    lines.append(f"  {'total':<17}{_gib(mem['total']):>12}  (the larger of: with the activations "
+                 f"{_gib(mem['static'] + mem['activations'])}, at the end of the step {_gib(mem['end_of_step'])})")
     if mem["capacity"] is not None:
-        verdict = f" of {_gib(mem['capacity'])}: " + ("fits" if mem["fits"] else "DOES NOT FIT")
-    lines.append(f"  {'total':<17}{_gib(mem['total']):>12}{verdict}")
+        lines.append(f"  {'usable':<17}{_gib(mem['usable']):>12}  ({_gib(mem['capacity'])} less a "
+                     f"{MEMORY_RESERVE:.0%} reserve for the CUDA context, NCCL and the allocator): "
+                     + ("fits" if mem["fits"] else "DOES NOT FIT"))
     if lay["pp"] > 1:
         lines.append("  per pipeline rank: " + ", ".join(
             f"{r['pp_rank']}: {_gib(r['total'])}" for r in plan["memory_bytes_per_pp_rank"]))
