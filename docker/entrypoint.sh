@@ -1,9 +1,14 @@
 #!/bin/sh
-# The image's entrypoint: `torchrun $TORCHRUN_ARGS launch/train.py <config overrides>`.
+# The image's entrypoint: `torchrun $TORCHRUN_ARGS /opt/haillm/launch/train.py <config overrides>`, run in
+# the working directory (/runs), so that relative paths in the overrides resolve there.
 # TORCHRUN_ARGS defaults to one node with every visible GPU (--standalone --nproc_per_node=gpu); for several
 # nodes pass e.g. -e TORCHRUN_ARGS="--nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d
 # --rdzv-endpoint=HEAD:29500 --rdzv-id=JOB" to `docker run` on every node.
+# Without overrides: the smoke run, the tiny model in one process (dp=1, whatever the number of GPUs).
 set -eu
-cd /opt/haillm
+if [ "$#" -eq 0 ]; then
+    set -- model=tiny output_dir=/runs/tiny
+    TORCHRUN_ARGS=${TORCHRUN_ARGS:---standalone --nproc_per_node=1}
+fi
 # shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of options: split it on spaces
-exec torchrun ${TORCHRUN_ARGS:---standalone --nproc_per_node=gpu} launch/train.py "$@"
+exec torchrun ${TORCHRUN_ARGS:---standalone --nproc_per_node=gpu} /opt/haillm/launch/train.py "$@"

@@ -28,6 +28,7 @@ PP_SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
 WANDB_MODES = ("disabled", "offline", "online")
 LR_SCHEDULES = ("cosine", "constant_then_decay", "constant")
 DTYPES = ("auto", "fp32", "bf16")  # auto: bf16 on a GPU, fp32 on CPU
+DEFAULT_MICRO_BATCH = 8  # train.micro_batch_size=0 without a pipeline; with one, 1: the most micro-batches
 
 
 class ConfigError(ValueError):
@@ -56,7 +57,7 @@ class ParallelConfig:
 class TrainConfig:
     steps: int = 300
     global_batch_size: int = 8  # sequences per optimizer step, whatever the layout
-    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    micro_batch_size: int = 0  # sequences per forward/backward on one rank; unset (0): 8, or 1 when parallel.pp > 1
     seq_len: int = 128
     lr: float = 3e-3
     dtype: str = "auto"  # parameters/compute: fp32, or bf16 with fp32 masters in the optimizer; auto = bf16 on GPU
@@ -147,6 +148,8 @@ def compose_config(overrides: list[str], config_name: str = "config") -> DictCon
     unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(Config)})
     _require(not unknown, f"unknown config key '{unknown[0] if unknown else ''}'; valid top-level keys: "
              + ", ".join(f.name for f in dataclasses.fields(Config)))
+    if cfg.train.micro_batch_size == 0:  # here, so that the trainer and the layout planner resolve it alike
+        cfg.train.micro_batch_size = 1 if cfg.parallel.pp > 1 else DEFAULT_MICRO_BATCH
     return cfg
 
 

@@ -30,7 +30,13 @@ from haillm.ops.precision import cast_parameters
 from haillm.parallel.expert import AllToAllDispatcher, ExpertPlacement, apply_expert_parallel
 from haillm.parallel.mesh import ParallelConfigError, ParallelDims
 from haillm.parallel.pipeline.runtime import PipelineRuntime
-from haillm.parallel.pipeline.stage import StageModel, build_stage_model, partner_group, pipelines_of
+from haillm.parallel.pipeline.stage import (
+    StageModel,
+    build_stage_model,
+    partner_group,
+    pipelines_of,
+    second_copies,
+)
 from haillm.train.checkpoint import CheckpointError, list_checkpoints
 from haillm.train.evaluate import build_evaluator
 from haillm.train.optim import build_optimizer
@@ -134,10 +140,7 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
     dims = ParallelDims.from_config(cfg.parallel, world).build(device.type)
     model, dispatcher = build_model(cfg, dims, device)
     pipeline = build_pipeline(cfg, dims, model, device) if dims.pp > 1 else None
-    # A second copy of shared parameters (DualPipe's mirror rank, 1F1B's MTP embedding on the last rank)
-    # stays out of the gradient norm so that every parameter counts once.
-    second_copy = pipeline is not None and dims.pp_rank >= dims.pp // 2
-    optimizer = build_optimizer(model, cfg, dims, {n for n, _ in pipeline.partner_params} if second_copy else set())
+    optimizer = build_optimizer(model, cfg, dims, second_copies(model, cfg.parallel.pp_schedule, dims.pp, dims.pp_rank))
     batcher = make_batcher(data, dims.dp_rank, dims.dp, t.micro_batch_size, device, cfg.data.prefetch,
                            end=t.steps * t.global_batch_size)
     # Everything that can reject the run has run: only now touch the run directory.

@@ -1,7 +1,8 @@
 """The planner against reality: per-rank memory of real tiny runs on CPU (gloo) through launch/train.py's
 `run`, measured by storage (tests/memory_probe.py), against `haillm.tools.plan`'s prediction.
 
-Parameters, gradients and optimizer state must match exactly (BF16 parameters included); activations (the
+Parameters, gradients, optimizer state and the end-of-step copies (sum_partner_grads' buffer, a bf16
+reduction's bucket copies) must match exactly (BF16 parameters included); activations (the
 peak of live saved-for-backward storages over one optimizer step, pipeline in-flight micro-batches
 included) within 25%, in fp32: a BF16 run on CPU emulates its GEMMs with fp32 copies of their operands
 (haillm/ops/precision.py), which the planner, modelling a GPU's BF16, does not count.
@@ -17,6 +18,8 @@ from memory_probe import LiveSaved, state_bytes
 from test_train import launch_train
 
 from haillm.config import compose_config, validate
+from haillm.parallel.pipeline import stage
+from haillm.parallel.zero import ZeroAdamW
 from haillm.tools.plan import make_plan
 from haillm.train.trainer import Trainer
 
@@ -28,7 +31,8 @@ LAYOUTS = {
     "dp2_ep2_recompute": ["parallel.dp=2", "parallel.ep=2", "train.recompute=true"],
     "pp2_dualpipev_recompute_bf16moments": ["parallel.pp=2", "parallel.pp_schedule=dualpipev",
                                             "train.recompute=true", "optim.moment_dtype=bf16"],
-    "dp2_ep2_bf16": ["parallel.dp=2", "parallel.ep=2", "train.dtype=bf16"],
+    "pp2_1f1b": ["parallel.pp=2", "parallel.pp_schedule=1f1b"],
+    "dp2_ep2_bf16_bf16reduce": ["parallel.dp=2", "parallel.ep=2", "train.dtype=bf16", "optim.grad_reduce_dtype=bf16"],
     "pp2_dualpipe_bf16_recompute": ["parallel.pp=2", "parallel.pp_schedule=dualpipe", "train.dtype=bf16",
                                     "train.recompute=true"],
 }
@@ -37,9 +41,26 @@ RUN = ["train.steps=1", "train.seq_len=64", "train.global_batch_size=16", "train
        "data.max_bytes=300000", "logging.progress=false", "checkpoint.interval=1000"]
 
 
+class _PartnerAllReduce:
+    """``torch.distributed`` as ``stage.py`` sees it, counting the bytes ``sum_partner_grads`` all-reduces."""
+
+    def __init__(self, counts: dict[str, int]):
+        self.counts = counts
+
+    def __getattr__(self, name: str):
+        return getattr(dist, name)
+
+    def all_reduce(self, tensor: torch.Tensor, *args, **kwargs):
+        self.counts["partner_grads"] += tensor.untyped_storage().nbytes()
+        return dist.all_reduce(tensor, *args, **kwargs)
+
+
 def _measure(overrides: list[str]) -> dict:
-    peaks = []
-    original = Trainer.forward_backward
+    """One step through launch/train.py's run: storage of the state, the peak of saved activations, and the
+    transient copies (sum_partner_grads' buffer, a low-precision reduction's bucket copies, alive together
+    until finish_grad_sync)."""
+    peaks, copies = [], {"partner_grads": 0, "reduce_copies": 0}
+    original, original_launch = Trainer.forward_backward, ZeroAdamW._launch_reduce
 
     def probed(self, micro_batches):
         with LiveSaved(self.model) as probe:
@@ -47,14 +68,19 @@ def _measure(overrides: list[str]) -> dict:
         peaks.append(probe.peak)
         return out
 
-    Trainer.forward_backward = probed
+    def launch_reduce(self, b):
+        original_launch(self, b)
+        if b.reduce_out is not None and b.reduce_out.untyped_storage().data_ptr() != b.grad_buf.data_ptr():
+            copies["reduce_copies"] += b.reduce_out.untyped_storage().nbytes()
+
+    Trainer.forward_backward, ZeroAdamW._launch_reduce, stage.dist = probed, launch_reduce, _PartnerAllReduce(copies)
     try:
         cfg = compose_config(overrides)
         validate(cfg, dist.get_world_size())
         trainer = launch_train.run(cfg, dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
     finally:
-        Trainer.forward_backward = original
-    return {"pp_rank": trainer.dims.pp_rank, "activations": max(peaks),
+        Trainer.forward_backward, ZeroAdamW._launch_reduce, stage.dist = original, original_launch, dist
+    return {"pp_rank": trainer.dims.pp_rank, "activations": max(peaks), **copies,
             **state_bytes(trainer.model, trainer.optimizer)}
 
 
@@ -69,9 +95,10 @@ def test_predicted_memory_matches_measured(name, tmp_path):
     print(f"\n{name}: rank  kind  predicted  measured  predicted/measured")
     for m in measured:
         predicted = plan["memory_bytes_per_pp_rank"][m["pp_rank"]]
-        for kind in ("parameters", "gradients", "optimizer", "activations"):
-            print(f"  {m['pp_rank']} {kind:<12}{predicted[kind]:>12.0f}{m[kind]:>12}{predicted[kind] / m[kind]:>9.3f}")
-        for kind in ("parameters", "gradients", "optimizer"):
+        for kind in ("parameters", "gradients", "optimizer", "partner_grads", "reduce_copies", "activations"):
+            ratio = f"{predicted[kind] / m[kind]:>9.3f}" if m[kind] else ""
+            print(f"  {m['pp_rank']} {kind:<14}{predicted[kind]:>12.0f}{m[kind]:>12}{ratio}")
+        for kind in ("parameters", "gradients", "optimizer", "partner_grads", "reduce_copies"):
             assert predicted[kind] == m[kind], (kind, m["pp_rank"])
         if plan["layout"]["param_dtype"] == "fp32":
             assert predicted["activations"] == pytest.approx(m["activations"], rel=0.25)

@@ -65,6 +65,15 @@ class BucketPlan:
         """The fp32 gradient buffer, whatever the parameters' dtype."""
         return self.numel * FP32_BYTES
 
+    def reduce_bytes(self, reduce_dtype: torch.dtype) -> int:
+        """What the reduce-scatter sends from: the fp32 gradient buffer, or its copy in ``reduce_dtype``
+        (``ZeroAdamW(reduce_dtype=...)``)."""
+        return self.numel * reduce_dtype.itemsize
+
+    def reduce_copy_bytes(self, reduce_dtype: torch.dtype) -> int:
+        """That copy, alive until ``finish_grad_sync``: none for an fp32 reduction or an unreplicated bucket."""
+        return self.reduce_bytes(reduce_dtype) if self.world > 1 and reduce_dtype != torch.float32 else 0
+
     def state_bytes(self, moment_dtype: torch.dtype) -> int:
         """Optimizer state this rank adds: both Adam moments of its shard, and an fp32 master shard unless
         the parameters are fp32 (then the master shard is the rank's slice of the parameter storage)."""

@@ -23,11 +23,11 @@ from haillm.models.deepseek_v3.model import DeepSeekV3
 from haillm.parallel.expert import ExpertPlacement, apply_expert_parallel
 from haillm.parallel.mesh import ParallelDims
 from haillm.parallel.pipeline.schedules import build, peak_activations
-from haillm.parallel.pipeline.stage import StageSpec, build_stage_model, stage_specs
+from haillm.parallel.pipeline.stage import StageSpec, build_stage_model, second_copies, stage_specs
 from haillm.parallel.zero import DEFAULT_BUCKET_MB
-from haillm.parallel.zero_buckets import BucketPlan, ParamSpec, plan_buckets
+from haillm.parallel.zero_buckets import FP32_BYTES, BucketPlan, ParamSpec, plan_buckets
 from haillm.tools.activations import ActivationSetup, chunk_bytes
-from haillm.train.optim import zero_groups
+from haillm.train.optim import replica_dim, zero_groups
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,19 @@ class Layout:
     n_microbatches: int  # per data-parallel rank and step
     param_dtype: torch.dtype
     moment_dtype: torch.dtype
+    reduce_dtype: torch.dtype  # optim.grad_reduce_dtype
     setup: ActivationSetup
 
 
 @dataclass
 class RankMemory:
-    """Bytes one rank holds (``pp_rank``; every data-parallel and expert-parallel rank of it alike)."""
+    """Bytes one rank holds (``pp_rank``; every data-parallel and expert-parallel rank of it alike).
+
+    Two peaks: during forward and backward, the static state plus the activations in flight; at the end of
+    the step, with the activations freed, the static state plus the larger of two transient copies made one
+    after the other: ``sum_partner_grads``' flat fp32 gradients, then the low-precision bucket copies a
+    ``grad_reduce_dtype=bf16`` reduction keeps until ``finish_grad_sync``. (Without a pipeline the copies
+    are made in the last backward, as its activations are freed: one layer's overlap is not counted.)"""
 
     pp_rank: int
     parameters: int
@@ -58,17 +65,33 @@ class RankMemory:
     fp8_weight_cache: int
     activations: float
     activations_per_microbatch: list[float]  # per local chunk
+    partner_grads: int  # transient: the fp32 buffer sum_partner_grads all-reduces with the partner rank
+    reduce_copies: int  # transient: gradient buckets copied to optim.grad_reduce_dtype for their reduction
     specs: list[StageSpec] = field(repr=False)  # the local chunks
     plans: list[BucketPlan] = field(repr=False)  # the ZeRO-1 buckets
 
     @property
+    def static(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.fp8_weight_cache
+
+    @property
+    def end_of_step(self) -> int:
+        return self.static + max(self.partner_grads, self.reduce_copies)
+
+    @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.fp8_weight_cache + self.activations
+        return max(self.static + self.activations, self.end_of_step)
 
     def as_dict(self) -> dict:
         skip = ("specs", "plans")
         return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip},
-                "buckets": len(self.plans), "total": self.total}
+                "buckets": len(self.plans), "static": self.static, "end_of_step": self.end_of_step,
+                "total": self.total}
+
+
+def dims_of(lay: Layout, pp_rank: int) -> ParallelDims:
+    """The rank arithmetic of data-parallel rank 0 of pipeline rank ``pp_rank`` (no process groups)."""
+    return ParallelDims(lay.dp, lay.pp, 1, lay.ep, lay.dp * lay.pp, lay.ranks_per_node, rank=pp_rank * lay.dp)
 
 
 def rank_model(args: ModelArgs, lay: Layout, pp_rank: int) -> torch.nn.Module:
@@ -80,23 +103,27 @@ def rank_model(args: ModelArgs, lay: Layout, pp_rank: int) -> torch.nn.Module:
         else:
             model = DeepSeekV3(args, init_seed=None)
     if lay.ep > 1:
-        dims = ParallelDims(lay.dp, lay.pp, 1, lay.ep, lay.dp * lay.pp, lay.ranks_per_node,
-                            rank=pp_rank * lay.dp)
-        placement = ExpertPlacement.from_dims(dims, args.n_routed_experts, args.n_expert_groups)
+        placement = ExpertPlacement.from_dims(dims_of(lay, pp_rank), args.n_routed_experts, args.n_expert_groups)
         apply_expert_parallel(model, SimpleNamespace(placement=placement))  # only its placement is read
     return model
 
 
 def bucket_plans(model: torch.nn.Module, lay: Layout, pp_rank: int) -> list[BucketPlan]:
-    """The ZeRO-1 buckets ``build_optimizer`` makes for this rank: groups by expert / second copy, experts
-    sharded over the expert-data-parallel group (dp/ep), everything else over dp."""
-    outside: set[str] = set()
-    if lay.pp > 1 and pp_rank >= lay.pp // 2:  # the copy another pipeline rank counts in the norm
-        outside = {n for n, _ in model.partner_params(lay.schedule)}
+    """The ZeRO-1 buckets ``build_optimizer`` makes for this rank, from its own rules: the param groups
+    (``zero_groups``, second copies by ``second_copies``) and each group's replicas (``replica_dim``)."""
+    dims = dims_of(lay, pp_rank)
     specs = [(n, ParamSpec(n, tuple(p.shape), lay.param_dtype)) for n, p in model.named_parameters()]
-    groups = zero_groups(specs, lay.ep, outside)
-    worlds = [lay.dp // lay.ep if expert else lay.dp for (expert, _), _ in groups]
+    groups = zero_groups(specs, lay.ep, second_copies(model, lay.schedule, lay.pp, pp_rank))
+    worlds = [getattr(dims, replica_dim(expert)) for (expert, _), _ in groups]
     return plan_buckets([[s for _, s in g] for _, g in groups], worlds, int(DEFAULT_BUCKET_MB * 2**20))
+
+
+def partner_grad_bytes(model: torch.nn.Module, lay: Layout) -> int:
+    """The flat buffer ``sum_partner_grads`` builds and all-reduces: the fp32 ``main_grad`` of every partner
+    parameter (``StageModel.partner_params``)."""
+    if lay.pp == 1:
+        return 0
+    return sum(p.numel() for _, p in model.partner_params(lay.schedule)) * FP32_BYTES
 
 
 def fp8_weight_cache_bytes(model: torch.nn.Module, only: set[str] | None = None) -> int:
@@ -139,6 +166,8 @@ def rank_memory(args: ModelArgs, lay: Layout, pp_rank: int, model: torch.nn.Modu
         fp8_weight_cache=fp8_weight_cache_bytes(model) if lay.setup.fp8 else 0,
         activations=activations,
         activations_per_microbatch=per_mb,
+        partner_grads=partner_grad_bytes(model, lay),
+        reduce_copies=sum(b.reduce_copy_bytes(lay.reduce_dtype) for b in plans),
         specs=specs,
         plans=plans,
     )

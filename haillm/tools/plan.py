@@ -4,14 +4,13 @@
         parallel.pp_schedule=dualpipe train.global_batch_size=15360 train.seq_len=4096 --gpus 2048 --gpu h800 \\
         [--step-time 19.926 | --mfu 0.4] [--json]
 
-Overrides are the trainer's (``launch/train.py``), composed and validated by the same code with the world
-size ``--gpus``; ``train.dtype=auto`` (the default) resolves for the target as a run does (BF16 parameters
-on a GPU, fp32 for ``--gpu cpu``). One default differs from the trainer's: with pp > 1 the micro-batch is
-one sequence unless ``train.micro_batch_size`` is given (the most micro-batches: the smallest bubble and
-activation footprint). Parameter counts and FLOPs per token are the model's own (``flops.py``); memory comes
-from ``haillm.tools.memory``; the step time from FLOPs per step at a stated MFU of the GPU's dense BF16
-peak, or the MFU from a measured ``--step-time``. Exit code 0 when the layout fits the GPU's memory, 1 when
-it does not, 2 for bad input (one line on stderr).
+Overrides are the trainer's (``launch/train.py``), composed, resolved and validated by the same code with
+the world size ``--gpus``: ``train.dtype=auto`` (the default) resolves for the target as a run does (BF16
+parameters on a GPU, fp32 for ``--gpu cpu``), ``train.micro_batch_size`` as ``compose_config`` does (one
+sequence with pp > 1). Parameter counts and FLOPs per token are the model's own (``flops.py``); memory comes from
+``haillm.tools.memory``; the step time from FLOPs per step at a stated MFU of the peak the trainer's MFU uses
+(``metrics.named_peak_flops``), or the MFU from a measured ``--step-time``. Exit code 0 when the layout fits
+the GPU's memory, 1 when it does not, 2 for bad input (one line on stderr).
 """
 
 from __future__ import annotations
@@ -20,10 +19,10 @@ import argparse
 import json
 import sys
 
-import torch
 from omegaconf import DictConfig
 
 from haillm.config import ConfigError, compose_config, resolve_dtype, to_model_args, validate
+from haillm.fp8 import blockwise_fp8_available
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.flops import count_params, flops_per_token, mtp_params
 from haillm.parallel.mesh import ParallelConfigError
@@ -32,25 +31,26 @@ from haillm.parallel.pipeline.simulate import simulate
 from haillm.tools.activations import ActivationSetup
 from haillm.tools.memory import Layout, RankMemory, all_ranks
 from haillm.tools.schedule import OneLineParser
-from haillm.train.metrics import CPU_FLOPS_PER_THREAD, GPU_PEAK_FLOPS
+from haillm.train.metrics import GPU_PEAK_FLOPS, named_peak_flops
+from haillm.train.optim import config_dtype
 
 GIB = 2**30
-# HBM per GPU in GiB (the vendors' "80 GB" parts carry 80 GiB); the runtime itself takes a little of it.
+# HBM per GPU in GiB, nominal (the vendors' "80 GB" parts carry 80 GiB; the driver reports up to ~1% less).
 GPU_MEMORY_GIB = {"H100": 80, "H800": 80, "H200": 141, "H20": 96, "A100": 80, "A800": 80}
+# What a layout may not plan to use: the CUDA context, NCCL's buffers and the caching allocator's fragmentation
+# live outside the tensors modelled here (and outside torch's max_memory_allocated, the trainer's figure).
+MEMORY_RESERVE = 0.10
+# CUDA compute capability: whether FP8 linears run (``fp8.blockwise_fp8_available``, the rule ``apply_fp8`` uses)
+GPU_CAPABILITY = {"H100": (9, 0), "H800": (9, 0), "H200": (9, 0), "H20": (9, 0), "A100": (8, 0), "A800": (8, 0)}
 GPUS = sorted(name.lower() for name in GPU_PEAK_FLOPS) + ["cpu"]
 DEFAULT_MFU = 0.40
 
 
-def _explicit(overrides: list[str]) -> set[str]:
-    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-
-
 def compose(overrides: list[str], gpus: int | None, gpu: str) -> tuple[DictConfig, int]:
-    """The trainer's configuration with the planner's two defaults, validated for ``gpus`` ranks."""
+    """The trainer's configuration (``compose_config``, defaults resolved as for a run), validated for
+    ``gpus`` ranks."""
     cfg = compose_config(overrides)
     resolve_dtype(cfg, "cpu" if gpu == "cpu" else "cuda")  # train.dtype=auto: bf16 on a GPU, as a run does
-    if "train.micro_batch_size" not in _explicit(overrides) and cfg.parallel.pp > 1:
-        cfg.train.micro_batch_size = 1
     p = cfg.parallel
     ranks = p.dp * p.pp * p.tp
     if gpus is not None and gpus != ranks:
@@ -61,52 +61,61 @@ def compose(overrides: list[str], gpus: int | None, gpu: str) -> tuple[DictConfi
     return cfg, gpus
 
 
+def fp8_linears(cfg: DictConfig, gpu: str) -> bool:
+    """Whether the run's linears go FP8: ``fp8.enabled`` on a device with blockwise FP8 GEMMs (SM90, or the
+    CPU's reference GEMM), as ``apply_fp8`` decides at run time. Elsewhere only the dispatch payload is FP8."""
+    capability = None if gpu == "cpu" else GPU_CAPABILITY[gpu.upper()]
+    return bool(cfg.fp8.enabled) and blockwise_fp8_available(capability)
+
+
 def layout_of(cfg: DictConfig, gpu: str) -> Layout:
-    t, p = cfg.train, cfg.parallel
-    param_dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32  # every parameter, as cast_parameters
-    setup = ActivationSetup(act_bytes=param_dtype.itemsize, recompute=t.recompute, fp8=cfg.fp8.enabled,
+    t, p, o = cfg.train, cfg.parallel, cfg.optim
+    param_dtype = config_dtype(t.dtype)  # every parameter, as cast_parameters
+    setup = ActivationSetup(act_bytes=param_dtype.itemsize, recompute=t.recompute, fp8=fp8_linears(cfg, gpu),
                             cpu=gpu == "cpu", ep=p.ep)
     return Layout(dp=p.dp, pp=p.pp, ep=p.ep, schedule=p.pp_schedule, ranks_per_node=p.ranks_per_node,
                   micro_batch=t.micro_batch_size, seq_len=t.seq_len,
                   n_microbatches=t.global_batch_size // (t.micro_batch_size * p.dp), param_dtype=param_dtype,
-                  moment_dtype=torch.bfloat16 if cfg.optim.moment_dtype == "bf16" else torch.float32, setup=setup)
+                  moment_dtype=config_dtype(o.moment_dtype), reduce_dtype=config_dtype(o.grad_reduce_dtype),
+                  setup=setup)
 
 
-def traffic(args: ModelArgs, lay: Layout, rank: RankMemory, fp8_dispatch: bool) -> dict[str, float]:
-    """Bytes one rank of pipeline rank ``rank.pp_rank`` sends per step, by kind. All-to-all: every routed
-    copy of a token that lands on another EP rank (uniform routing: (ep-1)/ep of them), dispatched (FP8 with
-    1x128 scales under ``fp8.enabled``) and combined forward, and both again as gradients in backward.
-    P2P: activations and gradients between pipeline ranks. ZeRO-1: ring reduce-scatter of the fp32
-    gradient buckets and all-gather of the parameters. DualPipe: the all-reduce of mirror gradients."""
+def traffic(args: ModelArgs, lay: Layout, ranks: list[RankMemory], fp8_dispatch: bool) -> list[dict[str, float]]:
+    """Bytes one rank of each pipeline rank sends per step, by kind. All-to-all: every routed copy of a token
+    that lands on another EP rank (uniform routing: (ep-1)/ep of them), dispatched (FP8 with 1x128 scales
+    under ``fp8.enabled``) and combined forward, and both again as gradients in backward. P2P: activations
+    and gradients between pipeline ranks. ZeRO-1: ring reduce-scatter of the gradient buckets (in
+    ``optim.grad_reduce_dtype``) and all-gather of the parameters. Partner: the fp32 all-reduce of
+    ``sum_partner_grads`` between two ranks (a ring of two sends the buffer once): every gradient of a
+    DualPipe mirror pair, the embedding's between the first and the last rank of 1F1B with MTP."""
     act, dim, k = lay.setup.act_bytes, args.dim, args.n_activated_experts
     copy_out = dim + 4 * -(-dim // 128) if fp8_dispatch else dim * act
     per_copy = (copy_out + 3 * dim * act) * (lay.ep - 1) / lay.ep
     if lay.pp > 1:
         schedule, topo = build(lay.schedule, lay.pp, lay.n_microbatches)
-        forwards = [sum(1 for s in schedule[rank.pp_rank] for a in halves(s) if a.kind == "F" and a.chunk == c)
-                    for c in range(len(rank.specs))]
-        p2p = len(p2p_messages(schedule, topo)[0][rank.pp_rank]) * lay.micro_batch * lay.seq_len * dim * act
-    else:
-        forwards, p2p = [lay.n_microbatches], 0
-    a2a = 0.0
-    for spec, n in zip(rank.specs, forwards, strict=True):
-        tokens = sum(lay.seq_len for i in spec.layers if i >= args.n_dense_layers)
-        if spec.last:
-            tokens += sum(lay.seq_len - d for d in range(1, args.mtp_depth + 1))
-        a2a += n * lay.micro_batch * tokens * k * per_copy
-    zero = {"zero_reduce_scatter": 0.0, "zero_all_gather": 0.0}
-    for b in rank.plans:
-        share = (b.world - 1) / b.world
-        zero["zero_reduce_scatter"] += b.grad_bytes() * share
-        zero["zero_all_gather"] += b.param_bytes() * share
-    mirror = rank.gradients if lay.pp > 1 and lay.schedule == "dualpipe" else 0
-    return {"all_to_all": a2a, "pipeline_p2p": float(p2p), **zero, "mirror_all_reduce": float(mirror)}
-
-
-def peak_flops(cfg: DictConfig, gpu: str) -> float:
-    if cfg.train.peak_flops > 0:
-        return float(cfg.train.peak_flops)
-    return CPU_FLOPS_PER_THREAD if gpu == "cpu" else GPU_PEAK_FLOPS[gpu.upper()]
+        sends = p2p_messages(schedule, topo)[0]
+    out = []
+    for rank in ranks:
+        if lay.pp > 1:
+            forwards = [sum(1 for s in schedule[rank.pp_rank] for a in halves(s) if a.kind == "F" and a.chunk == c)
+                        for c in range(len(rank.specs))]
+            p2p = len(sends[rank.pp_rank]) * lay.micro_batch * lay.seq_len * dim * act
+        else:
+            forwards, p2p = [lay.n_microbatches], 0
+        a2a = 0.0
+        for spec, n in zip(rank.specs, forwards, strict=True):
+            tokens = sum(lay.seq_len for i in spec.layers if i >= args.n_dense_layers)
+            if spec.last:
+                tokens += sum(lay.seq_len - d for d in range(1, args.mtp_depth + 1))
+            a2a += n * lay.micro_batch * tokens * k * per_copy
+        zero = {"zero_reduce_scatter": 0.0, "zero_all_gather": 0.0}
+        for b in rank.plans:
+            share = (b.world - 1) / b.world
+            zero["zero_reduce_scatter"] += b.reduce_bytes(lay.reduce_dtype) * share
+            zero["zero_all_gather"] += b.param_bytes() * share
+        out.append({"all_to_all": a2a, "pipeline_p2p": float(p2p), **zero,
+                    "partner_all_reduce": float(rank.partner_grads)})
+    return out
 
 
 def make_plan(overrides: list[str], gpus: int | None = None, gpu: str = "h100", step_time: float | None = None,
@@ -116,10 +125,11 @@ def make_plan(overrides: list[str], gpus: int | None = None, gpu: str = "h100", 
     args, lay = to_model_args(cfg.model), layout_of(cfg, gpu)
     ranks = all_ranks(args, lay)
     worst = max(ranks, key=lambda r: r.total)
+    comm = traffic(args, lay, ranks, cfg.fp8.enabled and lay.ep > 1)
     total, active = count_params(args)
     fpt = flops_per_token(args, lay.seq_len)
     tokens = cfg.train.global_batch_size * lay.seq_len
-    peak = peak_flops(cfg, gpu)
+    peak, peak_source = named_peak_flops(None if gpu == "cpu" else gpu.upper(), cfg.train.peak_flops)
     step_flops = tokens * fpt
     if step_time is None:
         step_time = step_flops / (gpus * peak * mfu)
@@ -128,6 +138,7 @@ def make_plan(overrides: list[str], gpus: int | None = None, gpu: str = "h100", 
         mfu = step_flops / (step_time * gpus * peak)
         mfu_source = "from the measured step time (--step-time)"
     capacity = GPU_MEMORY_GIB.get(gpu.upper(), 0) * GIB or None
+    usable = None if capacity is None else capacity * (1 - MEMORY_RESERVE)
     bubble = None
     if lay.pp > 1:
         sim = simulate(*build(lay.schedule, lay.pp, lay.n_microbatches))
@@ -144,14 +155,17 @@ def make_plan(overrides: list[str], gpus: int | None = None, gpu: str = "h100", 
                    "pp_schedule": lay.schedule if lay.pp > 1 else None, "micro_batch_size": lay.micro_batch,
                    "microbatches_per_step": lay.n_microbatches, "seq_len": lay.seq_len,
                    "global_batch_size": cfg.train.global_batch_size, "param_dtype": cfg.train.dtype,
-                   "moment_dtype": cfg.optim.moment_dtype, "recompute": bool(cfg.train.recompute),
-                   "fp8": bool(cfg.fp8.enabled)},
-        "memory_bytes_per_rank": {**worst.as_dict(), "capacity": capacity,
-                                  "fits": None if capacity is None else worst.total <= capacity},
+                   "moment_dtype": cfg.optim.moment_dtype, "grad_reduce_dtype": cfg.optim.grad_reduce_dtype,
+                   "recompute": bool(cfg.train.recompute),
+                   "fp8": bool(cfg.fp8.enabled), "fp8_linears": lay.setup.fp8},
+        "memory_bytes_per_rank": {**worst.as_dict(), "capacity": capacity, "usable": usable,
+                                  "fits": None if usable is None else worst.total <= usable},
         "memory_bytes_per_pp_rank": [r.as_dict() for r in ranks],
-        "comm_bytes_per_rank_per_step": traffic(args, lay, worst, cfg.fp8.enabled and lay.ep > 1),
+        "comm_bytes_per_rank_per_step": {kind: max(c[kind] for c in comm) for kind in comm[0]},
+        "comm_bytes_per_pp_rank_per_step": comm,
         "tokens_per_step": tokens,
         "peak_flops_per_gpu": peak,
+        "peak_flops_source": peak_source,
         "step_time_s": step_time,
         "mfu": mfu,
         "mfu_source": mfu_source,
@@ -175,6 +189,13 @@ def _si(x: float, unit: str = "") -> str:
     return f"{x:.3g}{' ' if unit else ''}{unit}"
 
 
+def _fp8(lay: dict) -> str:
+    if lay["fp8"] and not lay["fp8_linears"]:
+        return (f"on for the dispatch only ({lay['gpu'].upper()} has no blockwise FP8 GEMMs: linears in "
+                f"{lay['param_dtype']})")
+    return "on" if lay["fp8"] else "off"
+
+
 def render(plan: dict) -> str:
     """The plan as a few lines of text."""
     lay, mem, comm = plan["layout"], plan["memory_bytes_per_rank"], plan["comm_bytes_per_rank_per_step"]
@@ -190,26 +211,33 @@ def render(plan: dict) -> str:
         f"{lay['micro_batch_size']} ({lay['microbatches_per_step']} per data-parallel rank); "
         f"{lay['param_dtype']} parameters, "
         f"{lay['moment_dtype']} Adam moments, recompute {'on' if lay['recompute'] else 'off'}, "
-        f"fp8 {'on' if lay['fp8'] else 'off'}",
+        f"fp8 {_fp8(lay)}",
         f"memory per rank (the largest: pipeline rank {mem['pp_rank']}):",
     ]
     for key in ("parameters", "gradients", "optimizer", "fp8_weight_cache", "activations"):
         lines.append(f"  {key.replace('_', ' '):<17}{_gib(mem[key]):>12}")
     per_mb = ", ".join(_gib(x) for x in mem["activations_per_microbatch"])
     lines[-1] += f"  (peak in flight; per micro-batch of each local stage: {per_mb})"
-    verdict = ""
+    for key, what in (("partner_grads", "sum_partner_grads' fp32 copy"),
+                      ("reduce_copies", f"{lay['grad_reduce_dtype']} copies of the gradient buckets")):
+        if mem[key]:
+            lines.append(f"  {key.replace('_', ' '):<17}{_gib(mem[key]):>12}  (transient: {what})")
+    lines.append(f"  {'total':<17}{_gib(mem['total']):>12}  (the larger of: with the activations "
+                 f"{_gib(mem['static'] + mem['activations'])}, at the end of the step {_gib(mem['end_of_step'])})")
     if mem["capacity"] is not None:
-        verdict = f" of {_gib(mem['capacity'])}: " + ("fits" if mem["fits"] else "DOES NOT FIT")
-    lines.append(f"  {'total':<17}{_gib(mem['total']):>12}{verdict}")
+        lines.append(f"  {'usable':<17}{_gib(mem['usable']):>12}  ({_gib(mem['capacity'])} less a "
+                     f"{MEMORY_RESERVE:.0%} reserve for the CUDA context, NCCL and the allocator): "
+                     + ("fits" if mem["fits"] else "DOES NOT FIT"))
     if lay["pp"] > 1:
         lines.append("  per pipeline rank: " + ", ".join(
             f"{r['pp_rank']}: {_gib(r['total'])}" for r in plan["memory_bytes_per_pp_rank"]))
-    lines.append("communication per rank and step: " + (", ".join(
+    busiest = " (each kind's busiest pipeline rank)" if lay["pp"] > 1 else ""
+    lines.append(f"communication per rank and step{busiest}: " + (", ".join(
         f"{k.replace('_', ' ')} {_si(v, 'B')}" for k, v in comm.items() if v) or "none"))
     bubble = plan["pipeline_bubble_fraction"]
     lines.append(
         f"time: step {plan['step_time_s']:.3f} s at MFU {100 * plan['mfu']:.1f}% ({plan['mfu_source']}) of "
-        f"{plan['peak_flops_per_gpu'] / 1e12:g} TFLOP/s per GPU; "
+        f"{plan['peak_flops_per_gpu'] / 1e12:g} TFLOP/s per GPU ({plan['peak_flops_source']}); "
         f"{_si(plan['gpu_hours_per_trillion_tokens'])} GPU-hours per trillion tokens"
         + (f"; simulated pipeline bubble {100 * bubble:.1f}% (F=1, B=2, W=1, F&B=2.5)" if bubble is not None else "")
     )

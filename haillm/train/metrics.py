@@ -26,14 +26,19 @@ CPU_FLOPS_PER_THREAD = 50e9
 
 def peak_flops(device: torch.device, override: float = 0.0) -> tuple[float, str]:
     """Peak FLOP/s of one device and where the figure comes from."""
+    return named_peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, override)
+
+
+def named_peak_flops(gpu_name: str | None, override: float = 0.0) -> tuple[float, str]:
+    """``peak_flops`` of a GPU by name (``None``: this process's CPU, ``torch.get_num_threads()`` threads), so
+    that the layout planner prices a device it does not have exactly as the trainer will."""
     if override > 0:
         return override, "train.peak_flops"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+    if gpu_name is not None:
         for key, value in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return value, f"{name} dense BF16"
-        return 0.0, f"unknown GPU {name}: set train.peak_flops for MFU"
+            if key in gpu_name:
+                return value, f"{gpu_name} dense BF16"
+        return 0.0, f"unknown GPU {gpu_name}: set train.peak_flops for MFU"
     threads = torch.get_num_threads()
     return CPU_FLOPS_PER_THREAD * threads, f"CPU fp32 {threads} thread(s) x 50 GFLOP/s (measured)"
 

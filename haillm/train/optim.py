@@ -32,6 +32,18 @@ def zero_groups(named: Iterable[tuple[str, T]], ep: int, outside_norm: Collectio
     return sorted(groups.items(), key=lambda kv: kv[0])
 
 
+def config_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config's ``fp32`` / ``bf16`` (``optim.moment_dtype``, ``optim.grad_reduce_dtype``)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def replica_dim(expert: bool) -> str:
+    """The ``ParallelDims`` dimension a param group is replicated over, and its ZeRO-1 state sharded over:
+    routed experts under EP over the expert-data-parallel group (edp = dp/ep: each ep rank holds different
+    experts), everything else over dp. One rule for the optimizer and the layout planner."""
+    return "edp" if expert else "dp"
+
+
 def build_optimizer(model: torch.nn.Module, cfg: DictConfig, dims: ParallelDims,
                     outside_norm: set[str] = frozenset()) -> ZeroAdamW:
     """ZeRO-1 AdamW: one code path for every layout (dp=1 communicates nothing).
@@ -46,15 +58,16 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig, dims: ParallelDims,
     o = cfg.optim
     param_groups = []
     for (expert, outside), params in zero_groups(model.named_parameters(), dims.ep, outside_norm):
-        group = {"params": params, "in_norm": not outside}
+        replicas = getattr(dims, f"{replica_dim(expert)}_group")
+        group = {"params": params, "in_norm": not outside, "process_group": replicas}
         if expert:
-            group |= {"process_group": dims.edp_group, "norm_groups": (dims.ep_group,), "grad_divisor": dims.dp}
+            group |= {"norm_groups": (dims.ep_group,), "grad_divisor": dims.dp}
         param_groups.append(group)
     return ZeroAdamW(
         param_groups, lr=cfg.train.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
         process_group=dims.dp_group, norm_groups=(dims.pp_group,) if dims.pp > 1 else (),
-        moment_dtype=torch.bfloat16 if o.moment_dtype == "bf16" else torch.float32,
-        reduce_dtype=torch.bfloat16 if o.grad_reduce_dtype == "bf16" else torch.float32,
+        moment_dtype=config_dtype(o.moment_dtype),
+        reduce_dtype=config_dtype(o.grad_reduce_dtype),
         state_pieces=per_expert_state(model),
     )
 

@@ -210,6 +210,14 @@ def build_stage_model(args: ModelArgs, schedule: str, pp: int, pp_rank: int, ini
 # --- gradient sums between ranks holding the same parameters -------------------------------------------
 
 
+def second_copies(model: nn.Module, schedule: str, pp: int, pp_rank: int) -> set[str]:
+    """Names of the partner parameters this rank leaves out of the gradient norm, so that every parameter
+    counts once: the second copy is on ranks pp/2 and up (DualPipe's mirrors, 1F1B's last rank's embedding)."""
+    if pp == 1 or pp_rank < pp // 2:
+        return set()
+    return {n for n, _ in model.partner_params(schedule)}
+
+
 def pipelines_of(dims) -> list[list[int]]:
     """Global ranks of every pipeline (pp group) of a ``ParallelDims``, each ordered by pipeline rank."""
     return [[dims.global_rank(p, dp, tp) for p in range(dims.pp)] for dp in range(dims.dp) for tp in range(dims.tp)]
