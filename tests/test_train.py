@@ -97,7 +97,7 @@ def test_peak_memory_is_the_steps_cuda_peak():
         (["train.foo=1"], "foo"),
         (["nonsense=3"], "nonsense"),
         (["train.global_batch_size=-4"], "train.global_batch_size=-4"),
-        (["train.micro_batch_size=0"], "train.micro_batch_size=0"),
+        (["train.micro_batch_size=-2"], "train.micro_batch_size=-2"),
         (["train.global_batch_size=6", "train.micro_batch_size=4"], "divisible"),
         (["data.source=/no/such/place"], "/no/such/place"),
         (["parallel.pp_schedule=zigzag"], "zigzag"),
