@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -114,7 +115,8 @@ def build_model(cfg: DictConfig, dims: ParallelDims, device: torch.device
 def build_pipeline(cfg: DictConfig, dims: ParallelDims, model: StageModel, device: torch.device) -> Pipeline:
     schedule = cfg.parallel.pp_schedule
     n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dims.dp)
-    partner = partner_group(schedule, pipelines_of(dims), mtp=model.args.mtp_depth > 0)
+    timeout = timedelta(seconds=cfg.train.collective_timeout_s)
+    partner = partner_group(schedule, pipelines_of(dims), mtp=model.args.mtp_depth > 0, timeout=timeout)
     runtime = PipelineRuntime(model, schedule, n_micro, pp_group=dims.pp_group, device=device)
     return Pipeline(runtime, partner, model.partner_params(schedule), mirrored=schedule == "dualpipe")
 
@@ -131,7 +133,8 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
     if dataset.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"data.tokenizer has {dataset.tokenizer.vocab_size} ids but model.vocab_size="
                           f"{cfg.model.vocab_size}; use a model with a vocabulary at least that large")
-    dims = ParallelDims.from_config(cfg.parallel, world).build(device.type)
+    dims = ParallelDims.from_config(cfg.parallel, world).build(
+        device.type, timedelta(seconds=t.collective_timeout_s))
     model, dispatcher = build_model(cfg, dims, device)
     pipeline = build_pipeline(cfg, dims, model, device) if dims.pp > 1 else None
     # A second copy of shared parameters (DualPipe's mirror rank, 1F1B's MTP embedding on the last rank)

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from dist import run_distributed
 from test_train import launch_train, snapshot
 from test_train_dp import COMMON
 
+from haillm.config import compose_config, validate
 from haillm.train.checkpoint import list_checkpoints, verify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,6 +225,28 @@ def test_dead_rank_is_named(tmp_path):
     assert code1 == -signal.SIGKILL and code0 == 4, err0[-2000:]
     [line] = error_lines(err0)
     assert "a collective failed on rank 0" in line and "rank 1 did not answer" in line, line
+
+
+def _group_timeouts(argv: list[str]) -> list[float]:
+    """Train as `argv` says, then the timeout of every process group this rank belongs to, but the default
+    group (the test harness made it; `init_distributed` gives it the configured timeout)."""
+    rank, world, device = launch_train.init_distributed()
+    cfg = compose_config(argv)
+    validate(cfg, world)
+    launch_train.run(cfg, rank, world, device)
+    return [pg._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+            for pg in dist.distributed_c10d._world.pg_map if pg is not dist.GroupMember.WORLD]
+
+
+def test_every_group_carries_the_configured_timeout(tmp_path):
+    """pp2 (DualPipe: the mirror's partner group) x dp2 x ep2, asynchronous checkpoints (their own group): every
+    group gets train.collective_timeout_s, not the backend's default (30 min on gloo, 10 on NCCL): the five
+    of the mesh (pp, edp, ep, tp, dp), DualPipe's partner and the checkpoint writer's."""
+    argv = [*COMMON, f"output_dir={tmp_path / 'run'}", "train.steps=1", "train.micro_batch_size=1",
+            "parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.pp_schedule=dualpipe",
+            "checkpoint.async_save=true", "train.collective_timeout_s=7"]
+    for timeouts in run_distributed(_group_timeouts, world_size=4, args=(argv,), timeout=120):
+        assert timeouts == [7.0] * 7, timeouts
 
 
 def test_slow_step_logs_every_thread_stack(tmp_path, capsys, monkeypatch):

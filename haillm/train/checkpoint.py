@@ -26,6 +26,7 @@ import threading
 import time
 import warnings
 import zlib
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -166,11 +167,16 @@ class Checkpointer:
     rank's share of one checkpoint; its size is logged.
     """
 
-    def __init__(self, run_dir: Path, keep: int, async_save: bool = False, config: str | None = None):
+    def __init__(self, run_dir: Path, keep: int, async_save: bool = False, config: str | None = None,
+                 timeout: timedelta | None = None):
         self.run_dir, self.keep, self.async_save, self.config = Path(run_dir), keep, async_save, config
         self.staging_bytes = 0
         self._buffers: dict[str, torch.Tensor] = {}
-        self._group: dist.ProcessGroup | None = None
+        # The background writer's own group (CPU tensors, apart from training's collectives), created here:
+        # group creation is collective, and every rank builds its Checkpointer at the same point.
+        self.group: dist.ProcessGroup | None = None
+        if async_save and dist.is_initialized():
+            self.group = dist.new_group(backend="gloo", timeout=timeout)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._pending: Path | None = None
@@ -182,8 +188,6 @@ class Checkpointer:
         if not self.async_save:
             self.latest = save(self.run_dir, step, model, optimizer, trainer_state, self.keep, self.config)
             return self.latest
-        if self._group is None and dist.is_initialized():
-            self._group = dist.new_group(backend="gloo")  # CPU tensors, and apart from training's collectives
         start = time.perf_counter()
         state = _to_cpu(_state_dict(model, optimizer), self._buffers, "")
         if torch.cuda.is_available():
@@ -191,7 +195,7 @@ class Checkpointer:
         self.staging_bytes = sum(t.numel() * t.element_size() for t in self._buffers.values())
         log.info("async checkpoint step_%d: %.1f MiB of this rank's state staged in CPU memory in %.2f s; "
                  "writing in the background", step, self.staging_bytes / 2**20, time.perf_counter() - start)
-        args = (self.run_dir, step, state, rng_state(), trainer_state, self.keep, self.config, self._group)
+        args = (self.run_dir, step, state, rng_state(), trainer_state, self.keep, self.config, self.group)
         self._pending = checkpoint_root(self.run_dir) / f"step_{step}"
         self._thread = threading.Thread(target=self._write, args=args, name="haillm-checkpoint", daemon=True)
         self._thread.start()

@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -70,7 +71,8 @@ class Trainer:
         self.state = TrainState()
         self.health = LossHealth(cfg.train.loss_spike_factor, cfg.train.loss_spike_window)
         self.checkpointer = checkpoint.Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save,
-                                                    OmegaConf.to_yaml(cfg, resolve=True))
+                                                    OmegaConf.to_yaml(cfg, resolve=True),
+                                                    timedelta(seconds=cfg.train.collective_timeout_s))
         self.stopped_by: str | None = None  # the signal that preempted the run
         self.peak, peak_source = peak_flops(device, cfg.train.peak_flops)
         if self.is_logging_rank:
