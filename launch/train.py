@@ -31,7 +31,7 @@ from haillm.ops.precision import cast_parameters
 from haillm.parallel.expert import AllToAllDispatcher, ExpertPlacement, apply_expert_parallel
 from haillm.parallel.mesh import ParallelConfigError, ParallelDims
 from haillm.parallel.pipeline.runtime import PipelineRuntime
-from haillm.parallel.pipeline.stage import StageModel, build_stage_model, partner_group, pipelines_of
+from haillm.parallel.pipeline.stage import StageModel, build_stage_model, own_group, partner_group, pipelines_of
 from haillm.train.checkpoint import CheckpointError, list_checkpoints
 from haillm.train.evaluate import build_evaluator
 from haillm.train.optim import build_optimizer
@@ -117,7 +117,10 @@ def build_pipeline(cfg: DictConfig, dims: ParallelDims, model: StageModel, devic
     n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dims.dp)
     timeout = timedelta(seconds=cfg.train.collective_timeout_s)
     partner = partner_group(schedule, pipelines_of(dims), mtp=model.args.mtp_depth > 0, timeout=timeout)
-    runtime = PipelineRuntime(model, schedule, n_micro, pp_group=dims.pp_group, device=device)
+    # The point-to-point traffic gets a group of its own, even when the pp group is the default group (pp =
+    # world size): the watchdog leaves it out of its collective counts (haillm.train.watchdog), not the pp group.
+    p2p = own_group(pipelines_of(dims), timeout)
+    runtime = PipelineRuntime(model, schedule, n_micro, pp_group=p2p, device=device)
     return Pipeline(runtime, partner, model.partner_params(schedule), mirrored=schedule == "dualpipe")
 
 

@@ -25,6 +25,7 @@ from test_train_dp import COMMON
 
 from haillm.config import compose_config, validate
 from haillm.train.checkpoint import list_checkpoints, verify
+from haillm.train.watchdog import holdups
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -217,6 +218,32 @@ def test_stalled_rank_is_named_within_the_timeout(tmp_path):
     assert [r["step"] for r in records(run)] == [1, 2]
 
 
+def test_holdups_from_collectives_and_transfers():
+    def status(seqs: dict, send: dict | None = None, recv: dict | None = None) -> dict:
+        return {"seqs": seqs, "p2p": {"send": send or {}, "recv": recv or {}}}
+
+    # Rank 2 has issued fewer collectives on the world group; rank 3 never answered.
+    assert holdups({0: status({"0": 5}), 1: status({"0": 5}), 2: status({"0": 4})}, 4) == ([3], {2: [0, 1]})
+    # Equal collective counts; rank 0 posted a send and a receive that rank 1 has not matched (JSON: str peers).
+    pipeline = {0: status({"0": 9}, {"1": 7}, {"1": 7}), 1: status({"0": 9}, {"0": 6}, {"0": 6})}
+    assert holdups(pipeline, 2) == ([], {1: [0]})
+    assert holdups({0: status({"0": 9}, {"1": 6}, {"1": 6}), 1: pipeline[1]}, 2) == ([], {})  # all matched
+
+
+def test_stalled_pipeline_rank_is_named(tmp_path):
+    """pp=2 with 1F1B on 2 ranks (the pp group is the default group): rank 1 sleeps in step 3, rank 0 waits for
+    its transfers; both exit with code 4 naming rank 1, from the transfers each has posted."""
+    run = tmp_path / "run"
+    argv = [*COMMON, "parallel.pp=2", "parallel.pp_schedule=1f1b", "train.micro_batch_size=1", "train.steps=20",
+            f"output_dir={run}", "train.collective_timeout_s=5"]
+    results = run_ranks(argv, 2, tmp_path, timeout=60, HAILLM_FAULT="stall:step=3:rank=1")
+    for code, err in results:
+        assert code == 4, err[-2000:]
+        [line] = error_lines(err)
+        assert "rank 1 is behind: ranks [0] wait for it" in line and "step 3 in faults.py" in line, line
+    assert [r["step"] for r in records(run)] == [1, 2]
+
+
 def test_dead_rank_is_named(tmp_path):
     """Rank 1 is killed in step 3: rank 0's collective fails and it exits with code 4 naming rank 1."""
     run = tmp_path / "run"
@@ -241,12 +268,13 @@ def _group_timeouts(argv: list[str]) -> list[float]:
 def test_every_group_carries_the_configured_timeout(tmp_path):
     """pp2 (DualPipe: the mirror's partner group) x dp2 x ep2, asynchronous checkpoints (their own group): every
     group gets train.collective_timeout_s, not the backend's default (30 min on gloo, 10 on NCCL): the five
-    of the mesh (pp, edp, ep, tp, dp), DualPipe's partner and the checkpoint writer's."""
+    of the mesh (pp, edp, ep, tp, dp), the pipeline's point-to-point group, DualPipe's partner and the
+    checkpoint writer's."""
     argv = [*COMMON, f"output_dir={tmp_path / 'run'}", "train.steps=1", "train.micro_batch_size=1",
             "parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.pp_schedule=dualpipe",
             "checkpoint.async_save=true", "train.collective_timeout_s=7"]
     for timeouts in run_distributed(_group_timeouts, world_size=4, args=(argv,), timeout=120):
-        assert timeouts == [7.0] * 7, timeouts
+        assert timeouts == [7.0] * 8, timeouts
 
 
 def test_slow_step_logs_every_thread_stack(tmp_path, capsys, monkeypatch):

@@ -102,7 +102,12 @@ class Trainer:
         sinks = self._open_sinks() if self.is_logging_rank else []
         progress = Progress(self.is_logging_rank and cfg.logging.progress, cfg.train.steps, self.state.step)
         records = []
-        watchdog = Watchdog(cfg.train.collective_timeout_s, cfg.train.watchdog_factor, [self.dims.pp_group])
+        pipeline = self.pipeline
+        # Left out of the collective counts: the pipeline's point-to-point group (its transfers are compared on
+        # their own), and the background checkpoint writer's, in which ranks legitimately differ mid-write.
+        watchdog = Watchdog(cfg.train.collective_timeout_s, cfg.train.watchdog_factor,
+                            [pipeline.runtime.group if pipeline else None, self.checkpointer.group],
+                            pipeline.runtime.p2p_posted if pipeline else None)
         try:
             with Preemption(self.device) as preemption, watchdog:
                 while self.state.step < cfg.train.steps:

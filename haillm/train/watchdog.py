@@ -9,8 +9,10 @@
   A rank that is behind on a group that others have gone further in, and ahead of nobody, is what the others
   wait for; a rank that never answers is dead or frozen. The error names them, then the rank exits with
   `PEER_FAILURE_EXIT` instead of waiting in a collective that will never finish.
-Groups carrying point-to-point traffic (the pipeline's) are left out: their ranks issue different numbers of
-operations by design. The same code serves NCCL, whose collectives also time out on their own
+The group carrying the pipeline's point-to-point traffic is left out (its ranks issue different numbers of
+operations by design, and a backend may or may not count transfers); instead each rank reports how many
+transfers it has posted to and from each peer, and a rank that has not posted the counterpart of a transfer
+another rank posted is behind in the same sense. The same code serves NCCL, whose collectives also time out on their own
 (`TORCH_NCCL_ASYNC_ERROR_HANDLING`), and gloo.
 """
 
@@ -27,7 +29,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch.distributed as dist
@@ -59,8 +61,12 @@ def where(frame) -> str:
 
 
 class Watchdog:
-    def __init__(self, timeout_s: float, slow_factor: float, skip_groups: Iterable[dist.ProcessGroup | None] = ()):
-        self.timeout_s, self.slow_factor = timeout_s, slow_factor
+    """`skip_groups` are left out of the collective counts; `p2p` returns the point-to-point transfers this rank
+    has posted, {"send"|"recv": {global peer rank: count}} (`PipelineRuntime.p2p_posted`)."""
+
+    def __init__(self, timeout_s: float, slow_factor: float, skip_groups: Iterable[dist.ProcessGroup | None] = (),
+                 p2p: Callable[[], dict[str, dict[int, int]]] | None = None):
+        self.timeout_s, self.slow_factor, self.p2p = timeout_s, slow_factor, p2p
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.skip = {pg.group_name for pg in skip_groups if pg is not None}
@@ -138,7 +144,7 @@ class Watchdog:
                 with contextlib.suppress(RuntimeError, AttributeError):
                     seqs[pg.group_name] = pg._get_sequence_number_for_group()
         frame = sys._current_frames().get(self.thread_id)
-        return {"step": self.step, "where": where(frame), "seqs": seqs}
+        return {"step": self.step, "where": where(frame), "seqs": seqs, "p2p": self.p2p() if self.p2p else {}}
 
     def diagnose(self, what: str, blame_required: bool = False) -> str | None:
         """Publish this rank's status, gather the others' (waiting a few seconds), and say who holds the job
@@ -187,12 +193,19 @@ class Watchdog:
 
 def holdups(statuses: dict[int, dict], world: int) -> tuple[list[int], dict[int, list[int]]]:
     """(ranks without a status, {rank: ranks waiting for it}). Rank y holds others up when it has issued
-    fewer collectives than some member of one of its groups and more than nobody in any of them."""
+    fewer collectives than some member of one of its groups and more than nobody in any of them; the transfers
+    from x to y count as a group of two, x's posted sends against y's posted receives."""
     missing = [r for r in range(world) if r not in statuses]
     groups: dict[str, dict[int, int]] = {}
     for r, status in statuses.items():
         for name, seq in status["seqs"].items():
             groups.setdefault(name, {})[r] = seq
+    for r, status in statuses.items():  # JSON made the peer ranks strings
+        for direction, counts in status.get("p2p", {}).items():
+            for peer, count in counts.items():
+                if int(peer) in statuses:
+                    src, dst = (r, int(peer)) if direction == "send" else (int(peer), r)
+                    groups.setdefault(f"p2p {src}>{dst}", {src: 0, dst: 0})[r] = count
     behind: dict[int, list[int]] = {}
     for y in statuses:
         mine = [(seqs, seqs[y]) for seqs in groups.values() if y in seqs]
