@@ -25,7 +25,7 @@ from test_train_dp import COMMON
 
 from haillm.config import compose_config, validate
 from haillm.train.checkpoint import list_checkpoints, verify
-from haillm.train.watchdog import holdups
+from haillm.train.watchdog import Watchdog, holdups, patience
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -206,16 +206,20 @@ def test_kill_during_checkpoint_write_resumes_from_previous(tmp_path, uninterrup
 
 
 def test_stalled_rank_is_named_within_the_timeout(tmp_path):
-    """Rank 1 sleeps in step 3 (for an hour): within train.collective_timeout_s both ranks exit with code 4 and
-    an error naming rank 1 and where it is."""
+    """Rank 1 sleeps in step 3 (for an hour): both ranks exit with code 4 and an error naming rank 1 and where it
+    is, within what the watchdog guarantees after the last progress: train.collective_timeout_s, a poll of its
+    thread (1 s at most) and the diagnosis round's patience."""
     run = tmp_path / "run"
     argv = [*COMMON, "parallel.dp=2", "train.steps=20", f"output_dir={run}", "train.collective_timeout_s=5"]
     results = run_ranks(argv, 2, tmp_path, HAILLM_FAULT="stall:step=3:rank=1")
+    # metrics.jsonl was last written after step 2, before either rank began step 3 (its last progress)
+    elapsed = time.time() - (run / "metrics.jsonl").stat().st_mtime
     for code, err in results:
         assert code == 4, err[-2000:]
         [line] = error_lines(err)
         assert "rank 1 is behind: ranks [0] wait for it" in line and "step 3 in faults.py" in line, line
     assert [r["step"] for r in records(run)] == [1, 2]
+    assert elapsed < 5 + 1 + patience(5), elapsed
 
 
 def test_holdups_from_collectives_and_transfers():
@@ -228,6 +232,25 @@ def test_holdups_from_collectives_and_transfers():
     pipeline = {0: status({"0": 9}, {"1": 7}, {"1": 7}), 1: status({"0": 9}, {"0": 6}, {"0": 6})}
     assert holdups(pipeline, 2) == ([], {1: [0]})
     assert holdups({0: status({"0": 9}, {"1": 6}, {"1": 6}), 1: pipeline[1]}, 2) == ([], {})  # all matched
+
+
+def _rounds() -> tuple[str | None, str | None]:
+    watchdog = Watchdog(timeout_s=4, slow_factor=0)
+    first = watchdog.diagnose("first", blame_required=True)  # both ranks at once: nobody is behind
+    dist.all_reduce(torch.ones(1))  # both go on: the statuses of the first round are out of date
+    if dist.get_rank() == 0:
+        return first, watchdog.diagnose("second", blame_required=True)
+    deadline = time.monotonic() + patience(4)
+    while time.monotonic() < deadline:  # what the watchdog thread of a rank without progress does
+        watchdog._answer()
+        time.sleep(0.05)
+    return first, None
+
+
+def test_a_round_reads_no_status_of_an_earlier_one():
+    """A diagnosis round that blamed nobody leaves statuses in the store; a later round on the same step must
+    not read them (rank 1's would show it one collective behind), but the fresh answers."""
+    assert run_distributed(_rounds, world_size=2, timeout=60) == [(None, None), (None, None)]
 
 
 def test_stalled_pipeline_rank_is_named(tmp_path):

@@ -4,16 +4,21 @@
   (once per step): where a straggler or a stuck data read is spending its time.
 - No progress for `train.collective_timeout_s` (a collective that cannot complete: a rank stalled, died, or
   never joined), or a failed collective in the training thread (gloo: "connection closed by peer" when a rank
-  died; a collective timeout), starts the diagnosis. Every rank that gets there publishes, in the job's
-  store, how many collectives it has issued on each of its process groups and where its training thread is.
-  A rank that is behind on a group that others have gone further in, and ahead of nobody, is what the others
-  wait for; a rank that never answers is dead or frozen. The error names them, then the rank exits with
-  `PEER_FAILURE_EXIT` instead of waiting in a collective that will never finish.
+  died; a collective timeout), starts a diagnosis round. The rank draws a new round number in the job's store
+  and publishes its status there: how many collectives it has issued on each of its process groups and where
+  its training thread is. Every other rank without progress for half the timeout (in a hang, all of them)
+  answers with its own status within a poll of the watchdog thread, wherever it is stuck: in a step, an
+  evaluation or a checkpoint save. Statuses of earlier rounds are ignored. A rank that is behind on a group
+  that others have gone further in, and ahead of nobody, is what the others wait for; a rank that never
+  answers is dead or frozen. The error names them, then the rank exits with `PEER_FAILURE_EXIT` instead of
+  waiting in a collective that will never finish: at most `train.collective_timeout_s` plus a poll (1 s at
+  most) plus the round's patience (`patience`) after its last progress. A round that blames nobody (every rank
+  busy: a slow step) is logged, and the next comes a timeout later if there is still no progress.
 The group carrying the pipeline's point-to-point traffic is left out (its ranks issue different numbers of
 operations by design, and a backend may or may not count transfers); instead each rank reports how many
 transfers it has posted to and from each peer, and a rank that has not posted the counterpart of a transfer
-another rank posted is behind in the same sense. The same code serves NCCL, whose collectives also time out on their own
-(`TORCH_NCCL_ASYNC_ERROR_HANDLING`), and gloo.
+another rank posted is behind in the same sense. The same code serves NCCL, whose collectives also time out
+on their own (`TORCH_NCCL_ASYNC_ERROR_HANDLING`), and gloo.
 """
 
 from __future__ import annotations
@@ -38,8 +43,14 @@ from haillm.train import faults
 
 log = logging.getLogger(__name__)
 PEER_FAILURE_EXIT = 4  # the process exit code when a rank died, stalled or a collective failed
-STATUS_KEY = "haillm/watchdog/step{}/rank{}"  # one diagnosis per step at most: statuses are never stale
-READ_KEY = "haillm/watchdog/step{}/read{}"
+ROUND_KEY = "haillm/watchdog/round"  # the latest diagnosis round (a counter)
+STATUS_KEY = "haillm/watchdog/rank{}"  # a rank's latest status, stamped with the round it answers
+READ_KEY = "haillm/watchdog/read{}"  # the latest round whose statuses a diagnosing rank has gathered
+
+
+def patience(timeout_s: float) -> float:
+    """How long a diagnosis round waits for the other ranks' statuses."""
+    return max(2.0, min(10.0, timeout_s / 2))
 
 
 class PeerFailure(RuntimeError):
@@ -77,7 +88,8 @@ class Watchdog:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one diagnosis per process, from whichever thread sees the failure
         self._message: str | None = None
-        self._checked = -1  # the step the watchdog thread last diagnosed
+        self._round_end = 0.0  # when this rank's last diagnosis round ended (monotonic)
+        self._answered = 0  # the latest round this rank published its status for
         self._thread = threading.Thread(target=self._watch, name="haillm-watchdog", daemon=True)
 
     def __enter__(self) -> Watchdog:
@@ -116,20 +128,41 @@ class Watchdog:
                 log.warning("step %d has run %.1f s, over %g x the median step (%.2f s); stacks of all threads:\n%s",
                             self.step, now - start, self.slow_factor, statistics.median(self.durations),
                             self.stacks())
-            if self.world > 1 and now - self.last_progress > self.timeout_s and self._checked != self.step:
-                self._checked = self.step
-                what = f"no progress on rank {self.rank} for {now - self.last_progress:.0f} s"
-                try:
-                    message = self.diagnose(what, blame_required=True)
-                except Exception as exc:  # never let the watchdog die silently while the job hangs
-                    message = f"{what}; the diagnosis failed ({type(exc).__name__}: {exc})"
-                if message is None:
-                    log.warning("%s, but no rank is behind another in collectives: a slow step, not a hang", what)
-                else:
-                    print(f"haillm: error: {message}", file=sys.stderr, flush=True)
-                    for handler in logging.getLogger().handlers:
-                        handler.flush()
-                    os._exit(PEER_FAILURE_EXIT)
+            if self.world == 1:
+                continue
+            if now - max(self.last_progress, self._round_end) > self.timeout_s:
+                self._diagnose_hang(now)
+            elif now - self.last_progress > self.timeout_s / 2:
+                self._answer()
+
+    def _diagnose_hang(self, now: float) -> None:
+        """Name the rank holding the job up and end the process, or log that there is none yet."""
+        what = f"no progress on rank {self.rank} for {now - self.last_progress:.0f} s"
+        try:
+            message = self.diagnose(what, blame_required=True)
+        except Exception as exc:  # never let the watchdog die silently while the job hangs
+            message = f"{what}; the diagnosis failed ({type(exc).__name__}: {exc})"
+        self._round_end = time.monotonic()
+        if message is None:
+            log.warning("%s, but no rank is behind another in collectives: a slow step, not a hang", what)
+            return
+        print(f"haillm: error: {message}", file=sys.stderr, flush=True)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(PEER_FAILURE_EXIT)
+
+    def _answer(self) -> None:
+        """Publish this rank's status for a round that another rank has started since the last answer."""
+        if not self._lock.acquire(blocking=False):  # this rank is diagnosing: it answers from there
+            return
+        try:
+            with contextlib.suppress(Exception):  # an unreachable store: the round's owner will say so
+                store = dist.distributed_c10d._get_default_store()
+                latest = store.add(ROUND_KEY, 0)
+                if latest > self._answered:
+                    self._publish(store, latest, gathering=False)
+        finally:
+            self._lock.release()
 
     def stacks(self) -> str:
         names = {t.ident: t.name for t in threading.enumerate()}
@@ -168,25 +201,38 @@ class Watchdog:
             log.error(self._message)
             return self._message
 
+    def _publish(self, store: dist.Store, round_: int, gathering: bool) -> None:
+        store.set(STATUS_KEY.format(self.rank), json.dumps({"round": round_, "gathering": gathering,
+                                                            **self._status()}))
+        self._answered = round_
+
     def _gather(self) -> dict[int, dict]:
-        """Every rank's status that arrives within a few seconds of publishing this rank's. Before returning,
-        wait (as long again at most) until the ranks that answered have read them: the store may live in this
-        process (rank 0 without torchrun) and would vanish with it."""
-        patience = max(2.0, min(10.0, self.timeout_s / 2))
+        """Every rank's status for this round (or a later one) that arrives within `patience` of starting it,
+        answering later rounds meanwhile. Once all have arrived, wait (within the same patience) until the
+        other ranks that are diagnosing have gathered theirs: the store may live in this process (rank 0
+        without torchrun) and would vanish with it."""
+        deadline = time.monotonic() + patience(self.timeout_s)
         statuses: dict[int, dict] = {}
         with contextlib.suppress(Exception):  # an unreachable store leaves what was gathered so far
             store = dist.distributed_c10d._get_default_store()
-            step = self.step
-            store.set(STATUS_KEY.format(step, self.rank), json.dumps(self._status()))
-            deadline = time.monotonic() + patience
-            while len(statuses) < self.world and time.monotonic() < deadline:
+            first = store.add(ROUND_KEY, 1)
+            self._publish(store, first, gathering=True)
+            read = 0  # the round up to which this rank has read every status
+            while time.monotonic() < deadline:
+                latest = store.add(ROUND_KEY, 0)
+                if latest > self._answered:
+                    self._publish(store, latest, gathering=True)
                 for r in range(self.world):
-                    if r not in statuses and store.check([STATUS_KEY.format(step, r)]):
-                        statuses[r] = json.loads(store.get(STATUS_KEY.format(step, r)))
-                time.sleep(0.05)
-            store.set(READ_KEY.format(step, self.rank), "1")
-            deadline = time.monotonic() + patience
-            while not store.check([READ_KEY.format(step, r) for r in statuses]) and time.monotonic() < deadline:
+                    if r not in statuses and store.check([STATUS_KEY.format(r)]):
+                        status = json.loads(store.get(STATUS_KEY.format(r)))
+                        if status["round"] >= first:
+                            statuses[r] = status
+                if len(statuses) == self.world and read < self._answered:
+                    read = self._answered
+                    store.set(READ_KEY.format(self.rank), str(read))
+                readers = [READ_KEY.format(r) for r, status in statuses.items() if status["gathering"]]
+                if read and store.check(readers) and all(int(v) >= first for v in store.multi_get(readers)):
+                    break
                 time.sleep(0.05)
         return statuses
 
