@@ -24,7 +24,9 @@ from test_train import launch_train, snapshot
 from test_train_dp import COMMON
 
 from haillm.config import compose_config, validate
+from haillm.train import checkpoint
 from haillm.train.checkpoint import list_checkpoints, verify
+from haillm.train.evaluate import Evaluator
 from haillm.train.watchdog import Watchdog, holdups, patience
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,6 +234,25 @@ def test_holdups_from_collectives_and_transfers():
     pipeline = {0: status({"0": 9}, {"1": 7}, {"1": 7}), 1: status({"0": 9}, {"0": 6}, {"0": 6})}
     assert holdups(pipeline, 2) == ([], {1: [0]})
     assert holdups({0: status({"0": 9}, {"1": 6}, {"1": 6}), 1: pipeline[1]}, 2) == ([], {})  # all matched
+
+
+def _slow_on_rank1(fn, seconds: float):
+    def slow(*args, **kwargs):
+        if dist.get_rank() == 1:
+            time.sleep(seconds)
+        return fn(*args, **kwargs)
+    return slow
+
+
+def test_evaluation_and_checkpoint_save_are_progress(tmp_path, monkeypatch):
+    """Rank 1 evaluates and then writes its checkpoint slowly (2.5 s each, rank 0 waiting in their collectives):
+    each is within train.collective_timeout_s=4, together they are not, yet neither is a hang."""
+    monkeypatch.setattr(Evaluator, "run", _slow_on_rank1(Evaluator.run, 2.5))  # the forked ranks inherit these
+    monkeypatch.setattr(checkpoint, "save", _slow_on_rank1(checkpoint.save, 2.5))
+    argv = [*COMMON, "parallel.dp=2", "train.steps=2", f"output_dir={tmp_path / 'run'}", "train.eval_interval=2",
+            "data.eval_holdout=0.1", "checkpoint.interval=2", "train.collective_timeout_s=4"]
+    results = run_ranks(argv, 2, tmp_path, timeout=60)
+    assert [code for code, _ in results] == [0, 0], results[1][1][-2000:]
 
 
 def _rounds() -> tuple[str | None, str | None]:

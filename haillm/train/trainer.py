@@ -116,6 +116,7 @@ class Trainer:
                         record = self.train_step()
                     if self.evaluator is not None and self.evaluator.due(self.state.step):
                         record |= self.evaluator.run()
+                        watchdog.progress()  # the timeout bounds each piece of work between steps, not their sum
                     records.append(record)
                     for sink in sinks:
                         sink.write(record)
