@@ -37,7 +37,7 @@ from haillm.train.evaluate import build_evaluator
 from haillm.train.optim import build_optimizer
 from haillm.train.setup import broadcast_object, init_distributed, job_store, restarts, seed_everything
 from haillm.train.trainer import Pipeline, Trainer, TrainingAborted
-from haillm.train.watchdog import PEER_FAILURE_EXIT, PeerFailure
+from haillm.train.watchdog import PEER_FAILURE_EXIT, PeerFailure, is_comm_failure
 
 log = logging.getLogger("haillm")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ParallelConfigError)
@@ -198,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     except PeerFailure as exc:
         peer_failed = True  # tearing the group down could wait on the failed ranks
         print(f"haillm: error: {exc}", file=sys.stderr)
+        return PEER_FAILURE_EXIT
+    except Exception as exc:  # outside training (resume, checkpoint load, group set-up): no diagnosis, one line
+        if not is_comm_failure(exc):
+            raise
+        peer_failed = True
+        print(f"haillm: error: a collective failed on rank {rank} outside the training loop, another rank died or "
+              f"stalled ({str(exc).splitlines()[0][:200]})", file=sys.stderr)
         return PEER_FAILURE_EXIT
     finally:
         if dist.is_initialized() and not peer_failed:

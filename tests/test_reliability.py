@@ -27,7 +27,7 @@ from haillm.config import compose_config, validate
 from haillm.train import checkpoint
 from haillm.train.checkpoint import list_checkpoints, verify
 from haillm.train.evaluate import Evaluator
-from haillm.train.watchdog import Watchdog, holdups, patience
+from haillm.train.watchdog import Watchdog, holdups, is_comm_failure, patience
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -319,6 +319,34 @@ def test_every_group_carries_the_configured_timeout(tmp_path):
             "checkpoint.async_save=true", "train.collective_timeout_s=7"]
     for timeouts in run_distributed(_group_timeouts, world_size=4, args=(argv,), timeout=120):
         assert timeouts == [7.0] * 8, timeouts
+
+
+RESET = "[/src/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:2193: Connection reset by peer"
+
+
+def test_comm_failures_are_told_from_bugs():
+    assert is_comm_failure(RuntimeError(RESET)) and is_comm_failure(dist.DistNetworkError("connection refused"))
+    assert is_comm_failure(RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+                                        "waiting 5000ms for recv operation to complete"))
+    assert not is_comm_failure(RuntimeError("the gloo config timed out"))  # words alone are not a collective's
+    assert not is_comm_failure(ValueError(RESET))
+
+
+def test_peer_failure_outside_training_is_one_line(monkeypatch, capsys):
+    """A rank dies while the others resume (or build groups, load a checkpoint...): exit code 4 and one line,
+    not a traceback; any other error stays a traceback (a bug)."""
+    def fails(error: Exception):
+        def run(*args):
+            raise error
+        return run
+
+    monkeypatch.setattr(launch_train, "run", fails(RuntimeError(RESET)))
+    assert launch_train.main(list(COMMON)) == 4
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("haillm:")]
+    assert line.startswith("haillm: error: a collective failed on rank 0 outside the training loop") and RESET in line
+    monkeypatch.setattr(launch_train, "run", fails(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        launch_train.main(list(COMMON))
 
 
 def test_slow_step_logs_every_thread_stack(tmp_path, capsys, monkeypatch):

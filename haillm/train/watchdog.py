@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import statistics
 import sys
@@ -43,6 +44,7 @@ from haillm.train import faults
 
 log = logging.getLogger(__name__)
 PEER_FAILURE_EXIT = 4  # the process exit code when a rank died, stalled or a collective failed
+GLOO_ERROR = re.compile(r"\[[^\]\n]*/gloo/[^\]\n]*:\d+\]")  # gloo's source location, e.g. [.../gloo/x.cc:78]
 ROUND_KEY = "haillm/watchdog/round"  # the latest diagnosis round (a counter)
 STATUS_KEY = "haillm/watchdog/rank{}"  # a rank's latest status, stamped with the round it answers
 READ_KEY = "haillm/watchdog/read{}"  # the latest round whose statuses a diagnosing rank has gathered
@@ -58,12 +60,12 @@ class PeerFailure(RuntimeError):
 
 
 def is_comm_failure(exc: BaseException) -> bool:
-    """An error raised by a collective whose peers died or stalled (gloo or NCCL), not a bug of this rank."""
+    """An error raised by a collective whose peers died or stalled, not a bug of this rank: NCCL and the store
+    raise `DistError`s; gloo a plain RuntimeError naming its source location (`[…/gloo/transport/tcp/
+    pair.cc:537] Read error …: Connection reset by peer`, `[…/unbound_buffer.cc:78] Timed out waiting …`)."""
     if isinstance(exc, dist.DistError):
         return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(s in text for s in ("gloo", "NCCL", "Connection closed",
-                                                                     "Connection reset", "Timed out", "timed out"))
+    return isinstance(exc, RuntimeError) and GLOO_ERROR.search(str(exc)) is not None
 
 
 def where(frame) -> str:
