@@ -379,3 +379,53 @@ def test_flipped_byte_is_caught_and_old_manifests_still_load(tmp_path, capsys):
     assert launch_train.main([*args, "train.steps=5"]) == 0
     err = capsys.readouterr().err
     assert "does not match its checksum" in err and "resumed from step 2" in err
+
+
+class _NoState:
+    """An optimizer with nothing to save, for checkpoints of a bare module."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def test_pruning_and_rewrites_keep_every_good_checkpoint(tmp_path, monkeypatch):
+    """checkpoint.keep=2 after a resume went back from step 6 to step 4: writing step 5 prunes nothing newer or
+    needed; rewriting step 6 replaces it whole; a crash in the middle of that rewrite leaves the old step_6,
+    put back by the next resume's clean-up."""
+    model = torch.nn.Linear(2, 2)
+
+    def save(step: int) -> Path:
+        return checkpoint.save(tmp_path, step, model, _NoState(), {"step": step}, keep=2)
+
+    def steps() -> list[int]:
+        return [step for step, _ in list_checkpoints(tmp_path)]
+
+    for step in (2, 4, 6):
+        save(step)
+    assert steps() == [6, 4]
+    save(5)
+    assert steps() == [6, 5, 4]
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    done = snapshot(save(6))
+    assert steps() == [6, 5] and sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_5", "step_6"]
+    replace = os.replace
+
+    def crash_at_commit(src, dst):
+        if Path(src).name.startswith(".tmp_step_"):
+            raise OSError("crashed")
+        replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash_at_commit)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(OSError, match="crashed"):
+        save(6)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    assert steps() == [5]  # step_6 is aside, the new one half committed
+    checkpoint.clean_up(tmp_path)
+    assert steps() == [6, 5] and snapshot(tmp_path / "checkpoints" / "step_6") == done
+    assert verify(tmp_path / "checkpoints" / "step_6") is None
