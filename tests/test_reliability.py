@@ -25,7 +25,7 @@ from test_train import launch_train, snapshot
 from test_train_dp import COMMON
 
 from haillm.config import compose_config, validate
-from haillm.train import checkpoint
+from haillm.train import checkpoint, faults
 from haillm.train.checkpoint import list_checkpoints, verify
 from haillm.train.evaluate import Evaluator
 from haillm.train.watchdog import Watchdog, holdups, is_comm_failure, patience
@@ -341,6 +341,14 @@ def test_peer_failure_outside_training_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(launch_train, "run", fails(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         launch_train.main(list(COMMON))
+
+
+@pytest.mark.parametrize("spec", ["stall:step=3:rank1", "stall:rank=1", "wedge:step=3", "stall:step=3:step=4"])
+def test_bad_fault_spec_is_the_usage_line(monkeypatch, spec):
+    monkeypatch.setenv("HAILLM_FAULT", spec)
+    usage = rf"^HAILLM_FAULT='{spec}': expected <stall\|sigterm\|kill\|kill_in_checkpoint>:step=<N>"
+    with pytest.raises(ValueError, match=usage):
+        faults.inject("step", 3)
 
 
 def test_slow_step_logs_every_thread_stack(tmp_path, capsys, monkeypatch):
