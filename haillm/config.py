@@ -62,7 +62,7 @@ class TrainConfig:
     lr: float = 3e-3
     dtype: str = "auto"  # parameters/compute: fp32, or bf16 with fp32 masters in the optimizer; auto = bf16 on GPU
     deterministic: bool = False
-    max_skipped_steps: int = 10  # consecutive non-finite steps tolerated before aborting
+    max_skipped_steps: int = 10  # consecutive skipped steps (non-finite, loss spike) tolerated; one more aborts
     peak_flops: float = 0.0  # per device, for MFU; 0 = detect (see haillm.train.metrics)
     recompute: bool = False  # recompute RMSNorm outputs and MLA up-projections in backward
     collective_timeout_s: float = 600.0  # a collective (or a rank) stuck this long fails the job, naming the rank

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from haillm.parallel.pipeline.runtime import PipelineRuntime
 from haillm.parallel.pipeline.stage import (
     StageModel,
     build_stage_model,
+    own_group,
     partner_group,
     pipelines_of,
     second_copies,
@@ -42,7 +44,7 @@ from haillm.train.evaluate import build_evaluator
 from haillm.train.optim import build_optimizer
 from haillm.train.setup import broadcast_object, init_distributed, job_store, restarts, seed_everything
 from haillm.train.trainer import Pipeline, Trainer, TrainingAborted
-from haillm.train.watchdog import PEER_FAILURE_EXIT, PeerFailure
+from haillm.train.watchdog import PEER_FAILURE_EXIT, PeerFailure, is_comm_failure
 
 log = logging.getLogger("haillm")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ParallelConfigError)
@@ -120,8 +122,12 @@ def build_model(cfg: DictConfig, dims: ParallelDims, device: torch.device
 def build_pipeline(cfg: DictConfig, dims: ParallelDims, model: StageModel, device: torch.device) -> Pipeline:
     schedule = cfg.parallel.pp_schedule
     n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dims.dp)
-    partner = partner_group(schedule, pipelines_of(dims), mtp=model.args.mtp_depth > 0)
-    runtime = PipelineRuntime(model, schedule, n_micro, pp_group=dims.pp_group, device=device)
+    timeout = timedelta(seconds=cfg.train.collective_timeout_s)
+    partner = partner_group(schedule, pipelines_of(dims), mtp=model.args.mtp_depth > 0, timeout=timeout)
+    # The point-to-point traffic gets a group of its own, even when the pp group is the default group (pp =
+    # world size): the watchdog leaves it out of its collective counts (haillm.train.watchdog), not the pp group.
+    p2p = own_group(pipelines_of(dims), timeout)
+    runtime = PipelineRuntime(model, schedule, n_micro, pp_group=p2p, device=device)
     return Pipeline(runtime, partner, model.partner_params(schedule), mirrored=schedule == "dualpipe")
 
 
@@ -137,7 +143,8 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
     if dataset.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"data.tokenizer has {dataset.tokenizer.vocab_size} ids but model.vocab_size="
                           f"{cfg.model.vocab_size}; use a model with a vocabulary at least that large")
-    dims = ParallelDims.from_config(cfg.parallel, world).build(device.type)
+    dims = ParallelDims.from_config(cfg.parallel, world).build(
+        device.type, timedelta(seconds=t.collective_timeout_s))
     model, dispatcher = build_model(cfg, dims, device)
     pipeline = build_pipeline(cfg, dims, model, device) if dims.pp > 1 else None
     optimizer = build_optimizer(model, cfg, dims, second_copies(model, cfg.parallel.pp_schedule, dims.pp, dims.pp_rank))
@@ -196,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     except PeerFailure as exc:
         peer_failed = True  # tearing the group down could wait on the failed ranks
         print(f"haillm: error: {exc}", file=sys.stderr)
+        return PEER_FAILURE_EXIT
+    except Exception as exc:  # outside training (resume, checkpoint load, group set-up): no diagnosis, one line
+        if not is_comm_failure(exc):
+            raise
+        peer_failed = True
+        print(f"haillm: error: a collective failed on rank {rank} outside the training loop, another rank died or "
+              f"stalled ({str(exc).splitlines()[0][:200]})", file=sys.stderr)
         return PEER_FAILURE_EXIT
     finally:
         if dist.is_initialized() and not peer_failed:

@@ -70,3 +70,16 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("haillm.tools.export: error: ") for line in err), err
     assert "nowhere" in err[0] and "manifest" in err[1] and "not an empty directory" in err[2]
+
+
+def test_unreadable_config_is_one_line(tmp_path, capsys):
+    """A checkpoint written before config.yaml was stored in it takes the run directory's: broken YAML there is
+    one error line too."""
+    step = tmp_path / "run" / "checkpoints" / "step_1"
+    step.mkdir(parents=True)
+    (step / "manifest.json").write_text('{"step": 1, "files": {}}')
+    (tmp_path / "run" / "config.yaml").write_text("model: [unclosed\n")
+    assert export_main([str(step), str(tmp_path / "out")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    config = tmp_path / "run" / "config.yaml"
+    assert line.startswith(f"haillm.tools.export: error: {config}: unusable model config (while parsing"), line

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,11 +19,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from dist import run_distributed
 from test_train import launch_train, snapshot
 from test_train_dp import COMMON
 
+from haillm.config import compose_config, validate
+from haillm.train import checkpoint, faults
 from haillm.train.checkpoint import list_checkpoints, verify
+from haillm.train.evaluate import Evaluator
+from haillm.train.watchdog import Watchdog, holdups, is_comm_failure, patience
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -168,21 +174,14 @@ def uninterrupted(tmp_path_factory) -> list[float]:
 
 
 def test_torchrun_restart_resumes_exactly(tmp_path, uninterrupted):
-    """`torchrun --max-restarts=1`, one worker killed with SIGKILL after step 7: torchrun restarts both, they
-    continue from step_5 by themselves and every loss equals the uninterrupted run's."""
+    """`torchrun --max-restarts=1`, one worker killed with SIGKILL in step 8 (by the fault hook, so that the kill
+    lands between step_5 and step_10 on any machine): torchrun restarts both, they continue from step_5 by
+    themselves and every loss equals the uninterrupted run's."""
     run = tmp_path / "run"
-    proc = torchrun([*RESTART, f"output_dir={run}"], env_with(), restarts=1)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and len(records(run)) >= 7:
-            break
-        time.sleep(0.05)
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2, workers
-    os.kill(int(workers[-1]), signal.SIGKILL)
-    output, _ = proc.communicate(timeout=240)
+    proc = torchrun([*RESTART, f"output_dir={run}"], env_with(HAILLM_FAULT="kill:step=8:rank=1"), restarts=1)
+    output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
-    assert "resumed from step 5" in output
+    assert re.search(r"exitcode\W+-9", output) and "resumed from step 5" in output, output[-3000:]
     assert losses(run) == uninterrupted
 
 
@@ -203,11 +202,79 @@ def test_kill_during_checkpoint_write_resumes_from_previous(tmp_path, uninterrup
 
 
 def test_stalled_rank_is_named_within_the_timeout(tmp_path):
-    """Rank 1 sleeps in step 3 (for an hour): within train.collective_timeout_s both ranks exit with code 4 and
-    an error naming rank 1 and where it is."""
+    """Rank 1 sleeps in step 3 (for an hour): both ranks exit with code 4 and an error naming rank 1 and where it
+    is, within what the watchdog guarantees after the last progress: train.collective_timeout_s, a poll of its
+    thread (1 s at most) and the diagnosis round's patience."""
     run = tmp_path / "run"
     argv = [*COMMON, "parallel.dp=2", "train.steps=20", f"output_dir={run}", "train.collective_timeout_s=5"]
     results = run_ranks(argv, 2, tmp_path, HAILLM_FAULT="stall:step=3:rank=1")
+    # metrics.jsonl was last written after step 2, before either rank began step 3 (its last progress)
+    elapsed = time.time() - (run / "metrics.jsonl").stat().st_mtime
+    for code, err in results:
+        assert code == 4, err[-2000:]
+        [line] = error_lines(err)
+        assert "rank 1 is behind: ranks [0] wait for it" in line and "step 3 in faults.py" in line, line
+    assert [r["step"] for r in records(run)] == [1, 2]
+    assert elapsed < 5 + 1 + patience(5), elapsed
+
+
+def test_holdups_from_collectives_and_transfers():
+    def status(seqs: dict, send: dict | None = None, recv: dict | None = None) -> dict:
+        return {"seqs": seqs, "p2p": {"send": send or {}, "recv": recv or {}}}
+
+    # Rank 2 has issued fewer collectives on the world group; rank 3 never answered.
+    assert holdups({0: status({"0": 5}), 1: status({"0": 5}), 2: status({"0": 4})}, 4) == ([3], {2: [0, 1]})
+    # Equal collective counts; rank 0 posted a send and a receive that rank 1 has not matched (JSON: str peers).
+    pipeline = {0: status({"0": 9}, {"1": 7}, {"1": 7}), 1: status({"0": 9}, {"0": 6}, {"0": 6})}
+    assert holdups(pipeline, 2) == ([], {1: [0]})
+    assert holdups({0: status({"0": 9}, {"1": 6}, {"1": 6}), 1: pipeline[1]}, 2) == ([], {})  # all matched
+
+
+def _slow_on_rank1(fn, seconds: float):
+    def slow(*args, **kwargs):
+        if dist.get_rank() == 1:
+            time.sleep(seconds)
+        return fn(*args, **kwargs)
+    return slow
+
+
+def test_evaluation_and_checkpoint_save_are_progress(tmp_path, monkeypatch):
+    """Rank 1 evaluates and then writes its checkpoint slowly (2.5 s each, rank 0 waiting in their collectives):
+    each is within train.collective_timeout_s=4, together they are not, yet neither is a hang."""
+    monkeypatch.setattr(Evaluator, "run", _slow_on_rank1(Evaluator.run, 2.5))  # the forked ranks inherit these
+    monkeypatch.setattr(checkpoint, "save", _slow_on_rank1(checkpoint.save, 2.5))
+    argv = [*COMMON, "parallel.dp=2", "train.steps=2", f"output_dir={tmp_path / 'run'}", "train.eval_interval=2",
+            "data.eval_holdout=0.1", "checkpoint.interval=2", "train.collective_timeout_s=4"]
+    results = run_ranks(argv, 2, tmp_path, timeout=60)
+    assert [code for code, _ in results] == [0, 0], results[1][1][-2000:]
+
+
+def _rounds() -> tuple[str | None, str | None]:
+    watchdog = Watchdog(timeout_s=4, slow_factor=0)
+    first = watchdog.diagnose("first", blame_required=True)  # both ranks at once: nobody is behind
+    dist.all_reduce(torch.ones(1))  # both go on: the statuses of the first round are out of date
+    if dist.get_rank() == 0:
+        return first, watchdog.diagnose("second", blame_required=True)
+    deadline = time.monotonic() + patience(4)
+    while time.monotonic() < deadline:  # what the watchdog thread of a rank without progress does
+        watchdog._answer()
+        time.sleep(0.05)
+    return first, None
+
+
+def test_a_round_reads_no_status_of_an_earlier_one():
+    """A diagnosis round that blamed nobody leaves statuses in the store; a later round on the same step must
+    not read them (rank 1's would show it one collective behind), but the fresh answers."""
+    assert run_distributed(_rounds, world_size=2, timeout=60) == [(None, None), (None, None)]
+
+
+def test_stalled_pipeline_rank_is_named(tmp_path):
+    """pp=2 with 1F1B on 2 ranks (the pp group is the default group): rank 1 sleeps in step 3, rank 0 waits for
+    its transfers; both exit with code 4 naming rank 1, from the transfers each has posted."""
+    run = tmp_path / "run"
+    argv = [*COMMON, "parallel.pp=2", "parallel.pp_schedule=1f1b", "train.micro_batch_size=1", "train.steps=20",
+            f"output_dir={run}", "train.collective_timeout_s=5"]
+    results = run_ranks(argv, 2, tmp_path, timeout=60, HAILLM_FAULT="stall:step=3:rank=1")
     for code, err in results:
         assert code == 4, err[-2000:]
         [line] = error_lines(err)
@@ -223,6 +290,65 @@ def test_dead_rank_is_named(tmp_path):
     assert code1 == -signal.SIGKILL and code0 == 4, err0[-2000:]
     [line] = error_lines(err0)
     assert "a collective failed on rank 0" in line and "rank 1 did not answer" in line, line
+
+
+def _group_timeouts(argv: list[str]) -> list[float]:
+    """Train as `argv` says, then the timeout of every process group this rank belongs to, but the default
+    group (the test harness made it; `init_distributed` gives it the configured timeout)."""
+    rank, world, device = launch_train.init_distributed()
+    cfg = compose_config(argv)
+    validate(cfg, world)
+    launch_train.run(cfg, rank, world, device)
+    return [pg._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+            for pg in dist.distributed_c10d._world.pg_map if pg is not dist.GroupMember.WORLD]
+
+
+def test_every_group_carries_the_configured_timeout(tmp_path):
+    """pp2 (DualPipe: the mirror's partner group) x dp2 x ep2, asynchronous checkpoints (their own group): every
+    group gets train.collective_timeout_s, not the backend's default (30 min on gloo, 10 on NCCL): the five
+    of the mesh (pp, edp, ep, tp, dp), the pipeline's point-to-point group, DualPipe's partner and the
+    checkpoint writer's."""
+    argv = [*COMMON, f"output_dir={tmp_path / 'run'}", "train.steps=1", "train.micro_batch_size=1",
+            "parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.pp_schedule=dualpipe",
+            "checkpoint.async_save=true", "train.collective_timeout_s=7"]
+    for timeouts in run_distributed(_group_timeouts, world_size=4, args=(argv,), timeout=120):
+        assert timeouts == [7.0] * 8, timeouts
+
+
+RESET = "[/src/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:2193: Connection reset by peer"
+
+
+def test_comm_failures_are_told_from_bugs():
+    assert is_comm_failure(RuntimeError(RESET)) and is_comm_failure(dist.DistNetworkError("connection refused"))
+    assert is_comm_failure(RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+                                        "waiting 5000ms for recv operation to complete"))
+    assert not is_comm_failure(RuntimeError("the gloo config timed out"))  # words alone are not a collective's
+    assert not is_comm_failure(ValueError(RESET))
+
+
+def test_peer_failure_outside_training_is_one_line(monkeypatch, capsys):
+    """A rank dies while the others resume (or build groups, load a checkpoint...): exit code 4 and one line,
+    not a traceback; any other error stays a traceback (a bug)."""
+    def fails(error: Exception):
+        def run(*args):
+            raise error
+        return run
+
+    monkeypatch.setattr(launch_train, "run", fails(RuntimeError(RESET)))
+    assert launch_train.main(list(COMMON)) == 4
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("haillm:")]
+    assert line.startswith("haillm: error: a collective failed on rank 0 outside the training loop") and RESET in line
+    monkeypatch.setattr(launch_train, "run", fails(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        launch_train.main(list(COMMON))
+
+
+@pytest.mark.parametrize("spec", ["stall:step=3:rank1", "stall:rank=1", "wedge:step=3", "stall:step=3:step=4"])
+def test_bad_fault_spec_is_the_usage_line(monkeypatch, spec):
+    monkeypatch.setenv("HAILLM_FAULT", spec)
+    usage = rf"^HAILLM_FAULT='{spec}': expected <stall\|sigterm\|kill\|kill_in_checkpoint>:step=<N>"
+    with pytest.raises(ValueError, match=usage):
+        faults.inject("step", 3)
 
 
 def test_slow_step_logs_every_thread_stack(tmp_path, capsys, monkeypatch):
@@ -255,3 +381,53 @@ def test_flipped_byte_is_caught_and_old_manifests_still_load(tmp_path, capsys):
     assert launch_train.main([*args, "train.steps=5"]) == 0
     err = capsys.readouterr().err
     assert "does not match its checksum" in err and "resumed from step 2" in err
+
+
+class _NoState:
+    """An optimizer with nothing to save, for checkpoints of a bare module."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def test_pruning_and_rewrites_keep_every_good_checkpoint(tmp_path, monkeypatch):
+    """checkpoint.keep=2 after a resume went back from step 6 to step 4: writing step 5 prunes nothing newer or
+    needed; rewriting step 6 replaces it whole; a crash in the middle of that rewrite leaves the old step_6,
+    put back by the next resume's clean-up."""
+    model = torch.nn.Linear(2, 2)
+
+    def save(step: int) -> Path:
+        return checkpoint.save(tmp_path, step, model, _NoState(), {"step": step}, keep=2)
+
+    def steps() -> list[int]:
+        return [step for step, _ in list_checkpoints(tmp_path)]
+
+    for step in (2, 4, 6):
+        save(step)
+    assert steps() == [6, 4]
+    save(5)
+    assert steps() == [6, 5, 4]
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    done = snapshot(save(6))
+    assert steps() == [6, 5] and sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_5", "step_6"]
+    replace = os.replace
+
+    def crash_at_commit(src, dst):
+        if Path(src).name.startswith(".tmp_step_"):
+            raise OSError("crashed")
+        replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash_at_commit)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(OSError, match="crashed"):
+        save(6)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    assert steps() == [5]  # step_6 is aside, the new one half committed
+    checkpoint.clean_up(tmp_path)
+    assert steps() == [6, 5] and snapshot(tmp_path / "checkpoints" / "step_6") == done
+    assert verify(tmp_path / "checkpoints" / "step_6") is None

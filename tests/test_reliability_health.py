@@ -63,6 +63,12 @@ def test_too_many_spikes_abort_with_a_checkpoint(capsys, tmp_path):
     assert "1 consecutive steps were skipped, the last for a loss spike" in line, line
     step, path = re.search(r"the state after step (\d+) is in (\S+)$", line).groups()
     assert Path(path) == out / "checkpoints" / f"step_{step}" and verify(Path(path)) is None
+    # One data position: the aborted step's batch was consumed, the step counted and recorded.
+    state = json.loads((Path(path) / "trainer_state.json").read_text())
+    assert state["step"] == int(step) and state["consecutive_skipped"] == 1
+    assert state["consumed_samples"] == state["data"]["consumed_samples"] == int(step) * 8
+    rows = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == int(step) and rows[-1]["skipped"] and rows[-1]["consumed_samples"] == int(step) * 8
     # The user lowers the alarm and continues from that checkpoint, past the data that spiked.
     resumed = [*argv, "checkpoint.resume=auto", "train.loss_spike_factor=0", f"train.steps={int(step) + 2}"]
     assert launch_train.main(resumed) == 0

@@ -156,9 +156,10 @@ def test_checkpoint_from_other_model_shape(capsys, base_run, tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_then_abort(capsys, tmp_path):
-    """lr=1e30 blows the weights up after step 1: steps 2 and 3 are non-finite, skipped, then abort."""
+    """lr=1e30 blows the weights up after step 1: steps 2 and 3 are non-finite, skipped (both recorded), then
+    abort."""
     out = tmp_path / "run"
     rc, err = train(capsys, out, "train.steps=5", "train.lr=1e30", "optim.warmup_steps=0",
                     "optim.schedule=constant", "train.max_skipped_steps=1")
     assert rc == 3 and "training aborted" in err
-    assert [r["skipped"] for r in records(out)] == [False, True]
+    assert [r["skipped"] for r in records(out)] == [False, True, True]

@@ -18,6 +18,7 @@ returns None and every rank is 0, so single-process code takes the same path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -142,8 +143,11 @@ class ParallelDims:
         return [self.global_rank(c["pp"], c["edp"] * self.ep + e, c["tp"]) for e in range(self.ep)]
 
     # ---- process groups ----
-    def build(self, device_type: str = "cpu") -> ParallelDims:
-        """Create every process group once (collective: all ranks must call it). No-op without dist."""
+    def build(self, device_type: str = "cpu", timeout: timedelta | None = None) -> ParallelDims:
+        """Create every process group once (collective: all ranks must call it). No-op without dist.
+
+        `timeout` bounds each collective of every group (`train.collective_timeout_s`): DeviceMesh creates
+        its groups with the backend's default (30 min on gloo, 10 on NCCL), not the default group's."""
         if not dist.is_initialized():
             if self.world_size != 1:
                 raise ParallelConfigError(
@@ -158,6 +162,9 @@ class ParallelDims:
         shape = (self.pp, self.edp, self.ep, self.tp)
         self.mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
         self.mesh["edp", "ep"]._flatten("dp")
+        if timeout is not None:
+            for name in (*MESH_DIMS, "dp"):
+                dist.distributed_c10d._set_pg_timeout(timeout, self.mesh[name].get_group())
         return self
 
     def _group(self, name: str) -> dist.ProcessGroup | None:

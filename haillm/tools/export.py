@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -51,8 +52,9 @@ def load_checkpoint_model(checkpoint: str | Path) -> DeepSeekV3:
         raise ExportError(f"{checkpoint} is not a complete checkpoint: {problem}")
     try:
         args = to_model_args(OmegaConf.load(_config_path(checkpoint)).model)
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise ExportError(f"{_config_path(checkpoint)}: unusable model config ({exc})") from None
+    except (ValueError, TypeError, AttributeError, yaml.YAMLError) as exc:  # YAML's messages span lines
+        raise ExportError(f"{_config_path(checkpoint)}: unusable model config ({' '.join(str(exc).split())[:300]})"
+                          ) from None
     with torch.device("meta"):
         model = DeepSeekV3(args, init_seed=None)
     model.to_empty(device="cpu")

@@ -8,7 +8,9 @@ Layout of ``<output_dir>/checkpoints/step_<N>/``:
 - ``config.yaml``: the resolved run configuration (what `haillm.tools.export` rebuilds the model from);
 - ``manifest.json``: every file with its size and CRC-32, written last; a directory without a matching
   manifest is incomplete, one whose files differ from it (size, or content: a flipped byte) is corrupt.
-  The whole directory is first written as ``.tmp_step_<N>`` and renamed when complete.
+  The whole directory is first written as ``.tmp_step_<N>`` and renamed when complete; a checkpoint of the
+  same step (written before a resume went back past it) is moved aside as ``.old_step_<N>`` first and removed
+  after, and pruning (``checkpoint.keep``) removes only steps older than the one just written.
 
 `Checkpointer` writes them either in the training thread or, with ``checkpoint.async_save``, from a copy in
 CPU memory on a background thread (with its own gloo process group, so its collectives never interleave with
@@ -26,6 +28,7 @@ import threading
 import time
 import warnings
 import zlib
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -147,11 +150,14 @@ def _write(run_dir: Path, step: int, state: dict, rng: dict, trainer_state: dict
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         crcs = {name: crcs[name] if name in crcs else _crc32(tmp / name) for name in files}
         _write_synced(tmp / MANIFEST, json.dumps({"step": step, "files": files, "crc32": crcs}, indent=1))
-        if final.exists():  # a re-run of the same step after a resume: replace it whole
-            shutil.rmtree(final)
+        aside = root / f".old_step_{step}"
+        if final.exists():  # a re-run of the same step after a resume: moved aside until the new one is in place
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
         os.replace(tmp, final)
-        if keep:
-            for _, old in list_checkpoints(run_dir)[keep:]:
+        shutil.rmtree(aside, ignore_errors=True)
+        if keep:  # older steps only: newer ones belong to a history this run went back from (and may rewrite)
+            for _, old in [(n, path) for n, path in list_checkpoints(run_dir) if n < step][keep - 1:]:
                 shutil.rmtree(old, ignore_errors=True)
     _barrier(group)
     return final
@@ -166,11 +172,16 @@ class Checkpointer:
     rank's share of one checkpoint; its size is logged.
     """
 
-    def __init__(self, run_dir: Path, keep: int, async_save: bool = False, config: str | None = None):
+    def __init__(self, run_dir: Path, keep: int, async_save: bool = False, config: str | None = None,
+                 timeout: timedelta | None = None):
         self.run_dir, self.keep, self.async_save, self.config = Path(run_dir), keep, async_save, config
         self.staging_bytes = 0
         self._buffers: dict[str, torch.Tensor] = {}
-        self._group: dist.ProcessGroup | None = None
+        # The background writer's own group (CPU tensors, apart from training's collectives), created here:
+        # group creation is collective, and every rank builds its Checkpointer at the same point.
+        self.group: dist.ProcessGroup | None = None
+        if async_save and dist.is_initialized():
+            self.group = dist.new_group(backend="gloo", timeout=timeout)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._pending: Path | None = None
@@ -182,8 +193,6 @@ class Checkpointer:
         if not self.async_save:
             self.latest = save(self.run_dir, step, model, optimizer, trainer_state, self.keep, self.config)
             return self.latest
-        if self._group is None and dist.is_initialized():
-            self._group = dist.new_group(backend="gloo")  # CPU tensors, and apart from training's collectives
         start = time.perf_counter()
         state = _to_cpu(_state_dict(model, optimizer), self._buffers, "")
         if torch.cuda.is_available():
@@ -191,7 +200,7 @@ class Checkpointer:
         self.staging_bytes = sum(t.numel() * t.element_size() for t in self._buffers.values())
         log.info("async checkpoint step_%d: %.1f MiB of this rank's state staged in CPU memory in %.2f s; "
                  "writing in the background", step, self.staging_bytes / 2**20, time.perf_counter() - start)
-        args = (self.run_dir, step, state, rng_state(), trainer_state, self.keep, self.config, self._group)
+        args = (self.run_dir, step, state, rng_state(), trainer_state, self.keep, self.config, self.group)
         self._pending = checkpoint_root(self.run_dir) / f"step_{step}"
         self._thread = threading.Thread(target=self._write, args=args, name="haillm-checkpoint", daemon=True)
         self._thread.start()
@@ -284,6 +293,22 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
+def clean_up(run_dir: Path) -> None:
+    """Undo what a crash during a commit left: remove incomplete writes (``.tmp_step_<N>``), and put back a
+    complete checkpoint moved aside for a rewrite of its step (``.old_step_<N>``) unless the rewrite landed."""
+    root = checkpoint_root(run_dir)
+    for partial in root.glob(".tmp_step_*"):
+        log.warning("removing %s: an incomplete checkpoint write", partial)
+        shutil.rmtree(partial, ignore_errors=True)
+    for aside in root.glob(".old_step_*"):
+        final = root / aside.name.removeprefix(".old_")
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            log.warning("restoring %s: its rewrite did not finish", final)
+            os.replace(aside, final)
+
+
 def resume(run_dir: Path, model: torch.nn.Module, optimizer: Stateful) -> dict | None:
     """Load the newest complete checkpoint, falling back past incomplete or unreadable ones (said in the log).
 
@@ -291,9 +316,8 @@ def resume(run_dir: Path, model: torch.nn.Module, optimizer: Stateful) -> dict |
     when checkpoints exist but none is usable, so a run never silently restarts from scratch over them.
     """
     if _rank() == 0:
-        for partial in checkpoint_root(run_dir).glob(".tmp_step_*"):  # writes that a crash cut short
-            log.warning("removing %s: an incomplete checkpoint write", partial)
-            shutil.rmtree(partial, ignore_errors=True)
+        clean_up(run_dir)
+    _barrier()  # every rank lists the checkpoints after the clean-up
     candidates = list_checkpoints(run_dir)
     for _, path in candidates:
         reasons = gather_object(verify(path, (_rank(), dist.get_world_size() if dist.is_initialized() else 1)))

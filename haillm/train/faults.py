@@ -24,8 +24,9 @@ def _spec() -> dict[str, str] | None:
     if not text:
         return None
     kind, *fields = text.split(":")
-    spec = dict(field.split("=", 1) for field in fields)
-    if kind not in KINDS or "step" not in spec:
+    pairs = [field.split("=", 1) for field in fields]
+    spec = dict(pair for pair in pairs if len(pair) == 2)
+    if kind not in KINDS or "step" not in spec or len(spec) < len(pairs):
         raise ValueError(f"HAILLM_FAULT={text!r}: expected <{'|'.join(KINDS)}>:step=<N>[:rank=<R>][:seconds=<S>]")
     return {"kind": kind, **spec}
 

@@ -2,10 +2,10 @@
 
 A loss spike is a loss above `train.loss_spike_factor` times the median loss of the last
 `train.loss_spike_window` steps that updated the weights. Such a step is skipped like a non-finite one (no
-optimizer step, counted in `skipped_steps`, `train.max_skipped_steps` in a row abort the run with a
-checkpoint). The inputs are the step's global loss and gradient norm, already reduced over every rank, so all
-ranks take the same decision without another collective. The window is saved in checkpoints: a resumed run
-decides exactly as the uninterrupted one would.
+optimizer step, counted in `skipped_steps`; more than `train.max_skipped_steps` in a row abort the run with
+a checkpoint). The inputs are the step's global loss and gradient norm, already reduced over every rank, so
+all ranks take the same decision without another collective. The window is saved in checkpoints: a resumed
+run decides exactly as the uninterrupted one would.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -70,8 +71,10 @@ class Trainer:
         self.state = TrainState()
         self.health = LossHealth(cfg.train.loss_spike_factor, cfg.train.loss_spike_window)
         self.checkpointer = checkpoint.Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save,
-                                                    OmegaConf.to_yaml(cfg, resolve=True))
+                                                    OmegaConf.to_yaml(cfg, resolve=True),
+                                                    timedelta(seconds=cfg.train.collective_timeout_s))
         self.stopped_by: str | None = None  # the signal that preempted the run
+        self.abort: str | None = None  # why the run must stop after this step (too many skipped steps)
         self.peak, peak_source = peak_flops(device, cfg.train.peak_flops)
         if self.is_logging_rank:
             log.info("MFU peak: %.3g FLOP/s per device (%s); %.4g FLOPs per token", self.peak, peak_source,
@@ -100,7 +103,12 @@ class Trainer:
         sinks = self._open_sinks() if self.is_logging_rank else []
         progress = Progress(self.is_logging_rank and cfg.logging.progress, cfg.train.steps, self.state.step)
         records = []
-        watchdog = Watchdog(cfg.train.collective_timeout_s, cfg.train.watchdog_factor, [self.dims.pp_group])
+        pipeline = self.pipeline
+        # Left out of the collective counts: the pipeline's point-to-point group (its transfers are compared on
+        # their own), and the background checkpoint writer's, in which ranks legitimately differ mid-write.
+        watchdog = Watchdog(cfg.train.collective_timeout_s, cfg.train.watchdog_factor,
+                            [pipeline.runtime.group if pipeline else None, self.checkpointer.group],
+                            pipeline.runtime.p2p_posted if pipeline else None)
         try:
             with Preemption(self.device) as preemption, watchdog:
                 while self.state.step < cfg.train.steps:
@@ -108,10 +116,13 @@ class Trainer:
                         record = self.train_step()
                     if self.evaluator is not None and self.evaluator.due(self.state.step):
                         record |= self.evaluator.run()
+                        watchdog.progress()  # the timeout bounds each piece of work between steps, not their sum
                     records.append(record)
                     for sink in sinks:
                         sink.write(record)
                     progress.update(record)
+                    if self.abort is not None:  # after the step's bookkeeping: one consistent state to save
+                        raise TrainingAborted(self.abort)
                     self.stopped_by = preemption.agreed()
                     last = self.state.step == cfg.train.steps
                     if last or self.stopped_by or self.state.step % cfg.checkpoint.interval == 0:
@@ -124,9 +135,7 @@ class Trainer:
                     print(f"haillm: stopped by {self.stopped_by} after step {self.state.step}; checkpoint {path} "
                           "(continue with checkpoint.resume=auto)", flush=True)
         except TrainingAborted as exc:  # keep what the skipped steps did not spoil, e.g. to retry at a lower lr
-            self.checkpointer.wait()
-            path = checkpoint.checkpoint_root(self.run_dir) / f"step_{self.state.step}"
-            path = path if path.is_dir() else self.save_checkpoint(wait=True)
+            path = self.save_checkpoint(wait=True)  # the aborting step is never saved yet
             raise TrainingAborted(f"{exc}; the state after step {self.state.step} is in {path}") from None
         finally:
             self.batcher.close()  # no prefetch thread outlives the run
@@ -238,12 +247,12 @@ class Trainer:
         return on_device.cpu()
 
     def _skip(self, step: int, why: str, loss: float, grad_norm: float) -> None:
+        """Count and log a skipped step; past `train.max_skipped_steps` in a row, set `abort` (fit raises once the
+        step is recorded, so the checkpoint holds its data position)."""
         self.state.skipped_steps += 1
         self.state.consecutive_skipped += 1
         log.warning("step %d skipped, %s: loss=%s grad_norm=%s (%d in a row, %d in all)", step, why, loss, grad_norm,
                     self.state.consecutive_skipped, self.state.skipped_steps)
         if self.state.consecutive_skipped > self.cfg.train.max_skipped_steps:
-            raise TrainingAborted(
-                f"{self.state.consecutive_skipped} consecutive steps were skipped, the last for a {why} "
-                f"(train.max_skipped_steps={self.cfg.train.max_skipped_steps}); aborting"
-            )
+            self.abort = (f"{self.state.consecutive_skipped} consecutive steps were skipped, the last for a {why} "
+                          f"(train.max_skipped_steps={self.cfg.train.max_skipped_steps}); aborting")

@@ -32,6 +32,7 @@ its output goes is derived once by ``derive_routes``; the runtime only moves ten
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -107,10 +108,11 @@ def _free_after_send(t: torch.Tensor) -> bool:
 
 
 class _P2P:
-    """Batched asynchronous point-to-point transfers keyed by (kind, chunk, micro-batch)."""
+    """Batched asynchronous point-to-point transfers keyed by (kind, chunk, micro-batch). `posted` counts the
+    transfers posted so far by (direction, global peer rank), for the hang diagnosis."""
 
-    def __init__(self, group: dist.ProcessGroup | None):
-        self.group = group
+    def __init__(self, group: dist.ProcessGroup | None, posted: Counter[tuple[str, int]]):
+        self.group, self.posted = group, posted
         self.ops: list[dist.P2POp] = []
         self.sent: list[tuple[dist.Work, torch.Tensor, bool]] = []
         self.free_after: list[tuple[torch.Tensor, bool]] = []
@@ -131,6 +133,7 @@ class _P2P:
         if not ops:
             return
         works = dist.batch_isend_irecv(ops)
+        self.posted.update(("send" if op.op is dist.isend else "recv", op.peer) for op in ops)
         if len(works) != len(ops):  # one request per op on gloo; a coalesced backend returns one in total
             works = [works[-1]] * len(ops)
         n_send = len(self.ops)
@@ -178,6 +181,15 @@ class PipelineRuntime:
         schedule, self.topo = build(name, pp, n_microbatches)
         self.steps = schedule[self.rank]
         self.routes = derive_routes(schedule, self.topo)[self.rank]
+        self.posted: Counter[tuple[str, int]] = Counter()
+
+    def p2p_posted(self) -> dict[str, dict[int, int]]:
+        """Transfers posted since the start, {"send"|"recv": {global peer rank: count}}: two ranks' counts of
+        the transfers between them are equal unless one waits for the other (haillm.train.watchdog)."""
+        out: dict[str, dict[int, int]] = {"send": {}, "recv": {}}
+        for (direction, peer), count in list(self.posted.items()):
+            out[direction][peer] = count
+        return out
 
     def global_microbatch(self, action: Action) -> int:
         """Index into the step's micro-batch list: DualPipe feeds the first half from rank 0 (pipeline 0)
@@ -195,7 +207,7 @@ class PipelineRuntime:
             raise ValueError(f"the runtime was built for {self.n} micro-batches, got {len(micro_batches)}")
         self.batches = micro_batches
         self.shape, self.dtype = self.stages.activation_shape(micro_batches[0])
-        self.p2p = _P2P(self.group)
+        self.p2p = _P2P(self.group, self.posted)
         self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
                                                 Tape]] = {}
         self.local: dict[tuple[int, int, int], torch.Tensor] = {}  # same-rank hand-offs (the V turn)

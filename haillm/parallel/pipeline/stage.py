@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -223,26 +224,31 @@ def pipelines_of(dims) -> list[list[int]]:
     return [[dims.global_rank(p, dp, tp) for p in range(dims.pp)] for dp in range(dims.dp) for tp in range(dims.tp)]
 
 
-def partner_group(schedule: str, pipelines: list[list[int]], mtp: bool = True) -> dist.ProcessGroup | None:
+def partner_group(schedule: str, pipelines: list[list[int]], mtp: bool = True,
+                  timeout: timedelta | None = None) -> dist.ProcessGroup | None:
     """The 2-rank group this rank sums partner gradients in, or None.
 
     DualPipe: ranks (r, pp-1-r) of each pipeline; 1F1B with MTP (``mtp``): the first and the last rank.
     Every rank of the default group must call this with the same arguments (group creation is collective).
     """
-    me = dist.get_rank()
-    mine = None
+    pairs = []
     for ranks in pipelines:
         pp = len(ranks)
         if schedule == "dualpipe":
-            pairs = [(ranks[r], ranks[pp - 1 - r]) for r in range(pp // 2)]
+            pairs += [[ranks[r], ranks[pp - 1 - r]] for r in range(pp // 2)]
         elif schedule == "1f1b" and mtp and pp > 1:
-            pairs = [(ranks[0], ranks[-1])]
-        else:
-            pairs = []
-        for pair in pairs:
-            group = dist.new_group(list(pair))
-            if me in pair:
-                mine = group
+            pairs.append([ranks[0], ranks[-1]])
+    return own_group(pairs, timeout)
+
+
+def own_group(rank_lists: list[list[int]], timeout: timedelta | None = None) -> dist.ProcessGroup | None:
+    """A new group for each list of ranks, created by every rank (creation is collective); this rank's one, or
+    None. `timeout` is the collective timeout (None: the backend's default)."""
+    me, mine = dist.get_rank(), None
+    for ranks in rank_lists:
+        group = dist.new_group(ranks, timeout=timeout)
+        if me in ranks:
+            mine = group
     return mine
 
 
