@@ -28,6 +28,7 @@ every section for this script itself).
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import logging
 import statistics
@@ -98,13 +99,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def release(trainer: Trainer, device: torch.device) -> None:
+    """Free a trainer's memory before the next is built: its optimizer's hooks would keep the state alive."""
+    trainer.optimizer.close()
+    del trainer
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def trainer_section(a: argparse.Namespace, device: torch.device) -> None:
     print(f"\n== trainer: full optimizer step, {a.batch} x {a.seq} tokens ==")
     print(f"{'variant':>10} {'step ms':>9} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'loss':>8}")
     base = None
     for name, extra in (("bf16", ["train.dtype=bf16"]), ("bf16+fp8", ["train.dtype=bf16", "fp8.enabled=true"])):
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         trainer = build_trainer(a, device, *extra)
         times, record = [], {}
         for i in range(a.warmup + a.steps):
@@ -120,7 +128,7 @@ def trainer_section(a: argparse.Namespace, device: torch.device) -> None:
         base = base or step
         print(f"{name:>10} {step * 1e3:9.1f} {tokens:10.0f} {mfu:7.1%} {record['peak_memory_gib']:9.2f} "
               f"{record['loss']:8.4f}  ({base / step:.2f}x bf16)")
-        del trainer
+        release(trainer, device)
 
 
 def model_section(a: argparse.Namespace, device: torch.device) -> None:
@@ -186,6 +194,7 @@ def profile_section(a: argparse.Namespace, device: torch.device) -> None:
     mm_calls = sum(e.count for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
     print(f"CPU time {cpu_us / 1e3:.1f} ms, GPU time {device_us / 1e3:.1f} ms, {mm_calls} mm/addmm/bmm calls")
     print(events.table(sort_by=sort, row_limit=a.top))
+    release(trainer, device)
 
 
 def main() -> int:
@@ -211,8 +220,7 @@ def main() -> int:
         print("gpu_train: no CUDA device; nothing to measure (pass --cpu for a dry run)")
         return 0
     else:
-        device = torch.device("cuda")
-        torch.cuda.set_device(device)
+        device = torch.device("cuda", torch.cuda.current_device())
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}; "
           f"model={a.model} layers={a.layers} vocab={a.vocab} batch={a.batch} seq={a.seq}")
     for section in a.sections:

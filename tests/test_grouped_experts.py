@@ -297,3 +297,14 @@ def test_cuda_moe_forward_backward_without_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(moe.experts.w1.grad).all() and moe.experts.w1.grad[2].abs().sum() == 0
+
+
+@pytest.mark.gpu
+def test_cuda_misaligned_stack_falls_back_to_the_loop():
+    """A stack that starts 2 bytes into its storage (as a view into a ZeRO bucket could) is not given to
+    ``torch._grouped_mm``, which needs 16-byte aligned base pointers; the loop computes the same products."""
+    x = torch.randn(sum(COUNTS), 256, device="cuda", dtype=torch.bfloat16)
+    storage = torch.randn(1 + len(COUNTS) * 256 * 128, device="cuda", dtype=torch.bfloat16)
+    b = storage[1:].view(len(COUNTS), 256, 128)
+    assert not experts_module._grouped_serves(x, b)
+    assert experts_module._grouped_serves(x, b.clone())

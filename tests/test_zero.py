@@ -2,7 +2,9 @@
 memory and DCP resharding checks. Multi-process parts run on forked gloo ranks (tests/dist.py)."""
 
 import contextlib
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -251,6 +253,38 @@ def test_dp1_without_process_group_matches_torch_adamw():
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), ref[name], rtol=0, atol=1e-6, msg=name)
     assert norms == pytest.approx(ref_norms, rel=1e-5)
+
+
+def _zero_worker_without_single_collectives(steps: int) -> dict[str, torch.Tensor]:
+    """As on torch 2.11, which has reduce_scatter_tensor / all_gather_into_tensor but not the *_single names."""
+    del dist.reduce_scatter_single, dist.all_gather_single  # this worker process's module only
+    model = make_model()
+    opt = ZeroAdamW(model.named_parameters(), **HPARAMS, process_group=dist.group.WORLD, bucket_mb=BUCKET_MB)
+    train_steps(model, opt, steps)
+    opt.wait_params()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_collectives_under_their_torch_2_11_names():
+    steps = 3
+    ref, _ = reference_run(steps)
+    for params in run_distributed(_zero_worker_without_single_collectives, world_size=2, args=(steps,)):
+        for name, p in ref.items():
+            torch.testing.assert_close(params[name], p, rtol=0, atol=1e-6, msg=name)
+
+
+def test_close_releases_the_optimizer():
+    """The hooks hold the optimizer from tensors the garbage collector cannot see into; close removes them."""
+    model = make_model()
+    opt = ZeroAdamW(model.named_parameters(), **HPARAMS, bucket_mb=BUCKET_MB)
+    opt.register_forward_wait(model)
+    train_steps(model, opt, 1)
+    alive = weakref.ref(opt)
+    opt.close()
+    del opt
+    gc.collect()
+    assert alive() is None
+    model(batch(0)[0])  # the model still runs without the optimizer's hooks
 
 
 def test_flat_range_boxes_cover_the_range_in_memory_order():

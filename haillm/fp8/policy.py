@@ -7,8 +7,9 @@ head, the MoE gate, the norms and the attention core. ``eh_proj`` is not among t
 Linear and goes FP8 (the report does not name it either way). The embedding, gate, norms and attention
 core are not ``Linear`` modules here, so only ``head`` (and any Linear not named above) is kept by name.
 
-A linear whose in or out features are not multiples of 128 stays on the high-precision path: the GPU
-kernel (cuBLAS blockwise ``scaled_mm``) takes whole 128-blocks only. One warning is logged per such layer;
+A linear whose in or out features are not multiples of 128 stays on the high-precision path: this policy
+quantizes and caches weights as whole 128x128 blocks (the GEMM itself would pad, ``gemm.gemm_plan``; FP8
+for such layers is not implemented yet). One warning is logged per such layer;
 the routed experts of one MoE layer share a shape and are reported in one line. DeepSeek-V3's own
 ``wkv_a`` (7168 -> 512 + 64 = 576) is such a case.
 

@@ -69,8 +69,8 @@ class Bf16EmulatedLinear(torch.autograd.Function):
 
 
 class LinearCrossEntropySum(torch.autograd.Function):
-    """``sum_i CE(x_i W^T, t_i)`` (logits in fp32 or wider) computed one block of rows at a time; no
-    ``ignore_index`` (every target must be a valid class).
+    """``sum_i CE(x_i W^T, t_i)`` computed one block of rows at a time (logits from a GEMM in the operands'
+    dtype, softmax and loss in fp32 or wider); no ``ignore_index`` (every target must be a valid class).
 
     Each block's logits are exponentiated in place (after subtracting the row max) and are the only
     ``[rows, vocab]`` tensor kept; backward turns them, again in place, into the logit gradient

@@ -73,6 +73,17 @@ def default_no_decay(name: str, param: Tensor) -> bool:
     return param.ndim < 2 or name.endswith(".bias")
 
 
+def _reduce_scatter(output: Tensor, input: Tensor, **kwargs: Any) -> dist.Work | None:
+    """``dist.reduce_scatter_single`` (torch 2.13, which deprecates the older name), or on torch 2.11, which
+    lacks it, ``dist.reduce_scatter_tensor``: the same collective."""
+    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(output, input, **kwargs)
+
+
+def _all_gather(output: Tensor, input: Tensor, **kwargs: Any) -> dist.Work | None:
+    """``dist.all_gather_single`` (torch 2.13), or ``dist.all_gather_into_tensor`` on torch 2.11."""
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(output, input, **kwargs)
+
+
 def _group_size(pg: dist.ProcessGroup | None) -> int:
     return 1 if pg is None else dist.get_world_size(pg)
 
@@ -114,10 +125,11 @@ class ZeroAdamW:
         self._overlap_gather = False
         self._buckets = self._build_buckets(int(bucket_mb * 2**20))
         self._bucket_of: dict[int, tuple[Bucket, int]] = {}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         for b in self._buckets:
             for i, p in enumerate(b.params):
                 self._bucket_of[id(p)] = (b, i)
-                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
         self._device = self._buckets[0].grad_buf.device if self._buckets else torch.device("cpu")
         self._queues: dict[int, list[Bucket]] = {}  # per reduction group, in launch order
         for b in self._buckets:
@@ -233,7 +245,7 @@ class ZeroAdamW:
         src = b.grad_buf if self.reduce_dtype == torch.float32 else b.grad_buf.to(self.reduce_dtype)
         lo, hi = b.shard
         b.reduce_out = src[lo:hi]  # in place: this rank's chunk of the input receives the sum
-        b.reduce_work = dist.reduce_scatter_single(
+        b.reduce_work = _reduce_scatter(
             b.reduce_out, src, op=dist.ReduceOp.SUM, group=b.group["process_group"], async_op=True
         )
 
@@ -312,7 +324,7 @@ class ZeroAdamW:
         if b.state["master"].data_ptr() != b.param_buf[lo:hi].data_ptr():
             b.param_buf[lo:hi].copy_(b.state["master"])
         if b.world > 1:
-            b.gather_work = dist.all_gather_single(
+            b.gather_work = _all_gather(
                 b.param_buf, b.param_buf[lo:hi], group=b.group["process_group"], async_op=True
             )
 
@@ -330,8 +342,16 @@ class ZeroAdamW:
             owned = [self._bucket_of[id(p)][0] for p in module.parameters(recurse=False) if id(p) in self._bucket_of]
             if owned:
                 buckets = tuple({id(b): b for b in owned}.values())
-                module.register_forward_pre_hook(functools.partial(self._forward_wait, buckets))
+                self._hooks.append(module.register_forward_pre_hook(functools.partial(self._forward_wait, buckets)))
         self._overlap_gather = True
+
+    def close(self) -> None:
+        """Remove this optimizer's hooks from the parameters and modules. The hooks reference the optimizer
+        from tensors that the garbage collector does not traverse, so without this an optimizer and its
+        buffers (fp32 masters, moments, gradient buckets) live as long as the model does."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     def _forward_wait(self, buckets: tuple[Bucket, ...], module: nn.Module, args: Any) -> None:
         self.wait_params(buckets)

@@ -16,8 +16,9 @@ GEMM numerics follow ``precision`` (set by the FP8 policy, as on ``ops.Linear``)
 
 - ``"default"``: operands in the activation dtype (the autocast dtype under autocast); BF16 on CPU runs
   as fp32 arithmetic on bf16 operands (``ops.precision``). ``torch._grouped_mm`` serves CPU tensors and
-  BF16 CUDA tensors whose row strides are 16-byte multiples; anything else (fp32 on CUDA, odd widths)
-  falls back to one GEMM per expert over host-side offsets: correct, but it synchronises.
+  BF16 CUDA tensors whose base pointers and row strides are 16-byte multiples; anything else (fp32 on CUDA,
+  odd widths, a misaligned view) falls back to one GEMM per expert over host-side offsets: correct, but it
+  synchronises.
 - ``"bf16_emulated"``: operands rounded to bf16, fp32 arithmetic (``ops.linear.Bf16EmulatedLinear``).
 - ``"fp8"``: DeepSeek-V3's recipe per expert (``fp8.linear``: 1x128 activation tiles, 128x128 weight
   blocks); each stack is quantized once per optimizer step (``invalidate_fp8_weight`` after in-place
@@ -62,8 +63,8 @@ def _grouped_serves(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` (through ``ops.precision.grouped_mm``) takes these operands."""
     if a.device.type == "cpu":
         itemsize = 4 if precision.widens(a, b) else a.element_size()
-    elif a.dtype == b.dtype == torch.bfloat16:
-        itemsize = 2
+    elif a.dtype == b.dtype == torch.bfloat16 and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0:
+        itemsize = 2  # CUDA also wants 16-byte aligned base pointers (stacks are views into ZeRO buckets)
     else:
         return False
     return _aligned(a, itemsize) and _aligned(b, itemsize)

@@ -40,8 +40,9 @@ class Gate(nn.Module):
     """Router: scores ``s = sigmoid|softmax(x W^T)``; experts chosen by top-k on ``s + bias`` within the
     ``n_limited_groups`` groups whose top-2 biased scores sum highest; weights from the unbiased ``s``.
 
-    ``weight`` stays a plain fp32 parameter (never FP8); ``bias`` is the fp32 balancing buffer, changed only
-    by ``MoE.update_bias`` and never by the optimizer.
+    ``weight`` is a plain parameter (never FP8; bf16 with the other parameters under ``train.dtype=bf16``, its
+    scores computed in fp32); ``bias`` is the fp32 balancing buffer, changed only by ``MoE.update_bias`` and
+    never by the optimizer.
     """
 
     def __init__(self, args: ModelArgs) -> None:
