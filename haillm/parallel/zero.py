@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from haillm.parallel.collectives import all_gather_single, reduce_scatter_single
 from haillm.parallel.zero_buckets import Bucket, BucketPlan, ParamSpec, plan_buckets
 from haillm.parallel.zero_state import copy_pieces, sharded_view
 
@@ -71,17 +72,6 @@ def whole_param(name: str, param: Tensor) -> list[tuple[str, int, torch.Size]]:
 def default_no_decay(name: str, param: Tensor) -> bool:
     """Norm weights, biases and every other 1-D parameter are not weight-decayed."""
     return param.ndim < 2 or name.endswith(".bias")
-
-
-def _reduce_scatter(output: Tensor, input: Tensor, **kwargs: Any) -> dist.Work | None:
-    """``dist.reduce_scatter_single`` (torch 2.13, which deprecates the older name), or on torch 2.11, which
-    lacks it, ``dist.reduce_scatter_tensor``: the same collective."""
-    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(output, input, **kwargs)
-
-
-def _all_gather(output: Tensor, input: Tensor, **kwargs: Any) -> dist.Work | None:
-    """``dist.all_gather_single`` (torch 2.13), or ``dist.all_gather_into_tensor`` on torch 2.11."""
-    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(output, input, **kwargs)
 
 
 def _group_size(pg: dist.ProcessGroup | None) -> int:
@@ -245,7 +235,7 @@ class ZeroAdamW:
         src = b.grad_buf if self.reduce_dtype == torch.float32 else b.grad_buf.to(self.reduce_dtype)
         lo, hi = b.shard
         b.reduce_out = src[lo:hi]  # in place: this rank's chunk of the input receives the sum
-        b.reduce_work = _reduce_scatter(
+        b.reduce_work = reduce_scatter_single(
             b.reduce_out, src, op=dist.ReduceOp.SUM, group=b.group["process_group"], async_op=True
         )
 
@@ -324,7 +314,7 @@ class ZeroAdamW:
         if b.state["master"].data_ptr() != b.param_buf[lo:hi].data_ptr():
             b.param_buf[lo:hi].copy_(b.state["master"])
         if b.world > 1:
-            b.gather_work = _all_gather(
+            b.gather_work = all_gather_single(
                 b.param_buf, b.param_buf[lo:hi], group=b.group["process_group"], async_op=True
             )
 
