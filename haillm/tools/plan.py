@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import NamedTuple
 
 from omegaconf import DictConfig
 
@@ -35,13 +36,23 @@ from haillm.train.metrics import GPU_PEAK_FLOPS, named_peak_flops
 from haillm.train.optim import config_dtype
 
 GIB = 2**30
-# HBM per GPU in GiB, nominal (the vendors' "80 GB" parts carry 80 GiB; the driver reports up to ~1% less).
-GPU_MEMORY_GIB = {"H100": 80, "H800": 80, "H200": 141, "H20": 96, "A100": 80, "A800": 80}
+
+
+class GpuSpec(NamedTuple):
+    """What the planner needs of a GPU besides its peak FLOP/s."""
+
+    memory_gib: int
+    capability: tuple[int, int]
+
+
+# Per GPU: HBM in GiB, nominal (the vendors' "80 GB" parts carry 80 GiB; the driver reports up to ~1% less),
+# and the CUDA compute capability, which decides whether FP8 linears run (``fp8.blockwise_fp8_available``, the
+# rule ``apply_fp8`` uses). The peak FLOP/s is the trainer's (``metrics.GPU_PEAK_FLOPS``).
+GPU_SPECS = {"H100": GpuSpec(80, (9, 0)), "H800": GpuSpec(80, (9, 0)), "H200": GpuSpec(141, (9, 0)),
+             "H20": GpuSpec(96, (9, 0)), "A100": GpuSpec(80, (8, 0)), "A800": GpuSpec(80, (8, 0))}
 # What a layout may not plan to use: the CUDA context, NCCL's buffers and the caching allocator's fragmentation
 # live outside the tensors modelled here (and outside torch's max_memory_allocated, the trainer's figure).
 MEMORY_RESERVE = 0.10
-# CUDA compute capability: whether FP8 linears run (``fp8.blockwise_fp8_available``, the rule ``apply_fp8`` uses)
-GPU_CAPABILITY = {"H100": (9, 0), "H800": (9, 0), "H200": (9, 0), "H20": (9, 0), "A100": (8, 0), "A800": (8, 0)}
 GPUS = sorted(name.lower() for name in GPU_PEAK_FLOPS) + ["cpu"]
 DEFAULT_MFU = 0.40
 
@@ -64,7 +75,7 @@ def compose(overrides: list[str], gpus: int | None, gpu: str) -> tuple[DictConfi
 def fp8_linears(cfg: DictConfig, gpu: str) -> bool:
     """Whether the run's linears go FP8: ``fp8.enabled`` on a device with blockwise FP8 GEMMs (SM90, or the
     CPU's reference GEMM), as ``apply_fp8`` decides at run time. Elsewhere only the dispatch payload is FP8."""
-    capability = None if gpu == "cpu" else GPU_CAPABILITY[gpu.upper()]
+    capability = None if gpu == "cpu" else GPU_SPECS[gpu.upper()].capability
     return bool(cfg.fp8.enabled) and blockwise_fp8_available(capability)
 
 
@@ -137,7 +148,7 @@ def make_plan(overrides: list[str], gpus: int | None = None, gpu: str = "h100", 
     else:
         mfu = step_flops / (step_time * gpus * peak)
         mfu_source = "from the measured step time (--step-time)"
-    capacity = GPU_MEMORY_GIB.get(gpu.upper(), 0) * GIB or None
+    capacity = GPU_SPECS[gpu.upper()].memory_gib * GIB if gpu != "cpu" else None
     usable = None if capacity is None else capacity * (1 - MEMORY_RESERVE)
     bubble = None
     if lay.pp > 1:

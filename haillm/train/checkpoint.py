@@ -157,7 +157,7 @@ def _write(run_dir: Path, step: int, state: dict, rng: dict, trainer_state: dict
         os.replace(tmp, final)
         shutil.rmtree(aside, ignore_errors=True)
         if keep:  # older steps only: newer ones belong to a history this run went back from (and may rewrite)
-            for _, old in [(n, path) for n, path in list_checkpoints(run_dir) if n < step][keep - 1:]:
+            for old in [path for n, path in list_checkpoints(run_dir) if n < step][keep - 1:]:
                 shutil.rmtree(old, ignore_errors=True)
     _barrier(group)
     return final
