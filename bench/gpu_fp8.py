@@ -10,7 +10,8 @@ and FP8 vs BF16 GEMM throughput on DeepSeek-V3 shapes.
    Shapes cuBLAS does not take as they are (N = 2112) run zero-padded ("padded").
    Both recipes: 1x128 x 128x128 (Fprop/Dgrad) and 1x128 x 1x128 (Wgrad).
 2. Throughput: BF16 ``torch.mm`` vs FP8 ``fp8_gemm`` on pre-quantized operands, and FP8 including the
-   activation quantization (``act_quant``: the Triton kernel on CUDA), timed with CUDA events; then each
+   activation quantization (``act_quant``: the Triton kernel on CUDA), timed with CUDA events; the FP8
+   linear's forward+backward against BF16's per shape, in both Wgrad modes (``fp8.wgrad``); then each
    quantization kernel against its eager-torch reference (``*_reference``) on the same tensors.
 3. Alignment probe (last, in case a rejected call upsets the context): which M values cuBLAS accepts, to
    check ``scaled_mm_supported``'s conservative rule (M a multiple of 4).
@@ -33,6 +34,7 @@ from haillm.fp8 import (
     fp8_gemm,
     fp8_gemm_reference,
     fp8_gemm_scaled_mm,
+    fp8_linear,
     quant,
     scaled_mm_supported,
     weight_quant,
@@ -125,6 +127,33 @@ def throughput(device: str, iters: int) -> None:
     print(f"reference fallback (fp32 bmm), m={BENCH_M} k=7168 n=2048: {tflops:.0f} TFLOP/s")
 
 
+def linear_speed(device: str, iters: int) -> None:
+    """FP8 linear forward+backward (Fprop, Dgrad, Wgrad and every activation/gradient quantization) against
+    the BF16 linear, per V3 shape at M = BENCH_M tokens, in both Wgrad modes. The weight is quantized once
+    per optimizer step in training (``Fp8WeightCache``), so "cached" is the per-micro-batch cost; the last
+    column also pays the weight quantization on every call (one micro-batch per step)."""
+    print(f"\n== FP8 linear forward+backward vs BF16 (ms, median of {iters}; M = {BENCH_M}) ==")
+    print(f"{'k':>6} {'n':>6}  {'bf16':>6}  {'fp8 wgrad=bf16':>14}  {'fp8 wgrad=fp8':>13}  {'+weight quant':>13}")
+    for k, n in V3_KN:
+        x = torch.randn(BENCH_M, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(BENCH_M, n, device=device, dtype=torch.bfloat16)
+        w_q = weight_quant(w.detach())
+
+        def step(forward, x=x, w=w, dy=dy):
+            x.grad = w.grad = None
+            forward().backward(dy)
+
+        times = [cuda_ms(functools.partial(step, fwd), iters) for fwd in (
+            lambda x=x, w=w: torch.nn.functional.linear(x, w),
+            lambda x=x, w=w, w_q=w_q: fp8_linear(x, w, weight_q=w_q, wgrad="bf16"),
+            lambda x=x, w=w, w_q=w_q: fp8_linear(x, w, weight_q=w_q, wgrad="fp8"),
+            lambda x=x, w=w: fp8_linear(x, w, wgrad="bf16"),
+        )]
+        ratios = "".join(f"  {times[0] / t:>12.2f}x" for t in times[1:])
+        print(f"{k:>6} {n:>6}  {times[0]:6.3f}{ratios}")
+
+
 def quant_speed(device: str, iters: int) -> None:
     """Quantization kernels vs the eager reference at M = BENCH_M tokens (bf16 in), and their bandwidth."""
     print(f"\n== quantization: Triton kernel vs eager torch reference (us, median of {iters}; bf16 [{BENCH_M}, k]) ==")
@@ -164,6 +193,7 @@ def main() -> int:
     torch.manual_seed(0)
     ok = accuracy("cuda")
     throughput("cuda", args.iters)
+    linear_speed("cuda", args.iters)
     quant_speed("cuda", args.iters)
     alignment_probe("cuda")
     print(f"\naccuracy: {'PASS' if ok else 'FAIL'}")

@@ -87,7 +87,7 @@ def build_trainer(a: argparse.Namespace, device: torch.device, *extra: str) -> T
     model, dispatcher = launch_train.build_model(cfg, dims, device)
     optimizer = build_optimizer(model, cfg, dims)
     if cfg.fp8.enabled:
-        apply_fp8(model, True, cfg.fp8.pow2_scales)
+        apply_fp8(model, True, cfg.fp8.pow2_scales, cfg.fp8.wgrad)
     batcher = SyntheticBatcher(1, a.batch, a.seq, a.vocab)
     run_dir = Path(tempfile.mkdtemp(prefix="gpu_train_"))
     return Trainer(cfg, dims, model, optimizer, batcher, run_dir, device,

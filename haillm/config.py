@@ -92,6 +92,7 @@ class OptimConfig:
 class FP8Config:
     enabled: bool = False
     pow2_scales: bool = False
+    wgrad: str = "bf16"  # weight-gradient GEMM: bf16 (faster than FP8 on cuBLAS, H200) or fp8 (DeepSeek-V3)
 
 
 @dataclass
@@ -247,6 +248,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _require(0 <= o.decay_start <= 1, f"optim.decay_start={o.decay_start} must be in [0, 1]")
     _one_of("optim.moment_dtype", o.moment_dtype, ("fp32", "bf16"))
     _one_of("optim.grad_reduce_dtype", o.grad_reduce_dtype, ("fp32", "bf16"))
+    _one_of("fp8.wgrad", cfg.fp8.wgrad, ("bf16", "fp8"))
     _one_of("logging.wandb", cfg.logging.wandb, WANDB_MODES)
     _require(cfg.checkpoint.interval > 0, f"checkpoint.interval={cfg.checkpoint.interval} must be positive")
     _require(cfg.checkpoint.keep >= 0, f"checkpoint.keep={cfg.checkpoint.keep} must be >= 0")

@@ -158,7 +158,7 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
         tmp.replace(run_dir / "config.yaml")
     setup_logging(rank, run_dir)
     if cfg.fp8.enabled:  # FP8 is a compute format only: parameters, gradients and checkpoints keep their dtypes
-        log.info("fp8: %s", apply_fp8(model, True, cfg.fp8.pow2_scales).summary())
+        log.info("fp8: %s", apply_fp8(model, True, cfg.fp8.pow2_scales, cfg.fp8.wgrad).summary())
     args = model.args
     log.info("run dir %s | model %s: %.2fM parameters | %d packed sequences of %d tokens", run_dir,
              cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, dataset.num_samples,

@@ -2,9 +2,10 @@
 FP8-only saved activations, and the once-per-step weight cache.
 
 Thresholds: each FP8 GEMM rounds its two operands once (~3.4e-4 of calc_diff each, measured ~7e-4 per
-GEMM, like DeepGEMM's < 1e-3). Wgrad without power-of-two scales rounds ``x`` twice (1x128 in forward,
-then re-tiled 128x1 from the FP8 copy), three roundings in all, measured ~1.0e-3: its bound is 1.5e-3.
-With pow2 scales the re-tiling is exact in E4M3's normal range and Wgrad is back under 1e-3.
+GEMM, like DeepGEMM's < 1e-3). The FP8 Wgrad without power-of-two scales rounds ``x`` twice (1x128 in
+forward, then re-tiled 128x1 from the FP8 copy), three roundings in all, measured ~1.0e-3: its bound is
+1.5e-3. With pow2 scales the re-tiling is exact in E4M3's normal range and Wgrad is back under 1e-3. The
+BF16 Wgrad rounds ``x`` to E4M3 once and ``dy`` to bf16: inside the same bounds.
 """
 
 import pytest
@@ -41,10 +42,11 @@ def fp8_run(x, w, dy, **kw):
     return y.detach(), x.grad.clone(), w.grad.clone()
 
 
+@pytest.mark.parametrize("wgrad", ["fp8", "bf16"])
 @pytest.mark.parametrize("pow2,wgrad_bound", [(False, 1.5e-3), (True, 1e-3)])
-def test_matches_high_precision_linear(pow2, wgrad_bound):
+def test_matches_high_precision_linear(pow2, wgrad_bound, wgrad):
     x, w, dy = make()
-    y, dx, dw = fp8_run(x, w, dy, pow2=pow2)
+    y, dx, dw = fp8_run(x, w, dy, pow2=pow2, wgrad=wgrad)
     assert y.dtype == dx.dtype == dw.dtype == torch.float32 and y.shape == (2, 150, 384)
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     F.linear(x64, w64).backward(dy.double())
@@ -53,19 +55,34 @@ def test_matches_high_precision_linear(pow2, wgrad_bound):
     assert calc_diff(dw, w64.grad) < wgrad_bound
 
 
-def test_each_gemm_follows_the_recipe():
+@pytest.mark.parametrize("wgrad", ["fp8", "bf16"])
+def test_each_gemm_follows_the_recipe(wgrad):
     """Each result equals the float64 product of the dequantized operands of its recipe (the GEMM's
-    per-block promotion changes only fp32 rounding), so a wrong tiling or transpose shows up here."""
+    per-block promotion changes only fp32 rounding), so a wrong tiling or transpose shows up here. The BF16
+    Wgrad is defined exactly: bf16 ``dy`` times the bf16 dequantization of the saved FP8 ``x``, fp32
+    arithmetic, the result rounded to bf16 (what a BF16 GEMM returns)."""
     x, w, dy = make(seed=1)
-    y, dx, dw = fp8_run(x, w, dy)
+    y, dx, dw = fp8_run(x, w, dy, wgrad=wgrad)
     x2, dy2 = x.detach().reshape(300, 256), dy.reshape(300, 384)
     xq = act_quant(x2)
     w_hat = weight_dequant(*weight_quant(w.detach())).double()
     y_ref = act_dequant(*xq).double() @ w_hat.T
     dx_ref = act_dequant(*act_quant(dy2, min_amax=GRAD_AMAX_MIN)).double() @ w_hat
-    dw_ref = act_dequant(*act_quant_t(dy2, min_amax=GRAD_AMAX_MIN)).double() @ act_dequant(*requant_t(*xq)).double().T
-    for got, ref in ((y.reshape(300, 384), y_ref), (dx.reshape(300, 256), dx_ref), (dw, dw_ref)):
+    for got, ref in ((y.reshape(300, 384), y_ref), (dx.reshape(300, 256), dx_ref)):
         assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    if wgrad == "fp8":
+        dyt = act_dequant(*act_quant_t(dy2, min_amax=GRAD_AMAX_MIN)).double()
+        dw_ref = dyt @ act_dequant(*requant_t(*xq)).double().T
+        assert (dw.double() - dw_ref).abs().max() <= 1e-5 * dw_ref.abs().max()
+    else:
+        x_bf16 = act_dequant(*xq, dtype=torch.bfloat16)
+        assert torch.equal(dw, (dy2.bfloat16().float().T @ x_bf16.float()).bfloat16().float())
+
+
+def test_wgrad_mode_is_checked():
+    x, w, _ = make()
+    with pytest.raises(ValueError, match="'fp16'"):
+        fp8_linear(x, w, wgrad="fp16")
 
 
 @pytest.mark.parametrize("pow2", [False, True])

@@ -144,7 +144,7 @@ def test_fp8_is_bitwise_the_fp8_linear_of_each_expert(pow2):
     g = torch.randn(sum(counts), 256)
 
     def expert_fp8(a, w):
-        return fp8_linear(a, w, weight_q=weight_quant(w.detach(), pow2=pow2), pow2=pow2)
+        return fp8_linear(a, w, weight_q=weight_quant(w.detach(), pow2=pow2), pow2=pow2, wgrad="fp8")
 
     assert_same(grouped_run(module, x, tensor_counts, g), loop_run(module, x, counts, g, expert_fp8))
 

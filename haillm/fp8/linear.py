@@ -3,9 +3,16 @@
 - Fprop: ``x`` 1x128 tiles (per token) x ``W`` 128x128 blocks.
 - Dgrad: ``dx = dy @ W``: ``dy`` 1x128 tiles x ``W.T`` 128x128 blocks. Square blocks make the quantized
   ``W.T`` just the transposed ``(q, s)`` of ``W``: same blocks, same amax, no requantization.
-- Wgrad: ``dW = dy.T @ x``: both operands tiled 1x128 along the token dimension (K of this GEMM).
-  ``dy.T`` is quantized from the high-precision gradient; ``x.T`` is re-tiled from the FP8 copy of ``x``
-  saved in forward (``requant_t``), so only FP8 activations are kept between forward and backward.
+- Wgrad ``dW = dy.T @ x``, in one of two modes (``wgrad``); either way only the FP8 copy of ``x`` is kept
+  between forward and backward:
+  - ``"bf16"`` (default): a BF16 GEMM of ``dy`` rounded to bf16 and the bf16 dequantization of the saved
+    FP8 ``x``. On an H200 (torch 2.11, cuBLAS) the blockwise FP8 Wgrad ran at 0.90x and 0.99x of BF16 at
+    V3's shapes even with its operands quantized beforehand, and at 0.3-0.6x with the two quantizations
+    it needs (issue #12's table; ``bench/gpu_fp8.py`` prints it again per shape), so BF16 is both faster
+    and more precise there.
+  - ``"fp8"``: DeepSeek-V3's recipe (DeepGEMM has a fast kernel for it): both operands tiled 1x128 along
+    the token dimension (K of this GEMM); ``dy.T`` quantized from the high-precision gradient, ``x.T``
+    re-tiled from the FP8 copy of ``x`` (``requant_t``).
 
 Under zero-bubble pipeline schedules the Wgrad GEMM can be deferred (``defer_wgrad``): backward then
 queues it, holding only the FP8 ``x`` and the output gradient, and a later W action runs it. Weight
@@ -17,7 +24,9 @@ from collections.abc import Callable
 import torch
 
 from haillm.fp8.gemm import fp8_gemm
-from haillm.fp8.quant import GRAD_AMAX_MIN, act_quant, act_quant_t, requant_t, weight_quant
+from haillm.fp8.quant import GRAD_AMAX_MIN, act_dequant, act_quant, act_quant_t, requant_t, weight_quant
+
+WGRAD_MODES = ("bf16", "fp8")
 
 
 def fp8_dgrad(
@@ -37,16 +46,30 @@ def fp8_wgrad(
     return fp8_gemm(dyt_q, dyt_s, xt_q, xt_s, out_dtype, b_block=1)
 
 
+def bf16_wgrad(dy: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, out_dtype=torch.float32) -> torch.Tensor:
+    """Weight gradient ``dy.T @ x`` as a BF16 GEMM (fp32 accumulation, bf16 result) of ``dy`` and the
+    dequantized ``act_quant(x)`` pair, returned in ``out_dtype``."""
+    from haillm.ops import precision  # here: haillm.ops imports this package
+
+    x = act_dequant(x_q, x_s, dtype=torch.bfloat16)
+    return precision.mm(dy.to(torch.bfloat16).t(), x).to(out_dtype)
+
+
+def check_wgrad_mode(wgrad: str) -> None:
+    if wgrad not in WGRAD_MODES:
+        raise ValueError(f"fp8 wgrad mode must be one of {WGRAD_MODES}, got {wgrad!r}")
+
+
 class Fp8LinearFunction(torch.autograd.Function):
     """Autograd op for ``x @ W.T`` in FP8; saves only FP8 tensors and their fp32 scales for backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, w_q, w_s, pow2, defer_wgrad):
+    def forward(ctx, x, weight, w_q, w_s, pow2, defer_wgrad, wgrad):
         x2 = x.reshape(-1, x.shape[-1])
         x_q, x_s = act_quant(x2, pow2=pow2)
         y = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=x.dtype)
         ctx.save_for_backward(x_q, x_s, w_q, w_s)
-        ctx.pow2, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = pow2, x.shape, x.dtype, weight.dtype
+        ctx.pow2, ctx.wgrad, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = pow2, wgrad, x.shape, x.dtype, weight.dtype
         # The parameter itself (not a saved tensor) receives a deferred gradient; see ops.wgrad.
         ctx.weight, ctx.defer_wgrad = weight, defer_wgrad
         return y.reshape(*x.shape[:-1], w_q.shape[0])
@@ -59,14 +82,16 @@ class Fp8LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = fp8_dgrad(dy2, w_q, w_s, ctx.pow2, ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            pow2, w_dtype = ctx.pow2, ctx.w_dtype
+            pow2, w_dtype, wgrad = ctx.pow2, ctx.w_dtype, ctx.wgrad
 
             def weight_grad() -> torch.Tensor:
+                if wgrad == "bf16":
+                    return bf16_wgrad(dy2, x_q, x_s, w_dtype)
                 return fp8_wgrad(dy2, x_q, x_s, pow2, w_dtype)
 
             if ctx.defer_wgrad is None or not ctx.defer_wgrad(ctx.weight, weight_grad):
                 dw = weight_grad()
-        return dx, dw, None, None, None, None
+        return dx, dw, None, None, None, None, None
 
 
 def fp8_linear(
@@ -76,16 +101,19 @@ def fp8_linear(
     weight_q: tuple[torch.Tensor, torch.Tensor] | None = None,
     pow2: bool = False,
     defer_wgrad: Callable[[torch.Tensor, Callable[[], torch.Tensor]], bool] | None = None,
+    wgrad: str = "bf16",
 ) -> torch.Tensor:
     """``x @ weight.T`` (no bias) with FP8 Fprop/Dgrad/Wgrad; the output dtype follows ``x``.
 
     ``weight_q`` is a ready ``weight_quant(weight)`` (e.g. ``Fp8WeightCache.get()``); without it the weight
     is quantized on this call. ``defer_wgrad`` (``haillm.ops.wgrad.defer_weight_grad``) may take the Wgrad
-    GEMM out of backward, to run later from the saved FP8 tensors (zero-bubble W). Any shape works through
+    GEMM out of backward, to run later from the saved FP8 tensors (zero-bubble W); ``wgrad`` picks its
+    numerics ("bf16" or "fp8", see the module doc). Any shape works through
     the reference GEMM on CPU and cuBLAS's on an SM90 GPU, zero-padded where it wants whole blocks
     (``gemm_plan``)."""
     w_q, w_s = weight_q if weight_q is not None else weight_quant(weight.detach(), pow2=pow2)
-    return Fp8LinearFunction.apply(x, weight, w_q, w_s, pow2, defer_wgrad)
+    check_wgrad_mode(wgrad)
+    return Fp8LinearFunction.apply(x, weight, w_q, w_s, pow2, defer_wgrad, wgrad)
 
 
 class Fp8WeightCache:

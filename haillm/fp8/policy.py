@@ -7,11 +7,14 @@ head, the MoE gate, the norms and the attention core. ``eh_proj`` is not among t
 Linear and goes FP8 (the report does not name it either way). The embedding, gate, norms and attention
 core are not ``Linear`` modules here, so only ``head`` (and any Linear not named above) is kept by name.
 
-A linear whose in or out features are not multiples of 128 stays on the high-precision path: this policy
-quantizes and caches weights as whole 128x128 blocks (the GEMM itself would pad, ``gemm.gemm_plan``; FP8
-for such layers is not implemented yet). One warning is logged per such layer;
-the routed experts of one MoE layer share a shape and are reported in one line. DeepSeek-V3's own
-``wkv_a`` (7168 -> 512 + 64 = 576) is such a case.
+Every width runs FP8: weights are quantized in 128x128 blocks with a partial last block, activations in 1x128
+tiles with a partial last tile, and the GPU GEMM pads what cuBLAS does not take as it is (``gemm.gemm_plan``);
+DeepSeek-V3's ``wkv_a`` (7168 -> 512 + 64 = 576) is such a case. A routed-expert stack whose widths are not
+multiples of 128 stays on the high-precision path (``GroupedExperts.fp8_fits``), with one warning per MoE
+layer.
+
+The weight-gradient GEMM runs in BF16 by default (``wgrad="bf16"``: faster than cuBLAS's FP8 Wgrad on an
+H200, see ``fp8.linear``), or in FP8 as DeepSeek-V3 does (``wgrad="fp8"``, config ``fp8.wgrad``).
 
 Weights are quantized once per optimizer step and cached; call ``invalidate_weight_caches(model)`` after
 every optimizer step (and after loading a checkpoint) whenever the optimizer writes parameters in place
@@ -34,8 +37,8 @@ FP8_LINEARS = frozenset({"wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo", "w1", "w2
 BLOCK = 128
 
 # ModelArgs overrides (on the ``tiny`` preset) for a CPU-sized MoE model in which the FP8 policy applies:
-# every eligible linear has 128-multiple features except wkv_a (128 + 32 = 160), which falls back as
-# DeepSeek-V3's own wkv_a does. ~5M parameters; used by the FP8 tests and bench/fp8_fidelity.py.
+# every eligible linear has 128-multiple features except wkv_a (128 + 32 = 160), whose partial blocks stand
+# for DeepSeek-V3's own wkv_a (576). ~5M parameters; used by the FP8 tests and bench/fp8_fidelity.py.
 FP8_TINY_OVERRIDES = dict(
     dim=256,
     inter_dim=512,
@@ -75,25 +78,28 @@ def _expert_pattern(fqn: str) -> str:
     return re.sub(r"\.experts\.\d+\.", ".experts.*.", fqn)
 
 
-def apply_precision(model: nn.Module, precision: str, pow2_scales: bool = False) -> PrecisionReport:
+def apply_precision(
+    model: nn.Module, precision: str, pow2_scales: bool = False, wgrad: str = "bf16"
+) -> PrecisionReport:
     """Set ``precision`` ("fp8", "bf16_emulated" or "default") on the policy's linears of ``model`` and
-    "default" on all others. "bf16_emulated" covers exactly the linears FP8 would (shape fallbacks
-    included), so an FP8-vs-BF16 comparison differs in those GEMMs only. Idempotent; call once the model is
-    built (before or after the optimizer: parameters are not touched)."""
+    "default" on all others; ``pow2_scales`` and ``wgrad`` are the FP8 options of ``Linear.set_precision``.
+    "bf16_emulated" covers exactly the linears FP8 would (shape fallbacks included), so an FP8-vs-BF16
+    comparison differs in those GEMMs only. Idempotent; call once the model is built (before or after the
+    optimizer: parameters are not touched)."""
     report = PrecisionReport(precision)
     misfits: dict[str, list[str]] = {}
     shapes = report.shapes
     for fqn, module in model.named_modules():
         if isinstance(module, Linear):
             linears = [(fqn, [module.out_features, module.in_features])]
-            fits = module.in_features % BLOCK == 0 and module.out_features % BLOCK == 0
+            fits = True
         elif isinstance(module, GroupedExperts):  # reported as its experts' linears, by global id
             linears = [(f"{fqn}.{gid}.{w}", list(getattr(module, w).shape[1:])) for gid in module.ids for w in WEIGHTS]
             fits = module.fp8_fits
         else:
             continue
         eligible = precision != "default" and all(n.rsplit(".", 1)[-1] in FP8_LINEARS for n, _ in linears)
-        module.set_precision(precision if eligible and fits else "default", pow2_scales)
+        module.set_precision(precision if eligible and fits else "default", pow2_scales, wgrad)
         for name, shape in linears:
             shapes[name] = shape
             if eligible and fits:
@@ -114,7 +120,7 @@ def apply_precision(model: nn.Module, precision: str, pow2_scales: bool = False)
     return report
 
 
-def apply_fp8(model: nn.Module, enabled: bool, pow2_scales: bool = False) -> PrecisionReport:
+def apply_fp8(model: nn.Module, enabled: bool, pow2_scales: bool = False, wgrad: str = "bf16") -> PrecisionReport:
     """Turn DeepSeek-V3's FP8 policy on (or everything back to default precision when not ``enabled``). On a
     GPU without blockwise FP8 GEMMs (not SM90) every linear stays in default precision, said in one warning:
     the CPU reference GEMM never runs on a GPU."""
@@ -123,7 +129,7 @@ def apply_fp8(model: nn.Module, enabled: bool, pow2_scales: bool = False) -> Pre
         logger.warning(f"fp8.enabled=true: blockwise FP8 GEMMs need an SM90 (Hopper) GPU; {device} runs every "
                        "linear in its default precision")
         enabled = False
-    return apply_precision(model, "fp8" if enabled else "default", pow2_scales)
+    return apply_precision(model, "fp8" if enabled else "default", pow2_scales, wgrad)
 
 
 def invalidate_weight_caches(model: nn.Module) -> None:

@@ -85,6 +85,8 @@ def act_quant_reference(
 def act_dequant(q: torch.Tensor, s: torch.Tensor, block: int = 128, dtype=torch.float32) -> torch.Tensor:
     """Inverse of ``act_quant``: ``q * s`` with each scale broadcast over its tile."""
     k = q.shape[-1]
+    if k % block == 0:  # whole tiles: broadcast each scale over its tile, no [.., K] scale temporary
+        return (q.float().unflatten(-1, (k // block, block)) * s.unsqueeze(-1)).flatten(-2).to(dtype)
     return (q.float() * s.repeat_interleave(block, dim=-1)[..., :k]).to(dtype)
 
 

@@ -8,10 +8,11 @@ Precision is a per-module switch (``set_precision``), normally flipped for a who
 ``haillm.fp8.policy.apply_fp8``:
 
 - ``"default"``: ``F.linear`` in the tensors' own dtype (bitwise the plain op).
-- ``"fp8"``: DeepSeek-V3's FP8 linear (``haillm.fp8.fp8_linear``: FP8 Fprop/Dgrad/Wgrad, input cached in
-  FP8). The weight is quantized once and reused until it changes (``Fp8WeightCache``); an optimizer that
-  writes parameters without bumping their version (ZeRO-1's in-place gather) must be followed by
-  ``invalidate_fp8_weight()``. Nothing FP8 is a parameter or buffer: checkpoints keep the master weights.
+- ``"fp8"``: DeepSeek-V3's FP8 linear (``haillm.fp8.fp8_linear``: FP8 Fprop and Dgrad, Wgrad in BF16 or
+  FP8 (``fp8_wgrad``), input cached in FP8). The weight is quantized once and reused until it changes
+  (``Fp8WeightCache``); an optimizer that writes parameters without bumping their version (ZeRO-1's
+  in-place gather) must be followed by ``invalidate_fp8_weight()``. Nothing FP8 is a parameter or buffer:
+  checkpoints keep the master weights.
 - ``"bf16_emulated"``: the numerics of a BF16 GEMM on a CPU without fast bf16 matmul: every GEMM operand
   is rounded to bf16, the arithmetic is fp32. The baseline of the FP8 fidelity benchmark.
 
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from haillm.fp8 import Fp8WeightCache, fp8_linear
+from haillm.fp8.linear import check_wgrad_mode
 from haillm.ops import precision
 from haillm.ops.precision import apply_like_autocast, autocast_off
 from haillm.ops.wgrad import defer_weight_grad, deferrable_linear
@@ -137,14 +139,17 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.precision = "default"
         self.fp8_pow2_scales = False
+        self.fp8_wgrad = "bf16"
         self._fp8_weight: Fp8WeightCache | None = None
         self.defer_wgrad = False
 
-    def set_precision(self, precision: str, pow2_scales: bool = False) -> None:
-        """Switch the GEMM numerics (see the module doc); ``pow2_scales`` applies to ``"fp8"`` only."""
+    def set_precision(self, precision: str, pow2_scales: bool = False, wgrad: str = "bf16") -> None:
+        """Switch the GEMM numerics (see the module doc); ``pow2_scales`` and ``wgrad`` (the weight-gradient
+        GEMM's mode, ``fp8.linear``) apply to ``"fp8"`` only."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.precision, self.fp8_pow2_scales = precision, pow2_scales
+        check_wgrad_mode(wgrad)
+        self.precision, self.fp8_pow2_scales, self.fp8_wgrad = precision, pow2_scales, wgrad
         self._fp8_weight = None
 
     def invalidate_fp8_weight(self) -> None:
@@ -157,7 +162,8 @@ class Linear(nn.Module):
         if cache is None or cache.weight is not self.weight:  # built lazily; rebuilt if the Parameter was swapped
             cache = self._fp8_weight = Fp8WeightCache(self.weight, pow2=self.fp8_pow2_scales)
         defer = defer_weight_grad if self.defer_wgrad else None
-        return fp8_linear(x, self.weight, weight_q=cache.get(), pow2=self.fp8_pow2_scales, defer_wgrad=defer)
+        return fp8_linear(x, self.weight, weight_q=cache.get(), pow2=self.fp8_pow2_scales, defer_wgrad=defer,
+                          wgrad=self.fp8_wgrad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.precision == "default":

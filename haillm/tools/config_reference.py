@@ -93,6 +93,7 @@ MEANINGS = {
     "optim.warmup_steps": "linear warm-up steps",
     "fp8.enabled": "fine-grained FP8 GEMMs (1x128 activation tiles, 128x128 weight blocks); docs/fp8.md",
     "fp8.pow2_scales": "round FP8 scales up to powers of two",
+    "fp8.wgrad": "weight-gradient GEMM: bf16 (faster with cuBLAS on an H200) or fp8 (DeepSeek-V3's recipe)",
     "logging.wandb": "Weights & Biases: `disabled`, `offline` or `online`",
     "logging.wandb_project": "Weights & Biases project",
     "logging.run_name": "Weights & Biases run name (default: the run directory's name)",

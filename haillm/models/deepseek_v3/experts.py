@@ -222,7 +222,7 @@ class GroupedExperts(nn.Module):
         return _GroupedLinear.apply(x, getattr(self, name), offs, num)
 
     # ---- precision (the FP8 policy's switch, as on ops.Linear) ----
-    def set_precision(self, precision: str, pow2_scales: bool = False) -> None:
+    def set_precision(self, precision: str, pow2_scales: bool = False, wgrad: str = "fp8") -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if precision == "fp8" and not self.fp8_fits:
