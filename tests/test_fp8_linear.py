@@ -142,3 +142,17 @@ def test_weight_cache_reused_until_weight_changes():
     w.data.mul_(2)  # invisible to _version: the documented case for invalidate()
     cache.invalidate()
     assert torch.equal(cache.get()[1], 2 * want_s)
+
+
+def test_transposed_weight_copy_is_the_same_dgrad():
+    """The cache's transposed copy (made once per step for Dgrad) is ``weight_quant``'s pair transposed, and
+    backward through it is bitwise backward through a per-call transpose."""
+    x, w, dy = make(t2=75, k=200, n=320, seed=3)  # partial blocks in both weight dims
+    q, s, qt, st = Fp8WeightCache(w, transposed=True).get()
+    want_q, want_s = weight_quant(w.detach())
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s)
+    assert torch.equal(qt.view(torch.uint8), want_q.t().view(torch.uint8)) and torch.equal(st, want_s.t())
+    assert qt.is_contiguous() and st.is_contiguous()
+    with_t = fp8_run(x, w, dy, weight_q=(q, s, qt, st))
+    without = fp8_run(x, w, dy, weight_q=(want_q, want_s))
+    assert all(torch.equal(a, b) for a, b in zip(with_t, without, strict=True))

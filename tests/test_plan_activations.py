@@ -49,5 +49,5 @@ def test_kept_bytes_of_one_micro_batch(device, dtype, fp8, recompute, deferred, 
     if fp8:  # FP8 linears save the step's cached FP8 weights for backward (the planner counts them apart);
         # the grouped experts hold theirs in the module, outside autograd: only the linears' show up here
         linears = {name for name, m in model.named_modules() if isinstance(m, Linear)}
-        predicted += fp8_weight_cache_bytes(model, only=linears)
+        predicted += fp8_weight_cache_bytes(model, only=linears, transposed=False)
     assert predicted == pytest.approx(sum(kept.values()), rel=tolerance)

@@ -24,17 +24,32 @@ from collections.abc import Callable
 import torch
 
 from haillm.fp8.gemm import fp8_gemm
-from haillm.fp8.quant import GRAD_AMAX_MIN, act_dequant, act_quant, act_quant_t, requant_t, weight_quant
+from haillm.fp8.quant import (
+    GRAD_AMAX_MIN,
+    act_dequant,
+    act_quant,
+    act_quant_t,
+    requant_t,
+    weight_quant,
+    weight_quant_with_t,
+)
 
 WGRAD_MODES = ("bf16", "fp8")
 
 
 def fp8_dgrad(
-    dy: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, pow2: bool = False, out_dtype=torch.float32
+    dy: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    pow2: bool = False,
+    out_dtype=torch.float32,
+    w_t: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Input gradient ``dy [T, N] @ W [N, K]`` from ``(w_q, w_s) = weight_quant(W)``."""
+    """Input gradient ``dy [T, N] @ W [N, K]`` from ``(w_q, w_s) = weight_quant(W)``; ``w_t`` is its
+    transposed contiguous copy ``(q.T, s.T)`` when already made (the GEMM wants ``W.T`` row-major)."""
     dy_q, dy_s = act_quant(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN)
-    return fp8_gemm(dy_q, dy_s, w_q.t().contiguous(), w_s.t().contiguous(), out_dtype)
+    wt_q, wt_s = w_t if w_t is not None else (w_q.t().contiguous(), w_s.t().contiguous())
+    return fp8_gemm(dy_q, dy_s, wt_q, wt_s, out_dtype)
 
 
 def fp8_wgrad(
@@ -64,12 +79,13 @@ class Fp8LinearFunction(torch.autograd.Function):
     """Autograd op for ``x @ W.T`` in FP8; saves only FP8 tensors and their fp32 scales for backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, w_q, w_s, pow2, defer_wgrad, wgrad):
+    def forward(ctx, x, weight, w_q, w_s, w_t, pow2, defer_wgrad, wgrad):
         x2 = x.reshape(-1, x.shape[-1])
         x_q, x_s = act_quant(x2, pow2=pow2)
         y = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=x.dtype)
         ctx.save_for_backward(x_q, x_s, w_q, w_s)
         ctx.pow2, ctx.wgrad, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = pow2, wgrad, x.shape, x.dtype, weight.dtype
+        ctx.w_t = w_t  # the cached transposed weight (or None): Dgrad's operand, not a new tensor
         # The parameter itself (not a saved tensor) receives a deferred gradient; see ops.wgrad.
         ctx.weight, ctx.defer_wgrad = weight, defer_wgrad
         return y.reshape(*x.shape[:-1], w_q.shape[0])
@@ -80,7 +96,7 @@ class Fp8LinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = fp8_dgrad(dy2, w_q, w_s, ctx.pow2, ctx.x_dtype).reshape(ctx.x_shape)
+            dx = fp8_dgrad(dy2, w_q, w_s, ctx.pow2, ctx.x_dtype, ctx.w_t).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             pow2, w_dtype, wgrad = ctx.pow2, ctx.w_dtype, ctx.wgrad
 
@@ -91,48 +107,53 @@ class Fp8LinearFunction(torch.autograd.Function):
 
             if ctx.defer_wgrad is None or not ctx.defer_wgrad(ctx.weight, weight_grad):
                 dw = weight_grad()
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None
 
 
 def fp8_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     *,
-    weight_q: tuple[torch.Tensor, torch.Tensor] | None = None,
+    weight_q: tuple[torch.Tensor, ...] | None = None,
     pow2: bool = False,
     defer_wgrad: Callable[[torch.Tensor, Callable[[], torch.Tensor]], bool] | None = None,
     wgrad: str = "bf16",
 ) -> torch.Tensor:
     """``x @ weight.T`` (no bias) with FP8 Fprop/Dgrad/Wgrad; the output dtype follows ``x``.
 
-    ``weight_q`` is a ready ``weight_quant(weight)`` (e.g. ``Fp8WeightCache.get()``); without it the weight
+    ``weight_q`` is a ready ``weight_quant(weight)`` or ``weight_quant_with_t(weight)`` (e.g.
+    ``Fp8WeightCache.get()``; with the transposed copy Dgrad need not transpose); without it the weight
     is quantized on this call. ``defer_wgrad`` (``haillm.ops.wgrad.defer_weight_grad``) may take the Wgrad
     GEMM out of backward, to run later from the saved FP8 tensors (zero-bubble W); ``wgrad`` picks its
     numerics ("bf16" or "fp8", see the module doc). Any shape works through
     the reference GEMM on CPU and cuBLAS's on an SM90 GPU, zero-padded where it wants whole blocks
     (``gemm_plan``)."""
-    w_q, w_s = weight_q if weight_q is not None else weight_quant(weight.detach(), pow2=pow2)
+    w_q, w_s, *w_t = weight_q if weight_q is not None else weight_quant(weight.detach(), pow2=pow2)
     check_wgrad_mode(wgrad)
-    return Fp8LinearFunction.apply(x, weight, w_q, w_s, pow2, defer_wgrad, wgrad)
+    return Fp8LinearFunction.apply(x, weight, w_q, w_s, tuple(w_t) or None, pow2, defer_wgrad, wgrad)
 
 
 class Fp8WeightCache:
     """The FP8 copy of one weight, requantized only when the weight changed: once per optimizer step, then
-    reused by every micro-batch. Change is detected through ``weight._version`` (bumped by in-place
+    reused by every micro-batch. With ``transposed`` it also keeps the transposed copy Dgrad reads
+    (``weight_quant_with_t``, one pass over the weight on the GPU) instead of transposing per micro-batch.
+    Change is detected through ``weight._version`` (bumped by in-place
     updates such as ``optimizer.step()``) and the storage pointer; writes through ``weight.data`` are not
     seen by ``_version``, so code that updates weights that way must call ``invalidate()``."""
 
-    def __init__(self, weight: torch.Tensor, pow2: bool = False):
-        self.weight, self.pow2 = weight, pow2
+    def __init__(self, weight: torch.Tensor, pow2: bool = False, transposed: bool = False):
+        self.weight, self.pow2, self.transposed = weight, pow2, transposed
         self._key: tuple[int, int] | None = None
-        self._value: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._value: tuple[torch.Tensor, ...] | None = None
 
     def invalidate(self) -> None:
         self._key = None
 
-    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self) -> tuple[torch.Tensor, ...]:
+        """``(q, s)``, or ``(q, s, q.T, s.T)`` with ``transposed``."""
         key = (self.weight._version, self.weight.data_ptr())
         if key != self._key or self._value is None:
-            self._value = weight_quant(self.weight.detach(), pow2=self.pow2)
+            quantize = weight_quant_with_t if self.transposed else weight_quant
+            self._value = quantize(self.weight.detach(), pow2=self.pow2)
             self._key = key
         return self._value

@@ -160,7 +160,7 @@ class Linear(nn.Module):
     def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
         cache = self._fp8_weight
         if cache is None or cache.weight is not self.weight:  # built lazily; rebuilt if the Parameter was swapped
-            cache = self._fp8_weight = Fp8WeightCache(self.weight, pow2=self.fp8_pow2_scales)
+            cache = self._fp8_weight = Fp8WeightCache(self.weight, pow2=self.fp8_pow2_scales, transposed=True)
         defer = defer_weight_grad if self.defer_wgrad else None
         return fp8_linear(x, self.weight, weight_q=cache.get(), pow2=self.fp8_pow2_scales, defer_wgrad=defer,
                           wgrad=self.fp8_wgrad)
