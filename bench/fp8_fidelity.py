@@ -3,6 +3,14 @@ consistently below 0.25%).
 
     PYTHONPATH=. python bench/fp8_fidelity.py                      # one seed: 300 steps x 2048 tokens per run
     PYTHONPATH=. python bench/fp8_fidelity.py --seeds 0 1 2 3 --jobs 2 --fp32 --json out.json
+    PYTHONPATH=. python bench/fp8_fidelity.py --trainer            # on a Hopper GPU: the 1.4B model, ~3 runs
+
+``--trainer`` (for a GPU) runs ``launch/train.py`` itself three times on the GPU training issue's model
+(``model=v2_lite_16b model.n_layers=3 model.vocab_size=32768``, MTP off, 2 x 4096 tokens per step, the
+standard library's text): BF16 + FP8 and BF16 from seed 0, and BF16 from seed 1 as the noise control; it
+prints the relative difference of the smoothed loss (mean of the last 50 steps, and EMA(0.9)) of FP8
+against BF16 next to the control's. ``--trainer-args`` adds overrides (another shape, ``train.steps``);
+``--trainer-cpu`` is its dry run on this machine with the tiny model.
 
 Trains one small DeepSeek-V3 MoE model (the ``tiny`` preset with ``FP8_TINY_OVERRIDES``: dims multiples of
 128, MLA, dense + MoE layers, MTP) from each seed on the same batches (the project's data pipeline: the
@@ -30,8 +38,12 @@ import argparse
 import json
 import math
 import multiprocessing
+import subprocess
+import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -46,6 +58,7 @@ from haillm.models.deepseek_v3.model import DeepSeekV3
 from haillm.train.optim import lr_at
 
 SMOOTH_LAST = 50
+ROOT = Path(__file__).resolve().parent.parent
 PROBE_SEED = 10_000
 
 
@@ -158,6 +171,49 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, (sum((v - m) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
 
 
+GPU_MODEL = ["model=v2_lite_16b", "model.n_layers=3", "model.vocab_size=32768", "model.mtp_depth=0",
+             "train.seq_len=4096", "train.micro_batch_size=2", "train.global_batch_size=2", "train.lr=4.2e-4"]
+CPU_MODEL = ["model=tiny", "train.steps=60", "train.seq_len=64", "optim.warmup_steps=5"]
+
+
+def trainer_losses(overrides: list[str], run_dir: Path) -> list[float]:
+    """One ``launch/train.py`` run in its own process; its per-step losses from ``metrics.jsonl``."""
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), *overrides, f"output_dir={run_dir}",
+           "logging.progress=false", "checkpoint.interval=1000000"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r and "step" in r]
+
+
+def trainer_main(args) -> None:
+    """``--trainer``: FP8 vs BF16 from one seed and BF16 from another, each a full ``launch/train.py`` run."""
+    base = (CPU_MODEL if args.trainer_cpu else GPU_MODEL + [f"train.steps={args.steps}"]) + args.trainer_args
+    runs = {"bf16+fp8 seed 0": ["seed=0", "fp8.enabled=true"], "bf16 seed 0": ["seed=0"], "bf16 seed 1": ["seed=1"]}
+    dtype = [] if args.trainer_cpu else ["train.dtype=bf16"]  # CPU: its default (fp32) runs, a dry run
+    print(f"trainer runs: {' '.join(base + dtype)}")
+    losses = {}
+    with tempfile.TemporaryDirectory(prefix="fp8_fidelity_") as tmp:
+        for i, (name, extra) in enumerate(runs.items()):
+            start = time.time()
+            losses[name] = trainer_losses(base + dtype + extra, Path(tmp) / str(i))
+            print(f"{name}: {len(losses[name])} steps in {time.time() - start:.0f} s, "
+                  f"loss {losses[name][0]:.4f} -> {losses[name][-1]:.4f}")
+    ref = losses["bf16 seed 0"]
+    warmup = min(20, len(ref) // 4)
+    for name in ("bf16+fp8 seed 0", "bf16 seed 1"):
+        c = compare(losses[name], ref, warmup)
+        print(f"{name} vs bf16 seed 0: smoothed final loss (mean of last {SMOOTH_LAST}) "
+              f"{100 * c['rel_mean_last']:+.3f}%, EMA(0.9) {100 * c['rel_ema_final']:+.3f}%, "
+              f"largest EMA gap after warm-up {100 * c['max_rel_ema_gap']:.3f}%")
+    fp8 = abs(compare(losses["bf16+fp8 seed 0"], ref, warmup)["rel_mean_last"])
+    print(f"FP8 gap {100 * fp8:.3f}% (DeepSeek-V3's bound 0.25%): {'within' if fp8 < 0.0025 else 'ABOVE'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"overrides": base + dtype, "losses": losses}, f)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -175,7 +231,13 @@ def main() -> None:
                         help="same-weights probe along the BF16 runs every N steps (0: off)")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--json", help="write per-step losses and the summary here")
+    parser.add_argument("--trainer", action="store_true", help="GPU: three launch/train.py runs (module doc)")
+    parser.add_argument("--trainer-cpu", action="store_true", help="--trainer's dry run on CPU, tiny model")
+    parser.add_argument("--trainer-args", nargs="*", default=[], help="more overrides for --trainer")
     args = parser.parse_args()
+    if args.trainer or args.trainer_cpu:
+        trainer_main(args)
+        return
 
     model_args = get_preset("tiny").replace(**FP8_TINY_OVERRIDES)
     (total, active), (mtp_total, _) = count_params(model_args), mtp_params(model_args)
