@@ -89,7 +89,7 @@ def apply_precision(model: nn.Module, precision: str, pow2_scales: bool = False)
             fits = module.in_features % BLOCK == 0 and module.out_features % BLOCK == 0
         elif isinstance(module, GroupedExperts):  # reported as its experts' linears, by global id
             linears = [(f"{fqn}.{gid}.{w}", list(getattr(module, w).shape[1:])) for gid in module.ids for w in WEIGHTS]
-            fits = module.fp8_fits
+            fits = all(n % BLOCK == 0 for n in module.w1.shape[1:])  # the same shape rule as for Linears
         else:
             continue
         eligible = precision != "default" and all(n.rsplit(".", 1)[-1] in FP8_LINEARS for n, _ in linears)
