@@ -13,12 +13,11 @@ against BF16 next to the control's. ``--trainer-args`` adds overrides (another s
 ``--trainer-cpu`` is its dry run on this machine with the tiny model.
 
 Trains one small DeepSeek-V3 MoE model (the ``tiny`` preset with ``FP8_TINY_OVERRIDES``: dims multiples of
-128, MLA, dense + MoE layers, MTP) from each seed on the same batches (the project's data pipeline: the
+128 but wkv_a's 160, MLA, dense + MoE layers, MTP) from each seed on the same batches (the project's data pipeline: the
 Python standard library, byte tokenizer): once with FP8 linears (``apply_fp8``) and once with the same
 linears BF16-emulated (operands rounded to bf16, fp32 arithmetic: the CPU stand-in for BF16 GEMMs, see
 MACHINE.md); ``--fp32`` adds a run in fp32, the control. Everything else (embedding, head, gate, norms,
-attention core, wkv_a whose 160 outputs are not 128-aligned) is fp32 in all runs, so they differ only in the
-precision of those GEMMs. The loop is the trainer's recipe written out: AdamW (betas 0.9/0.95, decay 0.1 on
+attention core) is fp32 in all runs, so they differ only in the precision of those GEMMs. The loop is the trainer's recipe written out: AdamW (betas 0.9/0.95, decay 0.1 on
 matrices), warmup + cosine LR, clipping at 1.0, the aux-loss-free gate-bias update.
 
 Two measurements:
@@ -50,7 +49,6 @@ import torch
 
 from haillm.config import OptimConfig, TrainConfig
 from haillm.data import DataConfig, StepBatcher, StepSampler, build_dataset
-from haillm.fp8 import policy as fp8_policy
 from haillm.fp8.policy import FP8_TINY_OVERRIDES, apply_precision
 from haillm.models.deepseek_v3 import count_params, mtp_params
 from haillm.models.deepseek_v3.args import get_preset
@@ -68,7 +66,6 @@ def probe(model: DeepSeekV3, batch: torch.Tensor, run_precision: str, pow2: bool
     difference and relative gradient error ``|g - g_fp32| / |g_fp32|`` against fp32. Unlike the training
     comparison this is not chaotic: it is the error of the arithmetic alone."""
     results = {}
-    fp8_policy.logger.disabled = True  # its shape-fallback warnings, repeated at every switch
     for precision in ("default", "bf16_emulated", "fp8"):
         apply_precision(model, precision, pow2_scales=pow2)
         model.zero_grad(set_to_none=True)
@@ -78,7 +75,6 @@ def probe(model: DeepSeekV3, batch: torch.Tensor, run_precision: str, pow2: bool
         grads = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in model.parameters()])
         results[precision] = (out["lm_loss"].item(), grads)
     apply_precision(model, "default" if run_precision == "fp32" else run_precision, pow2_scales=pow2)
-    fp8_policy.logger.disabled = False
     model.zero_grad(set_to_none=True)
     loss32, grad32 = results["default"]
     summary = {}

@@ -13,6 +13,9 @@ and FP8 vs BF16 GEMM throughput on DeepSeek-V3 shapes.
    activation quantization (``act_quant``: the Triton kernel on CUDA), timed with CUDA events; the FP8
    linear's forward+backward against BF16's per shape, in both Wgrad modes (``fp8.wgrad``); then each
    quantization kernel against its eager-torch reference (``*_reference``) on the same tensors.
+   Routed experts (``grouped_throughput``): BF16 ``torch._grouped_mm`` vs the Triton grouped FP8 GEMM
+   (``fp8_group_gemm``; pre-quantized, and including ``act_quant``) on V2-Lite's and a V3-like rank's expert
+   GEMMs: Fprop of the up- and down-projections and the up-projection's Dgrad through the transposed view.
 3. Alignment probe (last, in case a rejected call upsets the context): which M values cuBLAS accepts, to
    check ``scaled_mm_supported``'s conservative rule (M a multiple of 4).
 
@@ -39,12 +42,15 @@ from haillm.fp8 import (
     scaled_mm_supported,
     weight_quant,
 )
+from haillm.fp8.grouped import fp8_group_gemm
 
 # (k, n) pairs of DeepGEMM's test (DeepSeek-V3 projections and experts), plus the expert up-projection.
 V3_KN = [(7168, 2048), (7168, 4096), (2048, 7168), (7168, 2112), (1536, 24576), (512, 32768), (16384, 7168)]
 ACCURACY_M = [128, 4096]
 BENCH_M = 4096
 WGRAD_SHAPES = [(2048, 4096, 7168), (7168, 4096, 2048)]  # (out features, tokens, in features) of dW
+# Routed experts of one rank: (name, experts, dim, inter, rows = tokens x routed experts per token).
+EXPERT_CASES = [("V2-Lite", 64, 2048, 1408, 8192 * 6), ("V3-like", 8, 7168, 2048, 32768)]
 
 
 def quantized(m: int, k: int, n: int, b_block: int, device: str):
@@ -174,6 +180,47 @@ def quant_speed(device: str, iters: int) -> None:
             print(f"{name:>20} {k:>6}  {t_ref * 1e3:9.0f}  {t_k * 1e3:7.0f}  {t_ref / t_k:7.1f}x  {gbs:11.0f}")
 
 
+def routed_counts(rows: int, experts: int, device: str) -> torch.Tensor:
+    """Uneven per-expert row counts summing to ``rows`` (a skewed router), with one idle expert."""
+    weights = torch.rand(experts, generator=torch.Generator().manual_seed(experts)) + 0.25
+    weights[experts // 2] = 0.0
+    counts = (weights / weights.sum() * rows).floor().long()
+    counts[0] += rows - counts.sum()
+    return counts.to(device)
+
+
+def grouped_throughput(device: str, iters: int) -> None:
+    """Routed-expert GEMMs: BF16 ``torch._grouped_mm`` against the grouped FP8 kernel, pre-quantized and with
+    the activation's ``act_quant``; the weights are quantized once per step, so outside the timing."""
+    print(f"\n== routed experts: grouped GEMM (TFLOP/s, median of {iters}; uneven rows, one idle expert) ==")
+    print(f"{'model':>8} {'gemm':>10} {'E':>3} {'rows':>6} {'k':>5} {'n':>5}  {'bf16':>6}  {'fp8':>6}  "
+          f"{'fp8/bf16':>8}  {'fp8+act_quant':>13}  {'ratio':>5}  {'calc_diff vs bf16':>17}")
+    for name, experts, dim, inter, rows in EXPERT_CASES:
+        offs = torch.cumsum(routed_counts(rows, experts, device), 0, dtype=torch.int32)
+        w_up = torch.randn(experts, inter, dim, device=device, dtype=torch.bfloat16) * 0.02
+        w_down = torch.randn(experts, dim, inter, device=device, dtype=torch.bfloat16) * 0.02
+        (up_q, up_s), (down_q, down_s) = weight_quant(w_up), weight_quant(w_down)
+        gemms = [  # (label, activation [rows, k], bf16 weight as [E, k, n], FP8 weight [E, n, k] + scales)
+            ("fprop up", torch.randn(rows, dim, device=device, dtype=torch.bfloat16), w_up.transpose(1, 2),
+             up_q, up_s),
+            ("fprop down", torch.randn(rows, inter, device=device, dtype=torch.bfloat16), w_down.transpose(1, 2),
+             down_q, down_s),
+            ("dgrad up", torch.randn(rows, inter, device=device, dtype=torch.bfloat16), w_up,
+             up_q.transpose(1, 2), up_s.transpose(1, 2)),
+        ]
+        for label, x, w_bf16, b, b_s in gemms:
+            k, n = x.shape[1], b.shape[1]
+            a, a_s = act_quant(x)
+            flops = 2 * rows * k * n
+            t_bf16 = cuda_ms(lambda x=x, w=w_bf16, o=offs: torch._grouped_mm(x, w, offs=o), iters)
+            t_fp8 = cuda_ms(lambda a=a, a_s=a_s, b=b, b_s=b_s, o=offs: fp8_group_gemm(a, a_s, b, b_s, o), iters)
+            t_fp8q = cuda_ms(lambda x=x, b=b, b_s=b_s, o=offs: fp8_group_gemm(*act_quant(x), b, b_s, o), iters)
+            tf = [flops / t / 1e9 for t in (t_bf16, t_fp8, t_fp8q)]
+            diff = calc_diff(fp8_group_gemm(a, a_s, b, b_s, offs), torch._grouped_mm(x, w_bf16, offs=offs))
+            print(f"{name:>8} {label:>10} {experts:>3} {rows:>6} {k:>5} {n:>5}  {tf[0]:6.0f}  {tf[1]:6.0f}  "
+                  f"{tf[1] / tf[0]:8.2f}  {tf[2]:13.0f}  {tf[2] / tf[0]:5.2f}  {diff:17.1e}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20)
@@ -195,6 +242,7 @@ def main() -> int:
     throughput("cuda", args.iters)
     linear_speed("cuda", args.iters)
     quant_speed("cuda", args.iters)
+    grouped_throughput("cuda", args.iters)
     alignment_probe("cuda")
     print(f"\naccuracy: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1

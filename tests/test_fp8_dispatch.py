@@ -14,6 +14,7 @@ import torch
 import haillm.fp8.policy as policy
 from haillm.fp8 import act_quant, calc_diff, fp8_gemm, fp8_gemm_reference, gemm_plan, pad_for_scaled_mm, weight_quant
 from haillm.fp8.gemm import scaled_mm_shape
+from haillm.fp8.grouped import group_gemm_plan
 from haillm.models.deepseek_v3 import DeepSeekV3, get_preset
 from haillm.models.deepseek_v3.experts import GroupedExperts
 from haillm.ops import Linear
@@ -51,30 +52,34 @@ def test_plan_rule():
     assert gemm_plan(SM80, 4096, 7168, 2048) == "unsupported"
 
 
-def fp8_linears(preset: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]], set[str]]:
-    """(in, out) features of the linears the FP8 policy puts in FP8 and of those it keeps in default precision,
-    on the meta device, and the precisions their modules were set to."""
+def fp8_linears(preset: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[int, int]], set[str]]:
+    """(in, out) features of the Linears the FP8 policy puts in FP8, of its routed-expert linears in FP8, and
+    of the linears it keeps in default precision, on the meta device; and the precisions their modules got."""
     with torch.device("meta"):
         model = DeepSeekV3(get_preset(preset), init_seed=None)
     report = policy.apply_precision(model, "fp8")
     features = {name: (shape[1], shape[0]) for name, shape in report.shapes.items()}
     modes = {m.precision for m in model.modules() if isinstance(m, (Linear, GroupedExperts))}
-    return [features[n] for n in report.low], [features[n] for n in report.fallback + report.kept], modes
+    linears = {n for n, m in model.named_modules() if isinstance(m, Linear)}
+    low = [features[n] for n in report.low if n in linears]
+    routed = [features[n] for n in report.low if n not in linears]
+    return low, routed, [features[n] for n in report.kept], modes
 
 
 @pytest.mark.parametrize("preset", ["v3_671b", "v2_lite_16b", "small"])
-def test_every_linear_shape_runs_fp8_or_bf16_on_a_gpu(preset, caplog):
+def test_every_linear_shape_runs_fp8_or_bf16_on_a_gpu(preset):
     """Fprop ``x[T,K] W[N,K]^T``, Dgrad ``dy[T,N] (W^T)[K,N]^T`` (128x128 blocks) and Wgrad ``dy^T[N,T]
-    x^T[K,T]^T`` (1x128 tiles along tokens) of every FP8 linear, at every token count: cuBLAS on SM90.
-    The policy's other linears run F.linear in the parameters' dtype (BF16 on a GPU)."""
-    with caplog.at_level(logging.ERROR, logger=policy.__name__):
-        low, high, modes = fp8_linears(preset)
-    assert low and high and modes == {"fp8", "default"}
+    x^T[K,T]^T`` (1x128 tiles along tokens, ``fp8.wgrad=fp8``) of every FP8 Linear, at every token count:
+    cuBLAS on SM90. The routed experts' Fprop and Dgrad: the grouped Triton kernel, any width. The policy's
+    other linears run F.linear in the parameters' dtype (BF16 on a GPU); so does the default Wgrad."""
+    low, routed, high, modes = fp8_linears(preset)
+    assert low and routed and high and modes == {"fp8", "default"}
     plans = set()
     for k, n in low:
         for t in TOKENS:
             plans |= {gemm_plan(SM90, t, k, n), gemm_plan(SM90, t, n, k), gemm_plan(SM90, n, t, k, b_block=1)}
     assert plans <= {"scaled_mm", "scaled_mm_padded"}, plans
+    assert group_gemm_plan(SM90) == "triton" and group_gemm_plan(None) == "reference"
 
 
 def test_gpu_without_blockwise_fp8_keeps_bf16(monkeypatch, caplog):

@@ -136,9 +136,9 @@ def test_bf16_emulated_is_bitwise_the_emulated_linear_loop():
 
 @pytest.mark.parametrize("pow2", [False, True])
 def test_fp8_is_bitwise_the_fp8_linear_of_each_expert(pow2):
-    """DeepSeek-V3's FP8 recipe per expert, from one quantization of each stack."""
+    """DeepSeek-V3's FP8 recipe per expert (its FP8 Wgrad included), from one quantization of each stack."""
     module = experts(dim=256, inter=128)
-    module.set_precision("fp8", pow2_scales=pow2)
+    module.set_precision("fp8", pow2_scales=pow2, wgrad="fp8")
     counts = [0, 40, 0, 130, 7, 0]  # one expert spans two 128-token Wgrad tiles
     x, tensor_counts = rows(counts, 256)
     g = torch.randn(sum(counts), 256)
@@ -147,11 +147,6 @@ def test_fp8_is_bitwise_the_fp8_linear_of_each_expert(pow2):
         return fp8_linear(a, w, weight_q=weight_quant(w.detach(), pow2=pow2), pow2=pow2, wgrad="fp8")
 
     assert_same(grouped_run(module, x, tensor_counts, g), loop_run(module, x, counts, g, expert_fp8))
-
-
-def test_fp8_needs_whole_blocks():
-    with pytest.raises(ValueError, match="128-multiple"):
-        experts().set_precision("fp8")
 
 
 def test_fp8_stacks_are_quantized_once_per_weight_change(monkeypatch):
@@ -163,7 +158,7 @@ def test_fp8_stacks_are_quantized_once_per_weight_change(monkeypatch):
     x, counts = rows([3, 0, 4, 1, 0, 2], 128)
     for _ in range(2):  # micro-batches of one step share the quantized stacks
         module(x, counts).sum().backward()
-    assert calls == [(6 * 128, 128)] * 3  # one [E * out, in] quantization per stack
+    assert calls == [(6, 128, 128)] * 3  # one [E, out, in] quantization (per expert) per stack
     with torch.no_grad():
         module.w1.add_(1.0)  # an optimizer step: the version counter moves
     module(x, counts)

@@ -12,6 +12,7 @@ from haillm.fp8.gemm import (
     scaled_mm_shape,
     scaled_mm_supported,
 )
+from haillm.fp8.grouped import fp8_group_gemm, fp8_group_gemm_reference, group_gemm_plan
 from haillm.fp8.linear import Fp8LinearFunction, Fp8WeightCache, fp8_dgrad, fp8_linear, fp8_wgrad
 from haillm.fp8.quant import (
     FP8_DTYPE,
@@ -42,9 +43,12 @@ __all__ = [
     "fp8_gemm",
     "fp8_gemm_reference",
     "fp8_gemm_scaled_mm",
+    "fp8_group_gemm",
+    "fp8_group_gemm_reference",
     "fp8_linear",
     "fp8_wgrad",
     "gemm_plan",
+    "group_gemm_plan",
     "pad_for_scaled_mm",
     "requant_t",
     "scale_from_amax",

@@ -7,11 +7,10 @@ head, the MoE gate, the norms and the attention core. ``eh_proj`` is not among t
 Linear and goes FP8 (the report does not name it either way). The embedding, gate, norms and attention
 core are not ``Linear`` modules here, so only ``head`` (and any Linear not named above) is kept by name.
 
-Every width runs FP8: weights are quantized in 128x128 blocks with a partial last block, activations in 1x128
-tiles with a partial last tile, and the GPU GEMM pads what cuBLAS does not take as it is (``gemm.gemm_plan``);
-DeepSeek-V3's ``wkv_a`` (7168 -> 512 + 64 = 576) is such a case. A routed-expert stack whose widths are not
-multiples of 128 stays on the high-precision path (``GroupedExperts.fp8_fits``), with one warning per MoE
-layer.
+Every width runs FP8: weights are quantized in 128x128 blocks with a partial last block (per expert for
+the routed experts' stacks), activations in 1x128 tiles with a partial last tile, and the GPU GEMMs pad or
+mask what is not whole blocks (``gemm.gemm_plan``, ``grouped``); DeepSeek-V3's ``wkv_a`` (7168 -> 512 + 64
+= 576) is such a case.
 
 The weight-gradient GEMM runs in BF16 by default (``wgrad="bf16"``: faster than cuBLAS's FP8 Wgrad on an
 H200, see ``fp8.linear``), or in FP8 as DeepSeek-V3 does (``wgrad="fp8"``, config ``fp8.wgrad``).
@@ -22,7 +21,6 @@ without bumping their autograd version, as ZeRO-1's in-place all-gather does.
 """
 
 import logging
-import re
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -54,13 +52,12 @@ FP8_TINY_OVERRIDES = dict(
 
 @dataclass
 class PrecisionReport:
-    """What ``apply_precision`` did: FQNs of the linears in low precision, of those that fell back because
-    of their shape, and of those kept in high precision by the policy; ``shapes``: every reported linear's
-    weight shape ``[out, in]`` (routed experts are reported one by one, ``<experts>.<gid>.<w>``)."""
+    """What ``apply_precision`` did: FQNs of the linears in low precision and of those kept in high precision
+    by the policy; ``shapes``: every reported linear's weight shape ``[out, in]`` (routed experts are reported
+    one by one, ``<experts>.<gid>.<w>``)."""
 
     precision: str
     low: list[str] = field(default_factory=list)
-    fallback: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     shapes: dict[str, list[int]] = field(default_factory=dict)
 
@@ -68,14 +65,9 @@ class PrecisionReport:
         if self.precision == "default":
             return f"linears: all {len(self.kept)} in default precision"
         return (
-            f"linears: {len(self.low)} {self.precision}, {len(self.fallback)} fall back to high precision "
-            f"(features not multiples of {BLOCK}), {len(self.kept)} high precision by policy "
+            f"linears: {len(self.low)} {self.precision}, {len(self.kept)} high precision by policy "
             f"({', '.join(sorted({n.rsplit('.', 1)[-1] for n in self.kept})) or 'none'})"
         )
-
-
-def _expert_pattern(fqn: str) -> str:
-    return re.sub(r"\.experts\.\d+\.", ".experts.*.", fqn)
 
 
 def apply_precision(
@@ -83,40 +75,22 @@ def apply_precision(
 ) -> PrecisionReport:
     """Set ``precision`` ("fp8", "bf16_emulated" or "default") on the policy's linears of ``model`` and
     "default" on all others; ``pow2_scales`` and ``wgrad`` are the FP8 options of ``Linear.set_precision``.
-    "bf16_emulated" covers exactly the linears FP8 would (shape fallbacks included), so an FP8-vs-BF16
-    comparison differs in those GEMMs only. Idempotent; call once the model is built (before or after the
-    optimizer: parameters are not touched)."""
+    "bf16_emulated" covers exactly the linears FP8 would, so an FP8-vs-BF16 comparison differs in those GEMMs
+    only. Idempotent; call once the model is built (before or after the optimizer: parameters are not
+    touched)."""
     report = PrecisionReport(precision)
-    misfits: dict[str, list[str]] = {}
-    shapes = report.shapes
     for fqn, module in model.named_modules():
         if isinstance(module, Linear):
             linears = [(fqn, [module.out_features, module.in_features])]
-            fits = True
         elif isinstance(module, GroupedExperts):  # reported as its experts' linears, by global id
             linears = [(f"{fqn}.{gid}.{w}", list(getattr(module, w).shape[1:])) for gid in module.ids for w in WEIGHTS]
-            fits = module.fp8_fits
         else:
             continue
-        eligible = precision != "default" and all(n.rsplit(".", 1)[-1] in FP8_LINEARS for n, _ in linears)
-        module.set_precision(precision if eligible and fits else "default", pow2_scales, wgrad)
+        low = precision != "default" and all(n.rsplit(".", 1)[-1] in FP8_LINEARS for n, _ in linears)
+        module.set_precision(precision if low else "default", pow2_scales, wgrad)
         for name, shape in linears:
-            shapes[name] = shape
-            if eligible and fits:
-                report.low.append(name)
-            elif eligible:
-                report.fallback.append(name)
-                if precision == "fp8":
-                    misfits.setdefault(_expert_pattern(name), []).append(name)
-            else:
-                report.kept.append(name)
-    for pattern, fqns in misfits.items():
-        shape = shapes[fqns[0]]
-        many = f" ({len(fqns)} linears)" if len(fqns) > 1 else ""
-        logger.warning(
-            f"FP8 off for {pattern}{many}: weight {shape} is not a whole number of {BLOCK}x{BLOCK} "
-            "blocks, it stays on the high-precision path"
-        )
+            report.shapes[name] = shape
+            (report.low if low else report.kept).append(name)
     return report
 
 

@@ -93,21 +93,23 @@ def act_dequant(q: torch.Tensor, s: torch.Tensor, block: int = 128, dtype=torch.
 def weight_quant_reference(
     w: torch.Tensor, block: int = 128, pow2: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``block`` x ``block`` blocks of a 2-D weight ``[N, K]``: q e4m3 ``[N, K]``, s ``[⌈N/b⌉, ⌈K/b⌉]``."""
-    if w.dim() != 2:
-        raise ValueError(f"weight_quant expects a 2-D weight, got shape {tuple(w.shape)}")
-    n, k = w.shape
+    """``block`` x ``block`` blocks of a weight ``[N, K]``, or of every weight of a stack ``[G, N, K]`` (each
+    weight zero-padded to whole blocks on its own, so no block straddles two weights): q e4m3 like ``w``,
+    s ``[(G,) ⌈N/b⌉, ⌈K/b⌉]``."""
+    if w.dim() not in (2, 3):
+        raise ValueError(f"weight_quant expects a 2-D weight or a 3-D stack of weights, got shape {tuple(w.shape)}")
+    *stack, n, k = w.shape
     nbn, nbk = ceil_div(n, block), ceil_div(k, block)
-    blocks = F.pad(w.float(), (0, nbk * block - k, 0, nbn * block - n)).reshape(nbn, block, nbk, block)
-    s = scale_from_amax(blocks.abs().amax(dim=(1, 3)), pow2)
-    q = _to_fp8(blocks / s[:, None, :, None]).reshape(nbn * block, nbk * block)[:n, :k]
+    blocks = F.pad(w.float(), (0, nbk * block - k, 0, nbn * block - n)).reshape(*stack, nbn, block, nbk, block)
+    s = scale_from_amax(blocks.abs().amax(dim=(-3, -1)), pow2)
+    q = _to_fp8(blocks / s[..., :, None, :, None]).reshape(*stack, nbn * block, nbk * block)[..., :n, :k]
     return q.contiguous(), s
 
 
 def weight_dequant(q: torch.Tensor, s: torch.Tensor, block: int = 128, dtype=torch.float32) -> torch.Tensor:
-    """Inverse of ``weight_quant``: ``q[i, j] * s[i // block, j // block]``."""
-    n, k = q.shape
-    full = s.repeat_interleave(block, dim=0)[:n].repeat_interleave(block, dim=1)[:, :k]
+    """Inverse of ``weight_quant`` (a weight or a stack): ``q[..., i, j] * s[..., i // block, j // block]``."""
+    n, k = q.shape[-2:]
+    full = s.repeat_interleave(block, dim=-2)[..., :n, :].repeat_interleave(block, dim=-1)[..., :k]
     return (q.float() * full).to(dtype)
 
 
@@ -198,10 +200,13 @@ def requant_t(
 
 
 def weight_quant(w: torch.Tensor, block: int = 128, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight_quant_reference``: q e4m3 ``[N, K]``, s ``[⌈N/b⌉, ⌈K/b⌉]``; a kernel on the GPU."""
-    if w.dim() == 2 and quant_kernel_applies(w, block):
+    """``weight_quant_reference`` of a weight ``[N, K]`` or a stack ``[G, N, K]``: q e4m3 like ``w``, s
+    ``[(G,) ⌈N/b⌉, ⌈K/b⌉]``; a kernel on the GPU."""
+    if w.dim() in (2, 3) and quant_kernel_applies(w, block):
         from haillm.fp8 import triton_quant
 
+        if w.dim() == 3:
+            return triton_quant.weight_quant_stack(w, pow2)
         return triton_quant.weight_quant(w, pow2, transposed=False)
     return weight_quant_reference(w, block, pow2)
 

@@ -26,7 +26,8 @@ inputs are widened to fp32 exactly. Libdevice may flush fp32 denormals; that cha
 every scale is at least 2^-116 (an fp32 input below 2^-126 then quantizes to zero either way), hence
 ``KERNEL_MIN_AMAX``. NaN bytes are NaN in both, but their sign bit is not part of the contract.
 
-Layouts: the input may have any 2-D strides (``x.t()`` included); every output is contiguous, as the
+Layouts: the input may have any 2-D strides (``x.t()`` included); a stack of weights ``[G, N, K]`` goes through
+the 2-D weight kernel (``weight_quant_stack``); every output is contiguous, as the
 reference's. Offsets are 64-bit.
 """
 
@@ -174,3 +175,18 @@ def weight_quant(w: torch.Tensor, pow2: bool, transposed: bool) -> tuple[torch.T
     )
     return (q, s, qt, st) if transposed else (q, s)
 
+
+
+def weight_quant_stack(w: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quant.weight_quant`` of a ``[G, N, K]`` CUDA stack through the 2-D kernel on ``[G * N', K]``, ``N'`` being
+    ``N`` rounded up to whole blocks: when ``N`` is not a multiple of 128 each weight gets zero rows of its own
+    first (zeros raise no amax), so no block straddles two weights."""
+    g, n, k = w.shape
+    n_pad = ceil_div(n, BLOCK) * BLOCK
+    if n_pad != n:
+        padded = w.new_zeros(g, n_pad, k)
+        padded[:, :n] = w
+        w = padded
+    q, s = weight_quant(w.reshape(g * n_pad, k), pow2, transposed=False)
+    q = q.view(g, n_pad, k)
+    return (q if n_pad == n else q[:, :n].contiguous()), s.view(g, n_pad // BLOCK, s.shape[1])

@@ -38,21 +38,19 @@ class ActivationSetup:
 
 
 def _kept(features: int, s: ActivationSetup, hp_savers: bool, fp8_linears: list[tuple[int, int]],
-          marked: bool = False, routed: bool = False) -> float:
+          marked: bool = False) -> float:
     """Bytes per token of a ``features``-wide activation: once in its own dtype if any high-precision op
-    saves it (unless ``marked`` for recomputation and recompute is on), plus one FP8 copy per FP8 linear
-    (every width of a Linear; whole 128-blocks only for ``routed`` experts, as the FP8 policy rules)."""
-    fp8_copies = sum(1 for i, o in fp8_linears
-                     if s.fp8 and (not routed or (i % FP8_BLOCK == 0 and o % FP8_BLOCK == 0)))
+    saves it (unless ``marked`` for recomputation and recompute is on), plus one FP8 copy per FP8 linear."""
+    fp8_copies = len(fp8_linears) if s.fp8 else 0
     hp = hp_savers or fp8_copies < len(fp8_linears)
     kept = features * s.act_bytes if hp and not (marked and s.recompute) else 0
     return kept + fp8_copies * (features + FP32 * math.ceil(features / FP8_BLOCK))
 
 
-def _swiglu(dim: int, inter: int, s: ActivationSetup, routed: bool = False) -> float:
+def _swiglu(dim: int, inter: int, s: ActivationSetup) -> float:
     """A SwiGLU MLP without its input: silu's input, silu's output and w3's output (the product's operands),
     and w2's input."""
-    return 3 * inter * s.act_bytes + _kept(inter, s, False, [(inter, dim)], routed=routed)
+    return 3 * inter * s.act_bytes + _kept(inter, s, False, [(inter, dim)])
 
 
 def attention_per_token(a: ModelArgs, s: ActivationSetup) -> float:
@@ -103,7 +101,7 @@ def ffn_per_token(a: ModelArgs, dense: bool, s: ActivationSetup) -> float:
     out += 2 * k * INT64 + k * act  # copies' source tokens and positions, their gate weights
     if s.ep > 1:
         out += 2 * k * INT64  # received copies' order and its inverse
-    copy = _kept(dim, s, False, [(dim, a.moe_inter_dim)] * 2, routed=True) + _swiglu(dim, a.moe_inter_dim, s, True)
+    copy = _kept(dim, s, False, [(dim, a.moe_inter_dim)] * 2) + _swiglu(dim, a.moe_inter_dim, s)
     out += k * (copy + 2 * dim * act)  # each routed copy: input, SwiGLU, output and weighted output (combine)
     if shared:
         out += _swiglu(dim, shared, s)

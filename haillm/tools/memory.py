@@ -10,7 +10,6 @@ micro-batches the schedule keeps in flight on the rank (``schedules.peak_activat
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
@@ -131,13 +130,7 @@ def fp8_weight_cache_bytes(model: torch.nn.Module, only: set[str] | None = None,
     """The FP8 copies of the weights FP8 linears quantize once per step (E4M3 plus 128x128 block scales);
     ``only``: of the linears with these report names. A ``Linear`` also caches the transposed copy Dgrad
     reads (``transposed``; not what autograd saves); the routed experts' kernels read theirs transposed."""
-    policy_log = logging.getLogger("haillm.fp8.policy")
-    level = policy_log.level
-    policy_log.setLevel(logging.ERROR)  # shape fallbacks are expected here, not news
-    try:
-        report = apply_fp8(model, True)
-    finally:
-        policy_log.setLevel(level)
+    report = apply_fp8(model, True)
     with_t = {n for n, m in model.named_modules() if isinstance(m, Linear)} if transposed else set()
     total = 0
     for name in report.low if only is None else [n for n in report.low if n in only]:
