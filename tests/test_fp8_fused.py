@@ -12,9 +12,13 @@ GPU (``gpu``): the Triton kernels against the torch reference. Their FP8 pair mu
   value rounded, so it differs by at most one bf16 ulp, where the two fp32 values straddle a rounding
   boundary: 2^-7 of |y|.
 - SwiGLU: libdevice's ``exp`` against CUDA's ``expf`` (each within 2 ulps): an fp32 output within 1e-5
-  relative (bound on |h| + 1e-30); in bf16, ``silu(a)`` may land one bf16 ulp away and the product is rounded
-  again, so two bf16 ulps: 2^-6 of |h|.
+  relative (bound on |h| + 1e-30). In bf16, ``silu(a)`` may land one bf16 ulp (2^-7 relative) away and the
+  product is rounded again (2^-8 relative each side): a little over 2^-6 of |h| at worst; bound 2^-5.
+  Their gradients are bitwise torch's: backward runs torch's own ops on the saved inputs.
 """
+
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -79,6 +83,17 @@ def test_fused_ops_are_the_unfused_composition(k, pow2, dtype):
     h1.backward(dy)
     assert same_bits(h1, h0) and all(map(same_bits, (hq, hs), act_quant(h0.detach(), pow2=pow2)))
     assert same_bits(a1.grad, a0.grad) and same_bits(b1.grad, b0.grad)
+
+
+def test_cpu_path_never_imports_triton():
+    code = (
+        "import sys, torch\n"
+        "from haillm.fp8.fused import rmsnorm_act_quant, swiglu_act_quant\n"
+        "x = torch.randn(37, 300, requires_grad=True)\n"
+        "rmsnorm_act_quant(x, torch.ones(300), 1e-6)[0].sum().backward(); swiglu_act_quant(x, x)[0].sum()\n"
+        "assert 'triton' not in sys.modules and 'haillm.fp8.triton_fused' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_fused_swiglu_keeps_only_its_inputs():
@@ -214,7 +229,7 @@ def test_swiglu_kernel(k, dtype, pow2):
     assert all(map(same_bits, (q, s), act_quant_reference(h.detach(), pow2=pow2)))
     a_r, b_r = a.clone().requires_grad_(), b.clone().requires_grad_()
     h_ref = F.silu(a_r) * b_r
-    bound = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6}[dtype]
+    bound = {torch.float32: 1e-5, torch.bfloat16: 2.0**-5}[dtype]
     assert ((h.detach().float() - h_ref.detach().float()).abs() <= bound * h_ref.detach().float().abs() + 1e-30).all()
     dh = torch.randn_like(h)
     h.backward(dh)
