@@ -13,12 +13,13 @@ against BF16 next to the control's. ``--trainer-args`` adds overrides (another s
 ``--trainer-cpu`` is its dry run on this machine with the tiny model.
 
 Trains one small DeepSeek-V3 MoE model (the ``tiny`` preset with ``FP8_TINY_OVERRIDES``: dims multiples of
-128 but wkv_a's 160, MLA, dense + MoE layers, MTP) from each seed on the same batches (the project's data pipeline: the
-Python standard library, byte tokenizer): once with FP8 linears (``apply_fp8``) and once with the same
-linears BF16-emulated (operands rounded to bf16, fp32 arithmetic: the CPU stand-in for BF16 GEMMs, see
-MACHINE.md); ``--fp32`` adds a run in fp32, the control. Everything else (embedding, head, gate, norms,
-attention core) is fp32 in all runs, so they differ only in the precision of those GEMMs. The loop is the trainer's recipe written out: AdamW (betas 0.9/0.95, decay 0.1 on
-matrices), warmup + cosine LR, clipping at 1.0, the aux-loss-free gate-bias update.
+128 but wkv_a's 160, MLA, dense + MoE layers, MTP) from each seed on the same batches (the project's data
+pipeline: the Python standard library, byte tokenizer): once with FP8 linears (``apply_fp8``) and once with
+the same linears BF16-emulated (operands rounded to bf16, fp32 arithmetic: the CPU stand-in for BF16 GEMMs,
+see MACHINE.md); ``--fp32`` adds a run in fp32, the control. Everything else (embedding, head, gate, norms,
+attention core) is fp32 in all runs, so they differ only in the precision of those GEMMs. The loop is the
+trainer's recipe written out: AdamW (betas 0.9/0.95, decay 0.1 on matrices), warmup + cosine LR, clipping
+at 1.0, the aux-loss-free gate-bias update.
 
 Two measurements:
 

@@ -16,6 +16,8 @@ and FP8 vs BF16 GEMM throughput on DeepSeek-V3 shapes.
    Routed experts (``grouped_throughput``): BF16 ``torch._grouped_mm`` vs the Triton grouped FP8 GEMM
    (``fp8_group_gemm``; pre-quantized, and including ``act_quant``) on V2-Lite's and a V3-like rank's expert
    GEMMs: Fprop of the up- and down-projections and the up-projection's Dgrad through the transposed view.
+   Fused producers (``fused_speed``): ``haillm.fp8.fused``'s RMSNorm or SwiGLU writing their FP8 copy
+   in one kernel, against the unfused eager path (torch RMSNorm or ``F.silu(a) * b``, then ``act_quant``).
 3. Alignment probe (last, in case a rejected call upsets the context): which M values cuBLAS accepts, to
    check ``scaled_mm_supported``'s conservative rule (M a multiple of 4).
 
@@ -30,6 +32,7 @@ import statistics
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from haillm.fp8 import (
     act_quant,
@@ -42,8 +45,14 @@ from haillm.fp8 import (
     scaled_mm_supported,
     weight_quant,
 )
+from haillm.fp8.fused import rmsnorm_act_quant, swiglu_act_quant
 from haillm.fp8.grouped import fp8_group_gemm
+from haillm.ops.norm import rms_norm_with_rstd
 
+# Widths of V3's fused producers: RMSNorm over dim, q_lora_rank, kv_lora_rank; SwiGLU over the expert and the
+# dense FFN widths (moe_inter_dim, V2-Lite's 1408, inter_dim).
+NORM_WIDTHS = [7168, 1536, 512]
+SWIGLU_WIDTHS = [2048, 1408, 18432]
 # (k, n) pairs of DeepGEMM's test (DeepSeek-V3 projections and experts), plus the expert up-projection.
 V3_KN = [(7168, 2048), (7168, 4096), (2048, 7168), (7168, 2112), (1536, 24576), (512, 32768), (16384, 7168)]
 ACCURACY_M = [128, 4096]
@@ -221,6 +230,29 @@ def grouped_throughput(device: str, iters: int) -> None:
                   f"{tf[1] / tf[0]:8.2f}  {tf[2]:13.0f}  {tf[2] / tf[0]:5.2f}  {diff:17.1e}")
 
 
+def fused_speed(device: str, iters: int) -> None:
+    """Fused producers (one kernel: output and its FP8 copy) vs the unfused eager path, at BENCH_M tokens (bf16)."""
+    print(f"\n== fused producers: one kernel vs op then act_quant (us, median of {iters}; bf16 [{BENCH_M}, k]) ==")
+    print(f"{'op':>20} {'k':>6}  {'unfused':>7}  {'fused':>7}  {'speedup':>7}  {'fused GB/s':>10}")
+    eps = 1e-6
+    with torch.no_grad():
+        for k in NORM_WIDTHS:
+            x = torch.randn(BENCH_M, k, device=device, dtype=torch.bfloat16)
+            w = torch.ones(k, device=device)
+            t_unfused = cuda_ms(lambda x=x, w=w: act_quant(rms_norm_with_rstd(x, w, eps)[0]), iters)
+            t_fused = cuda_ms(lambda x=x, w=w: rmsnorm_act_quant(x, w, eps), iters)
+            gbs = 5 * x.numel() / t_fused / 1e6  # reads bf16 x; writes bf16 y and e4m3 q
+            print(f"{'rmsnorm_act_quant':>20} {k:>6}  {t_unfused * 1e3:7.0f}  {t_fused * 1e3:7.0f}  "
+                  f"{t_unfused / t_fused:6.1f}x  {gbs:10.0f}")
+        for k in SWIGLU_WIDTHS:
+            a, b = (torch.randn(BENCH_M, k, device=device, dtype=torch.bfloat16) for _ in range(2))
+            t_unfused = cuda_ms(lambda a=a, b=b: act_quant(F.silu(a) * b), iters)
+            t_fused = cuda_ms(lambda a=a, b=b: swiglu_act_quant(a, b), iters)
+            gbs = 7 * a.numel() / t_fused / 1e6  # reads bf16 a, b; writes bf16 h and e4m3 q
+            print(f"{'swiglu_act_quant':>20} {k:>6}  {t_unfused * 1e3:7.0f}  {t_fused * 1e3:7.0f}  "
+                  f"{t_unfused / t_fused:6.1f}x  {gbs:10.0f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20)
@@ -243,6 +275,7 @@ def main() -> int:
     linear_speed("cuda", args.iters)
     quant_speed("cuda", args.iters)
     grouped_throughput("cuda", args.iters)
+    fused_speed("cuda", args.iters)
     alignment_probe("cuda")
     print(f"\naccuracy: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1

@@ -79,9 +79,12 @@ class Fp8LinearFunction(torch.autograd.Function):
     """Autograd op for ``x @ W.T`` in FP8; saves only FP8 tensors and their fp32 scales for backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, w_q, w_s, w_t, pow2, defer_wgrad, wgrad):
+    def forward(ctx, x, weight, w_q, w_s, w_t, pow2, defer_wgrad, wgrad, x_fp8):
         x2 = x.reshape(-1, x.shape[-1])
-        x_q, x_s = act_quant(x2, pow2=pow2)
+        if x_fp8 is None:
+            x_q, x_s = act_quant(x2, pow2=pow2)
+        else:  # the producer of x quantized it already (haillm.fp8.fused)
+            x_q, x_s = x_fp8[0].reshape(x2.shape), x_fp8[1].reshape(x2.shape[0], -1)
         y = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=x.dtype)
         ctx.save_for_backward(x_q, x_s, w_q, w_s)
         ctx.pow2, ctx.wgrad, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = pow2, wgrad, x.shape, x.dtype, weight.dtype
@@ -107,7 +110,7 @@ class Fp8LinearFunction(torch.autograd.Function):
 
             if ctx.defer_wgrad is None or not ctx.defer_wgrad(ctx.weight, weight_grad):
                 dw = weight_grad()
-        return dx, dw, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None
 
 
 def fp8_linear(
@@ -118,19 +121,23 @@ def fp8_linear(
     pow2: bool = False,
     defer_wgrad: Callable[[torch.Tensor, Callable[[], torch.Tensor]], bool] | None = None,
     wgrad: str = "bf16",
+    x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T`` (no bias) with FP8 Fprop/Dgrad/Wgrad; the output dtype follows ``x``.
 
     ``weight_q`` is a ready ``weight_quant(weight)`` or ``weight_quant_with_t(weight)`` (e.g.
     ``Fp8WeightCache.get()``; with the transposed copy Dgrad need not transpose); without it the weight
-    is quantized on this call. ``defer_wgrad`` (``haillm.ops.wgrad.defer_weight_grad``) may take the Wgrad
-    GEMM out of backward, to run later from the saved FP8 tensors (zero-bubble W); ``wgrad`` picks its
-    numerics ("bf16" or "fp8", see the module doc). Any shape works through
-    the reference GEMM on CPU and cuBLAS's on an SM90 GPU, zero-padded where it wants whole blocks
-    (``gemm_plan``)."""
+    is quantized on this call. ``x_fp8`` is a ready ``act_quant(x, pow2=pow2)`` (from the op that produced
+    ``x``, ``haillm.fp8.fused``), used instead of quantizing ``x`` here; the gradient still flows to ``x``.
+    ``defer_wgrad`` (``haillm.ops.wgrad.defer_weight_grad``) may take the Wgrad GEMM out of backward, to run
+    later from the saved FP8 tensors (zero-bubble W); ``wgrad`` picks its numerics ("bf16" or "fp8", see the
+    module doc). Any shape works through the reference GEMM on CPU and cuBLAS's on an SM90 GPU, zero-padded
+    where it wants whole blocks (``gemm_plan``)."""
     w_q, w_s, *w_t = weight_q if weight_q is not None else weight_quant(weight.detach(), pow2=pow2)
     check_wgrad_mode(wgrad)
-    return Fp8LinearFunction.apply(x, weight, w_q, w_s, tuple(w_t) or None, pow2, defer_wgrad, wgrad)
+    if x_fp8 is not None and x_fp8[0].shape != x.shape:
+        raise ValueError(f"x_fp8 must quantize x: shapes {tuple(x_fp8[0].shape)} and {tuple(x.shape)} differ")
+    return Fp8LinearFunction.apply(x, weight, w_q, w_s, tuple(w_t) or None, pow2, defer_wgrad, wgrad, x_fp8)
 
 
 class Fp8WeightCache:

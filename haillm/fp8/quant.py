@@ -103,7 +103,8 @@ def weight_quant_reference(
     blocks = F.pad(w.float(), (0, nbk * block - k, 0, nbn * block - n)).reshape(*stack, nbn, block, nbk, block)
     s = scale_from_amax(blocks.abs().amax(dim=(-3, -1)), pow2)
     q = _to_fp8(blocks / s[..., :, None, :, None]).reshape(*stack, nbn * block, nbk * block)[..., :n, :k]
-    return q.contiguous(), s
+    q = q.contiguous()  # a view when only N was padded: copy, so the cached weight does not hold the padding
+    return (q.clone() if q.untyped_storage().nbytes() > q.nbytes else q), s
 
 
 def weight_dequant(q: torch.Tensor, s: torch.Tensor, block: int = 128, dtype=torch.float32) -> torch.Tensor:

@@ -157,21 +157,23 @@ class Linear(nn.Module):
         if self._fp8_weight is not None:
             self._fp8_weight.invalidate()
 
-    def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _fp8_forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         cache = self._fp8_weight
         if cache is None or cache.weight is not self.weight:  # built lazily; rebuilt if the Parameter was swapped
             cache = self._fp8_weight = Fp8WeightCache(self.weight, pow2=self.fp8_pow2_scales, transposed=True)
         defer = defer_weight_grad if self.defer_wgrad else None
         return fp8_linear(x, self.weight, weight_q=cache.get(), pow2=self.fp8_pow2_scales, defer_wgrad=defer,
-                          wgrad=self.fp8_wgrad)
+                          wgrad=self.fp8_wgrad, x_fp8=x_fp8)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``x_fp8``: ``act_quant(x, pow2=self.fp8_pow2_scales)`` made by x's producer (``haillm.fp8.fused``),
+        used in precision "fp8" instead of quantizing ``x`` again; the other precisions ignore it."""
         if self.precision == "default":
             if self.defer_wgrad:
                 return deferrable_linear(x, self.weight, self.bias)
             return precision.linear(x, self.weight, self.bias)
         if self.precision == "fp8":
-            y = self._fp8_forward(x)
+            y = self._fp8_forward(x, x_fp8)
         else:
             y = apply_like_autocast(Bf16EmulatedLinear, x, self.weight)
         return y if self.bias is None else y + self.bias

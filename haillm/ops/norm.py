@@ -9,29 +9,42 @@ import torch
 from torch import nn
 
 
+def rms_norm_with_rstd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm's forward: ``y`` in x's dtype and ``r = rsqrt(mean(x^2) + eps)`` (``[..., 1]``, fp32 or wider),
+    which its backward needs; shared with the fused norm + FP8 quantization (``haillm.fp8.fused``)."""
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    rstd = xf.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
+    return torch.mul(xf, rstd).mul_(weight).to(x.dtype), rstd
+
+
+def rms_norm_backward(
+    grad: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, x_grad: bool, weight_grad: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """RMSNorm's backward: ``(dx, dw)`` from the ``x, rstd, weight`` its forward saved (each only when asked for)."""
+    x_hat = x.to(rstd.dtype) * rstd
+    g = grad.to(rstd.dtype)
+    g_x_hat = g * x_hat  # the few fresh activation-sized tensors are what costs here; the rest is in place
+    dw = g_x_hat.reshape(-1, x.shape[-1]).sum(0).to(weight.dtype) if weight_grad else None
+    dx = None
+    if x_grad:
+        dot = g_x_hat.mul_(weight).mean(-1, keepdim=True)
+        dx = (g * weight).sub_(x_hat.mul_(dot)).mul_(rstd).to(x.dtype)
+    return dx, dw
+
+
 class _RMSNormFn(torch.autograd.Function):
     """``y = x * r * w`` with ``r = rsqrt(mean(x^2) + eps)``, computed in fp32 (or wider) and cast back to x's
     dtype. Gradients: ``dx = r * (g w - x_hat * mean(g w x_hat))``, ``dw = sum(g x_hat)`` with ``x_hat = x r``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        rstd = xf.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
+        y, rstd = rms_norm_with_rstd(x, weight, eps)
         ctx.save_for_backward(x, rstd, weight)
-        return torch.mul(xf, rstd).mul_(weight).to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, rstd, weight = ctx.saved_tensors
-        x_hat = x.to(rstd.dtype) * rstd
-        g = grad.to(rstd.dtype)
-        g_x_hat = g * x_hat  # the few fresh activation-sized tensors are what costs here; the rest is in place
-        dw = g_x_hat.reshape(-1, x.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dot = g_x_hat.mul_(weight).mean(-1, keepdim=True)
-            dx = (g * weight).sub_(x_hat.mul_(dot)).mul_(rstd).to(x.dtype)
-        return dx, dw, None
+        return *rms_norm_backward(grad, *ctx.saved_tensors, *ctx.needs_input_grad[:2]), None
 
 
 class RMSNorm(nn.Module):

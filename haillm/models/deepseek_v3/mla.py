@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from haillm.fp8.fused import fp8_input_pow2
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.ops import Linear, RMSNorm, precision
 from haillm.ops.recompute import recomputable
@@ -79,6 +80,7 @@ class MLA(nn.Module):
     ``wq_b``/``wq`` give per head ``[q_nope ; q_rope]``; ``wkv_a`` gives ``[latent (kv_lora_rank) ; k_rope]``;
     ``wkv_b`` gives per head ``[k_nope ; v]``. With ``recompute_up_proj`` the attention inputs made by
     ``up_project`` are recomputed in backward from the latents (``haillm.ops.recompute``) instead of kept.
+    ``forward`` may get the FP8 copy of its input from the norm before it (``fp8_input_pow2`` says which).
     """
 
     def __init__(self, args: ModelArgs) -> None:
@@ -104,9 +106,14 @@ class MLA(nn.Module):
     def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._query_heads(x if self.q_lora_rank == 0 else self.wq_a(x), cos, sin)
 
-    def _query_heads(self, q_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self.wq(q_in) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(q_in))
+    @property
+    def fp8_input_pow2(self) -> bool | None:
+        """``fp8.fused.fp8_input_pow2`` of the linears reading the input: ``wq`` or ``wq_a``, and ``wkv_a``."""
+        return fp8_input_pow2([self.wq if self.q_lora_rank == 0 else self.wq_a, self.wkv_a])
+
+    def _query_heads(self, q_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     q_in_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.wq(q_in, q_in_fp8) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(q_in))
         q_nope, q_rope = q.unflatten(-1, (self.n_heads, -1)).split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_rope, cos, sin)
 
@@ -116,11 +123,13 @@ class MLA(nn.Module):
         latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return self.kv_norm(latent), apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)
 
-    def up_project(self, q_in: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    def up_project(self, q_in: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   q_in_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-head ``q, k, v`` as attention takes them (``[B, H, T, d]``) from the query latent (``x`` when
-        ``q_lora_rank`` is 0) and ``kv = wkv_a(x)``: the MLA up-projections."""
-        q_nope, q_rope = self._query_heads(q_in, cos, sin)
+        ``q_lora_rank`` is 0, then maybe with its FP8 copy ``q_in_fp8``) and ``kv = wkv_a(x)``: the MLA
+        up-projections."""
+        q_nope, q_rope = self._query_heads(q_in, cos, sin, q_in_fp8)
         latent, k_rope = self._latents(kv, cos, sin)
         k_nope, v = self.wkv_b(latent).unflatten(-1, (self.n_heads, -1)).split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
@@ -130,9 +139,14 @@ class MLA(nn.Module):
             v = F.pad(v, (0, pad))
         return q, k, v.transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over ``x: [B, T, dim]`` with rope tables for positions ``0..T-1``."""
-        latents = (x if self.q_lora_rank == 0 else self.wq_a(x), self.wkv_a(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Causal self-attention over ``x: [B, T, dim]`` with rope tables for positions ``0..T-1``; ``x_fp8``:
+        ``act_quant(x)`` for the FP8 linears reading ``x`` (``Linear.forward``)."""
+        if self.q_lora_rank == 0:
+            latents = (x, self.wkv_a(x, x_fp8), cos, sin, x_fp8)
+        else:
+            latents = (self.wq_a(x, x_fp8), self.wkv_a(x, x_fp8), cos, sin)
         if self.recompute_up_proj:
             q, k, v = recomputable(self.up_project, *latents)
         else:

@@ -9,17 +9,35 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from haillm.fp8.fused import rmsnorm_act_quant
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.experts import GroupedExperts
 from haillm.models.deepseek_v3.mla import MLA, rope_tables
-from haillm.models.deepseek_v3.moe import MLP, Gate, GraphCut, MoE, take_balance_loss
+from haillm.models.deepseek_v3.moe import MLP, Fp8Pair, Gate, GraphCut, MoE, take_balance_loss
 from haillm.models.deepseek_v3.mtp import MTPModule
 from haillm.ops import Linear, RMSNorm
 from haillm.ops.recompute import keeping_recipes, mark
 
 
+def _fused_norm_output(x: torch.Tensor, norm: RMSNorm, pow2: bool) -> torch.Tensor:
+    return rmsnorm_act_quant(x, norm.weight, norm.eps, pow2)[0]
+
+
+def normed(norm: RMSNorm, x: torch.Tensor, pow2: bool | None) -> tuple[torch.Tensor, Fp8Pair | None]:
+    """``norm(x)`` and, when its consumers take an FP8 input (``pow2``: their ``fp8_input_pow2``, not None),
+    ``act_quant(norm(x))`` from the same pass (``fp8.fused.rmsnorm_act_quant``). The fused output is marked
+    for recomputation like the plain one (``set_recompute``'s hook); the mark is unused while recompute is off."""
+    if pow2 is None:
+        return norm(x), None
+    y, y_q, y_s = rmsnorm_act_quant(x, norm.weight, norm.eps, pow2)
+    if torch.is_grad_enabled():
+        mark(y, _fused_norm_output, x, norm, pow2)
+    return y, (y_q, y_s)
+
+
 class Block(nn.Module):
-    """``x + attn(attn_norm(x))`` then ``x + ffn(ffn_norm(x))``; ffn is dense for the first n_dense_layers."""
+    """``x + attn(attn_norm(x))`` then ``x + ffn(ffn_norm(x))``; ffn is dense for the first n_dense_layers.
+    Where the attention's or the FFN's input linears run in FP8, the norm quantizes its output for them."""
 
     def __init__(self, args: ModelArgs, layer_id: int) -> None:
         super().__init__()
@@ -29,8 +47,13 @@ class Block(nn.Module):
         self.ffn = MLP(args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.ffn(self.ffn_norm(x))
+        x = self._attention(x, cos, sin)
+        h, h_fp8 = normed(self.ffn_norm, x, self.ffn.fp8_input_pow2)
+        return x + self.ffn(h, h_fp8)
+
+    def _attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h, h_fp8 = normed(self.attn_norm, x, self.attn.fp8_input_pow2)
+        return x + self.attn(h, cos, sin, h_fp8)
 
     @property
     def exchanges_tokens(self) -> bool:
@@ -43,10 +66,10 @@ class Block(nn.Module):
         for the pipeline's overlapped F&B pairs). Without ``cut`` or token exchanges it never yields."""
         if cut is None or not self.exchanges_tokens:
             return self.forward(x, cos, sin)
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        h = self.ffn_norm(x)
+        x = self._attention(x, cos, sin)
+        h, h_fp8 = normed(self.ffn_norm, x, self.ffn.fp8_input_pow2)
         (x,) = cut(x)  # the residual is used again after the combine
-        return x + (yield from self.ffn.forward_phases(h, cut))
+        return x + (yield from self.ffn.forward_phases(h, cut, h_fp8))
 
     def forward_inference(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, start_pos: int

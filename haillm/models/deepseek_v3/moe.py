@@ -18,13 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from haillm.fp8.fused import fp8_input_pow2, swiglu_act_quant
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.experts import GroupedExperts
 from haillm.ops import Linear
 
+Fp8Pair = tuple[torch.Tensor, torch.Tensor]  # act_quant(x) of a layer's input, made by its producer
+
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward ``w2(silu(w1 x) * w3 x)``: the dense FFN, each expert, and the shared experts."""
+    """SwiGLU feed-forward ``w2(silu(w1 x) * w3 x)``: the dense FFN and the shared experts. With ``w2`` in FP8
+    the SwiGLU also writes its FP8 copy (``fp8.fused.swiglu_act_quant``); ``w1``/``w3`` may take the FP8 copy
+    of ``x`` from the norm before (``fp8_input_pow2``)."""
 
     def __init__(self, dim: int, inter_dim: int) -> None:
         super().__init__()
@@ -32,8 +37,17 @@ class MLP(nn.Module):
         self.w2 = Linear(inter_dim, dim)
         self.w3 = Linear(dim, inter_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    @property
+    def fp8_input_pow2(self) -> bool | None:
+        return fp8_input_pow2([self.w1, self.w3])
+
+    def forward(self, x: torch.Tensor, x_fp8: Fp8Pair | None = None) -> torch.Tensor:
+        a, b = self.w1(x, x_fp8), self.w3(x, x_fp8)
+        pow2 = fp8_input_pow2([self.w2])
+        if pow2 is None:
+            return self.w2(F.silu(a) * b)
+        h, h_q, h_s = swiglu_act_quant(a, b, pow2)
+        return self.w2(h, (h_q, h_s))
 
 
 class Gate(nn.Module):
@@ -183,13 +197,19 @@ class MoE(nn.Module):
                 )
         return weights, indices, counts
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def fp8_input_pow2(self) -> bool | None:
+        """The shared experts' (the gate and the routed experts take the high-precision input)."""
+        return self.shared_experts.fp8_input_pow2 if self.shared_experts is not None else None
+
+    def forward(self, x: torch.Tensor, x_fp8: Fp8Pair | None = None) -> torch.Tensor:
+        """``x: [B, T, dim]``; ``x_fp8``: ``act_quant(x)`` for the shared experts' FP8 ``w1``/``w3``."""
         bsz, seq_len, dim = x.shape
         flat = x.reshape(-1, dim)
         weights, indices, counts = self.route(flat, bsz, seq_len)
         y = self.dispatcher(flat, weights, indices, counts, self.experts)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)
+            y = y + self.shared_experts(flat, _rows(x_fp8))
         return y.view(bsz, seq_len, dim)
 
     @property
@@ -197,13 +217,14 @@ class MoE(nn.Module):
         """True when the dispatcher sends tokens to other ranks in split phases (expert parallelism)."""
         return hasattr(self.dispatcher, "announce_dispatch")
 
-    def forward_phases(self, x: torch.Tensor, cut: GraphCut) -> Generator[None, None, torch.Tensor]:
+    def forward_phases(self, x: torch.Tensor, cut: GraphCut, x_fp8: Fp8Pair | None = None
+                       ) -> Generator[None, None, torch.Tensor]:
         """``forward`` as a generator that yields right after starting each exchange (dispatch, combine), so
         that its driver can run other work while the tokens are in flight, and returns the output. The
         shared experts run while the dispatch's row counts travel. The graph is cut at both exchanges
         (``cut``); the values are exactly ``forward``'s."""
         if not self.exchanges_tokens:
-            return self.forward(x)
+            return self.forward(x, x_fp8)
         bsz, seq_len, dim = x.shape
         flat = x.reshape(-1, dim)
         weights, indices, counts = self.route(flat, bsz, seq_len)
@@ -212,7 +233,7 @@ class MoE(nn.Module):
         flat, weights = cut(flat, weights)  # used again after the combine
         if self.balance_loss is not None:
             (self.balance_loss,) = cut(self.balance_loss)
-        shared = self.shared_experts(flat) if self.shared_experts is not None else None
+        shared = self.shared_experts(flat, _rows(x_fp8)) if self.shared_experts is not None else None
         handle = d.send_dispatch(plan)
         yield
         routed_x, local_counts = d.finish_dispatch(handle, cut)
@@ -228,6 +249,11 @@ class MoE(nn.Module):
         """Aux-loss-free step: ``b_i += gamma * sign(mean(load) - load_i)`` from the global load of one step."""
         load = load.to(self.gate.bias)
         self.gate.bias += gamma * torch.sign(load.mean() - load)
+
+
+def _rows(pair: Fp8Pair | None) -> Fp8Pair | None:
+    """An FP8 pair of ``[B, T, dim]`` as the pair of its ``[B*T, dim]`` rows."""
+    return None if pair is None else (pair[0].flatten(0, -2), pair[1].flatten(0, -2))
 
 
 def take_balance_loss(layers: list[MoE], like: torch.Tensor) -> torch.Tensor:
