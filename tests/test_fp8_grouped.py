@@ -22,6 +22,7 @@ from haillm.fp8 import (
     weight_dequant,
     weight_quant,
 )
+from haillm.fp8.fused import fusion
 from haillm.fp8.grouped import fp8_group_gemm, group_gemm_plan
 from haillm.ops import deferring_weight_grads
 
@@ -203,3 +204,23 @@ def test_set_precision_validates_the_wgrad_mode():
     assert module.precision == "fp8" and module.fp8_wgrad == "bf16"
     x, counts = rows([1, 2, 0, 3, 0, 1], 64)
     assert module(x, counts).shape == (7, 64)
+
+
+def test_fp8_experts_quantize_each_input_once(monkeypatch):
+    """FP8 experts: w1 and w3 share one quantization of the routed rows and the SwiGLU writes w2's FP8 input
+    (``fp8.fused``), bitwise what each grouped linear quantizing its own input computes."""
+    module = experts(dim=200, inter=72)
+    module.set_precision("fp8")
+    counts = [0, 40, 0, 130, 7, 0]
+    x, tensor_counts = rows(counts, 200)
+    g = torch.randn(sum(counts), 200, generator=torch.Generator().manual_seed(3))
+    calls = []
+    quantize = experts_module.act_quant
+    monkeypatch.setattr(experts_module, "act_quant", lambda *a, **k: calls.append(a[0].shape) or quantize(*a, **k))
+    fused = grouped_run(module, x, tensor_counts, g)
+    fused_calls, calls[:] = list(calls), []
+    with fusion(False):
+        unfused = grouped_run(module, x, tensor_counts, g)
+    assert fused_calls[0] == (177, 200) and len(fused_calls) == len(calls) - 2  # x once, not per linear
+    for name, a, b in zip(["y", "dx", "dw1", "dw2", "dw3"], fused, unfused, strict=True):
+        assert torch.equal(a, b), name

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from haillm.fp8 import GRAD_AMAX_MIN, Fp8WeightCache, act_dequant, act_quant, fp8_group_gemm, fp8_wgrad
+from haillm.fp8.fused import fp8_input_pow2, swiglu_act_quant
 from haillm.fp8.linear import check_wgrad_mode
 from haillm.ops import precision
 from haillm.ops.linear import PRECISIONS
@@ -163,12 +164,14 @@ class _GroupedLinear(torch.autograd.Function):
     """``y[rows of g] = x[rows of g] @ weight[g].T`` with ``weight [G, out, in]`` a stacked parameter."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, num: _Numerics) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, num: _Numerics,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         # The parameter itself, not a saved copy: a deferred closure accumulates into it (see ops.wgrad).
         ctx.weight, ctx.num, ctx.x_dtype = weight, num, x.dtype
         with torch.autocast(x.device.type, enabled=False):  # the dtypes are chosen here, not by autocast
             if num.precision == "fp8":
-                x_q, x_s = act_quant(x, pow2=num.pow2)  # 1x128 tiles lie in one row: one call for all experts
+                # 1x128 tiles lie in one row: one quantization for all experts (or the producer's, x_fp8)
+                x_q, x_s = x_fp8 if x_fp8 is not None else act_quant(x, pow2=num.pow2)
                 ctx.save_for_backward(x_q, x_s, offs)
                 return fp8_group_gemm(x_q, x_s, *num.weight_q, offs, x.dtype)
             a = num.operand(x)
@@ -202,7 +205,7 @@ class _GroupedLinear(torch.autograd.Function):
         dw = None
         if ctx.needs_input_grad[1] and not defer_weight_grad(weight, weight_grad):
             dw = weight_grad()
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
 # ---- the module -------------------------------------------------------------------------------------------
@@ -229,15 +232,22 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        h = F.silu(self._linear(x, "w1", offs)) * self._linear(x, "w3", offs)
-        return self._linear(h, "w2", offs)
+        pow2 = fp8_input_pow2([self])
+        if pow2 is None:
+            h = F.silu(self._linear(x, "w1", offs)) * self._linear(x, "w3", offs)
+            return self._linear(h, "w2", offs)
+        # FP8: w1 and w3 share one quantization of x; the SwiGLU writes w2's FP8 input (fp8.fused)
+        x_fp8 = act_quant(x, pow2=pow2)
+        h, h_q, h_s = swiglu_act_quant(self._linear(x, "w1", offs, x_fp8), self._linear(x, "w3", offs, x_fp8), pow2)
+        return self._linear(h, "w2", offs, (h_q, h_s))
 
-    def _linear(self, x: torch.Tensor, name: str, offs: torch.Tensor) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, name: str, offs: torch.Tensor,
+                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         weight_q = self._fp8_weight(name) if self.precision == "fp8" else None
         num = _Numerics(self.precision, dtype, weight_q, self.fp8_pow2_scales, self.fp8_wgrad)
-        return _GroupedLinear.apply(x, getattr(self, name), offs, num)
+        return _GroupedLinear.apply(x, getattr(self, name), offs, num, x_fp8)
 
     # ---- precision (the FP8 policy's switch, as on ops.Linear) ----
     def set_precision(self, precision: str, pow2_scales: bool = False, wgrad: str = "bf16") -> None:
