@@ -277,8 +277,9 @@ def test_layout_compiled_matches_eager(tmp_path, counted_steps, composition_back
 @pytest.mark.gpu
 @pytest.mark.parametrize("dense", [True, False], ids=["dense", "moe"])
 def test_compiled_block_bf16_cuda(dense):
-    """A V2-Lite-width block in bf16 on CUDA, inductor: forward and backward match eager (every expert
-    routed, as in test_compiled_bf16_matches_eager, so no routing decision can flip)."""
+    """A V2-Lite-width block in bf16 on CUDA, compiled by inductor (Triton kernels): forward and backward
+    match eager. Every expert is routed (as in test_compiled_bf16_matches_eager), so no routing decision can
+    flip; what differs is bf16 rounding between fused ops, a few bf16 ulps (2^-8) of each tensor's scale."""
     args = dataclasses.replace(PRESETS["v2_lite_16b"], n_layers=2, n_dense_layers=1, n_routed_experts=8,
                                n_activated_experts=8, n_expert_groups=1, n_limited_groups=1, max_seq_len=1024)
     device = torch.device("cuda")
@@ -296,11 +297,9 @@ def test_compiled_block_bf16_cuda(dense):
     x = torch.randn(2, 512, args.dim, device=device, dtype=torch.bfloat16)
     results = []
     for block in blocks:
-        for _ in range(2):  # the second call runs the compiled code
-            block.zero_grad(set_to_none=True)
-            xi = x.clone().requires_grad_()
-            y = block(xi, cos, sin)
-            y.float().square().mean().backward()
+        xi = x.clone().requires_grad_()
+        y = block(xi, cos, sin)
+        y.float().square().mean().backward()
         results.append((y.float(), xi.grad.float(), {n: p.grad.float() for n, p in block.named_parameters()}))
     (y0, dx0, g0), (y1, dx1, g1) = results
     assert (y1 - y0).abs().max() <= 4 * 2**-8 * y0.abs().max()
