@@ -8,9 +8,11 @@ torchtitan style: per block, not the whole model. What stays eager is what a com
   every step; the grouped-GEMM op picks its kernel from pointers and may read group bounds on the host;
 - the pipeline's split-phase forward (``forward_phases`` generators, graph cuts): it lives in
   ``Block.forward_phases`` and ``MoE.forward_phases``, between the compiled pieces;
-- linears that do not run plain ``F.linear`` (FP8, bf16-emulated, deferred weight gradients): their
-  backward keeps state a compiled backward would freeze at trace time (the FP8 weight cache, the
-  zero-bubble queue), so each runs eagerly at a graph break (``_plain_linears_only``);
+- linears that do not run plain ``F.linear`` (FP8, bf16-emulated, deferred weight gradients) run eagerly
+  at a graph break (``_plain_linears_only``). Traced, a deferrable linear's backward is fixed when the
+  forward is traced, outside any I action, so an I action would compute its weight gradient at once
+  instead of queueing it; the FP8 weight cache's version check becomes a guard, so every optimizer step
+  recompiles (until dynamo's recompile limit turns the region eager);
 - the embedding, the head with its fused cross-entropy, the MTP projections: outside the blocks.
 
 The compiled regions are a block's ``attn_norm``, ``attn`` (MLA), ``ffn_norm`` and its FFN: the dense
@@ -19,7 +21,8 @@ replaced by its compiled version, so the module's own hooks still run eagerly ar
 parameter wait is registered per region, ``ZeroAdamW.register_forward_wait(regions=...)``) and parameter
 names are unchanged. Regions of the same kind share compiled code across layers; every shape they see is
 fixed by ``train.micro_batch_size`` and ``train.seq_len`` (the MTP blocks see ``seq_len - 1``), so shapes
-are static (``dynamic=False``) and nothing recompiles after the first step.
+are static (``dynamic=False``) and nothing recompiles after the first step (evaluation under ``no_grad``
+compiles its own variant once; ``forward_inference`` with its varying lengths is not meant to be compiled).
 
 Activation recomputation composes: a region's input that recomputation marked (an RMSNorm output from
 another region) is saved as a recipe as before; inside a region the MLA up-projections are recomputed
