@@ -1,7 +1,8 @@
-"""Training speed on one GPU: the trainer's full optimizer step in BF16 and with FP8, our model's forward +
-backward against transformers' DeepseekV3, and the top kernels of one profiled step.
+"""Training speed on one GPU: the trainer's full optimizer step in BF16, with regional torch.compile and with
+FP8, our model's forward + backward (eager and compiled) against transformers' DeepseekV3, and the top
+kernels of one profiled step, eager and compiled.
 
-    PYTHONPATH=. python bench/gpu_train.py                      # the GPU issue's configuration, ~3 min
+    PYTHONPATH=. python bench/gpu_train.py                      # the GPU issue's configuration, <= ~4 min
     PYTHONPATH=. python bench/gpu_train.py --layers 4 --seq 2048 --batch 4 --steps 6
     PYTHONPATH=. python bench/gpu_train.py --sections trainer   # any of: trainer, model, profile
 
@@ -12,14 +13,20 @@ BF16 datasheet); ``--peak-tflops`` changes it.
 
 1. trainer: ``Trainer.train_step`` (forward, backward, ZeRO-1 reduction, clipping, AdamW on the fp32 masters,
    parameter all-gather, bias update) on synthetic tokens, built exactly as ``launch/train.py`` builds a run;
-   BF16 (``train.dtype=bf16``) and BF16 with ``fp8.enabled=true``. Median step time after warm-up steps,
-   tokens/s, MFU, peak memory (the last step's ``peak_memory_gib``: the step's
-   ``torch.cuda.max_memory_allocated``).
-2. model: forward + backward of next-token cross-entropy, ours (``compute_loss``) and transformers'
-   ``DeepseekV3ForCausalLM`` with the same weights (ours written with ``save_hf``, read by
-   ``from_pretrained``), same batch, both with bf16 parameters; median ms, MFU and the ratio.
-3. profile: one trainer step under ``torch.profiler``: CPU time vs GPU time (a launch-bound step has more
-   CPU than GPU time), the ``aten::mm`` count, and the top kernels by GPU time.
+   BF16 (``train.dtype=bf16``), BF16 with ``train.compile=true`` and BF16 with ``fp8.enabled=true``. Median
+   step time after warm-up steps, tokens/s, MFU, peak memory (the last step's ``peak_memory_gib``: the
+   step's ``torch.cuda.max_memory_allocated``), and the first step's time apart: with compile on it holds
+   the compilation (``compile s`` = first step - median step).
+2. model: forward + backward of next-token cross-entropy, ours (``compute_loss``) eager and with the
+   blocks compiled (``haillm.train.compile.apply_compile``), and transformers' ``DeepseekV3ForCausalLM``
+   with the same weights (ours written with ``save_hf``, read by ``from_pretrained``), same batch, all with
+   bf16 parameters; median ms, MFU, the ratio, and the first call apart (compiled: graphs already compiled
+   for the trainer's shapes are reused from dynamo's cache, so it is mostly not a fresh compile).
+3. profile: one trainer step under ``torch.profiler``, eager and compiled: CPU time vs GPU time (a
+   launch-bound step has more CPU than GPU time), the ``aten::mm`` count, and the top kernels by GPU time.
+
+Sections and variants run in that order until ``--time-budget`` seconds have passed (the rest print
+"skipped"), so that the run ends inside ``bench/gpu_run.sh``'s timeout with every finished line printed.
 
 Without CUDA it prints one line and exits 0 (``--cpu`` runs a tiny configuration on CPU: a dry run of
 every section for this script itself).
@@ -110,24 +117,28 @@ def release(trainer: Trainer, device: torch.device) -> None:
 
 def trainer_section(a: argparse.Namespace, device: torch.device) -> None:
     print(f"\n== trainer: full optimizer step, {a.batch} x {a.seq} tokens ==")
-    print(f"{'variant':>10} {'step ms':>9} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'loss':>8}")
+    print(f"{'variant':>13} {'step ms':>9} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'loss':>8} {'1st step s':>10}")
     base = None
-    for name, extra in (("bf16", ["train.dtype=bf16"]), ("bf16+fp8", ["train.dtype=bf16", "fp8.enabled=true"])):
+    variants = (("bf16", ["train.dtype=bf16"]), ("bf16+compile", ["train.dtype=bf16", "train.compile=true"]),
+                ("bf16+fp8", ["train.dtype=bf16", "fp8.enabled=true"]))
+    for name, extra in variants:
+        if out_of_time(a, name):
+            continue
         trainer = build_trainer(a, device, *extra)
         times, record = [], {}
-        for i in range(a.warmup + a.steps):
+        for _ in range(1 + a.warmup + a.steps):
             sync(device)
             start = time.perf_counter()
             record = trainer.train_step()
             sync(device)
-            if i >= a.warmup:
-                times.append(time.perf_counter() - start)
-        step = statistics.median(times)
+            times.append(time.perf_counter() - start)
+        first, step = times[0], statistics.median(times[1 + a.warmup :])
         tokens = a.batch * a.seq / step
         mfu = trainer.flops_per_token * tokens / trainer.peak
         base = base or step
-        print(f"{name:>10} {step * 1e3:9.1f} {tokens:10.0f} {mfu:7.1%} {record['peak_memory_gib']:9.2f} "
-              f"{record['loss']:8.4f}  ({base / step:.2f}x bf16)")
+        compile_note = f", compile {first - step:.1f} s" if "compile" in name else ""
+        print(f"{name:>13} {step * 1e3:9.1f} {tokens:10.0f} {mfu:7.1%} {record['peak_memory_gib']:9.2f} "
+              f"{record['loss']:8.4f} {first:10.1f}  ({base / step:.2f}x bf16{compile_note})", flush=True)
         release(trainer, device)
 
 
@@ -137,6 +148,7 @@ def model_section(a: argparse.Namespace, device: torch.device) -> None:
     from haillm.models.deepseek_v3.hf import save_hf
     from haillm.models.deepseek_v3.model import DeepSeekV3
     from haillm.ops.precision import cast_parameters
+    from haillm.train.compile import apply_compile
 
     args = to_model_args(compose_config(overrides(a)).model)
     print(f"\n== model forward+backward, bf16 parameters, {a.batch} x {a.seq} tokens ==")
@@ -148,9 +160,12 @@ def model_section(a: argparse.Namespace, device: torch.device) -> None:
     theirs = theirs.to(device).train()
     batch = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(1)).to(device)
 
-    def ours_step() -> None:
-        ours.compute_loss(batch)["loss"].backward()
-        ours.reset_moe_loads()
+    def step_of(model: DeepSeekV3):
+        def step() -> None:
+            model.compute_loss(batch)["loss"].backward()
+            model.reset_moe_loads()
+
+        return step
 
     def theirs_step() -> None:
         logits = theirs(batch[:, :-1]).logits
@@ -158,43 +173,62 @@ def model_section(a: argparse.Namespace, device: torch.device) -> None:
 
     fpt = flops_per_token(args, a.seq)
     results = {}
-    for name, fn, model in (("ours", ours_step, ours), ("transformers", theirs_step, theirs)):
+    for name in ("ours", "ours+compile", "transformers"):
+        if out_of_time(a, name):
+            continue
+        if name == "ours+compile":  # the same weights, blocks compiled: the eager copy is not needed any more
+            apply_compile(ours)
+        model = theirs if name == "transformers" else ours
+        fn = theirs_step if name == "transformers" else step_of(ours)
         times = []
-        for i in range(a.warmup + a.steps):
+        for _ in range(1 + a.warmup + a.steps):
             model.zero_grad(set_to_none=True)
             sync(device)
             start = time.perf_counter()
             fn()
             sync(device)
-            if i >= a.warmup:
-                times.append(time.perf_counter() - start)
-        results[name] = statistics.median(times)
-    for name, t in results.items():
+            times.append(time.perf_counter() - start)
+        results[name] = (statistics.median(times[1 + a.warmup :]), times[0])
+    ref = results.get("transformers", (None,))[0]
+    for name, (t, first) in results.items():
         mfu = fpt * a.batch * a.seq / t / (a.peak_tflops * 1e12)
-        print(f"{name:>13} {t * 1e3:8.1f} ms  MFU {mfu:6.1%}  ({results['transformers'] / t:.2f}x transformers)")
+        ratio = f", {ref / t:.2f}x transformers" if ref else ""
+        print(f"{name:>13} {t * 1e3:8.1f} ms  MFU {mfu:6.1%}  (1st call {first:.1f} s{ratio})", flush=True)
 
 
 def profile_section(a: argparse.Namespace, device: torch.device) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    print("\n== profile: one bf16 trainer step ==")
-    trainer = build_trainer(a, device, "train.dtype=bf16")
-    for _ in range(a.warmup):
-        trainer.train_step()
-    sync(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        trainer.train_step()
+    for name, extra in (("bf16", []), ("bf16+compile", ["train.compile=true"])):
+        if out_of_time(a, f"profile {name}"):
+            continue
+        print(f"\n== profile: one {name} trainer step ==")
+        trainer = build_trainer(a, device, "train.dtype=bf16", *extra)
+        for _ in range(a.warmup):
+            trainer.train_step()
         sync(device)
-    events = prof.key_averages()
-    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    device_us = sum(e.self_device_time_total for e in events) if device.type == "cuda" else 0.0
-    cpu_us = max((e.cpu_time_total for e in events if e.key == "ProfilerStep*"), default=0.0) or sum(
-        e.self_cpu_time_total for e in events)
-    mm_calls = sum(e.count for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
-    print(f"CPU time {cpu_us / 1e3:.1f} ms, GPU time {device_us / 1e3:.1f} ms, {mm_calls} mm/addmm/bmm calls")
-    print(events.table(sort_by=sort, row_limit=a.top))
-    release(trainer, device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            trainer.train_step()
+            sync(device)
+        events = prof.key_averages()
+        sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        device_us = sum(e.self_device_time_total for e in events) if device.type == "cuda" else 0.0
+        cpu_us = max((e.cpu_time_total for e in events if e.key == "ProfilerStep*"), default=0.0) or sum(
+            e.self_cpu_time_total for e in events)
+        mm_calls = sum(e.count for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+        print(f"CPU time {cpu_us / 1e3:.1f} ms, GPU time {device_us / 1e3:.1f} ms, {mm_calls} mm/addmm/bmm calls")
+        print(events.table(sort_by=sort, row_limit=a.top), flush=True)
+        release(trainer, device)
+
+
+def out_of_time(a: argparse.Namespace, what: str) -> bool:
+    """True (after saying so) once ``--time-budget`` seconds have passed since the start."""
+    elapsed = time.monotonic() - a.start
+    if elapsed <= a.time_budget:
+        return False
+    print(f"{what}: skipped, {elapsed:.0f} s of the {a.time_budget:.0f} s time budget used", flush=True)
+    return True
 
 
 def main() -> int:
@@ -210,8 +244,12 @@ def main() -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--sections", nargs="+", default=["trainer", "model", "profile"],
                    choices=["trainer", "model", "profile"])
+    p.add_argument("--time-budget", type=float, default=180.0,
+                   help="seconds after which no further section or variant starts (bench/gpu_run.sh stops the "
+                   "script at 240)")
     p.add_argument("--cpu", action="store_true", help="dry run on CPU with a tiny configuration")
     a = p.parse_args()
+    a.start = time.monotonic()
     logging.basicConfig(level=logging.WARNING)
     if a.cpu:
         a.model, a.layers, a.vocab, a.batch, a.seq, a.steps, a.warmup = "tiny", 4, 512, 2, 64, 2, 1
@@ -224,6 +262,8 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}; "
           f"model={a.model} layers={a.layers} vocab={a.vocab} batch={a.batch} seq={a.seq}")
     for section in a.sections:
+        if out_of_time(a, f"section {section}"):
+            continue
         {"trainer": trainer_section, "model": model_section, "profile": profile_section}[section](a, device)
     return 0
 

@@ -65,6 +65,7 @@ class TrainConfig:
     max_skipped_steps: int = 10  # consecutive skipped steps (non-finite, loss spike) tolerated; one more aborts
     peak_flops: float = 0.0  # per device, for MFU; 0 = detect (see haillm.train.metrics)
     recompute: bool = False  # recompute RMSNorm outputs and MLA up-projections in backward
+    compile: bool = False  # torch.compile the transformer blocks regionally (haillm/train/compile.py)
     collective_timeout_s: float = 600.0  # a collective (or a rank) stuck this long fails the job, naming the rank
     watchdog_factor: float = 10.0  # log all threads' stacks when a step takes this many times the median; 0: off
     loss_spike_factor: float = 0.0  # skip a step whose loss exceeds this many times the recent median; 0: off

@@ -40,6 +40,7 @@ from haillm.parallel.pipeline.stage import (
     second_copies,
 )
 from haillm.train.checkpoint import CheckpointError, list_checkpoints
+from haillm.train.compile import apply_compile
 from haillm.train.evaluate import build_evaluator
 from haillm.train.optim import build_optimizer
 from haillm.train.setup import broadcast_object, init_distributed, job_store, restarts, seed_everything
@@ -116,6 +117,8 @@ def build_model(cfg: DictConfig, dims: ParallelDims, device: torch.device
         load_hf_state(model, path)
     if cfg.train.dtype == "bf16":  # the compute copy; fp32 masters are made from it by the optimizer
         cast_parameters(model, torch.bfloat16)
+    if cfg.train.compile:  # regions compile at their first call; precision (FP8) may still be set afterwards
+        log.info("train.compile: %d regions of the transformer blocks", len(apply_compile(model)))
     return model, dispatcher
 
 

@@ -287,6 +287,21 @@ def test_close_releases_the_optimizer():
     model(batch(0)[0])  # the model still runs without the optimizer's hooks
 
 
+def test_compiled_region_waits_for_all_its_parameters_at_entry():
+    """A region (a torch.compile'd module, haillm.train.compile) waits for the buckets of all its parameters,
+    its submodules' included, in one pre-hook of its own; its submodules get none (they would run inside the
+    compiled code). Modules outside regions keep their own hooks."""
+    model = nn.Sequential(make_model(), nn.Linear(5, 5))
+    region = model[0]
+    opt = ZeroAdamW(model.named_parameters(), **HPARAMS, bucket_mb=BUCKET_MB)
+    opt.register_forward_wait(model, regions=[region])
+    assert all(not m._forward_pre_hooks for m in region.modules() if m is not region)
+    (hook,) = region._forward_pre_hooks.values()
+    assert {id(p) for p in region.parameters()} <= {id(p) for b in hook.args[0] for p in b.params}
+    assert len(model[1]._forward_pre_hooks) == 1
+    opt.close()
+
+
 def test_flat_range_boxes_cover_the_range_in_memory_order():
     shape = (3, 4, 5)
     full = torch.arange(60).view(shape)

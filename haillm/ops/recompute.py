@@ -12,6 +12,12 @@ Unlike ``torch.utils.checkpoint`` this drops outputs consumed by ops outside the
 q, k, v that attention saves) without recomputing the consumers, and it has no region that could be left
 open across a yield of the pipeline's overlapped F&B pairs: recipes live on tensors, and the saving hook
 is entered per forward step (:func:`stepwise`).
+
+Inside a ``torch.compile``d region (``haillm.train.compile``) a tensor cannot carry a recipe: the compiled
+backward saves what its partitioner chose. There :func:`recomputable` encloses ``fn`` in a
+``torch.utils.checkpoint`` region, which the partitioner recomputes in backward (same values, same
+memory saving), and :func:`mark` does nothing: the partitioner itself recomputes norms and pointwise ops
+rather than keep their outputs. A region's inputs and outputs are ordinary tensors and keep their recipes.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 _TAG = "_haillm_recipe"
 
@@ -40,12 +47,16 @@ class _Recipe:
 
 def mark(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     """Declare ``out == fn(*args)`` so that saving ``out`` for backward stores the recipe; returns ``out``."""
+    if torch.compiler.is_compiling():
+        return out
     setattr(out, _TAG, (_Recipe(fn, args), None))
     return out
 
 
 def recomputable(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` (a tensor or a tuple of tensors) with every output marked for recomputation."""
+    if torch.compiler.is_compiling():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
     out = fn(*args)
     recipe = _Recipe(fn, args)
     for i, t in enumerate(out if isinstance(out, tuple) else (out,)):

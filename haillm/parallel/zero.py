@@ -325,11 +325,21 @@ class ZeroAdamW:
                 b.gather_work.wait()
                 b.gather_work = None
 
-    def register_forward_wait(self, model: nn.Module) -> None:
+    def register_forward_wait(self, model: nn.Module, regions: Iterable[nn.Module] = ()) -> None:
         """Let `step` return before the parameter all-gathers finish: each module waits for the buckets
-        of its own parameters in a forward pre-hook, so gathers overlap the start of the next forward."""
+        of its own parameters in a forward pre-hook, so gathers overlap the start of the next forward.
+
+        A module of `regions` (a torch.compile'd region, `haillm.train.compile`) waits for the buckets of all
+        its parameters, its submodules' included, and its submodules register nothing: their hooks would run
+        inside the compiled code, where a wait on a collective cannot be traced."""
+        regions = list(regions)
+        inside = {id(m) for region in regions for m in region.modules() if m is not region}
+        whole = {id(m) for m in regions}
         for module in model.modules():
-            owned = [self._bucket_of[id(p)][0] for p in module.parameters(recurse=False) if id(p) in self._bucket_of]
+            if id(module) in inside:
+                continue
+            params = module.parameters(recurse=id(module) in whole)
+            owned = [self._bucket_of[id(p)][0] for p in params if id(p) in self._bucket_of]
             if owned:
                 buckets = tuple({id(b): b for b in owned}.values())
                 self._hooks.append(module.register_forward_pre_hook(functools.partial(self._forward_wait, buckets)))

@@ -75,6 +75,9 @@ MEANINGS = {
     "train.seq_len": "tokens per training sequence (at most model.max_seq_len)",
     "train.lr": "peak learning rate",
     "train.deterministic": "deterministic kernels (exact resume and layout parity in fp32)",
+    "train.compile": "`torch.compile` each transformer block's pieces (norms, attention, dense FFN, router, shared "
+                     "experts; `haillm/train/compile.py`); token exchange, routed experts and FP8 or deferred "
+                     "linears stay eager. The first step includes the compilation",
     # data
     "data.source": "`stdlib` (the Python standard library's source), a file or directory (.txt .md .py .rst "
                    ".jsonl .json .parquet), or `hf:<name>[:<config>]` when online",

@@ -22,6 +22,7 @@ from haillm.parallel.pipeline.runtime import PipelineRuntime
 from haillm.parallel.pipeline.stage import sum_partner_grads
 from haillm.parallel.zero import ZeroAdamW
 from haillm.train import checkpoint
+from haillm.train.compile import compiled_regions
 from haillm.train.evaluate import Evaluator
 from haillm.train.health import LossHealth
 from haillm.train.metrics import JsonlSink, Progress, WandbSink, peak_flops, peak_memory_bytes, reset_peak_memory
@@ -67,7 +68,8 @@ class Trainer:
         self.dispatcher, self.pipeline, self.evaluator = dispatcher, pipeline, evaluator
         self.run_dir, self.device, self.flops_per_token = Path(run_dir), device, flops_per_token
         self.is_logging_rank = dims.is_rank0
-        optimizer.register_forward_wait(model)  # parameter all-gathers overlap the next forward
+        # parameter all-gathers overlap the next forward; a compiled region waits at its entry
+        optimizer.register_forward_wait(model, regions=compiled_regions(model))
         self.state = TrainState()
         self.health = LossHealth(cfg.train.loss_spike_factor, cfg.train.loss_spike_window)
         self.checkpointer = checkpoint.Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save,
