@@ -89,10 +89,10 @@ def _plain_linears_only(linear: Linear) -> None:
     traced = linear.forward
     eager = torch.compiler.disable(linear.forward)
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if linear.precision == "default" and not linear.defer_wgrad:
-            return traced(x)
-        return eager(x)
+            return traced(x)  # the plain path has no use for a producer's FP8 copy
+        return eager(x, x_fp8)
 
     linear.forward = forward
 
