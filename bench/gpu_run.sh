@@ -16,9 +16,9 @@ out=${OUT:-/tmp/gpu_out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 parts=" ${GPU_PARTS:-tests fp8 attention train} "
-[[ $parts == *" tests "* ]] && timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log"
-[[ $parts == *" fp8 "* ]] && timeout 110 python3 bench/gpu_fp8.py 2>&1 | tee "$out/gpu_fp8.log"
-[[ $parts == *" attention "* ]] && timeout 50 python3 bench/gpu_attention.py 2>&1 | tee "$out/gpu_attention.log"
+[[ $parts == *" tests "* ]] && timeout 190 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log"
+[[ $parts == *" fp8 "* ]] && timeout 100 python3 bench/gpu_fp8.py 2>&1 | tee "$out/gpu_fp8.log"
+[[ $parts == *" attention "* ]] && timeout 40 python3 bench/gpu_attention.py 2>&1 | tee "$out/gpu_attention.log"
 [[ $parts == *" train "* ]] && timeout 240 python3 bench/gpu_train.py "$@" 2>&1 | tee "$out/gpu_train.log"
 [[ $parts == *" fidelity "* ]] && timeout 540 python3 bench/fp8_fidelity.py --trainer --json "$out/fidelity.json" \
     2>&1 | tee "$out/fidelity.log"

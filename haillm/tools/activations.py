@@ -40,21 +40,21 @@ class ActivationSetup:
 
 
 def _kept(features: int, s: ActivationSetup, hp_savers: bool, fp8_linears: list[tuple[int, int]],
-          marked: bool = False, shared_fp8: bool = False) -> float:
+          marked: bool = False) -> float:
     """Bytes per token of a ``features``-wide activation: once in its own dtype if any high-precision op
-    saves it (unless ``marked`` for recomputation and recompute is on), plus one FP8 copy per FP8 linear, or
-    one in all when its producer quantizes it for them (``shared_fp8``)."""
+    saves it (unless ``marked`` for recomputation and recompute is on), plus, read by FP8 linears, the one FP8
+    copy they share (its producer quantizes it once for all of them, ``haillm.fp8.fused``)."""
     n_fp8 = len(fp8_linears) if s.fp8 else 0
-    fp8_copies = min(n_fp8, 1) if shared_fp8 else n_fp8
+    fp8_copies = min(n_fp8, 1)
     hp = hp_savers or n_fp8 < len(fp8_linears)
     kept = features * s.act_bytes if hp and not (marked and s.recompute) else 0
     return kept + fp8_copies * (features + FP32 * math.ceil(features / FP8_BLOCK))
 
 
-def _swiglu(dim: int, inter: int, s: ActivationSetup, fused: bool) -> float:
+def _swiglu(dim: int, inter: int, s: ActivationSetup) -> float:
     """A SwiGLU MLP without its input: silu's input, silu's output and w3's output (the product's operands),
-    and w2's input. ``fused``: the SwiGLU quantizes for an FP8 w2 and keeps only w1's and w3's outputs."""
-    intermediates = 2 if fused and s.fp8 else 3
+    and w2's input. With FP8 the SwiGLU quantizes for w2 and keeps only w1's and w3's outputs."""
+    intermediates = 2 if s.fp8 else 3
     return intermediates * inter * s.act_bytes + _kept(inter, s, False, [(inter, dim)])
 
 
@@ -64,8 +64,7 @@ def attention_per_token(a: ModelArgs, s: ActivationSetup) -> float:
     q_out = heads * qk
     out = a.dim * act + FP32  # attn_norm: block input, rstd
     q_in = [(a.dim, a.q_lora_rank)] if a.q_lora_rank else [(a.dim, q_out)]
-    out += _kept(a.dim, s, False, q_in + [(a.dim, a.kv_lora_rank + a.qk_rope_head_dim)], marked=True,
-                 shared_fp8=True)
+    out += _kept(a.dim, s, False, q_in + [(a.dim, a.kv_lora_rank + a.qk_rope_head_dim)], marked=True)
     if a.q_lora_rank:
         out += a.q_lora_rank * act + FP32  # q_norm: input, rstd
         out += _kept(a.q_lora_rank, s, False, [(a.q_lora_rank, q_out)], marked=True)
@@ -91,13 +90,13 @@ def ffn_per_token(a: ModelArgs, dense: bool, s: ActivationSetup) -> float:
     act, dim, k = s.act_bytes, a.dim, a.n_activated_experts
     out = dim * act + FP32  # ffn_norm: residual, rstd
     if dense:
-        ffn_in = _kept(dim, s, False, [(dim, a.inter_dim)] * 2, marked=True, shared_fp8=True)
-        return out + ffn_in + _swiglu(dim, a.inter_dim, s, fused=True)
+        ffn_in = _kept(dim, s, False, [(dim, a.inter_dim)] * 2, marked=True)
+        return out + ffn_in + _swiglu(dim, a.inter_dim, s)
     shared = a.n_shared_experts * a.moe_inter_dim
     # the router reads the norm output in fp32: the same tensor in fp32 runs, an fp32 copy otherwise
     gate_hp = act == FP32
     shared_linears = [(dim, shared)] * 2 if shared else []
-    out += _kept(dim, s, gate_hp, shared_linears, marked=True, shared_fp8=True)
+    out += _kept(dim, s, gate_hp, shared_linears, marked=True)
     if not gate_hp:
         out += dim * FP32
     out += a.n_routed_experts * FP32 + k * INT64  # router scores, chosen indices
@@ -108,10 +107,10 @@ def ffn_per_token(a: ModelArgs, dense: bool, s: ActivationSetup) -> float:
     out += 2 * k * INT64 + k * act  # copies' source tokens and positions, their gate weights
     if s.ep > 1:
         out += 2 * k * INT64  # received copies' order and its inverse
-    copy = _kept(dim, s, False, [(dim, a.moe_inter_dim)] * 2) + _swiglu(dim, a.moe_inter_dim, s, fused=False)
+    copy = _kept(dim, s, False, [(dim, a.moe_inter_dim)] * 2) + _swiglu(dim, a.moe_inter_dim, s)
     out += k * (copy + 2 * dim * act)  # each routed copy: input, SwiGLU, output and weighted output (combine)
     if shared:
-        out += _swiglu(dim, shared, s, fused=True)
+        out += _swiglu(dim, shared, s)
     return out
 
 

@@ -237,7 +237,7 @@ class GroupedExperts(nn.Module):
             h = F.silu(self._linear(x, "w1", offs)) * self._linear(x, "w3", offs)
             return self._linear(h, "w2", offs)
         # FP8: w1 and w3 share one quantization of x; the SwiGLU writes w2's FP8 input (fp8.fused)
-        x_fp8 = act_quant(x, pow2=pow2)
+        x_fp8 = act_quant(x.detach(), pow2=pow2)  # no gradient through the quantization (the GEMM's is x's)
         h, h_q, h_s = swiglu_act_quant(self._linear(x, "w1", offs, x_fp8), self._linear(x, "w3", offs, x_fp8), pow2)
         return self._linear(h, "w2", offs, (h_q, h_s))
 
