@@ -8,6 +8,10 @@ Tolerance against the fp32 run of the same seed and batch (measured on tiny with
   contribution, a master weight not updated, or a wrong reduction shows within the first updates.
 - steps 6-10 within 2%: once a routing decision flips on a near-tie (the fp32 layouts allow 1e-3 for the
   same reason) the runs take different paths; measured at most 0.6% by step 10, 1.6% by step 20.
+- with FP8 GEMMs, the first loss (same weights) within 0.2%, steps 2-4 within 0.5%: an activation rounded to
+  bf16 crosses an E4M3 rounding boundary for a few percent of values, each then moving by an FP8 step
+  (2^-4 relative, not bf16's 2^-9), so the two runs part faster; measured at most 0.21% (0.19% before
+  every linear width ran FP8).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from test_train_dp import COMMON
 from test_train_fp8 import FP8_MODEL
 
 STEPS = 10
-EARLY, EARLY_TOL, LATE_TOL = 5, 2e-3, 2e-2
+EARLY, EARLY_TOL, LATE_TOL, FP8_TOL = 5, 2e-3, 2e-2, 5e-3
 
 
 def _main(argv: list[str]) -> int:
@@ -78,4 +82,4 @@ def test_fp8_with_bf16_parameters_tracks_fp8_with_fp32(tmp_path):
     ref = [r["loss"] for r in run(tmp_path / "fp32", 1, "train.dtype=fp32", *fp8)]
     got = [r["loss"] for r in run(tmp_path / "bf16", 1, "train.dtype=bf16", *fp8)]
     assert got[-1] < got[0]
-    assert got == pytest.approx(ref, rel=EARLY_TOL)
+    assert got[0] == pytest.approx(ref[0], rel=EARLY_TOL) and got == pytest.approx(ref, rel=FP8_TOL)
