@@ -12,11 +12,12 @@ needs it); pad on the GPU too if a padded row is the fastest. Without CUDA it pr
 """
 
 import argparse
-import statistics
+import contextlib
 import sys
 
 import torch
 import torch.nn.functional as F
+from gpu_fp8 import cuda_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -29,26 +30,10 @@ def fwd_bwd_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: SDPBa
 
     def step() -> None:
         q.grad = k.grad = v.grad = None
-        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+        with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
 
-    def run() -> None:
-        if backend is None:
-            step()
-        else:
-            with sdpa_kernel([backend]):
-                step()
-
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_ms(step, iters)
 
 
 def main() -> int:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from haillm.data import DataConfig
 from haillm.data.blend import parse_blend
+from haillm.fp8.linear import WGRAD_MODES
 from haillm.models.deepseek_v3.args import PRESETS, ModelArgs
 from haillm.parallel.mesh import ParallelConfigError, ParallelDims
 from haillm.parallel.pipeline.schedules import SCHEDULES
@@ -249,7 +250,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _require(0 <= o.decay_start <= 1, f"optim.decay_start={o.decay_start} must be in [0, 1]")
     _one_of("optim.moment_dtype", o.moment_dtype, ("fp32", "bf16"))
     _one_of("optim.grad_reduce_dtype", o.grad_reduce_dtype, ("fp32", "bf16"))
-    _one_of("fp8.wgrad", cfg.fp8.wgrad, ("bf16", "fp8"))
+    _one_of("fp8.wgrad", cfg.fp8.wgrad, WGRAD_MODES)
     _one_of("logging.wandb", cfg.logging.wandb, WANDB_MODES)
     _require(cfg.checkpoint.interval > 0, f"checkpoint.interval={cfg.checkpoint.interval} must be positive")
     _require(cfg.checkpoint.keep >= 0, f"checkpoint.keep={cfg.checkpoint.keep} must be >= 0")

@@ -10,7 +10,7 @@ CUDA kernel is checked against the same reference in ``test_fp8_grouped_gpu.py``
 import pytest
 import torch
 import torch.nn.functional as F
-from test_grouped_experts import bounds, experts, grouped_run, rows
+from test_grouped_experts import assert_deferred_is_full_backward, bounds, experts, grouped_run, rows
 
 import haillm.models.deepseek_v3.experts as experts_module
 from haillm.fp8 import (
@@ -24,7 +24,6 @@ from haillm.fp8 import (
 )
 from haillm.fp8.fused import fusion
 from haillm.fp8.grouped import fp8_group_gemm, group_gemm_plan
-from haillm.ops import deferring_weight_grads
 
 SM90, SM80 = (9, 0), (8, 0)
 
@@ -183,17 +182,7 @@ def test_fp8_weight_grads_can_be_deferred(wgrad):
     """I + W = B in both Wgrad modes, at widths that are not whole blocks."""
     module = experts(dim=200, inter=72)
     module.set_precision("fp8", pow2_scales=True, wgrad=wgrad)
-    x, counts = rows([3, 0, 140, 1, 0, 2], 200)
-    full = grouped_run(module, x, counts, torch.ones(146, 200))
-    module.zero_grad(set_to_none=True)
-    xi = x.clone().requires_grad_()
-    with deferring_weight_grads() as queue:
-        module(xi, counts).sum().backward()
-    assert torch.equal(xi.grad, full[1]) and all(p.grad is None for p in module.parameters())
-    for fn in queue:
-        fn()
-    for p, want in zip((module.w1, module.w2, module.w3), full[2:], strict=True):
-        assert torch.equal(p.grad, want)
+    assert_deferred_is_full_backward(module, [3, 0, 140, 1, 0, 2], 200)
 
 
 def test_set_precision_validates_the_wgrad_mode():

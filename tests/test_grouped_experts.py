@@ -177,18 +177,26 @@ def test_input_grad_then_weight_grad_equals_full_backward(prec):
     gradient; running the closures gives exactly the full backward's gradients (accumulated)."""
     module = experts(dim=128, inter=128)
     module.set_precision(prec)
-    x, counts = rows([3, 0, 4, 1, 0, 2], 128)
-    full = grouped_run(module, x, counts, torch.ones(10, 128))
+    queue = assert_deferred_is_full_backward(module, [3, 0, 4, 1, 0, 2], 128)
+    assert len(queue) == 3
+    assert all(not p.grad.requires_grad for p in module.parameters())
+
+
+def assert_deferred_is_full_backward(module: GroupedExperts, counts: list[int], dim: int) -> list:
+    """Backward inside ``deferring_weight_grads`` gives the full backward's input gradient and no weight
+    gradient; running the queued closures then gives its weight gradients. Returns the queue."""
+    x, tensor_counts = rows(counts, dim)
+    full = grouped_run(module, x, tensor_counts, torch.ones(sum(counts), dim))
     module.zero_grad(set_to_none=True)
     xi = x.clone().requires_grad_()
     with deferring_weight_grads() as queue:
-        module(xi, counts).sum().backward()
+        module(xi, tensor_counts).sum().backward()
     assert torch.equal(xi.grad, full[1]) and all(p.grad is None for p in module.parameters())
-    assert len(queue) == 3
     for fn in queue:
         fn()
     for p, want in zip((module.w1, module.w2, module.w3), full[2:], strict=True):
-        assert torch.equal(p.grad, want) and not p.grad.requires_grad
+        assert torch.equal(p.grad, want)
+    return queue
 
 
 # ---- no host synchronisation in routing and dispatch ------------------------------------------------------
