@@ -42,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -106,6 +107,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def first_and_median(fn: Callable[[], object], device: torch.device, a: argparse.Namespace,
+                     before: Callable[[], object] | None = None) -> tuple[float, float]:
+    """Seconds of ``fn``'s first call (compilation shows there) and the median after ``a.warmup`` more, over
+    ``a.steps`` timed calls; ``before`` runs untimed ahead of each call."""
+    times = []
+    for _ in range(1 + a.warmup + a.steps):
+        if before is not None:
+            before()
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times[0], statistics.median(times[1 + a.warmup :])
+
+
 def release(trainer: Trainer, device: torch.device) -> None:
     """Free a trainer's memory before the next is built: its optimizer's hooks would keep the state alive."""
     trainer.optimizer.close()
@@ -125,14 +142,9 @@ def trainer_section(a: argparse.Namespace, device: torch.device) -> None:
         if out_of_time(a, name):
             continue
         trainer = build_trainer(a, device, *extra)
-        times, record = [], {}
-        for _ in range(1 + a.warmup + a.steps):
-            sync(device)
-            start = time.perf_counter()
-            record = trainer.train_step()
-            sync(device)
-            times.append(time.perf_counter() - start)
-        first, step = times[0], statistics.median(times[1 + a.warmup :])
+        records = []
+        first, step = first_and_median(lambda r=records, t=trainer: r.append(t.train_step()), device, a)
+        record = records[-1]
         tokens = a.batch * a.seq / step
         mfu = trainer.flops_per_token * tokens / trainer.peak
         base = base or step
@@ -180,15 +192,8 @@ def model_section(a: argparse.Namespace, device: torch.device) -> None:
             apply_compile(ours)
         model = theirs if name == "transformers" else ours
         fn = theirs_step if name == "transformers" else step_of(ours)
-        times = []
-        for _ in range(1 + a.warmup + a.steps):
-            model.zero_grad(set_to_none=True)
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - start)
-        results[name] = (statistics.median(times[1 + a.warmup :]), times[0])
+        first, t = first_and_median(fn, device, a, before=lambda m=model: m.zero_grad(set_to_none=True))
+        results[name] = (t, first)
     ref = results.get("transformers", (None,))[0]
     for name, (t, first) in results.items():
         mfu = fpt * a.batch * a.seq / t / (a.peak_tflops * 1e12)
