@@ -211,12 +211,15 @@ def test_deferred_weight_grads_stay_deferred():
     assert_close_grads({n: p.grad for n, p in compiled.named_parameters() if p.grad is not None}, want, 1e-5)
 
 
+@torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True)
 def test_fp8_linears_run_eagerly_and_nothing_recompiles():
     """FP8 linears inside a compiled region run eagerly (graph breaks): their weight cache, requantized when
     an optimizer step changes the weight in place, stays outside the graph. Traced, the cache's version
     check became a guard and every optimizer step recompiled (until dynamo's recompile limit turns the
-    region eager). Outputs and gradients equal the eager module's."""
-    eager, compiled = MLP(128, 128), MLP(128, 128)
+    region eager). Nothing compiles twice, even with a recompile limit of 1: the eager linears' calls (inputs
+    128 and 256 wide, one shared wrapper) are not compiled as frames of their own. Outputs and gradients
+    equal the eager module's."""
+    eager, compiled = MLP(128, 256), MLP(128, 256)
     torch.manual_seed(0)
     for p, q in zip(eager.parameters(), compiled.parameters(), strict=True):
         with torch.no_grad():

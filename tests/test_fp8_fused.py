@@ -146,10 +146,10 @@ def test_fp8_input_pow2_rule():
     assert fp8_input_pow2([w1, w3]) is False
 
 
-def tiny_fp8_model(pow2: bool, q_lora_rank: int) -> DeepSeekV3:
+def tiny_fp8_model(pow2: bool, q_lora_rank: int, dim: int = FP8_TINY_OVERRIDES["dim"]) -> DeepSeekV3:
     """Dense layer 0, MoE layer 1 with a shared expert, one MTP block; every FFN linear in FP8, MLA's wq_a
     (or wq) and wkv_a (160 wide: a partial block) reading the attention norm in FP8."""
-    overrides = {**FP8_TINY_OVERRIDES, "n_layers": 2, "mtp_depth": 1, "q_lora_rank": q_lora_rank}
+    overrides = {**FP8_TINY_OVERRIDES, "n_layers": 2, "mtp_depth": 1, "q_lora_rank": q_lora_rank, "dim": dim}
     args = get_preset("tiny").replace(**overrides)
     model = DeepSeekV3(args, init_seed=0)
     report = apply_fp8(model, enabled=True, pow2_scales=pow2)
@@ -158,16 +158,20 @@ def tiny_fp8_model(pow2: bool, q_lora_rank: int) -> DeepSeekV3:
     return model
 
 
-@pytest.mark.parametrize("pow2, recompute, q_lora_rank", [(False, False, 128), (True, True, 128), (False, True, 0)])
-def test_model_fusion_changes_no_bit(pow2, recompute, q_lora_rank, monkeypatch):
+@pytest.mark.parametrize("pow2, recompute, q_lora_rank, dim",
+                         [(False, False, 128, 256), (True, True, 128, 256), (False, True, 0, 256),
+                          (False, False, 128, 192)])
+def test_model_fusion_changes_no_bit(pow2, recompute, q_lora_rank, dim, monkeypatch):
     """Loss and every gradient bitwise the same with fusion on and off (off is the path before fusion). Fused,
     the FP8 linears quantize their input themselves fewer times: per block, wq_a or wq and wkv_a (their norm's
-    pair) and w1, w3, w2 of the dense FFN or of the shared experts; handing a linear another tensor's pair changes the
-    loss. With recomputation the fused norm outputs and MLA's up-projections (wq's pair) are recomputed."""
+    pair), wq_b (q_norm's) and wkv_b (kv_norm's), and w1, w3, w2 of the dense FFN or of the shared experts;
+    per MTP module eh_proj (enorm's and hnorm's pairs side by side, when dim is whole tiles; 192 is not).
+    Handing a linear another tensor's pair changes the loss. With recomputation the fused norm outputs and
+    MLA's up-projections (wq's pair, q_norm's and kv_norm's fused outputs inside them) are recomputed."""
     calls = []
     quantize = fp8_linear_module.act_quant
     monkeypatch.setattr(fp8_linear_module, "act_quant", lambda *a, **k: calls.append(1) or quantize(*a, **k))
-    model = tiny_fp8_model(pow2, q_lora_rank)
+    model = tiny_fp8_model(pow2, q_lora_rank, dim)
     model.set_recompute(recompute)
     batch = torch.randint(0, model.args.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
 
@@ -184,7 +188,8 @@ def test_model_fusion_changes_no_bit(pow2, recompute, q_lora_rank, monkeypatch):
     loss, grads, n_fused = step(True)
     loss_ref, grads_ref, n_unfused = step(False)
     blocks = model.args.n_layers + model.args.mtp_depth
-    assert n_unfused - n_fused == 5 * blocks
+    per_block = 5 + (2 if q_lora_rank else 1)
+    assert n_unfused - n_fused == per_block * blocks + (model.args.mtp_depth if dim % 128 == 0 else 0)
     assert same_bits(loss, loss_ref)
     assert grads.keys() == grads_ref.keys() and all(same_bits(grads[n], grads_ref[n]) for n in grads)
 

@@ -24,7 +24,9 @@ torch's (tests/test_fp8_fused.py states the bounds); the FP8 pair is then bitwis
 kernel's own ``y``/``h`` as stored (the rounded values, not the fp32 ones).
 
 ``fp8_input_pow2`` is the model's rule for when a producer quantizes: when at least one of its consumers is
-an FP8 linear; ``fusion(False)`` switches that off for comparisons (the path before fusion).
+an FP8 linear; ``fusion(False)`` switches that off for comparisons (the path before fusion). ``normed`` is how
+the model applies an RMSNorm module under that rule, wherever a norm feeds linears: the block's attention and
+FFN norms, MLA's ``q_norm`` and ``kv_norm``, the MTP module's ``enorm`` and ``hnorm``.
 """
 
 import contextlib
@@ -35,7 +37,10 @@ import torch.nn.functional as F
 
 from haillm.fp8.quant import FP8_DTYPE, act_quant, quant_kernel_applies
 from haillm.ops.linear import Linear
-from haillm.ops.norm import rms_norm_backward, rms_norm_with_rstd
+from haillm.ops.norm import RMSNorm, rms_norm_backward, rms_norm_with_rstd
+from haillm.ops.recompute import mark
+
+Fp8Pair = tuple[torch.Tensor, torch.Tensor]  # act_quant(x) of a layer's input, made by its producer
 
 RMSNORM_KERNEL_MAX_WIDTH = 16384  # the norm kernel holds whole rows in registers; wider rows take the torch path
 _fusion_on = True
@@ -139,3 +144,20 @@ def swiglu_act_quant(a: torch.Tensor, b: torch.Tensor, pow2: bool = False
         raise ValueError(f"swiglu_act_quant takes two tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     kernel = kernel_applies(a) and a.dtype == b.dtype and b.is_cuda
     return _SwiGLUActQuant.apply(a, b, pow2, kernel)
+
+
+def _fused_norm_output(x: torch.Tensor, norm: RMSNorm, pow2: bool) -> torch.Tensor:
+    return rmsnorm_act_quant(x, norm.weight, norm.eps, pow2)[0]
+
+
+def normed(norm: RMSNorm, x: torch.Tensor, pow2: bool | None) -> tuple[torch.Tensor, Fp8Pair | None]:
+    """``norm(x)`` and, when its consumers take an FP8 input (``pow2``: their ``fp8_input_pow2``, not None),
+    ``act_quant(norm(x))`` from the same pass (``rmsnorm_act_quant``). The fused output is marked for
+    recomputation like the plain one (the model's ``set_recompute`` hooks the norm modules, which the fused
+    path does not call); the mark is unused while recompute is off."""
+    if pow2 is None:
+        return norm(x), None
+    y, y_q, y_s = rmsnorm_act_quant(x, norm.weight, norm.eps, pow2)
+    if torch.is_grad_enabled():
+        mark(y, _fused_norm_output, x, norm, pow2)
+    return y, (y_q, y_s)

@@ -94,6 +94,10 @@ def _plain_linears_only(linear: Linear) -> None:
             return traced(x)  # the plain path has no use for a producer's FP8 copy
         return eager(x, x_fp8)
 
+    # A region traces this wrapper inline. Where it takes the eager path, the region's graph breaks and the
+    # call runs as a frame of its own, which dynamo would compile (an empty graph around the eager call) once
+    # per input shape, up to its recompile limit: nothing to compile there, so the frame runs as Python.
+    torch._dynamo.eval_frame.skip_code(forward.__code__)
     linear.forward = forward
 
 

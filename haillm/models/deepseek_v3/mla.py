@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haillm.fp8.fused import fp8_input_pow2
+from haillm.fp8.fused import Fp8Pair, fp8_input_pow2, normed
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.ops import Linear, RMSNorm, precision
 from haillm.ops.recompute import recomputable
@@ -80,7 +80,8 @@ class MLA(nn.Module):
     ``wq_b``/``wq`` give per head ``[q_nope ; q_rope]``; ``wkv_a`` gives ``[latent (kv_lora_rank) ; k_rope]``;
     ``wkv_b`` gives per head ``[k_nope ; v]``. With ``recompute_up_proj`` the attention inputs made by
     ``up_project`` are recomputed in backward from the latents (``haillm.ops.recompute``) instead of kept.
-    ``forward`` may get the FP8 copy of its input from the norm before it (``fp8_input_pow2`` says which).
+    ``forward`` may get the FP8 copy of its input from the norm before it (``fp8_input_pow2`` says which);
+    ``q_norm`` and ``kv_norm`` likewise quantize their outputs for an FP8 ``wq_b`` and ``wkv_b``.
     """
 
     def __init__(self, args: ModelArgs) -> None:
@@ -112,26 +113,30 @@ class MLA(nn.Module):
         return fp8_input_pow2([self.wq if self.q_lora_rank == 0 else self.wq_a, self.wkv_a])
 
     def _query_heads(self, q_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     q_in_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self.wq(q_in, q_in_fp8) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(q_in))
+                     q_in_fp8: Fp8Pair | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.q_lora_rank == 0:
+            q = self.wq(q_in, q_in_fp8)
+        else:
+            q = self.wq_b(*normed(self.q_norm, q_in, fp8_input_pow2([self.wq_b])))
         q_nope, q_rope = q.unflatten(-1, (self.n_heads, -1)).split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_rope, cos, sin)
 
-    def _latents(self, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised KV latent ``[B, T, kv_lora_rank]`` and rotated shared key ``[B, T, rope_dim]`` from
-        ``kv = wkv_a(x)``."""
+    def _latents(self, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pow2: bool | None = None
+                 ) -> tuple[torch.Tensor, Fp8Pair | None, torch.Tensor]:
+        """Normalised KV latent ``[B, T, kv_lora_rank]`` (with its FP8 copy when ``pow2`` is not None, see
+        ``fp8.fused.normed``) and rotated shared key ``[B, T, rope_dim]`` from ``kv = wkv_a(x)``."""
         latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_norm(latent), apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)
+        return *normed(self.kv_norm, latent, pow2), apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)
 
     def up_project(self, q_in: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   q_in_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   q_in_fp8: Fp8Pair | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-head ``q, k, v`` as attention takes them (``[B, H, T, d]``) from the query latent (``x`` when
         ``q_lora_rank`` is 0, then maybe with its FP8 copy ``q_in_fp8``) and ``kv = wkv_a(x)``: the MLA
         up-projections."""
         q_nope, q_rope = self._query_heads(q_in, cos, sin, q_in_fp8)
-        latent, k_rope = self._latents(kv, cos, sin)
-        k_nope, v = self.wkv_b(latent).unflatten(-1, (self.n_heads, -1)).split([self.nope_dim, self.v_dim], dim=-1)
+        latent, latent_fp8, k_rope = self._latents(kv, cos, sin, fp8_input_pow2([self.wkv_b]))
+        kv_heads = self.wkv_b(latent, latent_fp8).unflatten(-1, (self.n_heads, -1))
+        k_nope, v = kv_heads.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
         pad = q.shape[-1] - self.v_dim if kv.device.type == "cpu" else 0
@@ -140,7 +145,7 @@ class MLA(nn.Module):
         return q, k, v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                x_fp8: Fp8Pair | None = None) -> torch.Tensor:
         """Causal self-attention over ``x: [B, T, dim]`` with rope tables for positions ``0..T-1``; ``x_fp8``:
         ``act_quant(x)`` for the FP8 linears reading ``x`` (``Linear.forward``)."""
         if self.q_lora_rank == 0:
@@ -168,7 +173,7 @@ class MLA(nn.Module):
         bsz, t, _ = x.shape
         end = start_pos + t
         q_nope, q_rope = self._queries(x, cos, sin)
-        latent, k_rope = self._latents(self.wkv_a(x), cos, sin)
+        latent, _, k_rope = self._latents(self.wkv_a(x), cos, sin)
         kv_cache[:bsz, start_pos:end] = latent
         pe_cache[:bsz, start_pos:end] = k_rope
         kv, pe = kv_cache[:bsz, :end], pe_cache[:bsz, :end]

@@ -9,30 +9,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from haillm.fp8.fused import rmsnorm_act_quant
+from haillm.fp8.fused import normed
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.experts import GroupedExperts
 from haillm.models.deepseek_v3.mla import MLA, rope_tables
-from haillm.models.deepseek_v3.moe import MLP, Fp8Pair, Gate, GraphCut, MoE, take_balance_loss
+from haillm.models.deepseek_v3.moe import MLP, Gate, GraphCut, MoE, take_balance_loss
 from haillm.models.deepseek_v3.mtp import MTPModule
 from haillm.ops import Linear, RMSNorm
 from haillm.ops.recompute import keeping_recipes, mark
-
-
-def _fused_norm_output(x: torch.Tensor, norm: RMSNorm, pow2: bool) -> torch.Tensor:
-    return rmsnorm_act_quant(x, norm.weight, norm.eps, pow2)[0]
-
-
-def normed(norm: RMSNorm, x: torch.Tensor, pow2: bool | None) -> tuple[torch.Tensor, Fp8Pair | None]:
-    """``norm(x)`` and, when its consumers take an FP8 input (``pow2``: their ``fp8_input_pow2``, not None),
-    ``act_quant(norm(x))`` from the same pass (``fp8.fused.rmsnorm_act_quant``). The fused output is marked
-    for recomputation like the plain one (``set_recompute``'s hook); the mark is unused while recompute is off."""
-    if pow2 is None:
-        return norm(x), None
-    y, y_q, y_s = rmsnorm_act_quant(x, norm.weight, norm.eps, pow2)
-    if torch.is_grad_enabled():
-        mark(y, _fused_norm_output, x, norm, pow2)
-    return y, (y_q, y_s)
 
 
 class Block(nn.Module):
