@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import haillm.fp8.linear as fp8_linear_module
 from haillm.fp8 import (
     FP8_DTYPE,
     GRAD_AMAX_MIN,
@@ -20,11 +21,14 @@ from haillm.fp8 import (
     act_quant,
     act_quant_t,
     calc_diff,
+    fp8_dgrad,
     fp8_linear,
+    fp8_wgrad,
     requant_t,
     weight_dequant,
     weight_quant,
 )
+from haillm.fp8.linear import bf16_wgrad
 
 
 def make(t1=2, t2=150, k=256, n=384, seed=0):
@@ -156,3 +160,42 @@ def test_transposed_weight_copy_is_the_same_dgrad():
     with_t = fp8_run(x, w, dy, weight_q=(q, s, qt, st))
     without = fp8_run(x, w, dy, weight_q=(want_q, want_s))
     assert all(torch.equal(a, b) for a, b in zip(with_t, without, strict=True))
+
+
+@pytest.mark.parametrize("wgrad", ["fp8", "bf16"])
+def test_output_gradient_is_quantized_in_one_read(monkeypatch, wgrad):
+    """Backward quantizes ``dy`` once: in the fp8 Wgrad mode both FP8 copies (1x128 for Dgrad, 128x1 for Wgrad)
+    come from one ``act_quant_with_t`` (one kernel, one read of ``dy`` on the GPU); in the bf16 mode only
+    Dgrad's copy is made. The gradients are bitwise those of ``fp8_dgrad`` and ``fp8_wgrad``/``bf16_wgrad``,
+    which quantize on their own."""
+    x, w, dy = make(seed=4)
+    calls = []
+    for name in ("act_quant", "act_quant_t", "act_quant_with_t"):
+        real = getattr(fp8_linear_module, name)
+        monkeypatch.setattr(fp8_linear_module, name, lambda *a, real=real, name=name, **k: calls.append(name)
+                            or real(*a, **k))
+    y = fp8_linear(x, w, wgrad=wgrad)
+    calls.clear()
+    y.backward(dy)
+    assert calls == (["act_quant_with_t"] if wgrad == "fp8" else ["act_quant"])
+    x2, dy2 = x.detach().reshape(300, 256), dy.reshape(300, 384)
+    w_q, w_s = weight_quant(w.detach())
+    x_q, x_s = act_quant(x2)
+    want_dw = fp8_wgrad(dy2, x_q, x_s) if wgrad == "fp8" else bf16_wgrad(dy2, x_q, x_s)
+    assert torch.equal(x.grad.reshape(300, 256), fp8_dgrad(dy2, w_q, w_s)) and torch.equal(w.grad, want_dw)
+
+
+@pytest.mark.parametrize("wgrad", ["fp8", "bf16"])
+def test_deferred_wgrad_holds_only_what_its_gemm_reads(wgrad):
+    """A deferred FP8 Wgrad keeps the FP8 ``x`` and, in the fp8 mode, the FP8 128x1 copy of ``dy`` (a byte a
+    value), not ``dy`` itself (4 bytes here); in the bf16 mode it keeps ``dy``. Run later, it gives backward's
+    gradient bitwise."""
+    x, w, dy = make(seed=5)
+    queued = []
+    fp8_linear(x, w, wgrad=wgrad, defer_wgrad=lambda weight, fn: queued.append(fn) or True).backward(dy)
+    assert w.grad is None and len(queued) == 1
+    held = {t.data_ptr(): t for t in queued[0].args if isinstance(t, torch.Tensor)}.values()
+    x_bytes = 300 * 256 + 300 * 2 * 4  # x_q and its 1x128 scales
+    dy_bytes = 384 * 300 + 384 * 3 * 4 if wgrad == "fp8" else dy.numel() * dy.element_size()
+    assert sum(t.numel() * t.element_size() for t in held) == x_bytes + dy_bytes
+    assert torch.equal(queued[0](), fp8_run(x, w, dy, wgrad=wgrad)[2])

@@ -35,12 +35,10 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from haillm.fp8.quant import FP8_DTYPE, act_quant, quant_kernel_applies
+from haillm.fp8.quant import FP8_DTYPE, Fp8Pair, act_quant, quant_kernel_applies
 from haillm.ops.linear import Linear
 from haillm.ops.norm import RMSNorm, rms_norm_backward, rms_norm_with_rstd
 from haillm.ops.recompute import mark
-
-Fp8Pair = tuple[torch.Tensor, torch.Tensor]  # act_quant(x) of a layer's input, made by its producer
 
 RMSNORM_KERNEL_MAX_WIDTH = 16384  # the norm kernel holds whole rows in registers; wider rows take the torch path
 _fusion_on = True

@@ -11,14 +11,17 @@
     it needs (issue #12's table; ``bench/gpu_fp8.py`` prints it again per shape), so BF16 is both faster
     and more precise there.
   - ``"fp8"``: DeepSeek-V3's recipe (DeepGEMM has a fast kernel for it): both operands tiled 1x128 along
-    the token dimension (K of this GEMM); ``dy.T`` quantized from the high-precision gradient, ``x.T``
-    re-tiled from the FP8 copy of ``x`` (``requant_t``).
+    the token dimension (K of this GEMM); ``dy.T`` quantized from the high-precision gradient, in the same
+    read of ``dy`` as Dgrad's 1x128 copy (``act_quant_with_t``), ``x.T`` re-tiled from the FP8 copy of ``x``
+    (``requant_t``).
 
 Under zero-bubble pipeline schedules the Wgrad GEMM can be deferred (``defer_wgrad``): backward then
-queues it, holding only the FP8 ``x`` and the output gradient, and a later W action runs it. Weight
+queues it, holding only the FP8 ``x`` and the output gradient (bf16, or FP8 128x1 in the "fp8" mode), and a
+later W action runs it. Weight
 quantization can be done once per optimizer step and shared by all micro-batches through ``Fp8WeightCache``.
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -26,9 +29,11 @@ import torch
 from haillm.fp8.gemm import fp8_gemm
 from haillm.fp8.quant import (
     GRAD_AMAX_MIN,
+    Fp8Pair,
     act_dequant,
     act_quant,
     act_quant_t,
+    act_quant_with_t,
     requant_t,
     weight_quant,
     weight_quant_with_t,
@@ -47,7 +52,18 @@ def fp8_dgrad(
 ) -> torch.Tensor:
     """Input gradient ``dy [T, N] @ W [N, K]`` from ``(w_q, w_s) = weight_quant(W)``; ``w_t`` is its
     transposed contiguous copy ``(q.T, s.T)`` when already made (the GEMM wants ``W.T`` row-major)."""
-    dy_q, dy_s = act_quant(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN)
+    return dgrad_gemm(*act_quant(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN), w_q, w_s, out_dtype, w_t)
+
+
+def dgrad_gemm(
+    dy_q: torch.Tensor,
+    dy_s: torch.Tensor,
+    w_q: torch.Tensor,
+    w_s: torch.Tensor,
+    out_dtype=torch.float32,
+    w_t: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``fp8_dgrad`` of an output gradient already quantized 1x128 (``act_quant(dy)``)."""
     wt_q, wt_s = w_t if w_t is not None else (w_q.t().contiguous(), w_s.t().contiguous())
     return fp8_gemm(dy_q, dy_s, wt_q, wt_s, out_dtype)
 
@@ -56,7 +72,14 @@ def fp8_wgrad(
     dy: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, pow2: bool = False, out_dtype=torch.float32
 ) -> torch.Tensor:
     """Weight gradient ``dy.T [N, T] @ x [T, K]``, contracting over tokens, from ``act_quant(x)``'s pair."""
-    dyt_q, dyt_s = act_quant_t(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN)
+    return wgrad_gemm(*act_quant_t(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN), x_q, x_s, pow2, out_dtype)
+
+
+def wgrad_gemm(
+    dyt_q: torch.Tensor, dyt_s: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, pow2: bool = False,
+    out_dtype=torch.float32,
+) -> torch.Tensor:
+    """``fp8_wgrad`` of an output gradient already quantized 128x1 (``act_quant_t(dy)``)."""
     xt_q, xt_s = requant_t(x_q, x_s, pow2=pow2)
     return fp8_gemm(dyt_q, dyt_s, xt_q, xt_s, out_dtype, b_block=1)
 
@@ -97,20 +120,34 @@ class Fp8LinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x_q, x_s, w_q, w_s = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        pow2, w_dtype, wgrad = ctx.pow2, ctx.w_dtype, ctx.wgrad
+        dy_fp8, dyt_fp8 = _quantized_output_grad(dy2, pow2, need_dx, need_dw and wgrad == "fp8")
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = fp8_dgrad(dy2, w_q, w_s, ctx.pow2, ctx.x_dtype, ctx.w_t).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            pow2, w_dtype, wgrad = ctx.pow2, ctx.w_dtype, ctx.wgrad
-
-            def weight_grad() -> torch.Tensor:
-                if wgrad == "bf16":
-                    return bf16_wgrad(dy2, x_q, x_s, w_dtype)
-                return fp8_wgrad(dy2, x_q, x_s, pow2, w_dtype)
+        if need_dx:
+            dx = dgrad_gemm(*dy_fp8, w_q, w_s, ctx.x_dtype, ctx.w_t).reshape(ctx.x_shape)
+        if need_dw:
+            # A deferred Wgrad holds only what its GEMM reads: the FP8 x, and dy in bf16 mode or its FP8 128x1
+            # copy in fp8 mode (partials, not closures, so the fp8 mode does not keep dy alive too).
+            if wgrad == "bf16":
+                weight_grad = functools.partial(bf16_wgrad, dy2, x_q, x_s, w_dtype)
+            else:
+                weight_grad = functools.partial(wgrad_gemm, *dyt_fp8, x_q, x_s, pow2, w_dtype)
 
             if ctx.defer_wgrad is None or not ctx.defer_wgrad(ctx.weight, weight_grad):
                 dw = weight_grad()
         return dx, dw, None, None, None, None, None, None, None
+
+
+def _quantized_output_grad(dy: torch.Tensor, pow2: bool, rowwise: bool, columnwise: bool
+                           ) -> tuple[Fp8Pair | None, Fp8Pair | None]:
+    """The FP8 copies of ``dy`` that backward reads: 1x128 (``rowwise``, for Dgrad) and 128x1 (``columnwise``,
+    for the FP8 Wgrad); both from one read of ``dy`` when both are needed (``act_quant_with_t``)."""
+    if rowwise and columnwise:
+        dy_q, dy_s, dyt_q, dyt_s = act_quant_with_t(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN)
+        return (dy_q, dy_s), (dyt_q, dyt_s)
+    rows = act_quant(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN) if rowwise else None
+    return rows, act_quant_t(dy, pow2=pow2, min_amax=GRAD_AMAX_MIN) if columnwise else None
 
 
 def fp8_linear(

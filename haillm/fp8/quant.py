@@ -36,6 +36,7 @@ AMAX_MIN = 1e-4
 GRAD_AMAX_MIN = 1e-30  # scale 2e-33: still a normal fp32 number
 KERNEL_MIN_AMAX = FP8_MAX * 2.0**-116  # smallest floor the kernels take (denormals, see triton_quant)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, FP8_DTYPE)  # widened to fp32 exactly
+Fp8Pair = tuple[torch.Tensor, torch.Tensor]  # (q, s): an FP8 tensor and its scales, as act_quant returns them
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haillm.fp8.fused import Fp8Pair, fp8_input_pow2, normed
+from haillm.fp8.fused import fp8_input_pow2, normed
+from haillm.fp8.quant import Fp8Pair
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.ops import Linear, RMSNorm, precision
 from haillm.ops.recompute import recomputable
