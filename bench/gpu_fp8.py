@@ -15,7 +15,11 @@ and FP8 vs BF16 GEMM throughput on DeepSeek-V3 shapes.
    quantization kernel against its eager-torch reference (``*_reference``) on the same tensors.
    Routed experts (``grouped_throughput``): BF16 ``torch._grouped_mm`` vs the Triton grouped FP8 GEMM
    (``fp8_group_gemm``; pre-quantized, and including ``act_quant``) on V2-Lite's and a V3-like rank's expert
-   GEMMs: Fprop of the up- and down-projections and the up-projection's Dgrad through the transposed view.
+   GEMMs: Fprop of the up- and down-projections and the up-projection's Dgrad through the transposed view;
+   then both projections' weight gradients, BF16 ``group_wgrad`` vs the k-grouped FP8 Wgrad (the GEMM alone
+   on operands already in the aligned token layout, and ``fp8_group_wgrad`` with its layout scatter,
+   ``act_quant_t`` of ``dy`` and ``requant_t`` of the FP8 ``x`` kept from forward): whether FP8 Wgrad
+   pays for the experts.
    Fused producers (``fused_speed``): ``haillm.fp8.fused``'s RMSNorm or SwiGLU writing their FP8 copy
    in one kernel, against the unfused eager path (torch RMSNorm or ``F.silu(a) * b``, then ``act_quant``).
 3. Alignment probe (last, in case a rejected call upsets the context): which M values cuBLAS accepts, to
@@ -46,7 +50,8 @@ from haillm.fp8 import (
     weight_quant,
 )
 from haillm.fp8.fused import rmsnorm_act_quant, swiglu_act_quant
-from haillm.fp8.grouped import fp8_group_gemm
+from haillm.fp8.grouped import fp8_group_gemm, fp8_group_wgrad, fp8_k_grouped_gemm, wgrad_operands
+from haillm.models.deepseek_v3.experts import group_wgrad
 from haillm.ops.norm import rms_norm_with_rstd
 
 # Widths of V3's fused producers: RMSNorm over dim, q_lora_rank, kv_lora_rank; SwiGLU over the expert and the
@@ -199,35 +204,55 @@ def routed_counts(rows: int, experts: int, device: str) -> torch.Tensor:
 
 
 def grouped_throughput(device: str, iters: int) -> None:
-    """Routed-expert GEMMs: BF16 ``torch._grouped_mm`` against the grouped FP8 kernel, pre-quantized and with
-    the activation's ``act_quant``; the weights are quantized once per step, so outside the timing."""
+    """Routed-expert GEMMs: BF16 grouped GEMMs against the grouped FP8 kernels, pre-quantized and with the
+    quantizations each needs in training (Fprop/Dgrad: ``act_quant`` of the activation; Wgrad: the aligned
+    layout, ``act_quant_t(dy)`` and ``requant_t`` of the saved FP8 ``x``); the weights are quantized once per
+    step, so outside the timing."""
     print(f"\n== routed experts: grouped GEMM (TFLOP/s, median of {iters}; uneven rows, one idle expert) ==")
     print(f"{'model':>8} {'gemm':>10} {'E':>3} {'rows':>6} {'k':>5} {'n':>5}  {'bf16':>6}  {'fp8':>6}  "
           f"{'fp8/bf16':>8}  {'fp8+act_quant':>13}  {'ratio':>5}  {'calc_diff vs bf16':>17}")
-    for name, experts, dim, inter, rows in EXPERT_CASES:
-        offs = torch.cumsum(routed_counts(rows, experts, device), 0, dtype=torch.int32)
-        w_up = torch.randn(experts, inter, dim, device=device, dtype=torch.bfloat16) * 0.02
-        w_down = torch.randn(experts, dim, inter, device=device, dtype=torch.bfloat16) * 0.02
-        (up_q, up_s), (down_q, down_s) = weight_quant(w_up), weight_quant(w_down)
-        gemms = [  # (label, activation [rows, k], bf16 weight as [E, k, n], FP8 weight [E, n, k] + scales)
-            ("fprop up", torch.randn(rows, dim, device=device, dtype=torch.bfloat16), w_up.transpose(1, 2),
-             up_q, up_s),
-            ("fprop down", torch.randn(rows, inter, device=device, dtype=torch.bfloat16), w_down.transpose(1, 2),
-             down_q, down_s),
-            ("dgrad up", torch.randn(rows, inter, device=device, dtype=torch.bfloat16), w_up,
-             up_q.transpose(1, 2), up_s.transpose(1, 2)),
-        ]
-        for label, x, w_bf16, b, b_s in gemms:
-            k, n = x.shape[1], b.shape[1]
-            a, a_s = act_quant(x)
-            flops = 2 * rows * k * n
-            t_bf16 = cuda_ms(lambda x=x, w=w_bf16, o=offs: torch._grouped_mm(x, w, offs=o), iters)
-            t_fp8 = cuda_ms(lambda a=a, a_s=a_s, b=b, b_s=b_s, o=offs: fp8_group_gemm(a, a_s, b, b_s, o), iters)
-            t_fp8q = cuda_ms(lambda x=x, b=b, b_s=b_s, o=offs: fp8_group_gemm(*act_quant(x), b, b_s, o), iters)
-            tf = [flops / t / 1e9 for t in (t_bf16, t_fp8, t_fp8q)]
-            diff = calc_diff(fp8_group_gemm(a, a_s, b, b_s, offs), torch._grouped_mm(x, w_bf16, offs=offs))
-            print(f"{name:>8} {label:>10} {experts:>3} {rows:>6} {k:>5} {n:>5}  {tf[0]:6.0f}  {tf[1]:6.0f}  "
-                  f"{tf[1] / tf[0]:8.2f}  {tf[2]:13.0f}  {tf[2] / tf[0]:5.2f}  {diff:17.1e}")
+    for case in EXPERT_CASES:
+        grouped_case(*case, device, iters)
+
+
+def grouped_case(name: str, experts: int, dim: int, inter: int, rows: int, device: str, iters: int) -> None:
+    """One ``EXPERT_CASES`` row set: three grouped GEMMs (Fprop up and down, Dgrad up) and both Wgrads."""
+    offs = torch.cumsum(routed_counts(rows, experts, device), 0, dtype=torch.int32)
+
+    def bf16(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16)
+
+    def row(label: str, k: int, n: int, fns: tuple) -> None:
+        """Times ``fns`` = (BF16, FP8 pre-quantized, FP8 with its quantizations); FP8's calc_diff vs BF16."""
+        tf = [2 * rows * k * n / cuda_ms(fn, iters) / 1e9 for fn in fns]
+        diff = calc_diff(fns[2]().float(), fns[0]().float())
+        print(f"{name:>8} {label:>10} {experts:>3} {rows:>6} {k:>5} {n:>5}  {tf[0]:6.0f}  {tf[1]:6.0f}  "
+              f"{tf[1] / tf[0]:8.2f}  {tf[2]:13.0f}  {tf[2] / tf[0]:5.2f}  {diff:17.1e}")
+
+    w_up, w_down = bf16(experts, inter, dim) * 0.02, bf16(experts, dim, inter) * 0.02
+    (up_q, up_s), (down_q, down_s) = weight_quant(w_up), weight_quant(w_down)
+    gemms = [  # (label, activation [rows, k], bf16 weight as [E, k, n], FP8 weight [E, n, k] + scales)
+        ("fprop up", bf16(rows, dim), w_up.transpose(1, 2), up_q, up_s),
+        ("fprop down", bf16(rows, inter), w_down.transpose(1, 2), down_q, down_s),
+        ("dgrad up", bf16(rows, inter), w_up, up_q.transpose(1, 2), up_s.transpose(1, 2)),
+    ]
+    for label, x, w_bf16, b, b_s in gemms:
+        a, a_s = act_quant(x)
+        row(label, x.shape[1], b.shape[1], (
+            lambda x=x, w=w_bf16: torch._grouped_mm(x, w, offs=offs),
+            lambda a=a, a_s=a_s, b=b, b_s=b_s: fp8_group_gemm(a, a_s, b, b_s, offs),
+            lambda x=x, b=b, b_s=b_s: fp8_group_gemm(*act_quant(x), b, b_s, offs),
+        ))
+    # Wgrad dW[e] = dy[rows of e].T @ x[rows of e] contracts over the rows; k, n: dW's in and out widths
+    for label, dy, x in (("wgrad up", bf16(rows, inter), bf16(rows, dim)),  # dW1 [E, inter, dim]
+                         ("wgrad down", bf16(rows, dim), bf16(rows, inter))):  # dW2 [E, dim, inter]
+        x_q, x_s = act_quant(x)  # the FP8 copy forward keeps
+        ops = wgrad_operands(dy, x_q, x_s, offs)
+        row(label, x.shape[1], dy.shape[1], (
+            lambda dy=dy, x=x: group_wgrad(dy, x, offs),
+            lambda ops=ops: fp8_k_grouped_gemm(*ops, torch.bfloat16),
+            lambda dy=dy, x_q=x_q, x_s=x_s: fp8_group_wgrad(dy, x_q, x_s, offs, out_dtype=torch.bfloat16),
+        ))
 
 
 def fused_speed(device: str, iters: int) -> None:

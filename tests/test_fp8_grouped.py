@@ -2,28 +2,35 @@
 
 The grouped GEMM's reference against a per-expert ``fp8_gemm_reference`` loop and against the float64 product
 of the dequantized operands (empty groups, one group, widths that are not whole blocks, the transposed view
-Dgrad reads); the per-expert quantization of a weight stack against ``weight_quant`` of each weight; the FP8
+Dgrad reads); the grouped FP8 Wgrad (``fp8_group_wgrad``): its 128-aligned token layout against each group's
+own 1x128 token tiles, bit for bit and without reading the device, and its result against the per-expert
+``fp8_wgrad``; the per-expert quantization of a weight stack against ``weight_quant`` of each weight; the FP8
 experts in both Wgrad modes against a per-expert composition of the same FP8 ops, deferral included. The
-CUDA kernel is checked against the same reference in ``test_fp8_grouped_gpu.py``.
+CUDA kernels are checked against the same references in ``test_fp8_grouped_gpu.py``.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_grouped_experts import assert_deferred_is_full_backward, bounds, experts, grouped_run, rows
+from test_grouped_experts import ForbidHostSync, assert_deferred_is_full_backward, bounds, experts, grouped_run, rows
 
 import haillm.models.deepseek_v3.experts as experts_module
 from haillm.fp8 import (
     FP8_DTYPE,
+    GRAD_AMAX_MIN,
     act_dequant,
     act_quant,
+    act_quant_t,
     fp8_gemm,
+    fp8_group_wgrad,
     fp8_linear,
+    fp8_wgrad,
+    requant_t,
     weight_dequant,
     weight_quant,
 )
 from haillm.fp8.fused import fusion
-from haillm.fp8.grouped import fp8_group_gemm, group_gemm_plan
+from haillm.fp8.grouped import aligned_token_layout, fp8_group_gemm, group_gemm_plan, wgrad_operands
 
 SM90, SM80 = (9, 0), (8, 0)
 
@@ -80,6 +87,81 @@ def test_group_gemm_checks_its_arguments_and_plan():
     assert [group_gemm_plan(c) for c in (None, SM90, SM80)] == ["reference", "triton", "unsupported"]
 
 
+# ---- fp8_group_wgrad -----------------------------------------------------------------------------------------
+
+# Row counts: empty groups, exactly one tile, one row past it, a single row; one group; tiles less one row.
+WGRAD_CASES = [([0, 128, 0, 129, 1, 0], 200, 72), ([300], 128, 256), ([1, 0, 127, 255], 130, 129)]
+WGRAD_IDS = ["empty-128-129-1", "one-group", "partial-blocks"]
+
+
+def wgrad_inputs(counts: list[int], n: int, k: int, seed: int = 0):
+    """``dy [M, n]`` whose groups differ in magnitude by 10^4 (a tile shared across groups would change their
+    scales), ``act_quant(x)`` of ``x [M, k]`` and ``offs``."""
+    g = torch.Generator().manual_seed(seed)
+    magnitude = torch.logspace(-3, 1, len(counts)).repeat_interleave(torch.tensor(counts))
+    dy = torch.randn(sum(counts), n, generator=g) * magnitude[:, None]
+    x = torch.randn(sum(counts), k, generator=g) * magnitude.flip(0)[:, None]
+    return dy, *act_quant(x), torch.tensor(counts).cumsum(0).to(torch.int32)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize(("counts", "n", "k"), WGRAD_CASES, ids=WGRAD_IDS)
+def test_aligned_token_layout_gives_each_group_its_own_tiles(counts, n, k, pow2):
+    """Each group starts at a multiple of 128 in the padded token layout, so the 128x1 quantization of all rows
+    at once is, bit for bit, ``act_quant_t`` of the group's ``dy`` and ``requant_t`` of its FP8 ``x`` at the
+    group's padded columns; the padding is FP8 zero and the groups do not overlap."""
+    dy, x_q, x_s, offs = wgrad_inputs(counts, n, k)
+    a, a_s, b, b_s, layout = wgrad_operands(dy, x_q, x_s, offs, pow2)
+    assert a.shape == (n, layout.size) and b.shape == (k, layout.size) and layout.size % 128 == 0
+    assert a_s.shape == (n, layout.size // 128) and b_s.shape == (k, layout.size // 128)
+    starts, ends = layout.starts.tolist(), layout.ends.tolist()
+    assert ends[-1] <= layout.size and all(e <= s for e, s in zip(ends, starts[1:], strict=False))
+    for g, s, e in bounds(counts):
+        ps, pe, c = starts[g], ends[g], e - s
+        assert ps % 128 == 0 and pe - ps == -(-c // 128) * 128
+        assert torch.equal(layout.rows[s:e], torch.arange(ps, ps + c))
+        want_a, want_a_s = act_quant_t(dy[s:e], pow2=pow2, min_amax=GRAD_AMAX_MIN)
+        want_b, want_b_s = requant_t(x_q[s:e], x_s[s:e], pow2=pow2)
+        assert same_bits(a[:, ps:ps + c], want_a) and torch.equal(a_s[:, ps // 128:pe // 128], want_a_s)
+        assert same_bits(b[:, ps:ps + c], want_b) and torch.equal(b_s[:, ps // 128:pe // 128], want_b_s)
+        assert not a[:, ps + c:pe].view(torch.uint8).any() and not b[:, ps + c:pe].view(torch.uint8).any()
+
+
+def test_aligned_token_layout_reads_nothing_on_the_host():
+    """The layout and the padded operands come from device-side ops only (no value read back, no output sized by
+    data), so the same code runs on a GPU without a host synchronisation."""
+    dy, x_q, x_s, offs = wgrad_inputs([0, 128, 0, 129, 1, 0], 200, 72)
+    with ForbidHostSync():
+        layout = aligned_token_layout(offs, dy.shape[0])
+        wgrad_operands(dy, x_q, x_s, offs, pow2=True)
+    assert layout.size == 896  # ⌊(258 + 127 * 6) / 128⌋ * 128: a bound from the shapes, not the counts
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize(("counts", "n", "k"), WGRAD_CASES, ids=WGRAD_IDS)
+def test_group_wgrad_is_the_per_expert_fp8_wgrad(counts, n, k, pow2):
+    """``fp8_group_wgrad`` equals ``fp8_wgrad`` of each group's rows bit for bit (same FP8 operands, same
+    reference GEMM over the same 128-token slices) and is zero for empty groups."""
+    dy, x_q, x_s, offs = wgrad_inputs(counts, n, k)
+    dw = fp8_group_wgrad(dy, x_q, x_s, offs, pow2)
+    assert dw.shape == (len(counts), n, k) and dw.dtype == torch.float32
+    dw16 = fp8_group_wgrad(dy, x_q, x_s, offs, pow2, out_dtype=torch.bfloat16)
+    for g, s, e in bounds(counts):
+        if e == s:
+            assert not dw[g].any() and not dw16[g].any()
+            continue
+        assert torch.equal(dw[g], fp8_wgrad(dy[s:e], x_q[s:e], x_s[s:e], pow2))
+        assert torch.equal(dw16[g], fp8_wgrad(dy[s:e], x_q[s:e], x_s[s:e], pow2, torch.bfloat16))
+
+
+def test_group_wgrad_of_no_rows_is_zero():
+    dy, x_q, x_s, offs = wgrad_inputs([0, 0, 0], 200, 72)
+    assert aligned_token_layout(offs, 0).size == 0
+    assert torch.equal(fp8_group_wgrad(dy, x_q, x_s, offs), torch.zeros(3, 200, 72))
+    with pytest.raises(ValueError, match="int32"):
+        fp8_group_wgrad(dy, x_q, x_s, offs.long())
+
+
 # ---- per-expert quantization of a stack --------------------------------------------------------------------
 
 
@@ -127,21 +209,21 @@ def expert_fp8(wgrad: str):
     return lambda a, w: fp8_linear(a, w, weight_q=weight_quant(w.detach()), wgrad=wgrad)
 
 
-WIDTHS = [(256, 128), (200, 72), (130, 70)]  # whole blocks; partial blocks; odd (the per-expert wgrad loop)
+WIDTHS = [(256, 128), (200, 72), (130, 70)]  # whole blocks; partial blocks; odd (bf16 Wgrad's per-expert loop)
 
 
 @pytest.mark.parametrize("wgrad", ["bf16", "fp8"])
 @pytest.mark.parametrize(("dim", "inter"), WIDTHS, ids=["blocks", "partial", "odd"])
 def test_fp8_experts_are_the_per_expert_fp8_composition(monkeypatch, dim, inter, wgrad):
     """Forward, input and weight gradients of the FP8 experts equal, bit for bit, the SwiGLU with each GEMM
-    through the FP8 ops one expert at a time, at any width. The "bf16" mode reads no host offsets in the
-    experts (the CPU GEMM reference does, by design), where ``torch._grouped_mm`` takes the widths."""
+    through the FP8 ops one expert at a time, at any width. The experts read no host offsets (the CPU GEMM
+    references do, by design): "fp8" Wgrad at any width, "bf16" where ``torch._grouped_mm`` takes the widths."""
     module = experts(dim=dim, inter=inter)
     module.set_precision("fp8", wgrad=wgrad)
     counts = [0, 40, 0, 130, 7, 0]
     x, tensor_counts = rows(counts, dim)
     g = torch.randn(sum(counts), dim, generator=torch.Generator().manual_seed(2))
-    if wgrad == "bf16" and inter % 4 == 0:
+    if wgrad == "fp8" or inter % 4 == 0:
         monkeypatch.setattr(experts_module, "_bounds", lambda offs: pytest.fail("host offsets in the experts"))
     got = grouped_run(module, x, tensor_counts, g)
     monkeypatch.undo()

@@ -12,7 +12,7 @@ from haillm.fp8.gemm import (
     scaled_mm_shape,
     scaled_mm_supported,
 )
-from haillm.fp8.grouped import fp8_group_gemm, fp8_group_gemm_reference, group_gemm_plan
+from haillm.fp8.grouped import fp8_group_gemm, fp8_group_gemm_reference, fp8_group_wgrad, group_gemm_plan
 from haillm.fp8.linear import Fp8LinearFunction, Fp8WeightCache, fp8_dgrad, fp8_linear, fp8_wgrad
 from haillm.fp8.quant import (
     FP8_DTYPE,
@@ -45,6 +45,7 @@ __all__ = [
     "fp8_gemm_scaled_mm",
     "fp8_group_gemm",
     "fp8_group_gemm_reference",
+    "fp8_group_wgrad",
     "fp8_linear",
     "fp8_wgrad",
     "gemm_plan",

@@ -1,4 +1,5 @@
-"""Triton grouped blockwise-FP8 GEMM on SM90: ``grouped.fp8_group_gemm``'s GPU path.
+"""Triton grouped blockwise-FP8 GEMMs on SM90: ``grouped.fp8_group_gemm``'s and ``grouped.fp8_group_wgrad``'s
+GPU paths.
 
 ``out[rows of g] = a[rows of g] @ b[g].T`` with ``fp8_gemm_reference``'s semantics per group: for each 128-wide
 slice of K one FP8 tensor-core dot into a fresh FP32 accumulator (at most 128 products accumulated in the
@@ -25,6 +26,18 @@ the partial last tile of each expert wastes little at training row counts (V2-Li
 rows per expert on average). num_warps = 8: two warpgroups of 64 x 128 wgmma tiles. num_stages = 4: a
 128 x 128 FP8 tile of ``a`` and of ``b`` is 16 KiB each, so four stages hold 128 KiB of the 228 KiB of
 shared memory per SM and keep three K steps of loads in flight to hide HBM latency.
+
+The k-grouped Wgrad GEMM (``k_grouped_gemm``): ``dW[g] = a[:, tokens of g] @ b[:, tokens of g].T`` with
+``a [N, T]`` and ``b [K, T]`` quantized along the tokens in the 128-aligned layout of
+``grouped.aligned_token_layout``, so group ``g`` owns the whole 128-token tiles ``starts[g]:ends[g]`` (device
+tensors) and each step is one token tile of both operands: one FP8 dot into a fresh FP32 accumulator, scaled
+by the tile's 1x128 scales of ``a``'s and ``b``'s rows and added up in FP32, as
+``fp8_gemm_reference(..., b_block=1)`` per group (DeepGEMM's ``k_grouped_wgrad_gemm_fp8_fp8_fp32_nt``). The
+grid is ``(⌈K / BK⌉, ⌈N / BN⌉, G)``, fixed by shapes: the programs of one group run next to each other, so
+its token slices of ``a`` and ``b`` are read from HBM about once and then from L2; a program reads its
+group's tile range on the device and loops over it, so an empty group's programs write zeros. Token tiles
+are whole by construction (``ends[g] <= T``), so only N and K are masked. Same blocks and launch settings as
+above, for the same reasons (BT = 128 tokens: one scale tile, one promotion per step).
 """
 
 import torch
@@ -34,7 +47,7 @@ import triton.language as tl
 from haillm.fp8.quant import ceil_div
 
 BLOCK = 128
-BM, BN, BK = 128, BLOCK, BLOCK
+BM, BN, BK, BT = 128, BLOCK, BLOCK, BLOCK
 NUM_WARPS, NUM_STAGES = 8, 4
 
 
@@ -97,5 +110,61 @@ def group_gemm(
         a, a_s, b, b_s, out, offs, tile_ends, n, k, g,
         *a.stride(), *a_s.stride(), *b.stride(), *b_s.stride(), *out.stride(),
         BM=BM, BN=BN, BK=BK, G_POW2=max(16, triton.next_power_of_2(g)), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    return out
+
+
+@triton.jit(do_not_specialize=["N", "K"])
+def _k_grouped_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, starts_ptr, ends_ptr,
+    N, K,
+    stride_an, stride_at, stride_asn, stride_ast,
+    stride_bk, stride_bt, stride_bsk, stride_bst,
+    stride_og, stride_on, stride_ok,
+    BN: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+):
+    """One ``[BN, BK]`` tile of ``dW[g]``, summed over group ``g``'s 128-token tiles."""
+    pid_k, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start, end = tl.load(starts_ptr + g), tl.load(ends_ptr + g)
+    ns = pid_n * BN + tl.arange(0, BN)
+    ks = pid_k * BK + tl.arange(0, BK)
+    tokens = (start + tl.arange(0, BT)).to(tl.int64)
+    n_ok, k_ok = ns < N, ks < K
+    ns64, ks64 = ns.to(tl.int64), ks.to(tl.int64)
+
+    a_ptrs = a_ptr + ns64[:, None] * stride_an + tokens[None, :] * stride_at  # [BN, BT]
+    b_ptrs = b_ptr + ks64[None, :] * stride_bk + tokens[:, None] * stride_bt  # [BT, BK]: b.T
+    tile = (start // BT).to(tl.int64)
+    as_ptrs = as_ptr + ns64 * stride_asn + tile * stride_ast
+    bs_ptrs = bs_ptr + ks64 * stride_bsk + tile * stride_bst
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    for _ in range(0, (end - start) // BT):  # no iteration for an empty group: its tile stays zero
+        a = tl.load(a_ptrs, mask=n_ok[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
+        sa = tl.load(as_ptrs, mask=n_ok, other=0.0)
+        sb = tl.load(bs_ptrs, mask=k_ok, other=0.0)
+        acc += tl.dot(a, b, out_dtype=tl.float32) * sa[:, None] * sb[None, :]  # promotion every 128 tokens
+        a_ptrs += BT * stride_at
+        b_ptrs += BT * stride_bt
+        as_ptrs += stride_ast
+        bs_ptrs += stride_bst
+    out_ptrs = out_ptr + g.to(tl.int64) * stride_og + ns64[:, None] * stride_on + ks64[None, :] * stride_ok
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+def k_grouped_gemm(
+    a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``grouped.fp8_k_grouped_gemm`` of CUDA operands in the aligned token layout, without a host sync."""
+    (n, _), k, g = a.shape, b.shape[0], starts.shape[0]
+    out = torch.empty(g, n, k, dtype=out_dtype, device=a.device)
+    if out.numel() == 0:
+        return out
+    grid = (ceil_div(k, BK), ceil_div(n, BN), g)
+    _k_grouped_kernel[grid](
+        a, a_s, b, b_s, out, starts, ends, n, k,
+        *a.stride(), *a_s.stride(), *b.stride(), *b_s.stride(), *out.stride(),
+        BN=BN, BK=BK, BT=BT, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out

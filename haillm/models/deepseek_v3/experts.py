@@ -32,8 +32,9 @@ GEMM numerics follow ``precision`` (set by the FP8 policy, as on ``ops.Linear``)
   - ``"bf16"`` (default): ``dy`` rounded to bf16 times the bf16 dequantization of the FP8 ``x``, through
     ``group_wgrad`` (fp32 accumulation; no host sync wherever ``torch._grouped_mm`` takes the widths, see
     above). On an H200 cuBLAS's FP8 Wgrad measured only 0.90-0.99x BF16, even pre-quantized.
-  - ``"fp8"``: DeepSeek's FP8 Wgrad (``fp8.linear.fp8_wgrad``: 1x128 tiles along each expert's tokens), one
-    GEMM per expert over host-side offsets, so a sync on a GPU.
+  - ``"fp8"``: DeepSeek's FP8 Wgrad (``fp8.linear.fp8_wgrad``: 1x128 tiles along each expert's tokens) of
+    every expert in one k-grouped GEMM (``fp8.grouped.fp8_group_wgrad``: the rows padded on the device so
+    each expert starts a token tile, then a Triton kernel on SM90), with no host synchronisation either.
 
 In every precision the weight gradient can be deferred (zero-bubble I/W): inside ``deferring_weight_grads``
 backward computes the input gradient and queues one closure per stacked weight.
@@ -48,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haillm.fp8 import GRAD_AMAX_MIN, Fp8WeightCache, act_dequant, act_quant, fp8_group_gemm, fp8_wgrad
+from haillm.fp8 import GRAD_AMAX_MIN, Fp8WeightCache, act_dequant, act_quant, fp8_group_gemm, fp8_group_wgrad
 from haillm.fp8.fused import fp8_input_pow2, swiglu_act_quant
 from haillm.fp8.linear import check_wgrad_mode
 from haillm.ops import precision
@@ -150,14 +151,11 @@ def _fp8_wgrad(
 
     ``"bf16"``: bf16 operands (``dy`` rounded, ``x`` dequantized) through ``group_wgrad``, fp32 accumulation,
     no host sync where ``torch._grouped_mm`` takes the widths. ``"fp8"``: DeepSeek-V3's recipe (``fp8_wgrad``:
-    1x128 tiles along each expert's tokens), one GEMM per expert over host-side offsets: a sync on a GPU,
-    accepted for this non-default mode."""
+    1x128 tiles along each expert's tokens) for all experts at once (``fp8_group_wgrad``), bitwise the
+    per-expert ``fp8_wgrad`` on CPU and without a host sync on a GPU, at any width."""
     if num.wgrad_mode == "bf16":
         return group_wgrad(dy.to(torch.bfloat16), act_dequant(x_q, x_s, dtype=torch.bfloat16), offs).to(weight.dtype)
-    dw = torch.zeros_like(weight)
-    for g, s, e in _bounds(offs):
-        dw[g] = fp8_wgrad(dy[s:e], x_q[s:e], x_s[s:e], num.pow2, weight.dtype)
-    return dw
+    return fp8_group_wgrad(dy, x_q, x_s, offs, num.pow2, weight.dtype)
 
 
 class _GroupedLinear(torch.autograd.Function):
