@@ -29,7 +29,7 @@ from haillm.fp8.triton_quant import BLOCK, ROW_TOKENS, _max_keep_nan, _scale, _t
 NORM_ELEMENTS = 4096  # elements of x per RMSNorm program (whole rows; one row when wider)
 
 
-@triton.jit(do_not_specialize=["T", "K"])
+@triton.jit
 def _rmsnorm_kernel(
     x_ptr, w_ptr, y_ptr, rstd_ptr, q_ptr, s_ptr, T, K, stride_xt, stride_xk, stride_w, eps, min_amax,
     BLOCK_T: tl.constexpr, WIDTH: tl.constexpr, POW2: tl.constexpr,
@@ -42,7 +42,7 @@ def _rmsnorm_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xt + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols * stride_w, mask=col_ok, other=0.0).to(tl.float32)
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(x * x, 1), K.to(tl.float32)) + eps))
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(x * x, 1), tl.cast(K, tl.float32)) + eps))
     y = ((x * rstd[:, None]) * w[None, :]).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + rows[:, None] * K + cols[None, :], y, mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
@@ -55,7 +55,7 @@ def _rmsnorm_kernel(
              mask=row_ok[:, None] & (tile_ids * 128 < K)[None, :])
 
 
-@triton.jit(do_not_specialize=["T", "K"])
+@triton.jit
 def _swiglu_kernel(
     a_ptr, b_ptr, h_ptr, q_ptr, s_ptr, T, K, stride_at, stride_ak, stride_bt, stride_bk, min_amax,
     BLOCK_T: tl.constexpr, POW2: tl.constexpr,

@@ -15,6 +15,12 @@ wastes at most one partial tile) times ``⌈N / BN⌉`` column tiles; a program 
 the ``tile_ends`` at or below its row tile, and a program past the last tile returns at once. Nothing is
 read back on the host, and a new token count does not recompile (M is not a kernel argument).
 
+Integer arguments are specialized as Triton does by default (a multiple of 16, equal to 1, or neither): a
+handful of variants per layer, and what lets the compiler prove 16-byte alignment. Without it (Triton's
+``do_not_specialize``) the loads of a row could not be vectorized, so the K loops would not be
+software-pipelined and ptxas would spill registers; ``tests/test_triton_sm90.py`` compiles every kernel for
+SM90 on a machine without a GPU and checks pipelining, spills and shared memory.
+
 Every load is masked (rows past the group's end, columns past N, K past its end read zero), so no width
 needs to be a multiple of 128, and every operand comes with its strides: a transposed view of the weight
 stack serves Dgrad without a copy.
@@ -33,11 +39,16 @@ The k-grouped Wgrad GEMM (``k_grouped_gemm``): ``dW[g] = a[:, tokens of g] @ b[:
 tensors) and each step is one token tile of both operands: one FP8 dot into a fresh FP32 accumulator, scaled
 by the tile's 1x128 scales of ``a``'s and ``b``'s rows and added up in FP32, as
 ``fp8_gemm_reference(..., b_block=1)`` per group (DeepGEMM's ``k_grouped_wgrad_gemm_fp8_fp8_fp32_nt``). The
-grid is ``(⌈K / BK⌉, ⌈N / BN⌉, G)``, fixed by shapes: the programs of one group run next to each other, so
+grid is ``(⌈K / WGRAD_BK⌉, ⌈N / BN⌉, G)``, fixed by shapes: the programs of one group run next to each other, so
 its token slices of ``a`` and ``b`` are read from HBM about once and then from L2; a program reads its
 group's tile range on the device and loops over it, so an empty group's programs write zeros. Token tiles
-are whole by construction (``ends[g] <= T``), so only N and K are masked. Same blocks and launch settings as
-above, for the same reasons (BT = 128 tokens: one scale tile, one promotion per step).
+are whole by construction (``ends[g] <= T``), so only N and K are masked, and the tile bounds are declared
+multiples of 128 (``tl.multiple_of``: they come from memory, so the compiler cannot see it), which makes the
+token-contiguous loads asynchronous copies. BT = 128 tokens: one scale tile, one promotion per step. The
+output tile is BN x WGRAD_BK = 128 x 64: every element is scaled by its row's and its column's scale per step,
+and at 128 x 128 those vectors pushed ptxas past 255 registers into spills (40 bytes at 4 stages, still 8 at
+2); at 128 x 64 it needs 160 registers, no spills, and 96 KiB of shared memory for 4 stages, so two programs
+fit on an SM. num_warps = 8 as above.
 """
 
 import torch
@@ -49,9 +60,10 @@ from haillm.fp8.quant import ceil_div
 BLOCK = 128
 BM, BN, BK, BT = 128, BLOCK, BLOCK, BLOCK
 NUM_WARPS, NUM_STAGES = 8, 4
+WGRAD_BK, WGRAD_STAGES = 64, 4
 
 
-@triton.jit(do_not_specialize=["N", "K", "G"])
+@triton.jit
 def _group_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, offs_ptr, tile_ends_ptr,
     N, K, G,
@@ -114,7 +126,7 @@ def group_gemm(
     return out
 
 
-@triton.jit(do_not_specialize=["N", "K"])
+@triton.jit
 def _k_grouped_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, starts_ptr, ends_ptr,
     N, K,
@@ -125,7 +137,7 @@ def _k_grouped_kernel(
 ):
     """One ``[BN, BK]`` tile of ``dW[g]``, summed over group ``g``'s 128-token tiles."""
     pid_k, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start, end = tl.load(starts_ptr + g), tl.load(ends_ptr + g)
+    start, end = tl.multiple_of(tl.load(starts_ptr + g), BT), tl.multiple_of(tl.load(ends_ptr + g), BT)
     ns = pid_n * BN + tl.arange(0, BN)
     ks = pid_k * BK + tl.arange(0, BK)
     tokens = (start + tl.arange(0, BT)).to(tl.int64)
@@ -161,10 +173,10 @@ def k_grouped_gemm(
     out = torch.empty(g, n, k, dtype=out_dtype, device=a.device)
     if out.numel() == 0:
         return out
-    grid = (ceil_div(k, BK), ceil_div(n, BN), g)
+    grid = (ceil_div(k, WGRAD_BK), ceil_div(n, BN), g)
     _k_grouped_kernel[grid](
         a, a_s, b, b_s, out, starts, ends, n, k,
         *a.stride(), *a_s.stride(), *b.stride(), *b_s.stride(), *out.stride(),
-        BN=BN, BK=BK, BT=BT, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        BN=BN, BK=WGRAD_BK, BT=BT, num_warps=NUM_WARPS, num_stages=WGRAD_STAGES,
     )
     return out

@@ -65,7 +65,7 @@ def _to_fp8(y):
     return y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
 
-@triton.jit(do_not_specialize=["T", "K"])
+@triton.jit
 def _act_kernel(
     x_ptr, xs_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
     T, K, stride_xt, stride_xk, stride_xst, stride_xsk, min_amax,
@@ -97,7 +97,7 @@ def _act_kernel(
         tl.store(st_ptr + cols * tl.cdiv(T, 128) + pid_t, st, mask=col_ok)
 
 
-@triton.jit(do_not_specialize=["N", "K"])
+@triton.jit
 def _weight_kernel(
     w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, stride_wn, stride_wk, min_amax,
     POW2: tl.constexpr, TRANSPOSED: tl.constexpr,
