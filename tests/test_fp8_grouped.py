@@ -31,6 +31,7 @@ from haillm.fp8 import (
 )
 from haillm.fp8.fused import fusion
 from haillm.fp8.grouped import aligned_token_layout, fp8_group_gemm, group_gemm_plan, wgrad_operands
+from haillm.fp8.quant import weight_quant_with_t
 
 SM90, SM80 = (9, 0), (8, 0)
 
@@ -183,6 +184,10 @@ def test_stack_quantization_is_per_expert(n, k, pow2):
     assert (flat_s.shape == s.flatten(0, 1).shape) == (n % 128 == 0)
     with pytest.raises(ValueError, match="3-D stack"):
         weight_quant(w[None])
+    # With the transposed stack Dgrad reads: each expert's (q.T, s.T), the same bits
+    q_w, s_w, q_t, s_t = weight_quant_with_t(w, pow2=pow2)
+    assert same_bits(q_w, q) and torch.equal(s_w, s)
+    assert same_bits(q_t, q.transpose(1, 2).contiguous()) and torch.equal(s_t, s.transpose(1, 2))
 
 
 # ---- FP8 GroupedExperts --------------------------------------------------------------------------------------

@@ -157,6 +157,19 @@ def test_weight_kernel_equals_reference(n, k, dtype, pow2):
 
 
 @gpu
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize(("n", "k"), [(2048, 7168), (7168, 2048), (200, 300)])
+def test_stack_kernel_equals_reference(n, k, pow2):
+    """A routed experts' stack ``[G, n, k]`` with the transposed copy Dgrad reads: bitwise the reference, and
+    each ``W[g].T`` K-major (unit stride along n: what the grouped FP8 GEMM copies ahead asynchronously)."""
+    w = varied(4 * n, k, torch.bfloat16, seed=n).view(4, n, k) * 0.02
+    got, want = weight_quant_with_t(w, pow2=pow2), weight_quant_with_t_reference(w, pow2=pow2)
+    assert same_pairs(got[:2], want[:2]) and same_pairs(weight_quant(w, pow2=pow2), want[:2])
+    assert got[2].shape == (4, k, n) and got[2].stride(-1) == 1  # views of one [k, 4 * n'] array
+    assert same_pairs(tuple(t.contiguous() for t in got[2:]), want[2:])
+
+
+@gpu
 def test_dispatch_rule():
     x = torch.randn(64, 256, device="cuda")
     assert quant_kernel_applies(x) and quant_kernel_applies(act_quant(x)[0])

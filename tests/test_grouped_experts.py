@@ -151,14 +151,15 @@ def test_fp8_is_bitwise_the_fp8_linear_of_each_expert(pow2):
 
 def test_fp8_stacks_are_quantized_once_per_weight_change(monkeypatch):
     calls = []
-    real = fp8_linear_module.weight_quant
-    monkeypatch.setattr(fp8_linear_module, "weight_quant", lambda w, *a, **k: calls.append(w.shape) or real(w, *a, **k))
+    real = fp8_linear_module.weight_quant_with_t
+    monkeypatch.setattr(fp8_linear_module, "weight_quant_with_t",
+                        lambda w, *a, **k: calls.append(w.shape) or real(w, *a, **k))
     module = experts(dim=128, inter=128)
     module.set_precision("fp8")
     x, counts = rows([3, 0, 4, 1, 0, 2], 128)
     for _ in range(2):  # micro-batches of one step share the quantized stacks
         module(x, counts).sum().backward()
-    assert calls == [(6, 128, 128)] * 3  # one [E, out, in] quantization (per expert) per stack
+    assert calls == [(6, 128, 128)] * 3  # one [E, out, in] quantization (per expert, with W.T) per stack
     with torch.no_grad():
         module.w1.add_(1.0)  # an optimizer step: the version counter moves
     module(x, counts)

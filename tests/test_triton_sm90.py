@@ -112,13 +112,14 @@ def _scales(t: int, k: int) -> torch.Tensor:
 
 
 def _group_gemm(groups: int, n: int, k: int, dgrad: bool) -> None:
-    """Fprop ``x @ W[g].T`` (or Dgrad ``dy @ W[g]`` through the transposed view of the stack) of 4096 rows."""
-    w, w_s = torch.empty(groups, n, k, dtype=FP8), torch.empty(groups, -(-n // 128), -(-k // 128))
+    """Fprop ``x @ W[g].T`` of 4096 rows, or Dgrad ``dy @ W[g]`` reading the transposed stack in the layout
+    the stack's quantization writes it (so that kernel is compiled too)."""
     offs = torch.zeros(groups, dtype=torch.int32)
     if dgrad:
-        triton_grouped.group_gemm(_rows(4096, n, FP8), _scales(4096, n), w.transpose(1, 2), w_s.transpose(1, 2),
-                                  offs, BF16)
+        _, _, w_t, w_t_s = triton_quant.weight_quant_stack(torch.empty(groups, n, k, dtype=BF16), False, True)
+        triton_grouped.group_gemm(_rows(4096, n, FP8), _scales(4096, n), w_t, w_t_s, offs, BF16)
     else:
+        w, w_s = torch.empty(groups, n, k, dtype=FP8), torch.empty(groups, -(-n // 128), -(-k // 128))
         triton_grouped.group_gemm(_rows(4096, k, FP8), _scales(4096, k), w, w_s, offs, BF16)
 
 
@@ -154,9 +155,10 @@ GEMMS: dict[str, tuple[Callable[[], object], int, int]] = {
     "experts Fprop V3 w1": (lambda: _group_gemm(8, 2048, 7168, dgrad=False), 2, triton_grouped.NUM_STAGES),
     "experts Fprop V3 w2": (lambda: _group_gemm(8, 7168, 2048, dgrad=False), 2, triton_grouped.NUM_STAGES),
     "experts Fprop V2-Lite w1": (lambda: _group_gemm(64, 1408, 2048, dgrad=False), 2, triton_grouped.NUM_STAGES),
-    # Dgrad reads W.T as a view of the stack: its N-major tiles are not TMA/cp.async-able for FP8 wgmma,
-    # which wants both operands K-major, so only the gradient rows are copied ahead.
-    "experts Dgrad V3 w1": (lambda: _group_gemm(8, 2048, 7168, dgrad=True), 1, triton_grouped.NUM_STAGES),
+    # Dgrad reads the transposed stack the quantization writes K-major. (Read as a view of W, N-major, the
+    # weight tiles were not copied ahead: FP8 wgmma takes both operands K-major.)
+    "experts Dgrad V3 w1": (lambda: _group_gemm(8, 2048, 7168, dgrad=True), 2, triton_grouped.NUM_STAGES),
+    "experts Dgrad V2-Lite w2": (lambda: _group_gemm(64, 2048, 1408, dgrad=True), 2, triton_grouped.NUM_STAGES),
     "experts Wgrad V3 w1": (lambda: _k_grouped_gemm(8, 2048, 7168), 2, triton_grouped.WGRAD_STAGES),
     "experts Wgrad V2-Lite w2": (lambda: _k_grouped_gemm(64, 2048, 1408), 2, triton_grouped.WGRAD_STAGES),
 }
@@ -185,8 +187,9 @@ def test_memory_bound_kernels_compile_with_vector_loads_and_no_spills(case):
 @pytest.mark.parametrize("case", list(GEMMS))
 def test_gemm_kernels_compile_pipelined_and_without_spills(case):
     launch, operands, stages = GEMMS[case]
-    (kernel,) = _compile(launch)
-    _check_resources(kernel)
+    *quantization, kernel = _compile(launch)
+    for k in (*quantization, kernel):
+        _check_resources(k)
     assert kernel.metadata.num_stages == stages
     # Each pipelined operand load appears once per prologue stage and once in the loop body.
     assert async_copies(kernel) >= operands * stages, f"{case}: {async_copies(kernel)} asynchronous copies"

@@ -6,8 +6,9 @@ A tile lies within one row, so one ``act_quant`` of the whole sorted matrix is t
 group on its own. ``b [G, N, K]`` is a stack of weights scaled per 128x128 block (``b_s [G, ⌈N/128⌉,
 ⌈K/128⌉]``, ``weight_quant`` of the stack: no block straddles two weights). ``offs`` holds the int32
 cumulative end row of each group on ``a``'s device (``offs[-1] == M``); empty groups are allowed. ``b`` and
-the scales may be any strided views: Dgrad passes ``W.T`` as the transposed view of the quantized stack
-(square blocks transpose exactly), read in place.
+the scales may be any strided views: Dgrad passes ``W.T``, the transposed stack that ``weight_quant_with_t``
+writes K-major (square blocks transpose exactly); on SM90 a K-major ``b`` is what lets the kernel copy its
+tiles ahead asynchronously.
 
 The grouped weight gradient ``fp8_group_wgrad`` (DeepGEMM's "k-grouped" GEMM: the groups split the
 contraction, here the tokens) is ``linear.fp8_wgrad`` of every group: ``dW[g] = dy[rows of g].T @ x[rows of

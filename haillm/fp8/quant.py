@@ -147,9 +147,10 @@ def act_quant_with_t_reference(
 def weight_quant_with_t_reference(
     w: torch.Tensor, block: int = 128, pow2: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``weight_quant_reference(w)`` and its transpose ``(q.T, s.T)``, contiguous."""
+    """``weight_quant_reference(w)`` and its transpose, contiguous: ``(q.T, s.T)`` of a weight, ``(q[g].T,
+    s[g].T)`` of every weight of a stack."""
     q, s = weight_quant_reference(w, block, pow2)
-    return q, s, q.t().contiguous(), s.t().contiguous()
+    return q, s, q.transpose(-2, -1).contiguous(), s.transpose(-2, -1).contiguous()
 
 
 def act_quant(
@@ -216,10 +217,14 @@ def weight_quant(w: torch.Tensor, block: int = 128, pow2: bool = False) -> tuple
 def weight_quant_with_t(
     w: torch.Tensor, block: int = 128, pow2: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q, s, q.T, s.T)`` of ``weight_quant(w)``, all contiguous: the Dgrad operand ``W.T [K, N]`` in
-    128x128 blocks is the transposed FP8 weight (square blocks), written by the same kernel on the GPU."""
-    if w.dim() == 2 and quant_kernel_applies(w, block):
+    """``(q, s, q.T, s.T)`` of ``weight_quant(w)`` for a weight ``[N, K]`` (all contiguous) or a stack ``[G, N, K]``
+    (``q[g].T``, ``s[g].T`` per weight): the Dgrad operand ``W.T`` in 128x128 blocks is the transposed FP8
+    weight (square blocks), stored K-major as FP8 GEMMs read it, written by the same kernel on the GPU (for a
+    stack, a ``[G, K, N]`` view of one ``[K, G * N']`` array, ``N'`` being ``N`` in whole blocks)."""
+    if w.dim() in (2, 3) and quant_kernel_applies(w, block):
         from haillm.fp8 import triton_quant
 
+        if w.dim() == 3:
+            return triton_quant.weight_quant_stack(w, pow2, transposed=True)
         return triton_quant.weight_quant(w, pow2, transposed=True)
     return weight_quant_with_t_reference(w, block, pow2)

@@ -177,16 +177,23 @@ def weight_quant(w: torch.Tensor, pow2: bool, transposed: bool) -> tuple[torch.T
 
 
 
-def weight_quant_stack(w: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_quant_stack(w: torch.Tensor, pow2: bool, transposed: bool = False) -> tuple[torch.Tensor, ...]:
     """``quant.weight_quant`` of a ``[G, N, K]`` CUDA stack through the 2-D kernel on ``[G * N', K]``, ``N'`` being
     ``N`` rounded up to whole blocks: when ``N`` is not a multiple of 128 each weight gets zero rows of its own
-    first (zeros raise no amax), so no block straddles two weights."""
+    first (zeros raise no amax), so no block straddles two weights. With ``transposed`` also every ``W[g].T``
+    and its scales, as ``[G, K, N]`` and ``[G, ⌈K/128⌉, ⌈N/128⌉]`` views of the kernel's transposed ``[K, G * N']``
+    output: each weight's transpose K-major (unit stride along ``N``), with no copy."""
     g, n, k = w.shape
     n_pad = ceil_div(n, BLOCK) * BLOCK
     if n_pad != n:
         padded = w.new_zeros(g, n_pad, k)
         padded[:, :n] = w
         w = padded
-    q, s = weight_quant(w.reshape(g * n_pad, k), pow2, transposed=False)
+    q, s, *t = weight_quant(w.reshape(g * n_pad, k), pow2, transposed)
     q = q.view(g, n_pad, k)
-    return (q if n_pad == n else q[:, :n].contiguous()), s.view(g, n_pad // BLOCK, s.shape[1])
+    stack = (q if n_pad == n else q[:, :n].contiguous()), s.view(g, n_pad // BLOCK, s.shape[1])
+    if not transposed:
+        return stack
+    qt, st = t
+    return (*stack, qt.view(k, g, n_pad).permute(1, 0, 2)[:, :, :n],
+            st.view(st.shape[0], g, n_pad // BLOCK).permute(1, 0, 2))

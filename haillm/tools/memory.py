@@ -19,7 +19,6 @@ import torch
 from haillm.fp8.policy import apply_fp8
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.model import DeepSeekV3
-from haillm.ops.linear import Linear
 from haillm.parallel.expert import ExpertPlacement, apply_expert_parallel
 from haillm.parallel.mesh import ParallelDims
 from haillm.parallel.pipeline.schedules import build, peak_activations
@@ -127,15 +126,14 @@ def partner_grad_bytes(model: torch.nn.Module, lay: Layout) -> int:
 
 
 def fp8_weight_cache_bytes(model: torch.nn.Module, only: set[str] | None = None, transposed: bool = True) -> int:
-    """The FP8 copies of the weights FP8 linears quantize once per step (E4M3 plus 128x128 block scales);
-    ``only``: of the linears with these report names. A ``Linear`` also caches the transposed copy Dgrad
-    reads (``transposed``; not what autograd saves); the routed experts' kernels read theirs transposed."""
+    """The FP8 copies of the weights FP8 linears and routed experts quantize once per step (E4M3 plus 128x128
+    block scales); ``only``: of the linears with these report names. Each also caches the transposed copy
+    Dgrad reads (``transposed``; not what autograd saves)."""
     report = apply_fp8(model, True)
-    with_t = {n for n, m in model.named_modules() if isinstance(m, Linear)} if transposed else set()
     total = 0
     for name in report.low if only is None else [n for n in report.low if n in only]:
         out_f, in_f = report.shapes[name]
-        copies = 2 if name in with_t else 1
+        copies = 2 if transposed else 1
         total += copies * (out_f * in_f + 4 * math.ceil(out_f / 128) * math.ceil(in_f / 128))
     return total
 

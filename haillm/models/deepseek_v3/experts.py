@@ -24,10 +24,12 @@ GEMM numerics follow ``precision`` (set by the FP8 policy, as on ``ops.Linear``)
   (``fp8.grouped.fp8_group_gemm``: a Triton kernel on SM90 that schedules its tiles on the device, the
   per-expert reference on CPU), with no host synchronisation: Fprop from one ``act_quant`` of all rows
   (1x128 tiles never cross rows, hence experts) and the quantized stack; Dgrad from ``act_quant(dy)`` and
-  the transposed view of the same stack (square blocks transpose exactly). Each stack is quantized per
-  expert (``weight_quant`` of ``[E, out, in]``: no block straddles two experts, so any width works) once
-  per optimizer step (``invalidate_fp8_weight`` after in-place updates). Only the FP8 ``x`` is kept for
-  backward. The weight gradient has two modes (``set_precision(..., wgrad=...)``):
+  the transposed stack (square blocks transpose exactly), written by the same quantization pass: FP8
+  tensor-core GEMMs read both operands K-major, so ``W[e].T`` is kept in that layout rather than read as a
+  view of ``W`` (which SM90's kernel cannot copy ahead asynchronously; ``tests/test_triton_sm90.py``). Each
+  stack is quantized per expert (``weight_quant_with_t`` of ``[E, out, in]``: no block straddles two experts,
+  so any width works) once per optimizer step (``invalidate_fp8_weight`` after in-place updates). Only the
+  FP8 ``x`` is kept for backward. The weight gradient has two modes (``set_precision(..., wgrad=...)``):
 
   - ``"bf16"`` (default): ``dy`` rounded to bf16 times the bf16 dequantization of the FP8 ``x``, through
     ``group_wgrad`` (fp32 accumulation; no host sync wherever ``torch._grouped_mm`` takes the widths, see
@@ -122,11 +124,12 @@ def group_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.
 @dataclass(frozen=True)
 class _Numerics:
     """How one grouped linear computes: ``precision``, the operand ``dtype`` of the default path, and for FP8
-    the stack's cached ``(q [E, out, in], s [E, ⌈out/128⌉, ⌈in/128⌉])``, the scale format and the Wgrad mode."""
+    the stack's cached ``(q [E, out, in], s [E, ⌈out/128⌉, ⌈in/128⌉], q.T, s.T)`` (``weight_quant_with_t``),
+    the scale format and the Wgrad mode."""
 
     precision: str
     dtype: torch.dtype
-    weight_q: tuple[torch.Tensor, torch.Tensor] | None = None
+    weight_q: tuple[torch.Tensor, ...] | None = None
     pow2: bool = False
     wgrad_mode: str = "bf16"
 
@@ -171,7 +174,7 @@ class _GroupedLinear(torch.autograd.Function):
                 # 1x128 tiles lie in one row: one quantization for all experts (or the producer's, x_fp8)
                 x_q, x_s = x_fp8 if x_fp8 is not None else act_quant(x, pow2=num.pow2)
                 ctx.save_for_backward(x_q, x_s, offs)
-                return fp8_group_gemm(x_q, x_s, *num.weight_q, offs, x.dtype)
+                return fp8_group_gemm(x_q, x_s, *num.weight_q[:2], offs, x.dtype)
             a = num.operand(x)
             ctx.save_for_backward(a, offs)
             out_dtype = x.dtype if num.precision == "bf16_emulated" else a.dtype
@@ -185,10 +188,9 @@ class _GroupedLinear(torch.autograd.Function):
             x_q, x_s, offs = ctx.saved_tensors
             dx = None
             if ctx.needs_input_grad[0]:
-                # W.T's 128x128 blocks are W's transposed: a view of the cached stack, no requantization.
-                w_q, w_s = num.weight_q
+                # W.T's 128x128 blocks are W's transposed (no requantization), cached K-major with the stack.
                 dy_q, dy_s = act_quant(dy, pow2=num.pow2, min_amax=GRAD_AMAX_MIN)
-                dx = fp8_group_gemm(dy_q, dy_s, w_q.transpose(1, 2), w_s.transpose(1, 2), offs, ctx.x_dtype)
+                dx = fp8_group_gemm(dy_q, dy_s, *num.weight_q[2:], offs, ctx.x_dtype)
 
             def weight_grad() -> torch.Tensor:
                 return _fp8_wgrad(dy, x_q, x_s, offs, weight, num)
@@ -262,11 +264,12 @@ class GroupedExperts(nn.Module):
         for cache in self._fp8.values():
             cache.invalidate()
 
-    def _fp8_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fp8_weight(self, name: str) -> tuple[torch.Tensor, ...]:
         p = getattr(self, name)
         cache = self._fp8.get(name)
         if cache is None or cache.weight.data_ptr() != p.data_ptr():  # new, or the storage moved (ZeRO-1)
-            cache = self._fp8[name] = Fp8WeightCache(p.detach(), self.fp8_pow2_scales)  # per expert, [E, out, in]
+            # per expert, [E, out, in], with the transposed stack Dgrad reads
+            cache = self._fp8[name] = Fp8WeightCache(p.detach(), self.fp8_pow2_scales, transposed=True)
         return cache.get()
 
     # ---- global expert identities ----
