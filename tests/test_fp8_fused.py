@@ -86,12 +86,15 @@ def test_fused_ops_are_the_unfused_composition(k, pow2, dtype):
 
 
 def test_cpu_path_never_imports_triton():
+    """The CPU path never imports our Triton kernels. (Triton itself may be loaded by torch: the fused ops
+    are excluded from compiled regions with ``torch.compiler.disable``, which imports dynamo, and torch
+    2.11's CUDA build imports Triton with it.)"""
     code = (
         "import sys, torch\n"
         "from haillm.fp8.fused import rmsnorm_act_quant, swiglu_act_quant\n"
         "x = torch.randn(37, 300, requires_grad=True)\n"
         "rmsnorm_act_quant(x, torch.ones(300), 1e-6)[0].sum().backward(); swiglu_act_quant(x, x)[0].sum()\n"
-        "assert 'triton' not in sys.modules and 'haillm.fp8.triton_fused' not in sys.modules\n"
+        "assert not {'haillm.fp8.triton_fused', 'haillm.fp8.triton_quant'} & set(sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

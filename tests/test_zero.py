@@ -100,14 +100,18 @@ def train_steps(model, opt, steps, first_step=0, log=None):
 
 
 class CollectiveLog(list):
-    """Wrap torch.distributed collectives to record which ones run between the trainer's phases."""
+    """Wrap torch.distributed collectives to record which ones run between the trainer's phases (under torch
+    2.13's names; on torch 2.11, which lacks the ``*_single`` ones, their older names are wrapped instead)."""
 
     NAMES = ("reduce_scatter_single", "all_gather_single", "all_reduce", "broadcast", "all_gather")
+    TORCH_2_11_NAMES = {"reduce_scatter_single": "reduce_scatter_tensor", "all_gather_single": "all_gather_into_tensor"}
 
     def __enter__(self):
-        self.saved = {n: getattr(dist, n) for n in self.NAMES}
-        for name, fn in self.saved.items():
-            setattr(dist, name, self._wrap(name, fn))
+        self.saved = {}
+        for name in self.NAMES:
+            attr = name if hasattr(dist, name) else self.TORCH_2_11_NAMES[name]
+            self.saved[attr] = getattr(dist, attr)
+            setattr(dist, attr, self._wrap(name, self.saved[attr]))
         return self
 
     def _wrap(self, name, fn):
@@ -257,7 +261,9 @@ def test_dp1_without_process_group_matches_torch_adamw():
 
 def _zero_worker_without_single_collectives(steps: int) -> dict[str, torch.Tensor]:
     """As on torch 2.11, which has reduce_scatter_tensor / all_gather_into_tensor but not the *_single names."""
-    del dist.reduce_scatter_single, dist.all_gather_single  # this worker process's module only
+    for name in ("reduce_scatter_single", "all_gather_single"):  # this worker process's module only
+        if hasattr(dist, name):
+            delattr(dist, name)
     model = make_model()
     opt = ZeroAdamW(model.named_parameters(), **HPARAMS, process_group=dist.group.WORLD, bucket_mb=BUCKET_MB)
     train_steps(model, opt, steps)

@@ -125,6 +125,10 @@ class _SwiGLUActQuant(torch.autograd.Function):
         return da, db, None, None
 
 
+# Inside a compiled region (haillm.train.compile) the fused ops run eagerly at a graph break, like the FP8
+# linears they feed: traced, their non-differentiable FP8 outputs failed AOTAutograd on torch 2.11 (the GPU
+# machine's), and on CUDA their forward is a Triton kernel of its own anyway.
+@torch.compiler.disable
 def rmsnorm_act_quant(
     x: torch.Tensor, weight: torch.Tensor, eps: float, pow2: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,6 +138,7 @@ def rmsnorm_act_quant(
     return _RMSNormActQuant.apply(x, weight, eps, pow2, kernel)
 
 
+@torch.compiler.disable  # see rmsnorm_act_quant
 def swiglu_act_quant(a: torch.Tensor, b: torch.Tensor, pow2: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``h = F.silu(a) * b`` (differentiable) and ``act_quant(h, pow2=pow2)`` of two tensors of one shape: one

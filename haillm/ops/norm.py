@@ -14,7 +14,10 @@ def rms_norm_with_rstd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tup
     which its backward needs; shared with the fused norm + FP8 quantization (``haillm.fp8.fused``)."""
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
     rstd = xf.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
-    return torch.mul(xf, rstd).mul_(weight).to(x.dtype), rstd
+    # Out of place, and no ``.to`` that returns its input: traced by torch 2.11's dynamo inside an autograd
+    # Function, an output made by an in-place op or a same-dtype ``.to`` got a zero gradient.
+    y = xf * rstd * weight
+    return (y if y.dtype == x.dtype else y.to(x.dtype)), rstd
 
 
 def rms_norm_backward(

@@ -12,7 +12,8 @@ torchtitan style: per block, not the whole model. What stays eager is what a com
   at a graph break (``_plain_linears_only``). Traced, a deferrable linear's backward is fixed when the
   forward is traced, outside any I action, so an I action would compute its weight gradient at once
   instead of queueing it; the FP8 weight cache's version check becomes a guard, so every optimizer step
-  recompiles (until dynamo's recompile limit turns the region eager);
+  recompiles (until dynamo's recompile limit turns the region eager); so do the ops that quantize for them
+  (``haillm.fp8.fused``);
 - the embedding, the head with its fused cross-entropy, the MTP projections: outside the blocks.
 
 The compiled regions are a block's ``attn_norm``, ``attn`` (MLA), ``ffn_norm`` and its FFN: the dense
