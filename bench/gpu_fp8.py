@@ -15,7 +15,8 @@ and FP8 vs BF16 GEMM throughput on DeepSeek-V3 shapes.
    quantization kernel against its eager-torch reference (``*_reference``) on the same tensors.
    Routed experts (``grouped_throughput``): BF16 ``torch._grouped_mm`` vs the Triton grouped FP8 GEMM
    (``fp8_group_gemm``; pre-quantized, and including ``act_quant``) on V2-Lite's and a V3-like rank's expert
-   GEMMs: Fprop of the up- and down-projections and the up-projection's Dgrad through the transposed view;
+   GEMMs: Fprop of the up- and down-projections and the up-projection's Dgrad through the K-major transposed
+   stack the experts cache (``weight_quant_with_t``);
    then both projections' weight gradients, BF16 ``group_wgrad`` vs the k-grouped FP8 Wgrad (the GEMM alone
    on operands already in the aligned token layout, and ``fp8_group_wgrad`` with its layout scatter,
    ``act_quant_t`` of ``dy`` and ``requant_t`` of the FP8 ``x`` kept from forward): whether FP8 Wgrad
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from haillm.fp8 import (
+    Fp8WeightCache,
     act_quant,
     calc_diff,
     fp8_gemm,
@@ -51,6 +53,7 @@ from haillm.fp8 import (
 )
 from haillm.fp8.fused import rmsnorm_act_quant, swiglu_act_quant
 from haillm.fp8.grouped import fp8_group_gemm, fp8_group_wgrad, fp8_k_grouped_gemm, wgrad_operands
+from haillm.fp8.quant import weight_quant_with_t
 from haillm.models.deepseek_v3.experts import group_wgrad
 from haillm.ops.norm import rms_norm_with_rstd
 
@@ -150,15 +153,16 @@ def throughput(device: str, iters: int) -> None:
 def linear_speed(device: str, iters: int) -> None:
     """FP8 linear forward+backward (Fprop, Dgrad, Wgrad and every activation/gradient quantization) against
     the BF16 linear, per V3 shape at M = BENCH_M tokens, in both Wgrad modes. The weight is quantized once
-    per optimizer step in training (``Fp8WeightCache``), so "cached" is the per-micro-batch cost; the last
-    column also pays the weight quantization on every call (one micro-batch per step)."""
+    per optimizer step in training (``Fp8WeightCache``, with the transposed copy Dgrad reads, as ``ops.Linear``
+    caches it), so "cached" is the per-micro-batch cost; the last column also pays that weight quantization
+    on every call (one micro-batch per step)."""
     print(f"\n== FP8 linear forward+backward vs BF16 (ms, median of {iters}; M = {BENCH_M}) ==")
     print(f"{'k':>6} {'n':>6}  {'bf16':>6}  {'fp8 wgrad=bf16':>14}  {'fp8 wgrad=fp8':>13}  {'+weight quant':>13}")
     for k, n in V3_KN:
         x = torch.randn(BENCH_M, k, device=device, dtype=torch.bfloat16, requires_grad=True)
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(BENCH_M, n, device=device, dtype=torch.bfloat16)
-        w_q = weight_quant(w.detach())
+        w_q = Fp8WeightCache(w.detach(), transposed=True).get()
 
         def step(forward, x=x, w=w, dy=dy):
             x.grad = w.grad = None
@@ -168,7 +172,7 @@ def linear_speed(device: str, iters: int) -> None:
             lambda x=x, w=w: torch.nn.functional.linear(x, w),
             lambda x=x, w=w, w_q=w_q: fp8_linear(x, w, weight_q=w_q, wgrad="bf16"),
             lambda x=x, w=w, w_q=w_q: fp8_linear(x, w, weight_q=w_q, wgrad="fp8"),
-            lambda x=x, w=w: fp8_linear(x, w, wgrad="bf16"),
+            lambda x=x, w=w: fp8_linear(x, w, weight_q=weight_quant_with_t(w.detach()), wgrad="bf16"),
         )]
         ratios = "".join(f"  {times[0] / t:>12.2f}x" for t in times[1:])
         print(f"{k:>6} {n:>6}  {times[0]:6.3f}{ratios}")
@@ -230,11 +234,12 @@ def grouped_case(name: str, experts: int, dim: int, inter: int, rows: int, devic
               f"{tf[1] / tf[0]:8.2f}  {tf[2]:13.0f}  {tf[2] / tf[0]:5.2f}  {diff:17.1e}")
 
     w_up, w_down = bf16(experts, inter, dim) * 0.02, bf16(experts, dim, inter) * 0.02
-    (up_q, up_s), (down_q, down_s) = weight_quant(w_up), weight_quant(w_down)
+    # as the experts cache them: each stack with its K-major transpose, which Dgrad reads
+    (up_q, up_s, up_tq, up_ts), (down_q, down_s, _, _) = weight_quant_with_t(w_up), weight_quant_with_t(w_down)
     gemms = [  # (label, activation [rows, k], bf16 weight as [E, k, n], FP8 weight [E, n, k] + scales)
         ("fprop up", bf16(rows, dim), w_up.transpose(1, 2), up_q, up_s),
         ("fprop down", bf16(rows, inter), w_down.transpose(1, 2), down_q, down_s),
-        ("dgrad up", bf16(rows, inter), w_up, up_q.transpose(1, 2), up_s.transpose(1, 2)),
+        ("dgrad up", bf16(rows, inter), w_up, up_tq, up_ts),
     ]
     for label, x, w_bf16, b, b_s in gemms:
         a, a_s = act_quant(x)

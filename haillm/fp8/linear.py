@@ -17,8 +17,8 @@
 
 Under zero-bubble pipeline schedules the Wgrad GEMM can be deferred (``defer_wgrad``): backward then
 queues it, holding only the FP8 ``x`` and the output gradient (bf16, or FP8 128x1 in the "fp8" mode), and a
-later W action runs it. Weight
-quantization can be done once per optimizer step and shared by all micro-batches through ``Fp8WeightCache``.
+later W action runs it. Weight quantization can be done once per optimizer step and shared by all
+micro-batches through ``Fp8WeightCache``.
 """
 
 import functools
@@ -48,7 +48,7 @@ def fp8_dgrad(
     w_s: torch.Tensor,
     pow2: bool = False,
     out_dtype=torch.float32,
-    w_t: tuple[torch.Tensor, torch.Tensor] | None = None,
+    w_t: Fp8Pair | None = None,
 ) -> torch.Tensor:
     """Input gradient ``dy [T, N] @ W [N, K]`` from ``(w_q, w_s) = weight_quant(W)``; ``w_t`` is its
     transposed contiguous copy ``(q.T, s.T)`` when already made (the GEMM wants ``W.T`` row-major)."""
@@ -61,7 +61,7 @@ def dgrad_gemm(
     w_q: torch.Tensor,
     w_s: torch.Tensor,
     out_dtype=torch.float32,
-    w_t: tuple[torch.Tensor, torch.Tensor] | None = None,
+    w_t: Fp8Pair | None = None,
 ) -> torch.Tensor:
     """``fp8_dgrad`` of an output gradient already quantized 1x128 (``act_quant(dy)``)."""
     wt_q, wt_s = w_t if w_t is not None else (w_q.t().contiguous(), w_s.t().contiguous())
@@ -158,7 +158,7 @@ def fp8_linear(
     pow2: bool = False,
     defer_wgrad: Callable[[torch.Tensor, Callable[[], torch.Tensor]], bool] | None = None,
     wgrad: str = "bf16",
-    x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+    x_fp8: Fp8Pair | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T`` (no bias) with FP8 Fprop/Dgrad/Wgrad; the output dtype follows ``x``.
 

@@ -22,8 +22,9 @@ software-pipelined and ptxas would spill registers; ``tests/test_triton_sm90.py`
 SM90 on a machine without a GPU and checks pipelining, spills and shared memory.
 
 Every load is masked (rows past the group's end, columns past N, K past its end read zero), so no width
-needs to be a multiple of 128, and every operand comes with its strides: a transposed view of the weight
-stack serves Dgrad without a copy.
+needs to be a multiple of 128, and every operand comes with its strides: Dgrad's ``W.T`` is the transposed
+stack ``quant.weight_quant_with_t`` writes, views of one K-major array (a view of ``W`` itself would be read
+too, but N-major tiles cannot be copied ahead for FP8 wgmma).
 
 Defaults for H100/H200, fixed (no autotuning; nothing measured on a CPU decides them): BK = 128 so each K
 step is one scale block (one promotion); BN = 128 so one weight-block scale serves the whole tile (a scalar

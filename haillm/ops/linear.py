@@ -33,6 +33,7 @@ from torch import nn
 
 from haillm.fp8 import Fp8WeightCache, fp8_linear
 from haillm.fp8.linear import check_wgrad_mode
+from haillm.fp8.quant import Fp8Pair
 from haillm.ops import precision
 from haillm.ops.precision import apply_like_autocast, autocast_off
 from haillm.ops.wgrad import defer_weight_grad, deferrable_linear
@@ -157,7 +158,7 @@ class Linear(nn.Module):
         if self._fp8_weight is not None:
             self._fp8_weight.invalidate()
 
-    def _fp8_forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def _fp8_forward(self, x: torch.Tensor, x_fp8: Fp8Pair | None) -> torch.Tensor:
         cache = self._fp8_weight
         if cache is None or cache.weight is not self.weight:  # built lazily; rebuilt if the Parameter was swapped
             cache = self._fp8_weight = Fp8WeightCache(self.weight, pow2=self.fp8_pow2_scales, transposed=True)
@@ -165,7 +166,7 @@ class Linear(nn.Module):
         return fp8_linear(x, self.weight, weight_q=cache.get(), pow2=self.fp8_pow2_scales, defer_wgrad=defer,
                           wgrad=self.fp8_wgrad, x_fp8=x_fp8)
 
-    def forward(self, x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_fp8: Fp8Pair | None = None) -> torch.Tensor:
         """``x_fp8``: ``act_quant(x, pow2=self.fp8_pow2_scales)`` made by x's producer (``haillm.fp8.fused``),
         used in precision "fp8" instead of quantizing ``x`` again; the other precisions ignore it."""
         if self.precision == "default":

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from haillm.fp8.quant import Fp8Pair
 from haillm.models.deepseek_v3 import mla
 from haillm.models.deepseek_v3.model import Block
 from haillm.models.deepseek_v3.moe import MoE
@@ -90,7 +91,7 @@ def _plain_linears_only(linear: Linear) -> None:
     traced = linear.forward
     eager = torch.compiler.disable(linear.forward)
 
-    def forward(x: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(x: torch.Tensor, x_fp8: Fp8Pair | None = None) -> torch.Tensor:
         if linear.precision == "default" and not linear.defer_wgrad:
             return traced(x)  # the plain path has no use for a producer's FP8 copy
         return eager(x, x_fp8)

@@ -54,6 +54,7 @@ from torch import nn
 from haillm.fp8 import GRAD_AMAX_MIN, Fp8WeightCache, act_dequant, act_quant, fp8_group_gemm, fp8_group_wgrad
 from haillm.fp8.fused import fp8_input_pow2, swiglu_act_quant
 from haillm.fp8.linear import check_wgrad_mode
+from haillm.fp8.quant import Fp8Pair
 from haillm.ops import precision
 from haillm.ops.linear import PRECISIONS
 from haillm.ops.wgrad import defer_weight_grad
@@ -166,7 +167,7 @@ class _GroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, num: _Numerics,
-                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                x_fp8: Fp8Pair | None = None) -> torch.Tensor:
         # The parameter itself, not a saved copy: a deferred closure accumulates into it (see ops.wgrad).
         ctx.weight, ctx.num, ctx.x_dtype = weight, num, x.dtype
         with torch.autocast(x.device.type, enabled=False):  # the dtypes are chosen here, not by autocast
@@ -242,7 +243,7 @@ class GroupedExperts(nn.Module):
         return self._linear(h, "w2", offs, (h_q, h_s))
 
     def _linear(self, x: torch.Tensor, name: str, offs: torch.Tensor,
-                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                x_fp8: Fp8Pair | None = None) -> torch.Tensor:
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         weight_q = self._fp8_weight(name) if self.precision == "fp8" else None
