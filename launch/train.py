@@ -30,11 +30,11 @@ from haillm.models.deepseek_v3.model import DeepSeekV3
 from haillm.ops.precision import cast_parameters
 from haillm.parallel.expert import AllToAllDispatcher, ExpertPlacement, apply_expert_parallel
 from haillm.parallel.mesh import ParallelConfigError, ParallelDims
+from haillm.parallel.pipeline.p2p import LinkGroups
 from haillm.parallel.pipeline.runtime import PipelineRuntime
 from haillm.parallel.pipeline.stage import (
     StageModel,
     build_stage_model,
-    own_group,
     partner_group,
     pipelines_of,
     second_copies,
@@ -127,10 +127,10 @@ def build_pipeline(cfg: DictConfig, dims: ParallelDims, model: StageModel, devic
     n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dims.dp)
     timeout = timedelta(seconds=cfg.train.collective_timeout_s)
     partner = partner_group(schedule, pipelines_of(dims), mtp=model.args.mtp_depth > 0, timeout=timeout)
-    # The point-to-point traffic gets a group of its own, even when the pp group is the default group (pp =
-    # world size): the watchdog leaves it out of its collective counts (haillm.train.watchdog), not the pp group.
-    p2p = own_group(pipelines_of(dims), timeout)
-    runtime = PipelineRuntime(model, schedule, n_micro, pp_group=p2p, device=device)
+    # The point-to-point traffic has groups of its own (one per direction of each link, haillm.parallel.pipeline.p2p),
+    # which the watchdog leaves out of its collective counts (haillm.train.watchdog).
+    links = LinkGroups.create(pipelines_of(dims), timeout)
+    runtime = PipelineRuntime(model, schedule, n_micro, pp_group=dims.pp_group, device=device, links=links)
     return Pipeline(runtime, partner, model.partner_params(schedule), mirrored=schedule == "dualpipe")
 
 

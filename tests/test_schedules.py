@@ -200,8 +200,8 @@ def test_every_send_has_a_matching_receive(name, pp, m):
     schedule, topo = build(name, pp, m)
     sends, recvs = p2p_messages(schedule, topo)
     assert Counter(x for r in sends for x in r) == Counter(x for r in recvs for x in r)
-    # Per channel and kind, messages are consumed in the order they are produced, so FIFO matching with one
-    # tag per kind (activation, gradient) pairs every receive with the right tensor.
+    # Per link and kind, messages are consumed in the order they are produced (across kinds they are not:
+    # docs/pipeline.md; the posting plan of tests/test_p2p_plan.py orders both kinds on one link).
     for src in range(pp):
         for dst in range(pp):
             for grad in (False, True):

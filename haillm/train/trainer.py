@@ -106,10 +106,11 @@ class Trainer:
         progress = Progress(self.is_logging_rank and cfg.logging.progress, cfg.train.steps, self.state.step)
         records = []
         pipeline = self.pipeline
-        # Left out of the collective counts: the pipeline's point-to-point group (its transfers are compared on
+        # Left out of the collective counts: the pipeline's point-to-point groups (its transfers are compared on
         # their own), and the background checkpoint writer's, in which ranks legitimately differ mid-write.
+        p2p_groups = pipeline.runtime.links.all() if pipeline else []
         watchdog = Watchdog(cfg.train.collective_timeout_s, cfg.train.watchdog_factor,
-                            [pipeline.runtime.group if pipeline else None, self.checkpointer.group],
+                            [*p2p_groups, self.checkpointer.group],
                             pipeline.runtime.p2p_posted if pipeline else None)
         try:
             with Preemption(self.device) as preemption, watchdog:

@@ -3,14 +3,13 @@
 The runtime walks the rank's action list from :mod:`schedules`. Where each action gets its input and where
 its output goes is derived once by ``derive_routes``; the runtime only moves tensors:
 
-- **P2P.** Before each compute half, one ``dist.batch_isend_irecv`` call posts the sends produced by the
-  previous half and the receives of the current and the next step (both directions at once). Receives go
-  into buffers allocated up front with the known activation shape (micro-batch, seq_len, dim), so no shape
-  handshake is needed. Only receives are waited for, right before their data is used; sends complete in the
-  background and a sent activation's storage is freed once its send is done (autograd keeps the graph).
-- **Matching by kind.** Activations and gradients between the same two ranks do not keep one common order
-  (docs/pipeline.md), but each kind does. So every message carries the tag of its kind and gloo matches a
-  (peer, tag) channel in FIFO order.
+- **P2P** (:mod:`p2p`): every rank posts its transfers in the order ``p2p.p2p_plan`` derives from the
+  schedule, so NCCL's matching by posting order pairs each receive with the right tensor (no tags), on one
+  communicator per direction of each link. A forward's output is sent when the forward ends, a backward's
+  input gradient when its step ends; receives are posted a step ahead into buffers of the known activation
+  shape (micro-batch, seq_len, dim), so no shape handshake is needed. Only receives are waited for, right
+  before their data is used; sends complete in the background and a sent activation's storage is freed
+  once its send is done (autograd keeps the graph).
 - **I and W.** ``I`` is an ordinary backward run inside ``ops.wgrad.deferring_weight_grads()``: input
   grads and the gradients of non-deferrable parameters are computed at once, the weight grads of every
   ``ops.Linear`` with ``defer_wgrad`` on (the stage model turns it on for DualPipe/DualPipeV) are queued
@@ -41,9 +40,8 @@ import torch
 import torch.distributed as dist
 
 from haillm.parallel.pipeline.overlap import Tape, interleave, run_to_end
+from haillm.parallel.pipeline.p2p import LinkGroups, Transfers, p2p_plan
 from haillm.parallel.pipeline.schedules import Action, Pair, Route, build, derive_routes
-
-ACTIVATION, GRADIENT = 0, 1  # P2P tags: one FIFO channel per kind and peer
 
 
 @dataclass
@@ -107,80 +105,31 @@ def _free_after_send(t: torch.Tensor) -> bool:
     return not any(isinstance(s, torch.Tensor) and s.untyped_storage().data_ptr() == ptr for s in saved)
 
 
-class _P2P:
-    """Batched asynchronous point-to-point transfers keyed by (kind, chunk, micro-batch). `posted` counts the
-    transfers posted so far by (direction, global peer rank), for the hang diagnosis."""
-
-    def __init__(self, group: dist.ProcessGroup | None, posted: Counter[tuple[str, int]]):
-        self.group, self.posted = group, posted
-        self.ops: list[dist.P2POp] = []
-        self.sent: list[tuple[dist.Work, torch.Tensor, bool]] = []
-        self.free_after: list[tuple[torch.Tensor, bool]] = []
-        self.recvs: dict[tuple[int, int, int], tuple[torch.Tensor, list[dist.Work]]] = {}
-        self.pending_recvs: list[tuple[tuple[int, int, int], dist.P2POp]] = []
-
-    def send(self, tensor: torch.Tensor, peer: int, kind: int, free: bool) -> None:
-        self.ops.append(dist.P2POp(dist.isend, tensor, group=self.group, group_peer=peer, tag=kind))
-        self.free_after.append((tensor, free))
-
-    def recv(self, key: tuple[int, int, int], buf: torch.Tensor, peer: int) -> None:
-        self.pending_recvs.append((key, dist.P2POp(dist.irecv, buf, group=self.group, group_peer=peer,
-                                                   tag=key[0])))
-
-    def flush(self) -> None:
-        """Post every queued send and receive in one batch."""
-        ops = self.ops + [op for _, op in self.pending_recvs]
-        if not ops:
-            return
-        works = dist.batch_isend_irecv(ops)
-        self.posted.update(("send" if op.op is dist.isend else "recv", op.peer) for op in ops)
-        if len(works) != len(ops):  # one request per op on gloo; a coalesced backend returns one in total
-            works = [works[-1]] * len(ops)
-        n_send = len(self.ops)
-        for work, (tensor, free) in zip(works[:n_send], self.free_after, strict=True):
-            self.sent.append((work, tensor, free))
-        for work, (key, op) in zip(works[n_send:], self.pending_recvs, strict=True):
-            self.recvs[key] = (op.tensor, [work])
-        self.ops, self.free_after, self.pending_recvs = [], [], []
-        self.reap()
-
-    def take(self, key: tuple[int, int, int]) -> torch.Tensor:
-        """Wait for a posted receive and hand its buffer over."""
-        buf, works = self.recvs.pop(key)
-        for w in works:
-            w.wait()
-        return buf
-
-    def reap(self, wait: bool = False) -> None:
-        """Forget completed sends, freeing the storage of sent activations."""
-        still = []
-        for work, tensor, free in self.sent:
-            if wait:
-                work.wait()
-            if work.is_completed():
-                if free:
-                    tensor.untyped_storage().resize_(0)
-            else:
-                still.append((work, tensor, free))
-        self.sent = still
-
-
 class PipelineRuntime:
     """Runs the schedule ``name`` for this rank of a pipeline of ``pp`` ranks (``pp_group``, or None for one
     process) with ``n_microbatches`` per step. ``stages`` holds this rank's chunks in the schedule's chunk
-    order (``schedules.topology``)."""
+    order (``schedules.topology``). ``links``: the groups carrying the transfers (``LinkGroups.create`` for
+    every pipeline of the job); made here from ``pp_group`` when it is the whole world."""
 
     def __init__(self, stages: PipelineStages, name: str, n_microbatches: int,
                  pp_group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu",
-                 overlap: bool = True):
+                 overlap: bool = True, links: LinkGroups | None = None):
         self.stages, self.name, self.n, self.overlap = stages, name, n_microbatches, overlap
         self.device = torch.device(device)
         self.group = pp_group
         pp = dist.get_world_size(pp_group) if pp_group is not None else 1
         self.rank = dist.get_rank(pp_group) if pp_group is not None else 0
+        if links is None and pp > 1:
+            if pp != dist.get_world_size():
+                raise ValueError("a pipeline smaller than the world needs links=LinkGroups.create(...) for every "
+                                 "pipeline, made by every rank")
+            links = LinkGroups.create([dist.get_process_group_ranks(pp_group)])
+        self.links = links
         schedule, self.topo = build(name, pp, n_microbatches)
         self.steps = schedule[self.rank]
         self.routes = derive_routes(schedule, self.topo)[self.rank]
+        plan = p2p_plan(schedule, self.topo)
+        self.plan_sends, self.plan_receives = plan.sends[self.rank], plan.receives[self.rank]
         self.posted: Counter[tuple[str, int]] = Counter()
 
     def p2p_posted(self) -> dict[str, dict[int, int]]:
@@ -207,18 +156,16 @@ class PipelineRuntime:
             raise ValueError(f"the runtime was built for {self.n} micro-batches, got {len(micro_batches)}")
         self.batches = micro_batches
         self.shape, self.dtype = self.stages.activation_shape(micro_batches[0])
-        self.p2p = _P2P(self.group, self.posted)
+        self.p2p = Transfers(self.links, self.posted, self.plan_sends) if self.links is not None else None
         self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
                                                 Tape]] = {}
-        self.local: dict[tuple[int, int, int], torch.Tensor] = {}  # same-rank hand-offs (the V turn)
+        self.local: dict[tuple[bool, int, int], torch.Tensor] = {}  # same-rank hand-offs (the V turn)
         self.deferred: dict[tuple[int, int], list] = {}
         self.metric_parts: list[tuple[int, int, torch.Tensor]] = []  # (key row, micro-batch, value)
-        posted = 0
+        self.outbox: list[tuple[torch.Tensor, tuple, int]] = []  # input gradients, sent when their step ends
         for i, (step, routes) in enumerate(zip(self.steps, self.routes, strict=True)):
-            while posted < min(i + 2, len(self.steps)):  # this step's receives and the next one's
-                self._post_receives(self.routes[posted])
-                posted += 1
-            self.p2p.flush()
+            for transfer in self.plan_receives[i]:
+                self.p2p.recv(transfer, torch.empty(self.shape, dtype=self.dtype, device=self.device))
             if isinstance(step, Pair):
                 self._pair(step, routes)
             elif step.kind == "F":
@@ -228,30 +175,30 @@ class PipelineRuntime:
                     fn()
             else:
                 run_to_end(self._backward(step, routes[0]))
-        self.p2p.flush()
-        self.p2p.reap(wait=True)
-        if self.saved or self.deferred or self.local or self.p2p.recvs:
+            for grad, key, peer in self.outbox:
+                self.p2p.send(grad, key, peer, free=False)
+            self.outbox.clear()
+        if self.p2p is not None:
+            self.p2p.finish()
+        if self.saved or self.deferred or self.local:
             raise RuntimeError("pipeline step ended with unconsumed activations, gradients or weight grads")
         self.batches = []
         return self._reduce_metrics()
 
     # --- compute halves --------------------------------------------------------------------------------
 
-    def _post_receives(self, routes: tuple[Route, ...]) -> None:
-        for route in routes:
-            if route.src is not None and route.src.rank != self.rank:
-                kind = ACTIVATION if route.action.kind == "F" else GRADIENT
-                key = (kind, route.action.chunk, route.action.microbatch)
-                self.p2p.recv(key, torch.empty(self.shape, dtype=self.dtype, device=self.device), route.src.rank)
+    def _transfer_key(self, grad: bool, producer_rank: int, producer_chunk: int, microbatch: int) -> tuple:
+        return grad, self.topo.stage(producer_rank, producer_chunk), microbatch
 
-    def _forward(self, action: Action, route: Route, post_now: bool = False) -> Iterator[None]:
+    def _forward(self, action: Action, route: Route) -> Iterator[None]:
         key = (action.chunk, action.microbatch)
         if route.src is None:
             x = None
         elif route.src.rank == self.rank:
-            x = self.local.pop((ACTIVATION, *key))
+            x = self.local.pop((False, *key))
         else:
-            x = self.p2p.take((ACTIVATION, *key)).requires_grad_()
+            x = self.p2p.take(self._transfer_key(False, route.src.rank, route.src.chunk, action.microbatch))
+            x.requires_grad_()
         k = self.global_microbatch(action)
         tape = Tape()
         if hasattr(self.stages, "forward_phases"):
@@ -267,11 +214,10 @@ class PipelineRuntime:
         if route.dst is None:
             return
         if route.dst.rank == self.rank:
-            self.local[(ACTIVATION, route.dst.chunk, action.microbatch)] = out.hidden.detach().requires_grad_()
-        else:
-            self.p2p.send(out.hidden, route.dst.rank, ACTIVATION, free=_free_after_send(out.hidden))
-            if post_now:  # in a pair, the backward half may run on for a while
-                self.p2p.flush()
+            self.local[(False, route.dst.chunk, action.microbatch)] = out.hidden.detach().requires_grad_()
+        else:  # at once: in a pair, the backward half may run on for a while
+            self.p2p.send(out.hidden, self._transfer_key(False, self.rank, action.chunk, action.microbatch),
+                          route.dst.rank, free=_free_after_send(out.hidden))
 
     def _backward(self, action: Action, route: Route) -> Iterator[None]:
         key = (action.chunk, action.microbatch)
@@ -279,9 +225,9 @@ class PipelineRuntime:
         tensors, grads = [], []
         if hidden is not None:
             if route.src.rank == self.rank:
-                grad = self.local.pop((GRADIENT, *key))
+                grad = self.local.pop((True, *key))
             else:
-                grad = self.p2p.take((GRADIENT, *key))
+                grad = self.p2p.take(self._transfer_key(True, route.src.rank, route.src.chunk, action.microbatch))
             tensors.append(hidden)
             grads.append(grad)
         if loss is not None:
@@ -296,16 +242,17 @@ class PipelineRuntime:
         if x.grad is None:
             raise RuntimeError(f"chunk {action.chunk}: the stage output does not depend on its input")
         if route.dst.rank == self.rank:
-            self.local[(GRADIENT, route.dst.chunk, action.microbatch)] = x.grad
-        else:
-            self.p2p.send(x.grad, route.dst.rank, GRADIENT, free=False)
+            self.local[(True, route.dst.chunk, action.microbatch)] = x.grad
+        else:  # when the step ends: after a pair's forward output (the order p2p_plan gives the receiver)
+            self.outbox.append((x.grad, self._transfer_key(True, self.rank, action.chunk, action.microbatch),
+                                route.dst.rank))
 
     def _pair(self, pair: Pair, routes: tuple[Route, Route]) -> None:
         """An overlapped F&B step: the halves in turns, switching at each started all-to-all, the backward
         first when it has exchanges (its combine gradients travel while the forward runs attention, as in
         DeepSeek's order), else the forward (its output is sent sooner); or F then B (``overlap`` off).
         Both inputs were sent before the pair began, as in DeepSeek's DualPipe."""
-        forward = self._forward(pair.forward, routes[0], post_now=True)
+        forward = self._forward(pair.forward, routes[0])
         backward = self._backward(pair.backward, routes[1])
         if not self.overlap:
             run_to_end(forward)
