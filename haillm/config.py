@@ -88,6 +88,7 @@ class OptimConfig:
     decay_start: float = 0.8  # constant_then_decay: fraction of steps before the decay begins
     moment_dtype: str = "fp32"  # Adam moments: fp32 or bf16 (DeepSeek-V3 used bf16)
     grad_reduce_dtype: str = "fp32"  # data-parallel gradient reduction: fp32, or bf16 (half the bytes)
+    bucket_mb: float = 32.0  # ZeRO-1 gradient bucket size (fp32 MB): reductions start bucket by bucket in backward
 
 
 @dataclass

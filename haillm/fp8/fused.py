@@ -160,7 +160,7 @@ def normed(norm: RMSNorm, x: torch.Tensor, pow2: bool | None) -> tuple[torch.Ten
     path does not call); the mark is unused while recompute is off."""
     if pow2 is None:
         return norm(x), None
-    y, y_q, y_s = rmsnorm_act_quant(x, norm.weight, norm.eps, pow2)
+    y, y_q, y_s = norm.forward_fp8(x, pow2)
     if torch.is_grad_enabled():
         mark(y, _fused_norm_output, x, norm, pow2)
     return y, (y_q, y_s)

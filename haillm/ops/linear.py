@@ -125,6 +125,8 @@ class LinearCrossEntropySum(torch.autograd.Function):
 class Linear(nn.Module):
     """``y = x @ weight.T (+ bias)``. Weights start uninitialised; the model's ``init_weights`` fills them."""
 
+    forward_methods = ("cross_entropy_sum",)  # reads the weight outside __call__ (ZeroAdamW.register_forward_wait)
+
     def __init__(
         self,
         in_features: int,

@@ -53,6 +53,8 @@ class _RMSNormFn(torch.autograd.Function):
 class RMSNorm(nn.Module):
     """``x / sqrt(mean(x^2) + eps) * weight``; weight starts at ones."""
 
+    forward_methods = ("forward_fp8",)  # reads the weight outside __call__ (ZeroAdamW.register_forward_wait)
+
     def __init__(self, dim: int, eps: float = 1e-6, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.dim = dim
@@ -61,6 +63,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _RMSNormFn.apply(x, self.weight, self.eps)
+
+    def forward_fp8(self, x: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward(x)`` and its FP8 copy ``act_quant(y, pow2=pow2)`` from one pass (``haillm.fp8.fused``)."""
+        from haillm.fp8.fused import rmsnorm_act_quant  # the FP8 package builds on this module
+
+        return rmsnorm_act_quant(x, self.weight, self.eps, pow2)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"

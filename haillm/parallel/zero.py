@@ -116,6 +116,7 @@ class ZeroAdamW:
         self._buckets = self._build_buckets(int(bucket_mb * 2**20))
         self._bucket_of: dict[int, tuple[Bucket, int]] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._wrapped: list[tuple[nn.Module, str]] = []  # (module, method) waiting for its buckets first
         for b in self._buckets:
             for i, p in enumerate(b.params):
                 self._bucket_of[id(p)] = (b, i)
@@ -326,8 +327,14 @@ class ZeroAdamW:
                 b.gather_work = None
 
     def register_forward_wait(self, model: nn.Module, regions: Iterable[nn.Module] = ()) -> None:
-        """Let `step` return before the parameter all-gathers finish: each module waits for the buckets
-        of its own parameters in a forward pre-hook, so gathers overlap the start of the next forward.
+        """Let `step` return before the parameter all-gathers finish: each module waits for the buckets of its
+        own parameters before it reads them, so gathers overlap the start of the next forward.
+
+        A module waits in a forward pre-hook, and before each method named in its `forward_methods` (methods
+        that read its parameters outside `__call__`, as FSDP2's `register_fsdp_forward_method`: the output
+        head's `cross_entropy_sum`, a norm's fused FP8 path); such a method waits for every parameter under
+        the module. Code that reads a parameter any other way must call `wait_params()` first: with NCCL it
+        would read a half-gathered weight (the tests poison in-flight gathers to catch it).
 
         A module of `regions` (a torch.compile'd region, `haillm.train.compile`) waits for the buckets of all
         its parameters, its submodules' included, and its submodules register nothing: their hooks would run
@@ -338,20 +345,41 @@ class ZeroAdamW:
         for module in model.modules():
             if id(module) in inside:
                 continue
-            params = module.parameters(recurse=id(module) in whole)
-            owned = [self._bucket_of[id(p)][0] for p in params if id(p) in self._bucket_of]
-            if owned:
-                buckets = tuple({id(b): b for b in owned}.values())
-                self._hooks.append(module.register_forward_pre_hook(functools.partial(self._forward_wait, buckets)))
+            own = self._buckets_of(module.parameters(recurse=id(module) in whole))
+            if own:
+                self._hooks.append(module.register_forward_pre_hook(functools.partial(self._forward_wait, own)))
+            for name in getattr(module, "forward_methods", ()):
+                self._wait_before(module, name, self._buckets_of(module.parameters()))
         self._overlap_gather = True
 
+    def _buckets_of(self, params: Iterable[Tensor]) -> tuple[Bucket, ...]:
+        owned = [self._bucket_of[id(p)][0] for p in params if id(p) in self._bucket_of]
+        return tuple({id(b): b for b in owned}.values())
+
+    def _wait_before(self, module: nn.Module, name: str, buckets: tuple[Bucket, ...]) -> None:
+        """Shadow `module.<name>` with a wrapper that waits for `buckets` first (`close` removes it)."""
+        if not buckets:
+            return
+        method = getattr(module, name)
+
+        @functools.wraps(method)
+        def waiting(*args: Any, **kwargs: Any) -> Any:
+            self.wait_params(buckets)
+            return method(*args, **kwargs)
+
+        setattr(module, name, waiting)
+        self._wrapped.append((module, name))
+
     def close(self) -> None:
-        """Remove this optimizer's hooks from the parameters and modules. The hooks reference the optimizer
-        from tensors that the garbage collector does not traverse, so without this an optimizer and its
-        buffers (fp32 masters, moments, gradient buckets) live as long as the model does."""
+        """Remove this optimizer's hooks and method wrappers from the parameters and modules. The hooks reference
+        the optimizer from tensors that the garbage collector does not traverse, so without this an optimizer
+        and its buffers (fp32 masters, moments, gradient buckets) live as long as the model does."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        for module, name in self._wrapped:
+            delattr(module, name)
+        self._wrapped.clear()
 
     def _forward_wait(self, buckets: tuple[Bucket, ...], module: nn.Module, args: Any) -> None:
         self.wait_params(buckets)

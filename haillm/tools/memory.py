@@ -45,6 +45,7 @@ class Layout:
     moment_dtype: torch.dtype
     reduce_dtype: torch.dtype  # optim.grad_reduce_dtype
     setup: ActivationSetup
+    bucket_mb: float = DEFAULT_BUCKET_MB  # optim.bucket_mb
 
 
 @dataclass
@@ -114,7 +115,7 @@ def bucket_plans(model: torch.nn.Module, lay: Layout, pp_rank: int) -> list[Buck
     specs = [(n, ParamSpec(n, tuple(p.shape), lay.param_dtype)) for n, p in model.named_parameters()]
     groups = zero_groups(specs, lay.ep, second_copies(model, lay.schedule, lay.pp, pp_rank))
     worlds = [getattr(dims, replica_dim(expert)) for (expert, _), _ in groups]
-    return plan_buckets([[s for _, s in g] for _, g in groups], worlds, int(DEFAULT_BUCKET_MB * 2**20))
+    return plan_buckets([[s for _, s in g] for _, g in groups], worlds, int(lay.bucket_mb * 2**20))
 
 
 def partner_grad_bytes(model: torch.nn.Module, lay: Layout) -> int:

@@ -88,7 +88,7 @@ def layout_of(cfg: DictConfig, gpu: str) -> Layout:
                   micro_batch=t.micro_batch_size, seq_len=t.seq_len,
                   n_microbatches=t.global_batch_size // (t.micro_batch_size * p.dp), param_dtype=param_dtype,
                   moment_dtype=config_dtype(o.moment_dtype), reduce_dtype=config_dtype(o.grad_reduce_dtype),
-                  setup=setup)
+                  setup=setup, bucket_mb=o.bucket_mb)
 
 
 def traffic(args: ModelArgs, lay: Layout, ranks: list[RankMemory], fp8_dispatch: bool) -> list[dict[str, float]]:

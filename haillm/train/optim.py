@@ -67,7 +67,7 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig, dims: ParallelDims,
         param_groups, lr=cfg.train.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
         process_group=dims.dp_group, norm_groups=(dims.pp_group,) if dims.pp > 1 else (),
         moment_dtype=config_dtype(o.moment_dtype),
-        reduce_dtype=config_dtype(o.grad_reduce_dtype),
+        reduce_dtype=config_dtype(o.grad_reduce_dtype), bucket_mb=o.bucket_mb,
         state_pieces=per_expert_state(model),
     )
 

@@ -85,6 +85,8 @@ class MLA(nn.Module):
     ``q_norm`` and ``kv_norm`` likewise quantize their outputs for an FP8 ``wq_b`` and ``wkv_b``.
     """
 
+    forward_methods = ("forward_absorbed",)  # reads wkv_b.weight outside __call__ (ZeroAdamW.register_forward_wait)
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads = args.n_heads
