@@ -100,6 +100,11 @@ class Watchdog:
 
     def __exit__(self, kind, exc, tb) -> None:
         self._stop.set()
+        # The thread holds the pipeline runtime (through `p2p`) and so its process groups: it must drop them now.
+        # Left to end on its own, it could drop the last reference while the interpreter shuts down, and a
+        # process group destroyed from a daemon thread then aborts the process ("terminate called without an
+        # active exception", exit code -6 after a successful run).
+        self._thread.join(timeout=patience(self.timeout_s) + 1.0)
         if exc is not None and self.world > 1 and is_comm_failure(exc):
             raise PeerFailure(self.diagnose(f"a collective failed on rank {self.rank} "
                                             f"({str(exc).splitlines()[0][:160]})")) from exc
