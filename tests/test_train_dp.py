@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from dist import run_distributed
+from nccl_rules import check_logs, subprocess_env
 from test_train import launch_train
 
 COMMON = ["train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=2", "data.max_bytes=300000",
@@ -45,6 +46,23 @@ def test_dp_matches_single_process(single, tmp_path, dp):
     assert full / dp <= sharded <= full / dp + 3 * 4 * dp  # master + 2 moments, fp32; <= dp-1 pad elements
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-path", "fp8"])
+def test_every_weight_waits_for_its_gather(tmp_path, fp8):
+    """ZeRO-1 returns from `step` with the parameter all-gathers in flight; each weight must be waited for before
+    it is read. Buckets so small that each parameter has its own (the output head's included, read by the
+    fused head + cross-entropy outside the module's forward; with FP8 the norms, read by the fused RMSNorm +
+    quantization): under NCCL's rules a gather's output is poison until waited, so a missed wait is a NaN."""
+    from haillm.models.deepseek_v3 import DeepSeekV3, get_preset
+    from haillm.parallel.zero import ZeroAdamW
+
+    bucket_mb = 0.001
+    buckets = ZeroAdamW(DeepSeekV3(get_preset("tiny")).named_parameters(), bucket_mb=bucket_mb)._buckets
+    head_bucket = next(b.names for b in buckets if "head.weight" in b.names)
+    assert not any(name.startswith(("embed.", "layers.", "norm.")) for name in head_bucket), head_bucket
+    extra = ["train.steps=10", f"optim.bucket_mb={bucket_mb}", *(["fp8=enabled"] if fp8 else [])]
+    assert_same_losses(train(tmp_path / "dp2", 2, *extra), train(tmp_path / "dp1", 1, *extra))
+
+
 def test_resume_across_dp_sizes(single, tmp_path):
     """A checkpoint written at dp=2 (step 3) continues at dp=1 and dp=4 exactly like the dp=2 run itself."""
     base = tmp_path / "dp2"
@@ -65,8 +83,11 @@ def test_torchrun_end_to_end(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(Path(launch_train.__file__)), *COMMON, "parallel.dp=2", "train.steps=2", f"output_dir={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    logs = tmp_path / "nccl_logs"
+    logs.mkdir()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=subprocess_env(logs))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    check_logs(logs, 2)
     assert "loss: step 1" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch.distributed.checkpoint as dcp
 from dist import run_distributed
+from nccl_rules import check_logs, subprocess_env
 from test_train import launch_train
 from test_train_dp import COMMON
 
@@ -87,7 +88,10 @@ def test_fp8_torchrun_dp_ep_pp(single, tmp_path):
               "train.micro_batch_size=1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
            str(Path(launch_train.__file__)), *COMMON, *FP8, *layout, "train.steps=2", f"output_dir={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    logs = tmp_path / "nccl_logs"
+    logs.mkdir()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env(logs))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    check_logs(logs, 4)
     for g, r in zip(records(out), records(single), strict=True):
         assert g["loss"] == pytest.approx(r["loss"], rel=1e-3)
