@@ -36,6 +36,82 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message is one line naming the key and valid values."""
 
 
+@dataclass(frozen=True)
+class Domain:
+    """The values a numeric key may take: ``low``..``high`` (``None``: unbounded; ``*_open``: excluded), finite,
+    integral with ``integer``, or exactly ``off`` (a value that switches the feature off)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    off: float | None = None
+
+    def __contains__(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.off is not None and value == self.off:
+            return True
+        if not math.isfinite(value) or (self.integer and value != int(value)):
+            return False
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return low_ok and high_ok
+
+    def __str__(self) -> str:
+        if self.integer and self.low == 1 and self.high is None and not self.low_open:
+            text = "a positive integer"
+        elif self.low is not None and self.high is not None:
+            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = "a finite number"
+        if self.integer and not text.startswith("a "):
+            text = f"an integer {text}"
+        return f"{self.off:g} (off) or {text}" if self.off is not None else text
+
+
+POSITIVE_INT, NATURAL = Domain(1, integer=True), Domain(0, integer=True)
+POSITIVE, NON_NEGATIVE, FRACTION = Domain(0, low_open=True), Domain(0), Domain(0, 1)
+OFF_OR_ABOVE_ONE = Domain(1, low_open=True, off=0)
+# Every numeric key and the values it may take (``validate`` checks them all; tests/test_config.py checks that
+# every numeric key is here). Relations between keys are checked in ``validate`` itself.
+DOMAINS: dict[str, Domain] = {
+    **{f"train.{k}": POSITIVE_INT for k in ("steps", "global_batch_size", "micro_batch_size", "seq_len",
+                                            "loss_spike_window", "eval_batches")},
+    "train.lr": POSITIVE, "train.max_skipped_steps": NATURAL, "train.peak_flops": NON_NEGATIVE,
+    "train.collective_timeout_s": POSITIVE, "train.watchdog_factor": OFF_OR_ABOVE_ONE,
+    "train.loss_spike_factor": OFF_OR_ABOVE_ONE, "train.eval_interval": NATURAL,
+    "optim.beta1": Domain(0, 1, high_open=True), "optim.beta2": Domain(0, 1, high_open=True),
+    "optim.eps": POSITIVE, "optim.weight_decay": NON_NEGATIVE, "optim.grad_clip": NON_NEGATIVE,
+    "optim.warmup_steps": NATURAL, "optim.min_lr_ratio": FRACTION, "optim.decay_start": FRACTION,
+    "optim.bucket_mb": POSITIVE,
+    **{f"parallel.{k}": POSITIVE_INT for k in ("dp", "pp", "tp", "ep", "ranks_per_node")},
+    "data.max_bytes": NATURAL, "data.eval_holdout": Domain(0, 1, high_open=True),
+    "checkpoint.interval": POSITIVE_INT, "checkpoint.keep": NATURAL,
+    "seed": Domain(0, 2**63, high_open=True, integer=True),
+    **{f"model.{k}": POSITIVE_INT for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_expert_groups",
+                                            "n_limited_groups", "kv_lora_rank", "qk_nope_head_dim",
+                                            "qk_rope_head_dim", "v_head_dim", "max_seq_len", "original_seq_len",
+                                            "beta_fast", "beta_slow")},
+    **{f"model.{k}": NATURAL for k in ("inter_dim", "moe_inter_dim", "n_dense_layers", "n_routed_experts",
+                                       "n_shared_experts", "n_activated_experts", "q_lora_rank", "mtp_depth")},
+    **{f"model.{k}": POSITIVE for k in ("route_scale", "rope_theta", "rms_norm_eps", "init_std")},
+    "model.rope_factor": Domain(1),
+    **{f"model.{k}": NON_NEGATIVE for k in ("mscale", "mscale_all_dim", "mtp_lambda", "balance_alpha",
+                                            "bias_update_speed")},
+}
+
+
+def check_domains(cfg: DictConfig) -> None:
+    """Every key of ``DOMAINS`` holds a value of its domain (one-line ConfigError naming the first that does not)."""
+    for key, domain in DOMAINS.items():
+        value = OmegaConf.select(cfg, key)
+        _require(value in domain, f"{key}={value!r} must be {domain}")
+
+
 ModelConfig = dataclasses.make_dataclass(
     "ModelConfig",
     [("name", str, "tiny"), ("init_from", str, "")],
@@ -73,6 +149,7 @@ class TrainConfig:
     loss_spike_window: int = 20  # steps in that median
     eval_interval: int = 0  # steps between held-out evaluations (data.eval_source / data.eval_holdout); 0 = none
     eval_batches: int = 4  # global batches (train.global_batch_size sequences each) per evaluation
+    check_memory: bool = True  # refuse at start a run the layout planner says cannot fit this machine's memory
 
 
 @dataclass
@@ -200,9 +277,6 @@ def _one_of(key: str, value: object, valid: tuple) -> None:
 
 def _validate_data_and_eval(cfg: DictConfig) -> None:
     t, d = cfg.train, cfg.data
-    _require(t.eval_interval >= 0, f"train.eval_interval={t.eval_interval} must be >= 0 (0 disables evaluation)")
-    _require(t.eval_batches > 0, f"train.eval_batches={t.eval_batches} must be a positive integer")
-    _require(0 <= d.eval_holdout < 1, f"data.eval_holdout={d.eval_holdout} must be in [0, 1)")
     _require(not (d.blend and d.eval_holdout), "data.eval_holdout does not apply to data.blend; set data.eval_source")
     _require(not (d.eval_source and d.eval_holdout), "set data.eval_source or data.eval_holdout, not both")
     try:
@@ -217,20 +291,23 @@ def _validate_data_and_eval(cfg: DictConfig) -> None:
                  f"parallel.pp={cfg.parallel.pp} yet (evaluation runs the whole model on each rank)")
 
 
+def _validate_resume(resume: str) -> None:
+    """``checkpoint.resume``: none, auto, or an existing checkpoint directory (never a silent fresh start)."""
+    if resume in ("none", "auto"):
+        return
+    path = Path(resume)
+    _require(path.is_dir(), f"checkpoint.resume={resume}: no such checkpoint directory; expected none, auto or the "
+             "path of a checkpoints/step_<N> directory")
+    _require((path / "manifest.json").is_file(),
+             f"checkpoint.resume={resume} is not a checkpoint (no manifest.json); expected none, auto or the path "
+             "of a checkpoints/step_<N> directory")
+
+
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     """Reject inconsistent configurations before any work starts (one-line ConfigError each)."""
     t, p, o = cfg.train, cfg.parallel, cfg.optim
-    for key in ("steps", "global_batch_size", "micro_batch_size", "seq_len"):
-        value = t[key]
-        _require(value > 0, f"train.{key}={value} must be a positive integer")
-    _require(t.lr > 0, f"train.lr={t.lr} must be positive")
+    check_domains(cfg)
     _one_of("train.dtype", t.dtype, DTYPES)
-    _require(t.max_skipped_steps >= 0, f"train.max_skipped_steps={t.max_skipped_steps} must be >= 0")
-    _require(0 < t.collective_timeout_s < math.inf,
-             f"train.collective_timeout_s={t.collective_timeout_s} must be a positive number of seconds")
-    for key in ("watchdog_factor", "loss_spike_factor"):
-        _require(t[key] == 0 or t[key] > 1, f"train.{key}={t[key]} must be 0 (off) or greater than 1")
-    _require(t.loss_spike_window > 0, f"train.loss_spike_window={t.loss_spike_window} must be a positive integer")
     try:
         ParallelDims.from_config(p, world_size)
     except ParallelConfigError as exc:
@@ -243,18 +320,12 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         f"train.micro_batch_size*parallel.dp = {t.micro_batch_size}*{p.dp} = {per_step}",
     )
     _require(p.tp == 1, f"parallel.tp={p.tp} is not yet supported (only 1 for now)")
-    _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
-    _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
     _one_of("optim.schedule", o.schedule, LR_SCHEDULES)
-    _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
-    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
-    _require(0 <= o.decay_start <= 1, f"optim.decay_start={o.decay_start} must be in [0, 1]")
     _one_of("optim.moment_dtype", o.moment_dtype, ("fp32", "bf16"))
     _one_of("optim.grad_reduce_dtype", o.grad_reduce_dtype, ("fp32", "bf16"))
     _one_of("fp8.wgrad", cfg.fp8.wgrad, WGRAD_MODES)
     _one_of("logging.wandb", cfg.logging.wandb, WANDB_MODES)
-    _require(cfg.checkpoint.interval > 0, f"checkpoint.interval={cfg.checkpoint.interval} must be positive")
-    _require(cfg.checkpoint.keep >= 0, f"checkpoint.keep={cfg.checkpoint.keep} must be >= 0")
+    _validate_resume(cfg.checkpoint.resume)
     _validate_data_and_eval(cfg)
     init_from = cfg.model.init_from
     _require(not init_from or init_from.startswith("hf:"), f"model.init_from={init_from!r} must be '' or hf:<path>")

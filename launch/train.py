@@ -42,6 +42,7 @@ from haillm.parallel.pipeline.stage import (
 from haillm.train.checkpoint import CheckpointError, list_checkpoints
 from haillm.train.compile import apply_compile
 from haillm.train.evaluate import build_evaluator
+from haillm.train.fit_check import check_fits
 from haillm.train.optim import build_optimizer
 from haillm.train.setup import broadcast_object, init_distributed, job_store, restarts, seed_everything
 from haillm.train.trainer import Pipeline, Trainer, TrainingAborted
@@ -70,7 +71,7 @@ def prepare_run_dir(cfg: DictConfig, rank: int) -> Path:
         log.warning("restart %d of this torchrun job: continuing from the newest checkpoint", restarts())
         cfg.checkpoint.resume = "auto"
     holds_run = (run_dir / "metrics.jsonl").exists() or bool(list_checkpoints(run_dir))
-    if holds_run and cfg.checkpoint.resume != "auto":
+    if holds_run and cfg.checkpoint.resume == "none":
         raise ConfigError(
             f"output_dir={output_dir} already holds a run; pass checkpoint.resume=auto to continue it "
             "or choose another output_dir"
@@ -137,6 +138,7 @@ def build_pipeline(cfg: DictConfig, dims: ParallelDims, model: StageModel, devic
 def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer:
     """Train as `cfg` says; returns the trainer (its model and optimizer) for programmatic use."""
     resolve_dtype(cfg, device.type)
+    check_fits(cfg, world, rank, device)
     run_dir = prepare_run_dir(cfg, rank)
     seed_everything(cfg.seed, cfg.train.deterministic)
     t = cfg.train
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg, rank, world, device)
         return 0
     except USER_ERRORS as exc:
-        print(f"haillm: error: {exc}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:  # the same line on every rank: said once
+            print(f"haillm: error: {exc}", file=sys.stderr)
         return 2
     except TrainingAborted as exc:
         print(f"haillm: training aborted: {exc}", file=sys.stderr)

@@ -472,12 +472,13 @@ def _first_difference(where: str, ra: int, a: list[str], rb: int, b: list[str]) 
     return []
 
 
-def subprocess_env(log_dir: str | Path, env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for a launcher (torchrun) whose workers run under the rules and log to ``log_dir``."""
+def subprocess_env(log_dir: str | Path | None, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a launcher (torchrun) whose workers run under the rules and log to ``log_dir`` (None:
+    no logs, for runs whose ranks are killed on purpose)."""
     env = dict(os.environ if env is None else env)
     site = str(Path(__file__).resolve().parent / "nccl_site")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH", "")]))
-    env[LOG_ENV] = str(log_dir)
+    env[LOG_ENV] = "" if log_dir is None else str(log_dir)
     return env
 
 

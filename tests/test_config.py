@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
+from omegaconf import OmegaConf
 
-from haillm.config import ConfigError, compose_config, to_model_args, validate
+from haillm.config import DOMAINS, Config, ConfigError, Domain, compose_config, to_model_args, validate
 from haillm.models.deepseek_v3.args import PRESETS
 from haillm.train.optim import lr_at
 
@@ -64,3 +66,57 @@ def test_model_config_fields_cover_model_args():
     cfg = compose_config([])
     for f in dataclasses.fields(type(PRESETS["tiny"])):
         assert f.name in cfg.model
+
+
+def _numeric_keys(node: type, prefix: str = "") -> list[str]:
+    """Dotted names of every int/float field of the structured config (bools are neither)."""
+    keys = []
+    for f in dataclasses.fields(node):
+        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float}.get(str(f.type))
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(value):
+            keys += _numeric_keys(type(value), f"{prefix}{f.name}.")
+        elif kind in (int, float) or (type(value) in (int, float)):
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def test_every_numeric_key_has_a_domain():
+    keys = _numeric_keys(Config)
+    assert "optim.beta1" in keys and "model.rope_theta" in keys and "seed" in keys
+    assert sorted(set(keys) - set(DOMAINS)) == []
+    assert sorted(set(DOMAINS) - set(keys)) == []
+
+
+def _outside(domain: Domain, integer: bool) -> list:
+    """Values just outside ``domain``, of the key's type."""
+    values = []
+    if domain.low is not None:
+        values.append(domain.low if domain.low_open else domain.low - (1 if integer else 1e-3))
+    if domain.high is not None:
+        values.append(domain.high if domain.high_open else domain.high + (1 if integer else 1e-3))
+    if domain.off is not None and domain.low is not None:  # between "off" and the range
+        values = [v for v in values if v != domain.off] + ([] if integer else [(domain.off + domain.low) / 2])
+    if not integer:
+        values += [float("nan"), float("inf")]
+    return [int(v) if integer else float(v) for v in values]
+
+
+@pytest.fixture(scope="module")
+def default_cfg():
+    return compose_config([])
+
+
+@pytest.mark.parametrize("key", sorted(DOMAINS))
+def test_values_outside_a_domain_are_refused_in_one_line(default_cfg, key):
+    integer = isinstance(OmegaConf.select(default_cfg, key), int)
+    domain = DOMAINS[key]
+    cases = _outside(domain, integer)
+    assert cases, key
+    for value in cases:
+        cfg = copy.deepcopy(default_cfg)
+        OmegaConf.update(cfg, key, value)
+        with pytest.raises(ConfigError) as info:
+            validate(cfg)
+        text = str(info.value)
+        assert text.startswith(f"{key}=") and f"must be {domain}" in text and "\n" not in text, (value, text)

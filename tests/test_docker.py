@@ -308,3 +308,20 @@ def test_entrypoint_runs_torchrun(stand_ins, args, torchrun_args, expected):
     assert _torchrun_args(log)["cwd"] == str(workdir)  # the image's WORKDIR, where relative outputs land
     if not args:
         _valid(expected.split("train.py ")[1].split(), 1)
+
+
+def test_entrypoint_without_gpus_trains_on_the_cpu(stand_ins):
+    """No GPU visible (no nvidia-smi, as in a container run without --gpus) and overrides: one process on the
+    CPU, said in one line, instead of torchrun's traceback for --nproc_per_node=gpu."""
+    env, log = stand_ins
+    bin_dir = Path(env["PATH"].split(":")[0])
+    (bin_dir / "nvidia-smi").unlink()
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "python $*" >> {log}\n')
+    (bin_dir / "python").chmod(0o755)
+    workdir = Path(env["HOME"]) / "runs"
+    workdir.mkdir()
+    proc = subprocess.run(["sh", str(ROOT / "docker" / "entrypoint.sh"), "model=small", "train.steps=5"], cwd=workdir,
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "no GPU visible" in proc.stderr
+    assert log.read_text().splitlines() == ["python /opt/haillm/launch/train.py model=small train.steps=5"]

@@ -17,10 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+import nccl_rules
 import pytest
 import torch
 import torch.distributed as dist
 from dist import run_distributed
+from nccl_rules import subprocess_env
 from test_train import launch_train, snapshot
 from test_train_dp import COMMON
 
@@ -48,7 +50,9 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def env_with(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+    """The environment of a launched job; its ranks run under NCCL's rules (tests/nccl_rules.py), unlogged."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+    return subprocess_env(None, env)
 
 
 def torchrun(args: list[str], env: dict[str, str], nproc: int = 2, restarts: int = 0) -> subprocess.Popen:
@@ -66,6 +70,7 @@ def _rank_process(argv: list[str], rank: int, world: int, port: int, err_path: s
     torch.set_num_threads(1)
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    nccl_rules.install()
     os._exit(launch_train.main(argv))
 
 

@@ -103,6 +103,11 @@ def test_peak_memory_is_the_steps_cuda_peak():
         (["data.source=/no/such/place"], "/no/such/place"),
         (["parallel.pp_schedule=zigzag"], "zigzag"),
         (["logging.wandb=sometimes"], "sometimes"),
+        (["checkpoint.resume=/no/such/step_7"], "checkpoint.resume=/no/such/step_7: no such checkpoint directory"),
+        (["optim.beta2=1.0"], "optim.beta2=1.0 must be in [0, 1)"),
+        (["optim.eps=0"], "optim.eps=0.0 must be > 0"),
+        (["train.lr=nan"], "train.lr=nan must be > 0"),
+        (["model.rms_norm_eps=-1e-6"], "model.rms_norm_eps=-1e-06 must be > 0"),
     ],
 )
 def test_bad_input_is_one_line_and_touches_nothing(capsys, base_run, tmp_path, overrides, expected):
@@ -110,9 +115,41 @@ def test_bad_input_is_one_line_and_touches_nothing(capsys, base_run, tmp_path, o
     shutil.copytree(base_run, out)
     before = snapshot(out)
     rc, err = train(capsys, out, "train.steps=4", "checkpoint.resume=auto", *overrides)
-    assert rc == 2
+    assert rc == 2 and "Traceback" not in err
     assert expected in error_line(err)
     assert snapshot(out) == before
+
+
+def test_a_named_checkpoint_is_resumed_or_refused(capsys, base_run, tmp_path):
+    """`checkpoint.resume=<checkpoints/step_N>` continues from that checkpoint, into another run directory too;
+    a directory that is not a checkpoint is refused in one line, the run directory untouched."""
+    step_2 = base_run / "checkpoints" / "step_2"
+    out = tmp_path / "named"
+    assert train(capsys, out, "train.steps=4", f"checkpoint.resume={step_2}")[0] == 0
+    auto = tmp_path / "auto"
+    shutil.copytree(base_run, auto)
+    assert train(capsys, auto, "train.steps=4", "checkpoint.resume=auto")[0] == 0
+    assert [r["step"] for r in records(out)] == [3, 4]
+    assert [r["loss"] for r in records(out)] == [r["loss"] for r in records(auto)][2:]
+    before = snapshot(out)
+    rc, err = train(capsys, out, "train.steps=6", f"checkpoint.resume={base_run}")
+    assert rc == 2 and f"checkpoint.resume={base_run} is not a checkpoint" in error_line(err)
+    assert snapshot(out) == before
+
+
+def test_a_model_too_large_for_the_machine_is_refused_at_once(capsys, monkeypatch, tmp_path):
+    """Refused with the planner's estimate and the memory available before anything is read or built (it used
+    to allocate until the kernel killed it, about 100 s later)."""
+    def never(*args, **kwargs):
+        raise AssertionError("the run went on to read data and build the model")
+
+    monkeypatch.setattr(launch_train, "build_training_data", never)
+    rc, err = train(capsys, tmp_path / "run", "model=v3_671b")
+    line = error_line(err)
+    assert rc == 2 and "Traceback" not in err
+    assert "model=v3_671b does not fit" in line and "GiB is available (CPU RAM" in line
+    assert "train.check_memory=false" in line
+    assert not (tmp_path / "run").exists()
 
 
 def test_empty_dataset_and_bad_tokenizer(capsys, tmp_path):

@@ -72,17 +72,21 @@ def compose(overrides: list[str], gpus: int | None, gpu: str) -> tuple[DictConfi
     return cfg, gpus
 
 
-def fp8_linears(cfg: DictConfig, gpu: str) -> bool:
+def fp8_linears(cfg: DictConfig, gpu: str, capability: tuple[int, int] | None = None) -> bool:
     """Whether the run's linears go FP8: ``fp8.enabled`` on a device with blockwise FP8 GEMMs (SM90, or the
-    CPU's reference GEMM), as ``apply_fp8`` decides at run time. Elsewhere only the dispatch payload is FP8."""
-    capability = None if gpu == "cpu" else GPU_SPECS[gpu.upper()].capability
+    CPU's reference GEMM), as ``apply_fp8`` decides at run time. Elsewhere only the dispatch payload is FP8.
+    ``capability``: the CUDA device's own (a run planning for the GPU it is on), instead of ``gpu``'s."""
+    if capability is None and gpu != "cpu":
+        capability = GPU_SPECS[gpu.upper()].capability
     return bool(cfg.fp8.enabled) and blockwise_fp8_available(capability)
 
 
-def layout_of(cfg: DictConfig, gpu: str) -> Layout:
+def layout_of(cfg: DictConfig, gpu: str, capability: tuple[int, int] | None = None) -> Layout:
+    """What memory depends on, for a run of ``cfg`` on ``gpu`` (a name of GPU_SPECS, or "cpu")."""
     t, p, o = cfg.train, cfg.parallel, cfg.optim
     param_dtype = config_dtype(t.dtype)  # every parameter, as cast_parameters
-    setup = ActivationSetup(act_bytes=param_dtype.itemsize, recompute=t.recompute, fp8=fp8_linears(cfg, gpu),
+    setup = ActivationSetup(act_bytes=param_dtype.itemsize, recompute=t.recompute,
+                            fp8=fp8_linears(cfg, gpu, capability),
                             cpu=gpu == "cpu", ep=p.ep)
     return Layout(dp=p.dp, pp=p.pp, ep=p.ep, schedule=p.pp_schedule, ranks_per_node=p.ranks_per_node,
                   micro_batch=t.micro_batch_size, seq_len=t.seq_len,

@@ -309,6 +309,20 @@ def clean_up(run_dir: Path) -> None:
             os.replace(aside, final)
 
 
+def resume_from(path: Path, model: torch.nn.Module, optimizer: Stateful) -> dict:
+    """Load the checkpoint at ``path`` (``checkpoint.resume=<path>``); CheckpointError when it is unusable."""
+    reasons = gather_object(verify(path, (_rank(), dist.get_world_size() if dist.is_initialized() else 1)))
+    reason = next((r for r in reasons if r is not None), None)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint.resume={path} is unusable: {reason}")
+    try:
+        return load(path, model, optimizer)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"checkpoint.resume={path} is unusable: {describe(exc)}") from None
+
+
 def resume(run_dir: Path, model: torch.nn.Module, optimizer: Stateful) -> dict | None:
     """Load the newest complete checkpoint, falling back past incomplete or unreadable ones (said in the log).
 

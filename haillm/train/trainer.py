@@ -83,10 +83,14 @@ class Trainer:
                      flops_per_token)
 
     def resume(self) -> None:
-        """Continue from the newest complete checkpoint when `checkpoint.resume=auto`."""
-        if self.cfg.checkpoint.resume != "auto":
+        """Continue from the newest complete checkpoint (`checkpoint.resume=auto`) or the one named."""
+        where = self.cfg.checkpoint.resume
+        if where == "none":
             return
-        saved = checkpoint.resume(self.run_dir, self.model, self.optimizer)
+        if where == "auto":
+            saved = checkpoint.resume(self.run_dir, self.model, self.optimizer)
+        else:
+            saved = checkpoint.resume_from(Path(where), self.model, self.optimizer)
         if saved is None:
             log.info("checkpoint.resume=auto: no checkpoint in %s, starting from step 0", self.run_dir)
             return
