@@ -30,8 +30,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import threading
-import traceback
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -87,17 +87,26 @@ def _describe(t: torch.Tensor | None) -> str:
     return "None" if t is None else f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
 
 
+_GROUP_KEYS: dict[int, str] = {}
+
+
 def _group_key(group: dist.ProcessGroup | None) -> str:
     group = group or c10d._get_default_group()
-    return f"{group.group_name}:{dist.get_process_group_ranks(group)}"
+    key = _GROUP_KEYS.get(id(group))
+    if key is None:
+        key = _GROUP_KEYS[id(group)] = f"{group.group_name}:{dist.get_process_group_ranks(group)}"
+    return key
 
 
 def _caller() -> str:
-    """The innermost frame outside torch and this file: where the operation was called from."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        name = frame.filename
-        if "torch/" not in name and Path(name).name != "nccl_rules.py":
-            return f"{Path(name).name}:{frame.lineno} {frame.name}"
+    """The innermost frame outside torch and this file: where the operation was called from (frames walked
+    directly: a traceback with source lines would cost more than the collectives of a small test)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if "torch/" not in name and not name.endswith("/nccl_rules.py"):
+            return f"{os.path.basename(name)}:{frame.f_lineno} {frame.f_code.co_name}"
+        frame = frame.f_back
     return "?"
 
 
