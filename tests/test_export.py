@@ -56,6 +56,22 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, layout, capsys):
     assert (untrained - expected).abs().max().item() > 100 * TOL  # the trained weights are what was compared
 
 
+def test_a_loaded_checkpoint_is_the_trainers_model_bitwise(tmp_path):
+    """`load_checkpoint_model` rebuilds what no checkpoint holds (the rope tables; they used to be whatever
+    `to_empty` left, and the logits were off by 0.16-0.44 or NaN): its logits are the trainer's own, bitwise."""
+    from haillm.tools.export import load_checkpoint_model
+
+    cfg = compose_config([*COMMON, f"output_dir={tmp_path / 'run'}", STEPS])
+    validate(cfg, 1)
+    trained = launch_train.run(cfg, 0, 1, torch.device("cpu")).model.eval()
+    loaded = load_checkpoint_model(tmp_path / "run" / "checkpoints" / "step_3").eval()
+    tokens = torch.randint(trained.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), trained(tokens))
+        assert torch.equal(loaded.compute_loss(torch.cat([tokens, tokens[:, :1]], 1))["loss"],
+                           trained.compute_loss(torch.cat([tokens, tokens[:, :1]], 1))["loss"])
+
+
 def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert export_main([str(missing), str(tmp_path / "out")]) == 2

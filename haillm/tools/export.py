@@ -58,6 +58,7 @@ def load_checkpoint_model(checkpoint: str | Path) -> DeepSeekV3:
     with torch.device("meta"):
         model = DeepSeekV3(args, init_seed=None)
     model.to_empty(device="cpu")
+    model.rebuild_unsaved()  # the rope tables are in no checkpoint: without them the logits were garbage
     state = model.state_dict()
     metadata = _read(checkpoint, lambda: dcp.FileSystemReader(str(checkpoint)).read_metadata()).state_dict_metadata
     for name, tensor in state.items():

@@ -170,12 +170,18 @@ class TrainingObjective:
 
     def init_weights(self, seed: int) -> None:
         """Deterministic from ``seed`` alone, per parameter FQN (see module-level ``init_weights``), so a
-        pipeline stage or expert shard gets the full model's values; also rebuilds the rope tables (needed
-        after ``to_empty`` from the meta device)."""
+        pipeline stage or expert shard gets the full model's values; also ``rebuild_unsaved()``."""
         init_weights(self, seed, self.args.init_std)
+        self.rebuild_unsaved()
+
+    def rebuild_unsaved(self) -> None:
+        """Fill the buffers no checkpoint holds (the rope tables, the expert-load counters): after ``to_empty``
+        from the meta device they hold whatever the allocator gave, so a model loaded from a checkpoint needs
+        this before its first forward."""
         cos, sin = rope_tables(self.args, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+        self.reset_moe_loads()
 
     def moe_layers(self) -> list[MoE]:
         """The MoE layers held here in a fixed order: main-model layers by index, then the MTP blocks."""
