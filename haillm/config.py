@@ -166,6 +166,8 @@ class OptimConfig:
     moment_dtype: str = "fp32"  # Adam moments: fp32 or bf16 (DeepSeek-V3 used bf16)
     grad_reduce_dtype: str = "fp32"  # data-parallel gradient reduction: fp32, or bf16 (half the bytes)
     bucket_mb: float = 32.0  # ZeRO-1 gradient bucket size (fp32 MB): reductions start bucket by bucket in backward
+    # resuming with another LR schedule (train.lr/steps, optim.schedule/warmup_steps/min_lr_ratio/decay_start):
+    on_schedule_change: str = "refuse"  # refuse; continue (from the checkpoint's LR down to the floor); restart
 
 
 @dataclass
@@ -321,6 +323,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     )
     _require(p.tp == 1, f"parallel.tp={p.tp} is not yet supported (only 1 for now)")
     _one_of("optim.schedule", o.schedule, LR_SCHEDULES)
+    _one_of("optim.on_schedule_change", o.on_schedule_change, ("refuse", "continue", "restart"))
     _one_of("optim.moment_dtype", o.moment_dtype, ("fp32", "bf16"))
     _one_of("optim.grad_reduce_dtype", o.grad_reduce_dtype, ("fp32", "bf16"))
     _one_of("fp8.wgrad", cfg.fp8.wgrad, WGRAD_MODES)

@@ -39,11 +39,11 @@ from haillm.parallel.pipeline.stage import (
     pipelines_of,
     second_copies,
 )
-from haillm.train.checkpoint import CheckpointError, list_checkpoints
+from haillm.train.checkpoint import CheckpointError, list_checkpoints, peek_trainer_state
 from haillm.train.compile import apply_compile
 from haillm.train.evaluate import build_evaluator
 from haillm.train.fit_check import check_fits
-from haillm.train.optim import build_optimizer
+from haillm.train.optim import build_optimizer, resume_origin
 from haillm.train.setup import broadcast_object, init_distributed, job_store, restarts, seed_everything
 from haillm.train.trainer import Pipeline, Trainer, TrainingAborted
 from haillm.train.watchdog import PEER_FAILURE_EXIT, PeerFailure, is_comm_failure
@@ -155,6 +155,10 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
     optimizer = build_optimizer(model, cfg, dims, second_copies(model, cfg.parallel.pp_schedule, dims.pp, dims.pp_rank))
     batcher = make_batcher(data, dims.dp_rank, dims.dp, t.micro_batch_size, device, cfg.data.prefetch,
                            end=t.steps * t.global_batch_size)
+    # A resume that would change the learning-rate schedule is refused (optim.on_schedule_change) before this too.
+    saved = peek_trainer_state(run_dir, cfg.checkpoint.resume)
+    if saved is not None:
+        resume_origin(saved, cfg)
     # Everything that can reject the run has run: only now touch the run directory.
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

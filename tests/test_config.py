@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from haillm.config import DOMAINS, Config, ConfigError, Domain, compose_config, to_model_args, validate
 from haillm.models.deepseek_v3.args import PRESETS
-from haillm.train.optim import lr_at
+from haillm.train.optim import lr_at, resume_origin, schedule_of
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -60,6 +60,31 @@ def test_lr_schedules():
     assert lr_at(50, cfg) == pytest.approx(1.0)
     assert lr_at(75, cfg) == pytest.approx(0.55)
     assert lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_lr_after_a_schedule_change_continues_or_restarts():
+    """Resumed at step 50 of a 100-step run with train.steps now 200: `continue` starts from the learning rate the
+    run had (no jump), then decays to the floor at step 200; `restart` warms up again from step 50."""
+    old = compose_config(["train.steps=100", "train.lr=1.0", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1"])
+    new = compose_config(["train.steps=200", "train.lr=1.0", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1",
+                          "optim.on_schedule_change=continue"])
+    saved = {"step": 50, "schedule": schedule_of(old), "lr_origin": None}
+    origin = resume_origin(saved, new)
+    at_50 = lr_at(50, old)
+    assert origin == {"mode": "continue", "step": 50, "lr": at_50}
+    assert at_50 * 0.999 < lr_at(51, new, origin) <= at_50 and lr_at(200, new, origin) == pytest.approx(0.1)
+    assert lr_at(51, new) > at_50 * 1.2  # what the recomputed schedule would have jumped to
+    new.optim.on_schedule_change = "restart"
+    origin = resume_origin(saved, new)
+    assert lr_at(51, new, origin) == pytest.approx(0.1) and lr_at(60, new, origin) == pytest.approx(1.0)
+    assert resume_origin({**saved, "schedule": schedule_of(new)}, new) is None  # unchanged: as saved
+    new.optim.on_schedule_change = "refuse"
+    with pytest.raises(ConfigError, match=r"train.steps 100 -> 200\) and would jump from 0.6.* up to 0.9"):
+        resume_origin(saved, new)
+    extended_in_warmup = {"step": 5, "schedule": schedule_of(old), "lr_origin": None}
+    assert resume_origin(extended_in_warmup, new) is None  # the same rate at step 5: the new schedule follows
+    shorter = compose_config(["train.steps=60", "train.lr=1.0", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1"])
+    assert resume_origin(saved, shorter) is None  # cut short: it decays sooner, no jump up
 
 
 def test_model_config_fields_cover_model_args():

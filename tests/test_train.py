@@ -137,6 +137,33 @@ def test_a_named_checkpoint_is_resumed_or_refused(capsys, base_run, tmp_path):
     assert snapshot(out) == before
 
 
+def test_a_changed_schedule_on_resume_is_refused_or_followed(capsys, tmp_path):
+    """A run trained to its end (step 6 of 6, the learning rate at its floor) resumed with train.steps=12: the
+    schedule would jump back up (the cosine recomputed over 12 steps), so the default refuses in one line and
+    leaves the run alone; `continue` goes on from the floor where it was, `restart` runs the warmup again."""
+    lr, floor = 1e-3, 1e-4
+    first = tmp_path / "first"
+    schedule = [f"train.lr={lr}", "optim.min_lr_ratio=0.1", "optim.warmup_steps=3"]
+    assert train(capsys, first, "train.steps=6", *schedule)[0] == 0
+    assert records(first)[-1]["lr"] == pytest.approx(floor)
+    before = snapshot(first)
+    rc, err = train(capsys, first, "train.steps=12", "checkpoint.resume=auto", *schedule)
+    line = error_line(err)
+    assert rc == 2 and "train.steps 6 -> 12" in line and "optim.on_schedule_change=continue" in line
+    assert snapshot(first) == before
+    lrs = {}
+    for mode in ("continue", "restart"):
+        run = tmp_path / mode
+        shutil.copytree(first, run)
+        rc, _ = train(capsys, run, "train.steps=12", "checkpoint.resume=auto", *schedule,
+                      f"optim.on_schedule_change={mode}")
+        assert rc == 0
+        lrs[mode] = [r["lr"] for r in records(run)][6:]
+    assert lrs["continue"] == pytest.approx([floor] * 6)  # continuous: no jump back up to the cosine's middle
+    assert lrs["restart"][:3] == pytest.approx([lr / 3, 2 * lr / 3, lr])  # the warmup, over the 6 steps left
+    assert lrs["restart"][-1] == pytest.approx(floor)
+
+
 def test_a_model_too_large_for_the_machine_is_refused_at_once(capsys, monkeypatch, tmp_path):
     """Refused with the planner's estimate and the memory available before anything is read or built (it used
     to allocate until the kernel killed it, about 100 s later)."""

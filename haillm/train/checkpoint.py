@@ -309,6 +309,21 @@ def clean_up(run_dir: Path) -> None:
             os.replace(aside, final)
 
 
+def peek_trainer_state(run_dir: Path, resume: str) -> dict | None:
+    """The trainer state of the checkpoint `checkpoint.resume=<resume>` will load, read without loading it (the
+    newest one with a manifest for `auto`; a corrupt one is found, and passed over, at the real resume), or None."""
+    if resume == "none":
+        return None
+    paths = [Path(resume)] if resume != "auto" else [p for _, p in list_checkpoints(run_dir)]
+    for path in paths:
+        try:
+            if (path / MANIFEST).is_file():
+                return json.loads((path / TRAINER_STATE).read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def resume_from(path: Path, model: torch.nn.Module, optimizer: Stateful) -> dict:
     """Load the checkpoint at ``path`` (``checkpoint.resume=<path>``); CheckpointError when it is unusable."""
     reasons = gather_object(verify(path, (_rank(), dist.get_world_size() if dist.is_initialized() else 1)))

@@ -7,8 +7,9 @@ from collections.abc import Collection, Iterable
 from typing import TypeVar
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from haillm.config import ConfigError
 from haillm.models.deepseek_v3.experts import per_expert_state
 from haillm.parallel.mesh import ParallelDims
 from haillm.parallel.zero import ZeroAdamW
@@ -72,20 +73,76 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig, dims: ParallelDims,
     )
 
 
-def lr_at(step: int, cfg: DictConfig) -> float:
+SCHEDULE_KEYS = ("train.lr", "train.steps", "optim.schedule", "optim.warmup_steps", "optim.min_lr_ratio",
+                 "optim.decay_start")
+ON_SCHEDULE_CHANGE = ("refuse", "continue", "restart")
+
+
+def schedule_of(cfg: DictConfig) -> dict:
+    """The settings the learning rate of every step depends on (saved in checkpoints, compared on resume): a
+    constant schedule does not depend on the run's length, nor a cosine on `decay_start`."""
+    relevant = {"constant": ("train.lr", "optim.schedule", "optim.warmup_steps"),
+                "cosine": ("train.lr", "train.steps", "optim.schedule", "optim.warmup_steps", "optim.min_lr_ratio")
+                }.get(cfg.optim.schedule, SCHEDULE_KEYS)
+    return {key: OmegaConf.select(cfg, key) for key in relevant}
+
+
+def lr_at(step: int, cfg: DictConfig, origin: dict | None = None) -> float:
     """LR for 1-based optimizer step `step`: linear warmup, then cosine (or constant, then cosine) to the floor.
 
     `constant_then_decay` is DeepSeek-V3's shape: hold the peak until `decay_start` of the run, then a
-    cosine down to `min_lr_ratio * lr` at the last step.
+    cosine down to `min_lr_ratio * lr` at the last step. `origin` (``resume_origin``) moves the start of the
+    schedule to a resumed step whose schedule changed: "restart" runs the schedule, warmup included, over the
+    remaining steps; "continue" runs it from the resumed learning rate, without warmup, down to the floor.
     """
-    o, peak, total = cfg.optim, cfg.train.lr, cfg.train.steps
-    if o.warmup_steps and step <= o.warmup_steps:
-        return peak * step / o.warmup_steps
-    floor = peak * o.min_lr_ratio
-    if o.schedule == "constant":
+    o, t = cfg.optim, cfg.train
+    floor = t.lr * o.min_lr_ratio
+    if origin is None:
+        return _shaped(step, t.lr, t.steps, o.warmup_steps, floor, o.schedule, o.decay_start)
+    start = origin["step"]
+    if origin["mode"] == "restart":
+        return _shaped(step - start, t.lr, t.steps - start, o.warmup_steps, floor, o.schedule, o.decay_start)
+    lr = origin["lr"]
+    return _shaped(step - start, lr, t.steps - start, 0, min(floor, lr), o.schedule, o.decay_start)
+
+
+def _shaped(step: int, peak: float, total: int, warmup: int, floor: float, schedule: str, decay_start: float
+            ) -> float:
+    if warmup and step <= warmup:
+        return peak * step / warmup
+    if schedule == "constant":
         return peak
-    start = o.warmup_steps if o.schedule == "cosine" else max(o.warmup_steps, int(o.decay_start * total))
+    start = warmup if schedule == "cosine" else max(warmup, int(decay_start * total))
     if step <= start:
         return peak
     progress = min(1.0, (step - start) / max(1, total - start))
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resume_origin(saved: dict, cfg: DictConfig) -> dict | None:
+    """Where the learning-rate schedule starts for a run resumed from trainer state `saved`.
+
+    Unchanged settings, new ones that give the resumed step the learning rate it had (a run extended during
+    its warmup or its constant phase), or new ones whose next step goes no higher (a run cut short decays
+    sooner): the saved origin, and the new schedule follows. Otherwise the rate would jump up at the resume (a
+    cosine recomputed over more steps climbs back from its floor), and `optim.on_schedule_change` decides:
+    ConfigError ("refuse"), or a new origin."""
+    before, now = saved.get("schedule"), schedule_of(cfg)
+    origin, step = saved.get("lr_origin"), saved["step"]
+    if before is None or before == now or not step:  # checkpoints from before schedules were saved: unchanged
+        return origin
+    old = OmegaConf.create({"train": dict(cfg.train), "optim": dict(cfg.optim)})  # what `before` leaves out is unused
+    for key, value in before.items():
+        OmegaConf.update(old, key, value)
+    lr, following = lr_at(step, old, origin), lr_at(step + 1, cfg, origin)
+    if math.isclose(lr_at(step, cfg, origin), lr, rel_tol=1e-9) or following <= lr * (1 + 1e-9):
+        return origin
+    mode = cfg.optim.on_schedule_change
+    if mode == "refuse":
+        changed = ", ".join(f"{key} {before.get(key)} -> {now.get(key)}" for key in SCHEDULE_KEYS
+                            if before.get(key) != now.get(key))
+        raise ConfigError(f"the learning-rate schedule changed since the checkpoint of step {step} ({changed}) and "
+                          f"would jump from {lr:.3g} up to {following:.3g}; "
+                          f"optim.on_schedule_change=continue goes on from {lr:.3g}, =restart starts the new schedule "
+                          "over from there, =refuse (the default) stops")
+    return {"mode": mode, "step": step, "lr": lr}

@@ -26,7 +26,7 @@ from haillm.train.compile import compiled_regions
 from haillm.train.evaluate import Evaluator
 from haillm.train.health import LossHealth
 from haillm.train.metrics import JsonlSink, Progress, WandbSink, peak_flops, peak_memory_bytes, reset_peak_memory
-from haillm.train.optim import lr_at
+from haillm.train.optim import lr_at, resume_origin, schedule_of
 from haillm.train.preemption import Preemption
 from haillm.train.watchdog import Watchdog
 
@@ -55,6 +55,7 @@ class TrainState:
     consumed_samples: int = 0  # global data position: sequences consumed by all ranks together
     skipped_steps: int = 0
     consecutive_skipped: int = 0
+    lr_origin: dict | None = None  # where the LR schedule starts after a resume that changed it (optim.lr_at)
 
 
 class Trainer:
@@ -95,7 +96,8 @@ class Trainer:
             log.info("checkpoint.resume=auto: no checkpoint in %s, starting from step 0", self.run_dir)
             return
         invalidate_weight_caches(self.model)
-        self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
+        self.state = TrainState(**{k: saved.get(k, v) for k, v in asdict(TrainState()).items()})
+        self.state.lr_origin = resume_origin(saved, self.cfg)
         self.health.load_state_dict(saved.get("health", {}))
         self.batcher.load_state_dict(saved["data"])
         log.info("resumed from step %d (%d samples consumed)", self.state.step, self.state.consumed_samples)
@@ -154,7 +156,8 @@ class Trainer:
     def save_checkpoint(self, wait: bool = False) -> Path:
         """Checkpoint the state after the last step (asynchronously with checkpoint.async_save)."""
         self.optimizer.wait_params()
-        trainer_state = {**asdict(self.state), "data": self.batcher.state_dict(), "health": self.health.state_dict()}
+        trainer_state = {**asdict(self.state), "data": self.batcher.state_dict(), "health": self.health.state_dict(),
+                         "schedule": schedule_of(self.cfg)}
         path = self.checkpointer.save(self.state.step, self.model, self.optimizer, trainer_state)
         return self.checkpointer.wait() if wait else path
 
@@ -171,7 +174,7 @@ class Trainer:
         step = self.state.step + 1
         start = time.perf_counter()
         reset_peak_memory(self.device)
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg, self.state.lr_origin)
         for group in opt.param_groups:
             group["lr"] = lr
         micro_batches = self.batcher.next_step()
