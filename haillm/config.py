@@ -29,7 +29,7 @@ PP_SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
 WANDB_MODES = ("disabled", "offline", "online")
 LR_SCHEDULES = ("cosine", "constant_then_decay", "constant")
 DTYPES = ("auto", "fp32", "bf16")  # auto: bf16 on a GPU, fp32 on CPU
-DEFAULT_MICRO_BATCH = 8  # train.micro_batch_size=0 without a pipeline; with one, 1: the most micro-batches
+DEFAULT_MICRO_BATCH = 8  # the largest train.micro_batch_size chosen when it is unset (default_micro_batch)
 
 
 class ConfigError(ValueError):
@@ -134,7 +134,7 @@ class ParallelConfig:
 class TrainConfig:
     steps: int = 300
     global_batch_size: int = 8  # sequences per optimizer step, whatever the layout
-    micro_batch_size: int = 0  # sequences per forward/backward on one rank; unset (0): 8, or 1 when parallel.pp > 1
+    micro_batch_size: int = 0  # sequences per forward/backward and rank; 0: the largest <= 8 that fits (1 with pp)
     seq_len: int = 128
     lr: float = 3e-3
     dtype: str = "auto"  # parameters/compute: fp32, or bf16 with fp32 masters in the optimizer; auto = bf16 on GPU
@@ -232,8 +232,20 @@ def compose_config(overrides: list[str], config_name: str = "config") -> DictCon
     _require(not unknown, f"unknown config key '{unknown[0] if unknown else ''}'; valid top-level keys: "
              + ", ".join(f.name for f in dataclasses.fields(Config)))
     if cfg.train.micro_batch_size == 0:  # here, so that the trainer and the layout planner resolve it alike
-        cfg.train.micro_batch_size = 1 if cfg.parallel.pp > 1 else DEFAULT_MICRO_BATCH
+        cfg.train.micro_batch_size = default_micro_batch(cfg.train.global_batch_size, cfg.parallel.dp, cfg.parallel.pp)
     return cfg
+
+
+def default_micro_batch(global_batch: int, dp: int, pp: int) -> int:
+    """`train.micro_batch_size` when unset: 1 with a pipeline (the most micro-batches), else the largest size up
+    to DEFAULT_MICRO_BATCH that divides each data-parallel rank's share of the global batch, so that any dp
+    dividing the batch runs as written (DEFAULT_MICRO_BATCH when dp does not divide it: validation says why)."""
+    if pp > 1:
+        return 1
+    if dp < 1 or global_batch < 1 or global_batch % dp:
+        return DEFAULT_MICRO_BATCH
+    share = global_batch // dp
+    return max(m for m in range(1, min(DEFAULT_MICRO_BATCH, share) + 1) if share % m == 0)
 
 
 def _one_line_hydra_error(exc: BaseException) -> str:

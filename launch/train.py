@@ -172,7 +172,8 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
     log.info("run dir %s | model %s: %.2fM parameters | %d packed sequences of %d tokens", run_dir,
              cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, dataset.num_samples,
              cfg.train.seq_len + 1)
-    log.info("layout %s | optimizer state %.2f MB per rank", dims.coords(), optimizer.state_bytes() / 2**20)
+    log.info("layout dp=%d pp=%d tp=%d ep=%d (%d ranks) | optimizer state %.2f MB on this rank", dims.dp, dims.pp,
+             dims.tp, dims.ep, world, optimizer.state_bytes() / 2**20)
     trainer = Trainer(cfg, dims, model, optimizer, batcher, run_dir, device,
                       flops_per_token(args, cfg.train.seq_len), dispatcher, pipeline,
                       evaluator=build_evaluator(cfg, data.eval_dataset, model, dims, device))

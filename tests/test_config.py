@@ -145,3 +145,14 @@ def test_values_outside_a_domain_are_refused_in_one_line(default_cfg, key):
             validate(cfg)
         text = str(info.value)
         assert text.startswith(f"{key}=") and f"must be {domain}" in text and "\n" not in text, (value, text)
+
+
+@pytest.mark.parametrize(("overrides", "micro_batch"), [
+    ([], 8), (["parallel.dp=4"], 2), (["parallel.dp=2", "train.global_batch_size=12"], 6),
+    (["parallel.dp=8"], 1), (["parallel.pp=2"], 1), (["parallel.dp=4", "train.micro_batch_size=1"], 1),
+])
+def test_unset_micro_batch_fits_the_layout(overrides, micro_batch):
+    """The README's `torchrun --nproc_per_node=4 launch/train.py parallel.dp=4` used to stop on the default 8."""
+    cfg = compose_config(overrides)
+    assert cfg.train.micro_batch_size == micro_batch
+    validate(cfg, cfg.parallel.dp * cfg.parallel.pp)

@@ -37,3 +37,33 @@ def test_readme_indexes_every_guide_and_guides_link_what_exists():
     for page in DOCS.glob("*.md"):
         for target in re.findall(r"\]\(([^)#:]+)\)", page.read_text()):
             assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+def _bash_blocks(heading: str) -> list[list[str]]:
+    """The commands of every ```bash block under a README heading, continuation lines joined."""
+    import shlex
+
+    section = (ROOT / "README.md").read_text().split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            if shlex.split(line, comments=True):
+                commands.append(shlex.split(line, comments=True))
+    return commands
+
+
+def test_readme_multi_process_commands_run_as_written(tmp_path):
+    """Each torchrun command of the README's "Running" section, with its own overrides and only the scale
+    brought down (one step of a smaller corpus, short sequences), trains on its number of ranks (forked,
+    under NCCL's rules, instead of torchrun's start-up): the defaults fit every layout it shows."""
+    from dist import run_distributed
+    from test_train import launch_train
+
+    runs = [c for c in _bash_blocks("Running") if c[0].endswith("torchrun")]
+    assert len(runs) >= 3
+    for i, command in enumerate(runs):
+        world = int(next(a for a in command if a.startswith("--nproc_per_node=")).split("=")[1])
+        overrides = command[command.index("launch/train.py") + 1:]
+        scale = ["train.steps=1", "train.seq_len=32", "data.max_bytes=200000", "logging.progress=false",
+                 f"output_dir={tmp_path / str(i)}"]
+        assert run_distributed(launch_train.main, world, args=([*overrides, *scale],), timeout=240) == [0] * world
