@@ -10,7 +10,7 @@ PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test test-torch-2.11 lint bench clean-venv
+.PHONY: train test test-quick test-torch-2.11 lint bench clean-venv
 
 $(VENV)/.runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ train: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# For development: the suite without its end-to-end modules (tests/conftest.py's SLOW_MODULES), about 2 minutes.
+test-quick: $(VENV)/.dev
+	HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The suite under the GPU machine's torch (2.11), on this CPU: version differences show up here before GPU
 # time is spent. PyPI's torch 2.11 bundles CUDA, so this venv takes about 5 GB; not part of CI.

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from haillm.tools import config_reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +54,7 @@ def _bash_blocks(heading: str) -> list[list[str]]:
     return commands
 
 
+@pytest.mark.slow
 def test_readme_multi_process_commands_run_as_written(tmp_path):
     """Each torchrun command of the README's "Running" section, with its own overrides and only the scale
     brought down (one step of a smaller corpus, short sequences), trains on its number of ranks (forked,
