@@ -90,7 +90,7 @@ DOMAINS: dict[str, Domain] = {
     "optim.bucket_mb": POSITIVE,
     **{f"parallel.{k}": POSITIVE_INT for k in ("dp", "pp", "tp", "ep", "ranks_per_node")},
     "data.max_bytes": NATURAL, "data.eval_holdout": Domain(0, 1, high_open=True),
-    "checkpoint.interval": POSITIVE_INT, "checkpoint.keep": NATURAL,
+    "checkpoint.interval": POSITIVE_INT, "checkpoint.keep": NATURAL, "logging.log_interval": NATURAL,
     "seed": Domain(0, 2**63, high_open=True, integer=True),
     **{f"model.{k}": POSITIVE_INT for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_expert_groups",
                                             "n_limited_groups", "kv_lora_rank", "qk_nope_head_dim",
@@ -182,7 +182,8 @@ class LoggingConfig:
     wandb: str = "disabled"
     wandb_project: str = "haillm"
     run_name: str = ""
-    progress: bool = True  # tqdm progress bar on rank 0
+    progress: bool = True  # rank 0's tqdm bar (when stdout is a terminal) and step lines
+    log_interval: int = 10  # a plain step line every N steps in train.log, and on stdout when it is not a terminal
 
 
 @dataclass

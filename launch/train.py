@@ -43,6 +43,7 @@ from haillm.train.checkpoint import CheckpointError, list_checkpoints, peek_trai
 from haillm.train.compile import apply_compile
 from haillm.train.evaluate import build_evaluator
 from haillm.train.fit_check import check_fits
+from haillm.train.metrics import STEP_LOG
 from haillm.train.optim import build_optimizer, resume_origin
 from haillm.train.setup import broadcast_object, init_distributed, job_store, restarts, seed_everything
 from haillm.train.trainer import Pipeline, Trainer, TrainingAborted
@@ -54,7 +55,9 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, ParallelConfigError)
 
 def setup_logging(rank: int, run_dir: Path | None = None) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    console = logging.StreamHandler(sys.stderr)
+    console.addFilter(lambda record: record.name != STEP_LOG)  # step lines: train.log here, stdout by Progress
+    handlers: list[logging.Handler] = [console]
     if run_dir is not None and rank == 0:
         handlers.append(logging.FileHandler(run_dir / "train.log"))
     logging.basicConfig(level=level, handlers=handlers, force=True,
@@ -181,7 +184,8 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
     records = trainer.fit()
     if rank == 0 and records and not trainer.stopped_by:
         first, last = records[0], records[-1]
-        print(f"loss: step {first['step']} {first['loss']:.4f} -> step {last['step']} {last['loss']:.4f} "
+        print(f"lm_loss: step {first['step']} {first['lm_loss']:.4f} -> step {last['step']} {last['lm_loss']:.4f} "
+              f"(loss with the MTP and balance terms {first['loss']:.4f} -> {last['loss']:.4f}) "
               f"| {last['tokens_per_s']:.0f} tokens/s | outputs in {run_dir}", flush=True)
     return trainer
 

@@ -137,6 +137,23 @@ def test_a_named_checkpoint_is_resumed_or_refused(capsys, base_run, tmp_path):
     assert snapshot(out) == before
 
 
+def test_step_lines_every_interval_when_stdout_is_not_a_terminal(capsys, tmp_path):
+    """logging.log_interval=10 with stdout redirected (as under SLURM): exactly one plain line per 10 steps on
+    stdout and in train.log, leading with the LM loss, and no tqdm bar (its \\r-joined redraws)."""
+    out = tmp_path / "run"
+    assert launch_train.main([*FAST, f"output_dir={out}", "train.steps=30", "logging.log_interval=10",
+                              "checkpoint.interval=100"]) == 0
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.out.splitlines() if ln.startswith("step ")]
+    assert [ln.split(" | ")[0] for ln in lines] == ["step 10/30", "step 20/30", "step 30/30"]
+    assert all(ln.split(" | ")[1].startswith("lm_loss ") for ln in lines)
+    assert "\r" not in captured.out and "\r" not in captured.err
+    logged = [ln for ln in (out / "train.log").read_text().splitlines() if " step " in ln and "/30 |" in ln]
+    assert [ln.split("haillm.steps: ")[1] for ln in logged] == lines
+    assert not any(ln.startswith("step ") for ln in captured.err.splitlines())
+    assert captured.out.splitlines()[-1].startswith("lm_loss: step 1 ")
+
+
 def test_a_changed_schedule_on_resume_is_refused_or_followed(capsys, tmp_path):
     """A run trained to its end (step 6 of 6, the learning rate at its floor) resumed with train.steps=12: the
     schedule would jump back up (the cosine recomputed over 12 steps), so the default refuses in one line and

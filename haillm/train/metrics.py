@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import sys
 from pathlib import Path
 
 import torch
@@ -102,22 +103,47 @@ class WandbSink:
         self.run.finish()
 
 
-class Progress:
-    """A tqdm bar on rank 0 showing loss, tokens/s and the ETA; a no-op elsewhere."""
+STEP_LOG = "haillm.steps"  # the plain step lines: stdout and train.log (launch/train.py keeps them off stderr)
 
-    def __init__(self, enabled: bool, total: int, initial: int):
-        self.bar, self.eval_loss = None, None
-        if enabled:
+
+def step_line(record: dict, total: int) -> str:
+    """One plain line for a step: the LM loss first (what eval_loss measures too), then the full objective."""
+    parts = [f"step {record['step']}/{total}", f"lm_loss {record['lm_loss']:.4f}"]
+    if "eval_loss" in record:
+        parts.append(f"eval lm_loss {record['eval_loss']:.4f}")
+    parts += [f"loss {record['loss']:.4f} (+mtp {record['mtp_loss']:.4f}, +balance {record['balance_loss']:.2g})",
+              f"lr {record['lr']:.3g}", f"grad_norm {record['grad_norm']:.3g}",
+              f"{record['tokens_per_s']:.0f} tokens/s", f"mfu {100 * record['mfu']:.1f}%",
+              f"mem {record['peak_memory_gib']:.1f} GiB"]
+    if record.get("skipped"):
+        parts.append("skipped")
+    return " | ".join(parts)
+
+
+class Progress:
+    """Rank 0's view of the run: a tqdm bar (``bar``, when stdout is a terminal) showing the LM loss, tokens/s and
+    the ETA, and every ``interval`` steps a plain line (``step_line``) in train.log, and on stdout when it is not
+    a terminal (a redirected bar would be ``\\r``-joined junk there); a no-op elsewhere (``enabled`` False)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, interval: int = 0, bar: bool = True):
+        self.bar, self.eval_loss, self.total, self.interval = None, None, total, interval if enabled else 0
+        self.to_stdout = not sys.stdout.isatty()
+        if enabled and bar and not self.to_stdout:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
     def update(self, record: dict) -> None:
+        if self.interval and (record["step"] % self.interval == 0 or record["step"] == self.total):
+            line = step_line(record, self.total)
+            logging.getLogger(STEP_LOG).info(line)
+            if self.to_stdout:
+                print(line, flush=True)
         if self.bar is not None:
             self.eval_loss = record.get("eval_loss", self.eval_loss)  # the latest evaluation stays shown
-            extra = {} if self.eval_loss is None else {"eval_loss": f"{self.eval_loss:.4f}"}
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                 mem=f"{record['peak_memory_gib']:.1f}G", **extra, refresh=False)
+            extra = {} if self.eval_loss is None else {"eval_lm_loss": f"{self.eval_loss:.4f}"}
+            self.bar.set_postfix(lm_loss=f"{record['lm_loss']:.4f}", **extra, tok_s=f"{record['tokens_per_s']:.0f}",
+                                 mem=f"{record['peak_memory_gib']:.1f}G", refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:

@@ -109,7 +109,8 @@ class Trainer:
         failing rank ends the run with a `PeerFailure` naming it (haillm.train.watchdog)."""
         cfg = self.cfg
         sinks = self._open_sinks() if self.is_logging_rank else []
-        progress = Progress(self.is_logging_rank and cfg.logging.progress, cfg.train.steps, self.state.step)
+        progress = Progress(self.is_logging_rank, cfg.train.steps, self.state.step, cfg.logging.log_interval,
+                            bar=cfg.logging.progress)
         records = []
         pipeline = self.pipeline
         # Left out of the collective counts: the pipeline's point-to-point groups (its transfers are compared on
