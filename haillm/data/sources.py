@@ -28,7 +28,10 @@ BUILDER_BY_SUFFIX = {
     ".jsonl": "json", ".json": "json",
     ".parquet": "parquet",
 }  # fmt: skip
-SUPPORTED = " ".join(BUILDER_BY_SUFFIX)
+# Text and json files may be compressed (`datasets` decompresses them by their last suffix; .zst needs the
+# zstandard package, a dependency of haillm): corpus.jsonl.gz reads as corpus.jsonl.
+COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstandard"}
+SUPPORTED = " ".join(BUILDER_BY_SUFFIX) + " (text and json also as .gz .bz2 .xz .zst)"
 # The stdlib's test suites hold deliberately odd files (bad encodings, generated data); installed
 # packages are not the stdlib.
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
@@ -55,16 +58,34 @@ def describe_source(cfg: DataConfig) -> str:
     return f"data source {Path(cfg.source).expanduser()}"
 
 
-def _walk(root: Path, suffixes: Iterable[str], skip_dirs: set[str] = frozenset()) -> list[Path]:
-    """Files under `root` with one of `suffixes`, hidden entries skipped, in sorted (deterministic) order."""
+def builder_of(path: Path) -> str | None:
+    """The `datasets` builder that reads `path` ("text", "json", "parquet"), compressed or not; None: unsupported."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        inner = BUILDER_BY_SUFFIX.get(suffixes[-2]) if len(suffixes) > 1 else None
+        return inner if inner in ("text", "json") else None
+    return BUILDER_BY_SUFFIX.get(suffixes[-1]) if suffixes else None
+
+
+def _open_text(path: Path):
+    """A text file for reading, decompressed by its suffix, decoded as the `text` builder decodes it."""
+    compression = COMPRESSED.get(path.suffix.lower())
+    if compression == "zstandard":
+        import zstandard
+
+        return zstandard.open(path, "rt", encoding="utf-8", errors="replace")
+    if compression is not None:
+        module = __import__(compression)
+        return module.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def _walk(root: Path, keep, skip_dirs: set[str] = frozenset()) -> list[Path]:
+    """Files under `root` that `keep(path)` accepts, hidden entries skipped, in sorted (deterministic) order."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in skip_dirs and not d.startswith(".")]
-        found += [
-            Path(dirpath, f)
-            for f in filenames
-            if not f.startswith(".") and Path(f).suffix.lower() in suffixes
-        ]
+        found += [Path(dirpath, f) for f in filenames if not f.startswith(".") and keep(Path(dirpath, f))]
     return sorted(found)
 
 
@@ -85,7 +106,7 @@ def local_files(cfg: DataConfig) -> dict[str, list[Path]]:
     """The non-empty files to read, grouped by `datasets` builder ("text", "json", "parquet")."""
     if cfg.source == "stdlib":
         root = stdlib_root()
-        files = _walk(root, {".py"}, STDLIB_SKIP_DIRS)
+        files = _walk(root, lambda path: path.suffix == ".py", STDLIB_SKIP_DIRS)
         if not files:
             raise DataError(
                 f"no .py files under the Python standard library at {root}; set data.source to a path"
@@ -98,10 +119,10 @@ def local_files(cfg: DataConfig) -> dict[str, list[Path]]:
                 f"or a file or directory of {SUPPORTED} files)"
             )
         if root.is_dir():
-            files = _walk(root, BUILDER_BY_SUFFIX)
+            files = _walk(root, lambda path: builder_of(path) is not None)
             if not files:
                 raise DataError(f"data directory {root} holds no supported files ({SUPPORTED})")
-        elif root.suffix.lower() in BUILDER_BY_SUFFIX:
+        elif builder_of(root) is not None:
             files = [root]
         else:
             raise DataError(f"data file {root} has an unsupported type (expected one of {SUPPORTED})")
@@ -110,7 +131,7 @@ def local_files(cfg: DataConfig) -> dict[str, list[Path]]:
         raise DataError(f"{describe_source(cfg)} is empty: all its files have zero bytes")
     groups: dict[str, list[Path]] = {}
     for f in files:
-        groups.setdefault(BUILDER_BY_SUFFIX[f.suffix.lower()], []).append(f)
+        groups.setdefault(builder_of(f), []).append(f)
     if "text" in groups:
         groups["text"] = _first_bytes(groups["text"], cfg.max_bytes)
     return groups
@@ -195,7 +216,7 @@ def _text_file_batches(files: list[Path]) -> Iterator[list[str]]:
     for i in range(0, len(files), BATCH_DOCS):
         batch = []
         for f in files[i : i + BATCH_DOCS]:
-            with open(f, encoding="utf-8", errors="replace") as fh:
+            with _open_text(f) as fh:
                 batch.append(fh.read())
         yield batch
 
@@ -204,7 +225,8 @@ def _local_batches(
     datasets, groups: dict[str, list[Path]], cfg: DataConfig, cache_dir: str, streaming: bool = False
 ) -> Iterator[list]:
     for builder, files in groups.items():
-        if streaming and builder == "text":
+        # the text builder ignores encoding_errors for compressed files: read those as the streaming path does
+        if builder == "text" and (streaming or any(f.suffix.lower() in COMPRESSED for f in files)):
             yield from _text_file_batches(files)
             continue
         options = {"sample_by": "document", "encoding_errors": "replace"} if builder == "text" else {}
