@@ -196,6 +196,26 @@ def test_a_model_too_large_for_the_machine_is_refused_at_once(capsys, monkeypatc
     assert not (tmp_path / "run").exists()
 
 
+def test_plot_draws_runs_overlaid(capsys, base_run, tmp_path):
+    """`python -m haillm.tools.plot RUN RUN -o curves.png` on a real run and a longer one with evaluations and a
+    skipped step writes a PNG; a directory without metrics is one line, exit code 2."""
+    from haillm.tools import plot
+
+    other = tmp_path / "longer"
+    other.mkdir()
+    rows = [{"step": s, "loss": 9 - s / 10, "lm_loss": 8 - s / 10, "lr": 1e-3, "grad_norm": 1.0 + s,
+             "tokens_per_s": 1000, "max_vio": 0.5, "skipped": s == 7,
+             **({"eval_loss": 8 - s / 12} if s % 5 == 0 else {})} for s in range(1, 31)]
+    (other / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 31, "lo')
+    out = tmp_path / "curves.png"
+    assert plot.main([str(base_run), str(other), "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main([str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
 def test_empty_dataset_and_bad_tokenizer(capsys, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
