@@ -192,6 +192,7 @@ class CheckpointConfig:
     resume: str = "none"  # "none", "auto" (newest complete checkpoint in output_dir) or a step_<N> path
     keep: int = 3  # newest checkpoints kept; 0 keeps all
     async_save: bool = False  # write from a CPU copy in a background thread while training goes on
+    finetune: bool = False  # with checkpoint.resume=<path>: its weights only (step 0, new data, schedule, Adam)
 
 
 @dataclass
@@ -342,6 +343,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _one_of("fp8.wgrad", cfg.fp8.wgrad, WGRAD_MODES)
     _one_of("logging.wandb", cfg.logging.wandb, WANDB_MODES)
     _validate_resume(cfg.checkpoint.resume)
+    _require(not cfg.checkpoint.finetune or cfg.checkpoint.resume not in ("none", "auto"),
+             f"checkpoint.finetune=true needs checkpoint.resume=<path of a checkpoints/step_<N> directory>, "
+             f"got checkpoint.resume={cfg.checkpoint.resume}")
     _validate_data_and_eval(cfg)
     init_from = cfg.model.init_from
     _require(not init_from or init_from.startswith("hf:"), f"model.init_from={init_from!r} must be '' or hf:<path>")

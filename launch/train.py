@@ -72,7 +72,7 @@ def prepare_run_dir(cfg: DictConfig, rank: int) -> Path:
     run_dir = Path(output_dir)
     if restarts() and cfg.checkpoint.resume != "auto":
         log.warning("restart %d of this torchrun job: continuing from the newest checkpoint", restarts())
-        cfg.checkpoint.resume = "auto"
+        cfg.checkpoint.resume, cfg.checkpoint.finetune = "auto", False
     holds_run = (run_dir / "metrics.jsonl").exists() or bool(list_checkpoints(run_dir))
     if holds_run and cfg.checkpoint.resume == "none":
         raise ConfigError(
@@ -160,7 +160,7 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
                            end=t.steps * t.global_batch_size)
     # A resume that would change the learning-rate schedule is refused (optim.on_schedule_change) before this too.
     saved = peek_trainer_state(run_dir, cfg.checkpoint.resume)
-    if saved is not None:
+    if saved is not None and not cfg.checkpoint.finetune:
         resume_origin(saved, cfg)
     # Everything that can reject the run has run: only now touch the run directory.
     if rank == 0:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from haillm.tools.export import load_checkpoint_model
 from haillm.train.metrics import peak_memory_bytes, reset_peak_memory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,6 +180,37 @@ def test_a_changed_schedule_on_resume_is_refused_or_followed(capsys, tmp_path):
     assert lrs["continue"] == pytest.approx([floor] * 6)  # continuous: no jump back up to the cosine's middle
     assert lrs["restart"][:3] == pytest.approx([lr / 3, 2 * lr / 3, lr])  # the warmup, over the 6 steps left
     assert lrs["restart"][-1] == pytest.approx(floor)
+
+
+def test_finetune_takes_the_weights_and_nothing_else(capsys, base_run, tmp_path):
+    """`checkpoint.resume=<step_N> checkpoint.finetune=true`: the checkpoint's weights (its step-1 loss is the
+    trained model's, not a fresh one's), then step 1 of a new run: data from the start, the new schedule's
+    warmup, Adam from zero moments; without a path it is refused in one line."""
+    import torch.distributed.checkpoint as dcp
+
+    step_2 = base_run / "checkpoints" / "step_2"
+    tuned, fresh = tmp_path / "tuned", tmp_path / "fresh"
+    extra = ["train.steps=3", "train.lr=1e-3", "optim.warmup_steps=2"]
+    assert train(capsys, tuned, *extra, f"checkpoint.resume={step_2}", "checkpoint.finetune=true")[0] == 0
+    assert train(capsys, fresh, *extra)[0] == 0
+    got, new = records(tuned), records(fresh)
+    assert [r["step"] for r in got] == [1, 2, 3] and got[-1]["consumed_samples"] == new[-1]["consumed_samples"]
+    assert [r["lr"] for r in got] == [r["lr"] for r in new]  # the new schedule from its first step
+    # step 1's loss, computed before any update, is the checkpoint's model on the run's first batch
+    from haillm.config import compose_config
+    from haillm.data.loader import build_training_data, make_batcher
+
+    cfg = compose_config([*FAST, *extra, f"output_dir={fresh}"])
+    data = build_training_data(cfg.data, cfg.train.seq_len, cfg.train.global_batch_size, cfg.seed, eval_samples=0)
+    batches = make_batcher(data, 0, 1, cfg.train.micro_batch_size, torch.device("cpu"), False, end=None).next_step()
+    with torch.no_grad():
+        expected = sum(load_checkpoint_model(step_2).compute_loss(b)["lm_loss"].item() for b in batches) / len(batches)
+    assert got[0]["lm_loss"] == pytest.approx(expected, rel=1e-6) and abs(new[0]["lm_loss"] - expected) > 1e-3
+    state = {"optim": {"step": torch.tensor(0)}}
+    dcp.load(state, checkpoint_id=str(tuned / "checkpoints" / "step_3"), no_dist=True)
+    assert int(state["optim"]["step"]) == 3  # Adam restarted: 3 steps, not 2 + 3
+    rc, err = train(capsys, tmp_path / "no_path", "checkpoint.finetune=true")
+    assert rc == 2 and "checkpoint.finetune=true needs checkpoint.resume=<path" in error_line(err)
 
 
 def test_a_model_too_large_for_the_machine_is_refused_at_once(capsys, monkeypatch, tmp_path):

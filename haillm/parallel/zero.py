@@ -426,6 +426,13 @@ class ZeroAdamW:
         ranks = dist.get_process_group_ranks(pg) if b.world > 1 else [0]
         return sharded_view(b.state[kind], b.offsets[i] + offset, shape, b.numel // b.world, b.rank, ranks, pg)
 
+    def reset_moments(self) -> None:
+        """Start Adam afresh from the current master weights: zero moments and step count (fine-tuning)."""
+        for b in self._buckets:
+            b.state["exp_avg"].zero_()
+            b.state["exp_avg_sq"].zero_()
+        self.step_count = 0
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Adopt a state dict (loaded in place by DCP, or any full/sharded one with the same FQNs and
         shapes), then rebuild the parameters from the loaded master weights."""

@@ -274,12 +274,12 @@ def check_shapes(path: Path, model: torch.nn.Module) -> None:
             )
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: Stateful) -> dict:
-    """Load model, optimizer and this rank's RNG from `path` (any data-parallel layout wrote it)."""
+def load(path: Path, model: torch.nn.Module, optimizer: Stateful, rng: bool = True) -> dict:
+    """Load model, optimizer and (with `rng`) this rank's RNG from `path` (any data-parallel layout wrote it)."""
     check_shapes(path, model)
     dcp.load(_state(model, optimizer), checkpoint_id=str(path), no_dist=not dist.is_initialized())
     rng_file = path / f"rng_rank{_rank()}.pt"
-    if rng_file.is_file():
+    if rng and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / TRAINER_STATE).read_text())
 
@@ -324,14 +324,14 @@ def peek_trainer_state(run_dir: Path, resume: str) -> dict | None:
     return None
 
 
-def resume_from(path: Path, model: torch.nn.Module, optimizer: Stateful) -> dict:
+def resume_from(path: Path, model: torch.nn.Module, optimizer: Stateful, rng: bool = True) -> dict:
     """Load the checkpoint at ``path`` (``checkpoint.resume=<path>``); CheckpointError when it is unusable."""
     reasons = gather_object(verify(path, (_rank(), dist.get_world_size() if dist.is_initialized() else 1)))
     reason = next((r for r in reasons if r is not None), None)
     if reason is not None:
         raise CheckpointError(f"checkpoint.resume={path} is unusable: {reason}")
     try:
-        return load(path, model, optimizer)
+        return load(path, model, optimizer, rng)
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as exc:

@@ -88,6 +88,12 @@ class Trainer:
         where = self.cfg.checkpoint.resume
         if where == "none":
             return
+        if self.cfg.checkpoint.finetune:  # the weights (fp32 masters) and nothing else: step 0, new data, fresh Adam
+            checkpoint.resume_from(Path(where), self.model, self.optimizer, rng=False)
+            self.optimizer.reset_moments()
+            invalidate_weight_caches(self.model)
+            log.info("checkpoint.finetune: the weights of %s, the optimizer, data and schedule from the start", where)
+            return
         if where == "auto":
             saved = checkpoint.resume(self.run_dir, self.model, self.optimizer)
         else:
