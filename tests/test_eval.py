@@ -3,7 +3,9 @@ checkpoint on the same batches; it leaves training unchanged; dp=2 evaluates lik
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -62,6 +64,44 @@ def test_eval_loss_equals_a_separate_evaluation_of_the_checkpoint(single):
     for step in (2, 4):
         assert evaluate_checkpoint(single, [], step) == rows[step - 1]["eval_loss"]
     assert rows[1]["eval_loss"] != rows[3]["eval_loss"]
+
+
+def test_evaluate_tool_equals_the_trainers_eval_loss(single, tmp_path, capsys):
+    """`python -m haillm.tools.evaluate CHECKPOINT` gives the step's eval_loss (==); `--data` evaluates another
+    corpus with the run's tokenizer and seq_len; bad input is one line."""
+    from haillm.tools.evaluate import evaluate_checkpoint
+    from haillm.tools.evaluate import main as evaluate_main
+
+    rows = records(single)
+    for step in (2, 4):
+        assert evaluate_checkpoint(single / "checkpoints" / f"step_{step}")["lm_loss"] == rows[step - 1]["eval_loss"]
+    corpus = tmp_path / "other.jsonl"
+    write_corpus(corpus, 30_000, seed=5)
+    assert evaluate_main([str(single / "checkpoints" / "step_4"), "--data", str(corpus), "--batches", "2",
+                          "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["sequences"] == 2 * 4 and 0 < result["lm_loss"] < 10
+    assert result["perplexity"] == pytest.approx(math.exp(result["lm_loss"]))
+    assert evaluate_main([str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_generate_tool_samples_and_refuses_bad_input(single, capsys):
+    """`python -m haillm.tools.generate CHECKPOINT --prompt ...`: greedy is deterministic, sampling follows its
+    seed, the output starts with the prompt; bad arguments are one line."""
+    from haillm.tools.generate import main as generate_main
+
+    step_4 = str(single / "checkpoints" / "step_4")
+    outs = []
+    for extra in (["--greedy"], ["--greedy"], ["--seed", "3"], ["--seed", "3"]):
+        assert generate_main([step_4, "--prompt", "def main(", "--max-new-tokens", "12", *extra]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[2] == outs[3] and all(o.startswith("def main(") for o in outs)
+    for bad in (["--max-new-tokens", "0"], ["--top-p", "1.5"], ["--max-new-tokens", "100000"]):
+        with contextlib.suppress(SystemExit):
+            assert generate_main([step_4, "--prompt", "x", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error:" in err, err
 
 
 def test_bf16_eval_loss_equals_a_separate_evaluation(tmp_path):

@@ -15,6 +15,7 @@ from test_train_dp import COMMON
 from haillm.config import compose_config, validate
 from haillm.models.deepseek_v3.model import DeepSeekV3
 from haillm.tools.export import main as export_main
+from haillm.tools.generate import generate, load_model
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
@@ -54,6 +55,14 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, layout, capsys):
         untrained = DeepSeekV3(ours.args, init_seed=1234).eval()(tokens)
     assert (got - expected).abs().max().item() < TOL
     assert (untrained - expected).abs().max().item() > 100 * TOL  # the trained weights are what was compared
+
+    # greedy decoding from the checkpoint (MLA's latent cache) gives transformers' tokens from the export
+    model, _ = load_model(run / "checkpoints" / "step_3")
+    prompt = tokens[0, :8].tolist()
+    ours_tokens = generate(model, prompt, 16, greedy=True)
+    hf.generation_config.eos_token_id = None  # the comparison runs all 16 steps
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert ours_tokens == theirs[0, len(prompt):].tolist()
 
 
 def test_a_loaded_checkpoint_is_the_trainers_model_bitwise(tmp_path):

@@ -35,7 +35,7 @@ class ExportError(ValueError):
     """The checkpoint or the output directory cannot be used (one-line message)."""
 
 
-def _config_path(checkpoint: Path) -> Path:
+def config_path(checkpoint: Path) -> Path:
     for path in (checkpoint / CONFIG, checkpoint.parent.parent / CONFIG):
         if path.is_file():
             return path
@@ -51,9 +51,9 @@ def load_checkpoint_model(checkpoint: str | Path) -> DeepSeekV3:
     if problem:
         raise ExportError(f"{checkpoint} is not a complete checkpoint: {problem}")
     try:
-        args = to_model_args(OmegaConf.load(_config_path(checkpoint)).model)
+        args = to_model_args(OmegaConf.load(config_path(checkpoint)).model)
     except (ValueError, TypeError, AttributeError, yaml.YAMLError) as exc:  # YAML's messages span lines
-        raise ExportError(f"{_config_path(checkpoint)}: unusable model config ({' '.join(str(exc).split())[:300]})"
+        raise ExportError(f"{config_path(checkpoint)}: unusable model config ({' '.join(str(exc).split())[:300]})"
                           ) from None
     with torch.device("meta"):
         model = DeepSeekV3(args, init_seed=None)
