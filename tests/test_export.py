@@ -81,6 +81,34 @@ def test_a_loaded_checkpoint_is_the_trainers_model_bitwise(tmp_path):
                            trained.compute_loss(torch.cat([tokens, tokens[:, :1]], 1))["loss"])
 
 
+def test_export_takes_the_tokenizer_along(tmp_path):
+    """A run with its own tokenizer.json: the export holds a copy, config.json's bos/eos are its end-of-document
+    id (transformers' generate then stops there, as our generate does), and it is readable by the group even
+    under umask 077."""
+    import json
+    import os
+    import stat
+
+    from haillm.data.synthetic import documents, train_bpe
+    from haillm.data.tokenizer import build_tokenizer
+
+    tok = train_bpe(tmp_path / "tokenizer.json", documents(200_000, seed=1), 600)
+    run = tmp_path / "run"
+    argv = [*COMMON, f"output_dir={run}", "train.steps=2", f"data.tokenizer={tok}", "model.vocab_size=640"]
+    assert launch_train.main(argv) == 0
+    old = os.umask(0o077)
+    try:
+        assert export_main([str(run / "checkpoints" / "step_2"), str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    hf_dir = tmp_path / "hf"
+    assert (hf_dir / "tokenizer.json").read_bytes() == tok.read_bytes()
+    eod = build_tokenizer(str(tok)).eod_id
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["eos_token_id"] == config["bos_token_id"] == eod
+    assert all(p.stat().st_mode & stat.S_IRGRP for p in [hf_dir, *hf_dir.iterdir()])
+
+
 def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert export_main([str(missing), str(tmp_path / "out")]) == 2

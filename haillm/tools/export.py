@@ -6,14 +6,18 @@ tensors are stored under the full model's names and global shapes, so one proces
 come from the optimizer's fp32 master copies when the checkpoint holds them (the model entries may be a
 lower-precision copy), else from the model entries; buffers (the routing bias) from the model entries. The
 model configuration is the checkpoint's `config.yaml` (or, for checkpoints written before it was stored there,
-the run directory's). OUT_DIR is written under a temporary name and renamed when complete; an existing
-non-empty OUT_DIR is refused.
+the run directory's). The run's tokenizer goes along: its `tokenizer.json` is copied (the `byte` tokenizer has
+none), and config.json's `bos_token_id`/`eos_token_id` are its end-of-document id, which also separates
+documents in training, so that `generate` stops where the model learnt documents end. OUT_DIR is written
+under a temporary name, made readable by the group, and renamed when complete; an existing non-empty OUT_DIR
+is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -24,6 +28,8 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
 
 from haillm.config import to_model_args
+from haillm.data import DataError
+from haillm.data.tokenizer import build_tokenizer
 from haillm.models.deepseek_v3.hf import save_hf
 from haillm.models.deepseek_v3.model import DeepSeekV3
 from haillm.train.checkpoint import CONFIG, describe, verify
@@ -91,11 +97,21 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype = tor
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ExportError(f"{out_dir} exists and is not an empty directory; choose another OUT_DIR")
     model = load_checkpoint_model(checkpoint)
+    spec = OmegaConf.load(config_path(Path(checkpoint))).data.tokenizer
+    try:
+        tokenizer = build_tokenizer(spec)
+    except DataError as exc:
+        raise ExportError(f"the run's tokenizer cannot be read: {exc}") from None
     for p in model.parameters():  # buffers (the routing bias) stay fp32
         p.data = p.data.to(dtype)
     tmp = out_dir.with_name(f".tmp_{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(model, tmp)
+    save_hf(model, tmp, eos_token_id=tokenizer.eod_id)
+    if spec != "byte":
+        source = Path(spec) / "tokenizer.json" if Path(spec).is_dir() else Path(spec)
+        shutil.copyfile(source, tmp / "tokenizer.json")
+    for path in [tmp, *tmp.iterdir()]:  # the group may read it (a shared cluster's umask is often 077)
+        path.chmod(path.stat().st_mode | stat.S_IRGRP | (stat.S_IXGRP if path.is_dir() else 0))
     if out_dir.exists():
         out_dir.rmdir()
     tmp.rename(out_dir)

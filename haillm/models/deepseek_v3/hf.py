@@ -261,10 +261,11 @@ def load_hf(path: str | Path) -> DeepSeekV3:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def save_hf(model: DeepSeekV3, path: str | Path, max_shard_bytes: int = 4 << 30) -> None:
+def save_hf(model: DeepSeekV3, path: str | Path, max_shard_bytes: int = 4 << 30, eos_token_id: int | None = None
+            ) -> None:
     """Write a full ``model`` (not a pipeline stage or expert shard) as a Hugging Face DeepseekV3 checkpoint:
     config.json, safetensors shards (in the model's dtype, gate bias fp32) and model.safetensors.index.json
-    when there is more than one shard."""
+    when there is more than one shard; ``eos_token_id``: see ``hf_config_from_args``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     args = model.args
@@ -295,5 +296,5 @@ def save_hf(model: DeepSeekV3, path: str | Path, max_shard_bytes: int = 4 << 30)
         weight_map = {name: file for file, names in zip(files, shards, strict=True) for name in names}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config = hf_config_from_args(args, state["embed.weight"].dtype)
+    config = hf_config_from_args(args, state["embed.weight"].dtype, eos_token_id)
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -86,8 +86,10 @@ def args_from_hf_config(config: dict) -> ModelArgs:
     ).validate()
 
 
-def hf_config_from_args(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
-    """A DeepseekV3 config.json (the released layout: ``rope_theta`` + ``rope_scaling``) for ``args``."""
+def hf_config_from_args(args: ModelArgs, dtype: torch.dtype = torch.float32, eos_token_id: int | None = None) -> dict:
+    """A DeepseekV3 config.json (the released layout: ``rope_theta`` + ``rope_scaling``) for ``args``;
+    ``eos_token_id``: the tokenizer's end of document, also the beginning of one (documents are separated by it,
+    as GPT-style corpora are), else transformers' defaults for DeepseekV3 (0 and 1)."""
     rope_scaling = None
     if args.uses_yarn:
         rope_scaling = {"type": "yarn", "factor": args.rope_factor, "original_max_position_embeddings":
@@ -129,7 +131,7 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype = torch.float32) -> 
         "tie_word_embeddings": False,
         "num_nextn_predict_layers": args.mtp_depth,
         "initializer_range": args.init_std,
-        "bos_token_id": 0,
-        "eos_token_id": 1,
+        "bos_token_id": 0 if eos_token_id is None else eos_token_id,
+        "eos_token_id": 1 if eos_token_id is None else eos_token_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
