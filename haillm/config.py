@@ -8,6 +8,7 @@ cross-field rules that types alone cannot express.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -182,6 +183,7 @@ class LoggingConfig:
     wandb: str = "disabled"
     wandb_project: str = "haillm"
     run_name: str = ""
+    tensorboard: bool = False  # event files under output_dir/tensorboard
     progress: bool = True  # rank 0's tqdm bar (when stdout is a terminal) and step lines
     log_interval: int = 10  # a plain step line every N steps in train.log, and on stdout when it is not a terminal
 
@@ -342,6 +344,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _one_of("optim.grad_reduce_dtype", o.grad_reduce_dtype, ("fp32", "bf16"))
     _one_of("fp8.wgrad", cfg.fp8.wgrad, WGRAD_MODES)
     _one_of("logging.wandb", cfg.logging.wandb, WANDB_MODES)
+    _require(not cfg.logging.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+             "logging.tensorboard=true needs the tensorboard package, which is not installed: pip install tensorboard")
     _validate_resume(cfg.checkpoint.resume)
     _require(not cfg.checkpoint.finetune or cfg.checkpoint.resume not in ("none", "auto"),
              f"checkpoint.finetune=true needs checkpoint.resume=<path of a checkpoints/step_<N> directory>, "

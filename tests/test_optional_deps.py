@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from haillm.config import ConfigError, compose_config, validate
 from haillm.tools.schedule import main as schedule_main
 
 
@@ -21,3 +22,12 @@ def test_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):
     assert captured.out == "" and not png.exists()
     assert captured.err.splitlines() == ["python -m haillm.tools.schedule: error: --plot needs matplotlib, "
                                          "which is not installed: pip install matplotlib"]
+
+
+def test_tensorboard_logging_without_tensorboard_is_refused_before_the_run(monkeypatch):
+    cfg = compose_config(["logging=tensorboard"])
+    validate(cfg)  # installed here (a dependency of haillm)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not
+    with pytest.raises(ConfigError, match=r"^logging.tensorboard=true needs the tensorboard package, which is not "
+                                          r"installed: pip install tensorboard$"):
+        validate(cfg)

@@ -64,7 +64,7 @@ def test_resume_is_exact(capsys, tmp_path):
 
 def test_run_dir_contents_and_metrics(capsys, tmp_path):
     out = tmp_path / "run"
-    rc, _ = train(capsys, out, "train.steps=3", "checkpoint.interval=2")
+    rc, _ = train(capsys, out, "train.steps=3", "checkpoint.interval=2", "logging=tensorboard")
     assert rc == 0
     assert (out / "config.yaml").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_3"]
@@ -78,6 +78,14 @@ def test_run_dir_contents_and_metrics(capsys, tmp_path):
     # CPU: the process's peak resident set so far, which only grows and includes the model and optimizer
     process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
     assert 0.05 < rows[0]["peak_memory_gib"] <= rows[-1]["peak_memory_gib"] <= process_peak
+    # logging=tensorboard: the same figures in event files that tensorboard's own loader reads
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for key in ("lm_loss", "loss", "lr", "grad_norm", "max_vio"):
+        assert [e.step for e in events.Scalars(key)] == [r["step"] for r in rows]
+        assert [e.value for e in events.Scalars(key)] == pytest.approx([r[key] for r in rows], rel=1e-6)  # float32
 
 
 @pytest.mark.gpu

@@ -100,6 +100,7 @@ MEANINGS = {
     "logging.wandb": "Weights & Biases: `disabled`, `offline` or `online`",
     "logging.wandb_project": "Weights & Biases project",
     "logging.run_name": "Weights & Biases run name (default: the run directory's name)",
+    "logging.tensorboard": "TensorBoard event files under output_dir/tensorboard (`tensorboard --logdir runs/`)",
     "seed": "seed of the weights (per parameter name) and of the data order",
     "output_dir": "run directory: config.yaml, metrics.jsonl, train.log, checkpoints/",
 }

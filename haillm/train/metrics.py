@@ -1,4 +1,4 @@
-"""Per-step metrics: MFU, the metrics.jsonl sink, Weights & Biases and the console progress bar.
+"""Per-step metrics: MFU, the metrics.jsonl sink, Weights & Biases, TensorBoard and the console progress bar.
 
 MFU = flops_per_token x tokens/s / (peak FLOP/s x devices). FLOPs per token come from the model's
 own formula (`haillm.models.deepseek_v3.flops.flops_per_token`: 6 x activated matmul parameters,
@@ -101,6 +101,27 @@ class WandbSink:
 
     def close(self) -> None:
         self.run.finish()
+
+
+class TensorBoardSink:
+    """TensorBoard event files under ``run_dir/tensorboard`` (``logging.tensorboard``): every numeric metric of a
+    step as a scalar at that step. On resume the events of steps after the checkpoint are purged (TensorBoard
+    drops them from the earlier files), as ``JsonlSink`` drops its records, so a curve has one value per step."""
+
+    def __init__(self, run_dir: Path, after_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = after_step + 1 if after_step else None
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
+
+    def write(self, record: dict) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, global_step=record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 STEP_LOG = "haillm.steps"  # the plain step lines: stdout and train.log (launch/train.py keeps them off stderr)

@@ -25,7 +25,15 @@ from haillm.train import checkpoint
 from haillm.train.compile import compiled_regions
 from haillm.train.evaluate import Evaluator
 from haillm.train.health import LossHealth
-from haillm.train.metrics import JsonlSink, Progress, WandbSink, peak_flops, peak_memory_bytes, reset_peak_memory
+from haillm.train.metrics import (
+    JsonlSink,
+    Progress,
+    TensorBoardSink,
+    WandbSink,
+    peak_flops,
+    peak_memory_bytes,
+    reset_peak_memory,
+)
 from haillm.train.optim import lr_at, resume_origin, schedule_of
 from haillm.train.preemption import Preemption
 from haillm.train.watchdog import Watchdog
@@ -174,6 +182,8 @@ class Trainer:
             sinks.append(WandbSink(self.cfg.logging.wandb, self.cfg.logging.wandb_project,
                                    self.cfg.logging.run_name, self.run_dir,
                                    OmegaConf.to_container(self.cfg, resolve=True)))
+        if self.cfg.logging.tensorboard:
+            sinks.append(TensorBoardSink(self.run_dir, after_step=self.state.step))
         return sinks
 
     def train_step(self) -> dict:
