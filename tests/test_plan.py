@@ -8,12 +8,14 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from haillm.config import compose_config
+from haillm.config import compose_config, validate
 from haillm.fp8.policy import FP8_TINY_OVERRIDES
 from haillm.models.deepseek_v3.args import get_preset
 from haillm.models.deepseek_v3.flops import count_params, flops_per_token
 from haillm.tools.plan import GIB, main, make_plan
+from haillm.tools.plan_time import Bandwidths
 from haillm.train.metrics import peak_flops
 
 PUBLISHED = ["model=v3_671b", "parallel.pp=16", "parallel.ep=64", "parallel.dp=128", "parallel.pp_schedule=dualpipe",
@@ -81,14 +83,22 @@ def test_published_layout_memory_and_traffic(published):
         assert rank["gradients"] - 128 * 4 * rank["buckets"] < sent["partner_all_reduce"] <= rank["gradients"]
 
 
-def test_assumed_mfu_gives_the_step_time():
+def test_assumed_mfu_gives_the_compute_term():
+    """The compute term is the FLOPs at the assumed MFU; the step adds what is not hidden (here ZeRO-1 over dp=2),
+    and its MFU is the whole step's, as the trainer logs it. A measured step time gives the MFU instead."""
     plan = make_plan([*TINY, "parallel.dp=2"], gpu="h100", mfu=0.5)
     flops = plan["tokens_per_step"] * plan["flops_per_token"]
-    assert plan["step_time_s"] == pytest.approx(flops / (2 * 989e12 * 0.5))
-    assert plan["mfu"] == 0.5 and plan["memory_bytes_per_rank"]["fits"] is True
+    terms = plan["step_time_terms_s"]
+    assert terms["compute"] == pytest.approx(flops / (2 * 989e12 * 0.5))
+    assert plan["step_time_s"] == pytest.approx(sum(terms.values())) == plan["modelled_step_time_s"]
+    assert plan["step_time_s"] > terms["compute"] and terms["zero_reduce_scatter"] > 0
+    assert plan["compute_mfu"] == 0.5 and plan["mfu"] == pytest.approx(flops / (plan["step_time_s"] * 2 * 989e12))
+    assert plan["memory_bytes_per_rank"]["fits"] is True
     measured = make_plan([*TINY, "parallel.dp=2"], gpu="h100", step_time=plan["step_time_s"])
-    assert measured["mfu"] == pytest.approx(0.5)
+    assert measured["mfu"] == pytest.approx(plan["mfu"]) and measured["step_time_s"] == plan["step_time_s"]
     assert measured["gpu_hours_per_trillion_tokens"] == pytest.approx(plan["gpu_hours_per_trillion_tokens"])
+    # the terms are still modelled (at --mfu's default) next to the measured time
+    assert measured["step_time_terms_s"]["compute"] == pytest.approx(flops / (2 * 989e12 * 0.4))
 
 
 def test_peak_is_the_trainers():
@@ -132,7 +142,7 @@ def test_1f1b_with_mtp_all_reduces_the_embedding_gradient(mtp_depth):
     """sum_partner_grads on the first and the last rank: the fp32 gradient of the embedding both hold,
     reported whichever rank holds the most memory."""
     plan = make_plan([*TINY, "parallel.pp=4", "parallel.pp_schedule=1f1b", f"model.mtp_depth={mtp_depth}"])
-    args = get_preset("tiny")
+    args = get_preset("tiny").replace(vocab_size=compose_config(TINY).model.vocab_size)  # the tokenizer's
     embedding = args.vocab_size * args.dim * 4 if mtp_depth else 0
     assert [r["partner_grads"] for r in plan["memory_bytes_per_pp_rank"]] == [embedding, 0, 0, embedding]
     sent = [c["partner_all_reduce"] for c in plan["comm_bytes_per_pp_rank_per_step"]]
@@ -175,8 +185,11 @@ def test_json_is_one_object(capsys):
     assert len(out) == 1
     plan = json.loads(out[0])
     for key in ("total_params", "active_params", "flops_per_token", "memory_bytes_per_rank", "step_time_s", "mfu",
-                "gpu_hours_per_trillion_tokens"):
+                "gpu_hours_per_trillion_tokens", "step_time_terms_s", "bandwidths_gbps", "comm_time_s"):
         assert key in plan
+    assert set(plan["step_time_terms_s"]) == {"compute", "pipeline_bubble", "all_to_all", "pipeline_p2p",
+                                              "zero_reduce_scatter", "zero_all_gather", "partner_all_reduce"}
+    assert plan["bandwidths_gbps"] == {"nvlink": 153.0, "ib": 43.0}  # DeepEP's published figures
     assert plan["memory_bytes_per_rank"]["capacity"] == 141 * GIB
 
 
@@ -187,7 +200,15 @@ def test_text_report_and_exit_codes(capsys):
     # 8M-token micro-batches do not fit one H100 (~172 GiB of activations)
     big = [*TINY, "train.seq_len=512", "train.micro_batch_size=16384", "train.global_batch_size=16384"]
     assert main(big) == 1
-    assert "DOES NOT FIT" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out
+    # the hint: what each knob gives, the nearest change that fits, and the search over layouts
+    assert "hint: activations take the most" in out
+    assert "nearest fitting change: train.micro_batch_size=" in out
+    assert "--gpus 1 --gpu h100 --search" in out
+    for term in ("compute", "pipeline bubble", "all to all", "pipeline p2p", "zero reduce scatter", "zero all gather",
+                 "partner all reduce"):
+        assert f"\n  {term} " in out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -196,6 +217,11 @@ def test_text_report_and_exit_codes(capsys):
     (["parallel.tp=2"], "parallel.tp=2 is not yet supported"),
     (["--gpu", "tpu"], "argument --gpu: invalid choice: 'tpu'"),
     (["--mfu", "1.5"], "--mfu=1.5 must be in (0, 1]"),
+    (["--ib-gbps", "0"], "--ib-gbps=0.0 must be positive"),
+    (["--nvlink-gbps", "-5"], "--nvlink-gbps=-5.0 must be positive"),
+    (["--ib-gbps", "fast"], "argument --ib-gbps: invalid float value: 'fast'"),
+    (["--search"], "--search needs --gpus"),
+    (["--search", "--gpus", "2", "--step-time", "1"], "--search models the step time: leave out --step-time"),
     (["train.nonsense=1"], "unknown config key 'train.nonsense'"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message):
@@ -204,3 +230,100 @@ def test_bad_input_is_one_line(capsys, argv, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+# ---- the step-time model (haillm/tools/plan_time.py) and the search (haillm/tools/plan_search.py) ----
+
+V2_LITE_64 = ["model=v2_lite_16b", "train.global_batch_size=512", "train.seq_len=4096", "train.micro_batch_size=1"]
+
+
+def _json(capsys, argv: list[str]) -> dict | list:
+    main([*argv, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def expert_layouts() -> dict:
+    """dp64 x ep8 and dp64 x ep64 of v2_lite_16b on 64 H100 (8 per node), as `--json` gives them."""
+    return {ep: make_plan([*V2_LITE_64, "parallel.dp=64", f"parallel.ep={ep}"], gpus=64, gpu="h100")
+            for ep in (8, 64)}
+
+
+def test_expert_parallel_layouts_differ_by_their_traffic(expert_layouts):
+    """Same FLOPs, so the same compute; ep8 sends its all-to-all within a node (NVLink), ep64 mostly across
+    nodes (InfiniBand: 56 of a rank's 63 peers), and without a pipeline none of it is hidden."""
+    ep8, ep64 = expert_layouts[8], expert_layouts[64]
+    for plan in (ep8, ep64):
+        terms = plan["step_time_terms_s"]
+        assert plan["step_time_s"] == pytest.approx(sum(terms.values()))
+        assert terms["pipeline_bubble"] == terms["pipeline_p2p"] == terms["partner_all_reduce"] == 0
+        assert terms["all_to_all"] == plan["comm_time_s"]["all_to_all"] > 0  # no F&B pairs: all exposed
+    assert ep8["step_time_terms_s"]["compute"] == ep64["step_time_terms_s"]["compute"]
+    assert ep8["links"]["all_to_all"] == "NVLink" and ep64["links"]["all_to_all"].startswith("IB 89%")
+    a2a = {ep: plan["comm_bytes_per_rank_per_step"]["all_to_all"] for ep, plan in expert_layouts.items()}
+    assert ep8["step_time_terms_s"]["all_to_all"] == pytest.approx(a2a[8] / 153e9)
+    assert ep64["step_time_terms_s"]["all_to_all"] == pytest.approx(a2a[64] * 56 / 63 / 43e9)
+    # experts are reduced over dp/ep ranks: 8 (one per node) for ep8, none for ep64
+    assert ep8["links"]["zero_experts"] == "IB" and ep64["links"]["zero_experts"] == "none"
+    assert ep64["step_time_s"] > ep8["step_time_s"] * 1.2
+
+
+def test_bandwidths_move_the_exposed_communication(capsys):
+    base = [*V2_LITE_64, "parallel.dp=64", "parallel.ep=64", "--gpus", "64"]
+    default, slow_ib = _json(capsys, base), _json(capsys, [*base, "--ib-gbps", "21.5"])
+    assert slow_ib["bandwidths_gbps"] == {"nvlink": 153.0, "ib": 21.5}
+    # IB-bound: half the bandwidth, twice the time; the compute does not move
+    assert slow_ib["step_time_terms_s"]["all_to_all"] == pytest.approx(2 * default["step_time_terms_s"]["all_to_all"])
+    assert slow_ib["step_time_terms_s"]["compute"] == default["step_time_terms_s"]["compute"]
+    assert slow_ib["step_time_s"] > default["step_time_s"]
+    fast_nvlink = _json(capsys, [*base, "--nvlink-gbps", "450"])
+    assert fast_nvlink["step_time_terms_s"]["all_to_all"] == default["step_time_terms_s"]["all_to_all"]
+
+
+def test_dualpipe_hides_the_all_to_all_that_1f1b_exposes():
+    """With compute long enough (a low MFU), DualPipe's F&B pairs hide their all-to-all: only the steps outside
+    pairs (warm-up, cool-down) expose theirs. 1F1B exposes all of it, in each step and in its bubble."""
+    layout = [*TINY, "train.global_batch_size=32", "train.micro_batch_size=1", "parallel.dp=2", "parallel.ep=2",
+              "parallel.pp=2"]  # 16 micro-batches: 13 of DualPipe's 18 steps per rank are F&B pairs
+    plans = {s: make_plan([*layout, f"parallel.pp_schedule={s}"], gpu="h100", mfu=0.001) for s in ("1f1b", "dualpipe")}
+    one_f_one_b, dualpipe = plans["1f1b"]["step_time_terms_s"], plans["dualpipe"]["step_time_terms_s"]
+    assert one_f_one_b["all_to_all"] == pytest.approx(plans["1f1b"]["comm_time_s"]["all_to_all"])
+    assert 0 < dualpipe["all_to_all"] < 0.5 * one_f_one_b["all_to_all"]
+    for plan in plans.values():
+        assert plan["step_time_s"] == pytest.approx(sum(plan["step_time_terms_s"].values()))
+    assert "hide" in plans["dualpipe"]["overlap"] and "exposed" in plans["1f1b"]["overlap"]
+    # with short compute (a high MFU on a slow network) a pair's exchanges outlast it: the excess is exposed
+    slow = make_plan([*layout, "parallel.pp_schedule=dualpipe"], gpu="h100", mfu=1.0,
+                     bandwidths=Bandwidths(nvlink_gbps=0.01, ib_gbps=0.01))
+    assert slow["step_time_terms_s"]["all_to_all"] > 0.5 * slow["comm_time_s"]["all_to_all"]
+
+
+def test_search_lists_fitting_valid_layouts_fastest_first(capsys):
+    assert main([*TINY[:-1], "--gpus", "8", "--gpu", "h100", "--search", "--json"]) == 0
+    layouts = json.loads(capsys.readouterr().out)
+    assert layouts and [e["step_time_s"] for e in layouts] == sorted(e["step_time_s"] for e in layouts)
+    assert {(e["pp"], e["pp_schedule"]) for e in layouts} >= {(1, None), (2, "1f1b"), (2, "dualpipe"), (4, "1f1b")}
+    base = compose_config(TINY[:-1])
+    for e in layouts:
+        assert e["memory_bytes_per_rank"] <= e["usable_bytes"] == 0.9 * 80 * GIB
+        assert e["step_time_s"] == pytest.approx(sum(e["step_time_terms_s"].values()))
+        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(e["overrides"]))
+        validate(cfg, 8)  # the trainer's validation, for 8 ranks
+        assert (cfg.parallel.dp * cfg.parallel.pp, cfg.parallel.ep) == (8, e["ep"])
+    # an entry is the plan of its overrides (composed and validated as launch/train.py does)
+    plan = make_plan([*TINY[:-1], *layouts[0]["overrides"]], gpus=8, gpu="h100")
+    assert plan["step_time_s"] == pytest.approx(layouts[0]["step_time_s"])
+    assert plan["memory_bytes_per_rank"]["total"] == pytest.approx(layouts[0]["memory_bytes_per_rank"])
+
+
+def test_search_text_and_fixed_keys(capsys):
+    """Keys given on the command line stay fixed (here the pipeline); the text is a table, fastest first."""
+    assert main([*V2_LITE_64[:-1], "parallel.pp=8", "parallel.pp_schedule=dualpipev", "--gpus", "64", "--search"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("layouts of 64 x H100 for v2_lite_16b, 512 sequences x 4096 tokens per step: 4 considered")
+    rows = [line.split() for line in out[3:-1]]
+    assert [(r[0], r[1], r[3]) for r in rows] == [("8", "8", "dualpipev")] * 4
+    assert sorted(r[2] for r in rows) == ["1", "2", "4", "8"]
+    times = [float(r[6]) for r in rows]
+    assert times == sorted(times)
+    assert out[-1].startswith("the terms of the fastest: python -m haillm.tools.plan model=v2_lite_16b")

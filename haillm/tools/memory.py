@@ -21,7 +21,7 @@ from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.model import DeepSeekV3
 from haillm.parallel.expert import ExpertPlacement, apply_expert_parallel
 from haillm.parallel.mesh import ParallelDims
-from haillm.parallel.pipeline.schedules import build, peak_activations
+from haillm.parallel.pipeline.schedules import Schedule, build, peak_activations
 from haillm.parallel.pipeline.stage import StageSpec, build_stage_model, second_copies, stage_specs
 from haillm.parallel.zero import DEFAULT_BUCKET_MB
 from haillm.parallel.zero_buckets import FP32_BYTES, BucketPlan, ParamSpec, plan_buckets
@@ -139,8 +139,10 @@ def fp8_weight_cache_bytes(model: torch.nn.Module, only: set[str] | None = None,
     return total
 
 
-def rank_memory(args: ModelArgs, lay: Layout, pp_rank: int, model: torch.nn.Module | None = None) -> RankMemory:
-    """Memory of pipeline rank ``pp_rank``; ``model``: its ``rank_model`` if already built."""
+def rank_memory(args: ModelArgs, lay: Layout, pp_rank: int, model: torch.nn.Module | None = None,
+                schedule: Schedule | None = None) -> RankMemory:
+    """Memory of pipeline rank ``pp_rank``; ``model``: its ``rank_model`` if already built; ``schedule``: the
+    layout's ``schedules.build`` if already built."""
     model = model if model is not None else rank_model(args, lay, pp_rank)
     plans = bucket_plans(model, lay, pp_rank)
     if lay.pp > 1:
@@ -150,7 +152,7 @@ def rank_memory(args: ModelArgs, lay: Layout, pp_rank: int, model: torch.nn.Modu
     per_mb = [chunk_bytes(args, s, lay.micro_batch, lay.seq_len, lay.setup, shared_embedding=lay.pp == 1)
               for s in specs]
     if lay.pp > 1:
-        schedule, _ = build(lay.schedule, lay.pp, lay.n_microbatches)
+        schedule = schedule or build(lay.schedule, lay.pp, lay.n_microbatches)[0]
         activations = peak_activations(schedule[pp_rank], per_mb)
     else:
         activations = per_mb[0]  # micro-batches run one after the other
@@ -169,14 +171,17 @@ def rank_memory(args: ModelArgs, lay: Layout, pp_rank: int, model: torch.nn.Modu
     )
 
 
-def all_ranks(args: ModelArgs, lay: Layout) -> list[RankMemory]:
+def all_ranks(args: ModelArgs, lay: Layout, schedule: Schedule | None = None) -> list[RankMemory]:
     """One entry per pipeline rank (the data- and expert-parallel ranks of a stage hold the same amounts).
-    Ranks that hold the same stages (DualPipe's mirror pairs) share one model build."""
+    Ranks that hold the same stages (DualPipe's mirror pairs) share one model build, and all one schedule
+    (``schedule``: the layout's ``schedules.build`` if already built)."""
     models: dict[tuple[int, ...], torch.nn.Module] = {}
+    if lay.pp > 1 and schedule is None:
+        schedule = build(lay.schedule, lay.pp, lay.n_microbatches)[0]
     out = []
     for r in range(lay.pp):
         key = tuple(sorted(s.index for s in stage_specs(args, lay.schedule, lay.pp, r))) if lay.pp > 1 else ()
         if key not in models:
             models[key] = rank_model(args, lay, r)
-        out.append(rank_memory(args, lay, r, models[key]))
+        out.append(rank_memory(args, lay, r, models[key], schedule))
     return out

@@ -2,15 +2,23 @@
 
     python -m haillm.tools.plan model=v3_671b parallel.pp=16 parallel.ep=64 parallel.dp=128 \\
         parallel.pp_schedule=dualpipe train.global_batch_size=15360 train.seq_len=4096 --gpus 2048 --gpu h800 \\
-        [--step-time 19.926 | --mfu 0.4] [--json]
+        [--step-time 19.926 | --mfu 0.4] [--nvlink-gbps 153] [--ib-gbps 43] [--json]
+    python -m haillm.tools.plan model=v2_lite_16b train.global_batch_size=512 train.seq_len=4096 \\
+        --gpus 64 --gpu h100 --search [--top 10] [--json]
 
 Overrides are the trainer's (``launch/train.py``), composed, resolved and validated by the same code with
 the world size ``--gpus``: ``train.dtype=auto`` (the default) resolves for the target as a run does (BF16
 parameters on a GPU, fp32 for ``--gpu cpu``), ``train.micro_batch_size`` as ``compose_config`` does (one
 sequence with pp > 1). Parameter counts and FLOPs per token are the model's own (``flops.py``); memory comes from
-``haillm.tools.memory``; the step time from FLOPs per step at a stated MFU of the peak the trainer's MFU uses
-(``metrics.named_peak_flops``), or the MFU from a measured ``--step-time``. Exit code 0 when the layout fits
-the GPU's memory, 1 when it does not, 2 for bad input (one line on stderr).
+``haillm.tools.memory``. The step time (``plan_time``) is the sum of printed terms: the compute, FLOPs per step at
+a stated ``--mfu`` of the peak the trainer's MFU uses (``metrics.named_peak_flops``); the pipeline bubble from the
+schedule simulator; and the all-to-all, pipeline P2P, ZeRO-1 reduce-scatter and all-gather and partner all-reduce
+time that overlap does not hide, at ``--nvlink-gbps`` within a node and ``--ib-gbps`` across nodes (defaults:
+DeepEP's published figures). A measured ``--step-time`` gives the MFU instead (the terms are still modelled).
+A layout that does not fit comes with a hint: the memory with recompute, a smaller micro-batch, bf16 Adam moments,
+and the ``--search`` command. ``--search`` (``plan_search``) lists the layouts of ``--gpus`` GPUs that validate
+and fit, fastest first. Exit code 0 when the layout fits the GPU's memory (with ``--search``: when one does), 1 when
+it does not, 2 for bad input (one line on stderr).
 """
 
 from __future__ import annotations
@@ -27,10 +35,10 @@ from haillm.fp8 import blockwise_fp8_available
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.flops import count_params, flops_per_token, mtp_params
 from haillm.parallel.mesh import ParallelConfigError
-from haillm.parallel.pipeline.schedules import build, halves, p2p_messages
-from haillm.parallel.pipeline.simulate import simulate
+from haillm.tools import plan_time
 from haillm.tools.activations import ActivationSetup
 from haillm.tools.memory import Layout, RankMemory, all_ranks
+from haillm.tools.plan_time import Bandwidths, pipeline_counts, schedule_of
 from haillm.tools.schedule import OneLineParser
 from haillm.train.metrics import GPU_PEAK_FLOPS, named_peak_flops
 from haillm.train.optim import config_dtype
@@ -106,17 +114,13 @@ def traffic(args: ModelArgs, lay: Layout, ranks: list[RankMemory], fp8_dispatch:
     act, dim, k = lay.setup.act_bytes, args.dim, args.n_activated_experts
     copy_out = dim + 4 * -(-dim // 128) if fp8_dispatch else dim * act
     per_copy = (copy_out + 3 * dim * act) * (lay.ep - 1) / lay.ep
-    if lay.pp > 1:
-        schedule, topo = build(lay.schedule, lay.pp, lay.n_microbatches)
-        sends = p2p_messages(schedule, topo)[0]
     out = []
     for rank in ranks:
         if lay.pp > 1:
-            forwards = [sum(1 for s in schedule[rank.pp_rank] for a in halves(s) if a.kind == "F" and a.chunk == c)
-                        for c in range(len(rank.specs))]
-            p2p = len(sends[rank.pp_rank]) * lay.micro_batch * lay.seq_len * dim * act
+            forwards, sends = pipeline_counts(lay.schedule, lay.pp, lay.n_microbatches)[rank.pp_rank]
+            p2p = sends * lay.micro_batch * lay.seq_len * dim * act
         else:
-            forwards, p2p = [lay.n_microbatches], 0
+            forwards, p2p = (lay.n_microbatches,), 0
         a2a = 0.0
         for spec, n in zip(rank.specs, forwards, strict=True):
             tokens = sum(lay.seq_len for i in spec.layers if i >= args.n_dense_layers)
@@ -133,31 +137,55 @@ def traffic(args: ModelArgs, lay: Layout, ranks: list[RankMemory], fp8_dispatch:
     return out
 
 
+def timing(cfg: DictConfig, args: ModelArgs, lay: Layout, ranks: list[RankMemory], gpus: int, gpu: str,
+           mfu: float, bw: Bandwidths) -> dict:
+    """Traffic (``traffic``) and the modelled step time (``plan_time.step_time``) at ``mfu`` for the compute."""
+    comm = traffic(args, lay, ranks, cfg.fp8.enabled and lay.ep > 1)
+    fpt = flops_per_token(args, lay.seq_len)
+    peak, peak_source = named_peak_flops(None if gpu == "cpu" else gpu.upper(), cfg.train.peak_flops)
+    tokens = cfg.train.global_batch_size * lay.seq_len
+    compute_s = tokens * fpt / (gpus * peak * mfu)
+    return {**plan_time.step_time(lay, ranks, comm, compute_s, args.dim, bw), "comm": comm, "peak": peak,
+            "peak_source": peak_source, "tokens": tokens, "flops_per_token": fpt}
+
+
+def usable_bytes(gpu: str) -> tuple[float | None, float | None]:
+    """(HBM, what a layout may plan to use) of ``gpu``; (None, None) for the CPU."""
+    if gpu == "cpu":
+        return None, None
+    capacity = GPU_SPECS[gpu.upper()].memory_gib * GIB
+    return capacity, capacity * (1 - MEMORY_RESERVE)
+
+
 def make_plan(overrides: list[str], gpus: int | None = None, gpu: str = "h100", step_time: float | None = None,
-              mfu: float = DEFAULT_MFU) -> dict:
+              mfu: float = DEFAULT_MFU, bandwidths: Bandwidths | None = None) -> dict:
     """Everything the planner prints, as one JSON-ready dict (see ``python -m haillm.tools.plan --help``)."""
     cfg, gpus = compose(overrides, gpus, gpu)
+    return plan_of(cfg, gpus, gpu, step_time, mfu, bandwidths or Bandwidths(), overrides)
+
+
+def plan_of(cfg: DictConfig, gpus: int, gpu: str, step_time: float | None, mfu: float, bw: Bandwidths,
+            overrides: list[str] = ()) -> dict:
+    """``make_plan`` of a composed and validated ``cfg``; ``overrides``: what composed it (for the hint)."""
     args, lay = to_model_args(cfg.model), layout_of(cfg, gpu)
-    ranks = all_ranks(args, lay)
+    ranks = all_ranks(args, lay, schedule_of(lay.schedule, lay.pp, lay.n_microbatches)[0] if lay.pp > 1 else None)
     worst = max(ranks, key=lambda r: r.total)
-    comm = traffic(args, lay, ranks, cfg.fp8.enabled and lay.ep > 1)
     total, active = count_params(args)
-    fpt = flops_per_token(args, lay.seq_len)
-    tokens = cfg.train.global_batch_size * lay.seq_len
-    peak, peak_source = named_peak_flops(None if gpu == "cpu" else gpu.upper(), cfg.train.peak_flops)
+    t = timing(cfg, args, lay, ranks, gpus, gpu, mfu, bw)
+    fpt, tokens, peak = t["flops_per_token"], t["tokens"], t["peak"]
     step_flops = tokens * fpt
     if step_time is None:
-        step_time = step_flops / (gpus * peak * mfu)
-        mfu_source = "assumed (--mfu)"
+        step_time = t["step_time_s"]
+        mfu_source = "assumed (--mfu) for the compute"
     else:
-        mfu = step_flops / (step_time * gpus * peak)
         mfu_source = "from the measured step time (--step-time)"
-    capacity = GPU_SPECS[gpu.upper()].memory_gib * GIB if gpu != "cpu" else None
-    usable = None if capacity is None else capacity * (1 - MEMORY_RESERVE)
-    bubble = None
-    if lay.pp > 1:
-        sim = simulate(*build(lay.schedule, lay.pp, lay.n_microbatches))
-        bubble = sim.bubble / sim.makespan
+    capacity, usable = usable_bytes(gpu)
+    fits = None if usable is None else worst.total <= usable
+    hint = None
+    if fits is False:
+        from haillm.tools.plan_search import fit_hint  # plan_search builds on this module
+
+        hint = fit_hint(cfg, args, lay, ranks, gpus, gpu, usable, list(overrides))
     return {
         "model": cfg.model.name,
         "total_params": total,
@@ -171,20 +199,27 @@ def make_plan(overrides: list[str], gpus: int | None = None, gpu: str = "h100", 
                    "microbatches_per_step": lay.n_microbatches, "seq_len": lay.seq_len,
                    "global_batch_size": cfg.train.global_batch_size, "param_dtype": cfg.train.dtype,
                    "moment_dtype": cfg.optim.moment_dtype, "grad_reduce_dtype": cfg.optim.grad_reduce_dtype,
-                   "recompute": bool(cfg.train.recompute),
+                   "recompute": bool(cfg.train.recompute), "ranks_per_node": lay.ranks_per_node,
                    "fp8": bool(cfg.fp8.enabled), "fp8_linears": lay.setup.fp8},
-        "memory_bytes_per_rank": {**worst.as_dict(), "capacity": capacity, "usable": usable,
-                                  "fits": None if usable is None else worst.total <= usable},
+        "memory_bytes_per_rank": {**worst.as_dict(), "capacity": capacity, "usable": usable, "fits": fits},
         "memory_bytes_per_pp_rank": [r.as_dict() for r in ranks],
-        "comm_bytes_per_rank_per_step": {kind: max(c[kind] for c in comm) for kind in comm[0]},
-        "comm_bytes_per_pp_rank_per_step": comm,
+        "fit_hint": hint,
+        "comm_bytes_per_rank_per_step": {kind: max(c[kind] for c in t["comm"]) for kind in t["comm"][0]},
+        "comm_bytes_per_pp_rank_per_step": t["comm"],
+        "comm_time_s": t["comm_time_s"],
+        "links": t["links"],
+        "bandwidths_gbps": {"nvlink": bw.nvlink_gbps, "ib": bw.ib_gbps},
+        "overlap": t["overlap"],
         "tokens_per_step": tokens,
         "peak_flops_per_gpu": peak,
-        "peak_flops_source": peak_source,
+        "peak_flops_source": t["peak_source"],
         "step_time_s": step_time,
-        "mfu": mfu,
+        "step_time_terms_s": t["terms"],
+        "modelled_step_time_s": t["step_time_s"],
+        "compute_mfu": mfu,
+        "mfu": step_flops / (step_time * gpus * peak),
         "mfu_source": mfu_source,
-        "pipeline_bubble_fraction": bubble,
+        "pipeline_bubble_fraction": t["bubble_fraction"],
         "gpu_hours_per_trillion_tokens": gpus * step_time / 3600 * 1e12 / tokens,
     }
 
@@ -246,28 +281,69 @@ def render(plan: dict) -> str:
     if lay["pp"] > 1:
         lines.append("  per pipeline rank: " + ", ".join(
             f"{r['pp_rank']}: {_gib(r['total'])}" for r in plan["memory_bytes_per_pp_rank"]))
+    if plan["fit_hint"]:
+        from haillm.tools.plan_search import render_hint
+
+        lines += render_hint(plan["fit_hint"])
     busiest = " (each kind's busiest pipeline rank)" if lay["pp"] > 1 else ""
     lines.append(f"communication per rank and step{busiest}: " + (", ".join(
         f"{k.replace('_', ' ')} {_si(v, 'B')}" for k, v in comm.items() if v) or "none"))
-    bubble = plan["pipeline_bubble_fraction"]
-    lines.append(
-        f"time: step {plan['step_time_s']:.3f} s at MFU {100 * plan['mfu']:.1f}% ({plan['mfu_source']}) of "
-        f"{plan['peak_flops_per_gpu'] / 1e12:g} TFLOP/s per GPU ({plan['peak_flops_source']}); "
-        f"{_si(plan['gpu_hours_per_trillion_tokens'])} GPU-hours per trillion tokens"
-        + (f"; simulated pipeline bubble {100 * bubble:.1f}% (F=1, B=2, W=1, F&B=2.5)" if bubble is not None else "")
-    )
+    lines += _render_time(plan)
     return "\n".join(lines)
+
+
+def _render_time(plan: dict) -> list[str]:
+    """One line per term of the step time, with the whole transfer, the link and how much overlap hides."""
+    lay, terms, whole, links = plan["layout"], plan["step_time_terms_s"], plan["comm_time_s"], plan["links"]
+    bw, bubble = plan["bandwidths_gbps"], plan["pipeline_bubble_fraction"]
+    zero = f"dense {links['zero_dense']}, experts {links['zero_experts']}"
+    how = {
+        "compute": f"FLOPs at MFU {100 * plan['compute_mfu']:.1f}% of {plan['peak_flops_per_gpu'] / 1e12:g} TFLOP/s "
+                   f"per GPU ({plan['peak_flops_source']})",
+        "pipeline_bubble": "no pipeline" if bubble is None else
+                           f"simulated {lay['pp_schedule']}, F:B:W = 1:2:1 plus exposed all-to-all: "
+                           f"{100 * bubble:.1f}% of the pipeline's time",
+        "all_to_all": f"{links['all_to_all']}; {plan['overlap']}",
+        "pipeline_p2p": f"{links['pipeline_p2p']}; what the simulated makespan grows by when each transfer takes "
+                        "its time",
+        "zero_reduce_scatter": f"{zero}; " + ("after the pipeline (it runs under no_sync)" if lay["pp"] > 1 else
+                                              "during the last micro-batch's backward, but the last bucket"),
+        "zero_all_gather": f"{zero}; during the next step's first forward, bucket by bucket",
+        "partner_all_reduce": f"{links['partner_all_reduce']}; sum_partner_grads, blocking",
+    }
+    if plan["mfu_source"].startswith("from the measured"):
+        head = (f"time: step {plan['step_time_s']:.3f} s measured (--step-time), MFU {100 * plan['mfu']:.1f}% of "
+                f"{plan['peak_flops_per_gpu'] / 1e12:g} TFLOP/s per GPU; modelled {plan['modelled_step_time_s']:.3f} s "
+                "as the sum of")
+    else:
+        head = f"time: step {plan['step_time_s']:.3f} s, MFU {100 * plan['mfu']:.1f}% over the whole step; the sum of"
+    lines = [head + f" (NVLink {bw['nvlink']:g} GB/s, InfiniBand {bw['ib']:g} GB/s per GPU and direction):"]
+    for key, value in terms.items():
+        exposed = f"exposed of {whole[key]:.3f} s; " if whole.get(key) else ""
+        lines.append(f"  {key.replace('_', ' '):<20}{value:9.3f} s  ({exposed}{how[key]})")
+    lines.append(f"{_si(plan['gpu_hours_per_trillion_tokens'])} GPU-hours per trillion tokens")
+    return lines
 
 
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m haillm.tools.plan", description=__doc__.splitlines()[0])
     p.add_argument("overrides", nargs="*", help="the trainer's config overrides (model=..., parallel.pp=..., ...)")
-    p.add_argument("--gpus", type=int, help="world size (default: parallel.dp * pp * tp)")
+    p.add_argument("--gpus", type=int, help="world size (default: parallel.dp * pp * tp; required by --search)")
     p.add_argument("--gpu", default="h100", choices=GPUS, help="peak FLOP/s and memory per device")
     time = p.add_mutually_exclusive_group()
-    time.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="assumed MFU for the step time")
-    time.add_argument("--step-time", type=float, help="a measured step time (s): gives the MFU instead")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    time.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                      help=f"assumed MFU of the compute term (default {DEFAULT_MFU})")
+    time.add_argument("--step-time", type=float,
+                      help="a measured step time (s): gives the MFU instead (the terms are still modelled at --mfu's "
+                           "default)")
+    p.add_argument("--nvlink-gbps", type=float, default=plan_time.DEFAULT_NVLINK_GBPS,
+                   help="NVLink GB/s per GPU and direction, within a node (default: DeepEP's intranode %(default)g)")
+    p.add_argument("--ib-gbps", type=float, default=plan_time.DEFAULT_IB_GBPS,
+                   help="InfiniBand GB/s per GPU and direction, across nodes (default: DeepEP's internode %(default)g)")
+    p.add_argument("--search", action="store_true",
+                   help="list the layouts of --gpus GPUs that validate and fit, fastest first")
+    p.add_argument("--top", type=int, help="with --search: list only the fastest N")
+    p.add_argument("--json", action="store_true", help="print one JSON object (with --search: a list)")
     return p
 
 
@@ -280,8 +356,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--mfu={args.mfu} must be in (0, 1]")
     if args.step_time is not None and args.step_time <= 0:
         parser.error(f"--step-time={args.step_time} must be positive")
+    for flag in ("nvlink_gbps", "ib_gbps"):
+        if not getattr(args, flag) > 0:  # rejects NaN too
+            parser.error(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be positive")
+    if args.top is not None and args.top < 1:
+        parser.error(f"--top={args.top} must be >= 1")
+    if args.search and args.gpus is None:
+        parser.error("--search needs --gpus (the world size to lay out)")
+    if args.search and args.step_time is not None:
+        parser.error("--search models the step time: leave out --step-time")
+    bw = plan_time.Bandwidths(args.nvlink_gbps, args.ib_gbps)
     try:
-        plan = make_plan(args.overrides, args.gpus, args.gpu, args.step_time, args.mfu)
+        if args.search:
+            from haillm.tools.plan_search import render_search, search
+
+            result = search(args.overrides, args.gpus, args.gpu, args.mfu, bw)
+            layouts = result["layouts"][:args.top] if args.top else result["layouts"]
+            print(json.dumps(layouts) if args.json else render_search(result, args.top))
+            return 0 if layouts else 1
+        plan = make_plan(args.overrides, args.gpus, args.gpu, args.step_time, args.mfu, bw)
     except (ConfigError, ParallelConfigError) as exc:
         parser.error(str(exc))
     print(json.dumps(plan) if args.json else render(plan))

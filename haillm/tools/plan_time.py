@@ -1,0 +1,237 @@
+"""The layout planner's step-time model: compute at a stated MFU, the pipeline bubble, and the communication that
+overlap does not hide, at stated link bandwidths (``python -m haillm.tools.plan``).
+
+    step = compute + pipeline bubble + exposed all-to-all + exposed pipeline P2P
+           + exposed ZeRO reduce-scatter + exposed ZeRO all-gather + partner all-reduce
+
+Compute: the step's FLOPs (``flops.py``, what the trainer's MFU counts) / (GPUs x peak x MFU), equal on every rank.
+
+Links. Ranks sit on the mesh as ``ParallelDims`` places them (``rank = (pp_rank*dp + dp_rank)*tp + tp_rank``, the
+ep group being ``ep`` consecutive dp ranks, the expert-data-parallel group stride ``ep``) and nodes are
+consecutive blocks of ``parallel.ranks_per_node`` ranks. A collective whose group lies in one node runs at the
+NVLink bandwidth, any other at the InfiniBand one (a ring across nodes is bound by each GPU's NIC). The
+all-to-all sends each peer its share: the bytes for peers on other nodes go over IB, the rest over NVLink, both
+at once (its time is the slower of the two). Bandwidths are per GPU and direction, in GB/s (1e9 B/s).
+
+Overlap, as the code runs it:
+
+- all-to-all: an F&B pair of DualPipe / DualPipeV (``pipeline/overlap.py``) runs each half's exchanges while the
+  other half computes: hidden while the pair's exchanges take no longer than its compute (DeepSeek-V3 report
+  §3.2.1), the excess exposed. A step outside a pair (warm-up and cool-down; every step of 1F1B or of no
+  pipeline) waits for its own exchanges: exposed.
+- pipeline bubble and P2P: the schedule simulator (``pipeline/simulate.py``) with per-step costs F = u + a,
+  B = 2u + a, I = u + a, W = u and F&B = max(3u, 2a) (u: the forward compute of one chunk on one micro-batch,
+  a: that chunk's all-to-all one way; ``a`` dropped where hidden). The bubble is the makespan less a rank's busy
+  time; P2P is what the makespan grows by when every transfer between ranks takes its message's time.
+- ZeRO-1 reduce-scatter: without a pipeline the buckets are reduced during the last micro-batch's backward
+  (``zero.py``'s gradient hooks): exposed is what outlasts that backward, at least the last bucket. With a
+  pipeline the trainer runs the whole pipeline under ``no_sync()``, sums the partner gradients, then reduces
+  every bucket (``Trainer.forward_backward``, ``clip_grad_norm_``): all exposed.
+- partner all-reduce (``sum_partner_grads``, DualPipe's mirror pairs, 1F1B's embedding with MTP): blocking, exposed.
+- ZeRO-1 all-gather: launched bucket by bucket after the optimizer step, waited for by each module in the next
+  forward (``register_forward_wait``): exposed is the first bucket beyond the rank's idle start, or what outlasts
+  the end of the rank's first forward.
+
+Not modelled: the optimizer step's own time, data loading, launch overheads, stragglers, uneven routing
+(uniform routing, as the traffic), contention between concurrent transfers, and the SMs communication takes
+(folded into the MFU). Recomputation's extra FLOPs are not charged.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from haillm.parallel.mesh import ParallelDims
+from haillm.parallel.pipeline.schedules import Pair, Schedule, Topology, build, halves, p2p_messages
+from haillm.parallel.pipeline.simulate import Costs, Simulation, simulate
+from haillm.tools.memory import Layout, RankMemory
+
+GB = 1e9
+# DeepEP's published normal-kernel bandwidths (deepseek-ai/DeepEP README, "Normal kernels with NVLink and RDMA
+# forwarding": H800, ~160 GB/s NVLink, CX7 400 Gb/s InfiniBand ~50 GB/s; 4096 tokens, hidden 7168, top-8, FP8
+# dispatch, BF16 combine; shared/REFERENCE.md §6.1): intranode EP8 153 GB/s dispatch (158 combine) over NVLink;
+# internode 43 GB/s over RDMA at EP16 (EP32 58, EP64 51): we take the lowest. An H100's NVLink is faster than an
+# H800's: pass --nvlink-gbps for it.
+DEFAULT_NVLINK_GBPS = 153.0
+DEFAULT_IB_GBPS = 43.0
+TERMS = ("compute", "pipeline_bubble", "all_to_all", "pipeline_p2p", "zero_reduce_scatter", "zero_all_gather",
+         "partner_all_reduce")
+PIPELINED = ("dualpipe", "dualpipev")  # schedules whose F&B pairs hide the all-to-all
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """Per GPU and direction, GB/s."""
+
+    nvlink_gbps: float = DEFAULT_NVLINK_GBPS
+    ib_gbps: float = DEFAULT_IB_GBPS
+
+    def rate(self, ib: bool) -> float:
+        """Bytes per second over InfiniBand (``ib``) or NVLink."""
+        return (self.ib_gbps if ib else self.nvlink_gbps) * GB
+
+
+@functools.lru_cache(maxsize=256)
+def schedule_of(name: str, pp: int, n_microbatches: int) -> tuple[Schedule, Topology]:
+    """``schedules.build``, cached (the search asks for the same schedule many times; callers never mutate it)."""
+    return build(name, pp, n_microbatches)
+
+
+@functools.lru_cache(maxsize=256)
+def pipeline_counts(name: str, pp: int, n_microbatches: int) -> list[tuple[tuple[int, ...], int]]:
+    """Per pipeline rank: (forwards of each local chunk, point-to-point sends) in one step."""
+    schedule, topo = schedule_of(name, pp, n_microbatches)
+    sends = p2p_messages(schedule, topo)[0]
+    out = []
+    for rank, steps in enumerate(schedule):
+        chunks = [a.chunk for s in steps for a in halves(s) if a.kind == "F"]
+        out.append((tuple(chunks.count(c) for c in range(len(topo.chunks[rank]))), len(sends[rank])))
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def simulation(name: str, pp: int, n_microbatches: int, costs: Costs) -> Simulation:
+    return simulate(*schedule_of(name, pp, n_microbatches), costs)
+
+
+def _dims(lay: Layout) -> ParallelDims:
+    return ParallelDims(lay.dp, lay.pp, 1, lay.ep, lay.dp * lay.pp, lay.ranks_per_node, rank=0)
+
+
+def _crosses(dims: ParallelDims, ranks: Sequence[int]) -> bool:
+    return len({dims.node_of(g) for g in ranks}) > 1
+
+
+def _remote_share(dims: ParallelDims, ranks: Sequence[int]) -> float:
+    """Of the (sender, receiver) pairs of a group, the share on different nodes."""
+    n = len(ranks)
+    if n < 2:
+        return 0.0
+    per_node: dict[int, int] = {}
+    for g in ranks:
+        per_node[dims.node_of(g)] = per_node.get(dims.node_of(g), 0) + 1
+    return 1 - sum(c * (c - 1) for c in per_node.values()) / (n * (n - 1))
+
+
+@dataclass(frozen=True)
+class RankLinks:
+    """Which link each of a pipeline rank's transfers takes (True: InfiniBand), over all its data-parallel ranks."""
+
+    a2a_ib_share: float  # of the all-to-all bytes (peers on other nodes), the worst ep group
+    dp_ib: bool  # the dense parameters' data-parallel group
+    edp_ib: bool  # the experts' data-parallel group
+    next_ib: bool  # pipeline P2P to the next pipeline rank
+    partner_ib: bool  # sum_partner_grads' pair
+
+
+def rank_links(lay: Layout, pp_rank: int) -> RankLinks:
+    dims, r, ep, edp = _dims(lay), pp_rank, lay.ep, lay.dp // lay.ep
+    at = dims.global_rank
+    share = max(_remote_share(dims, [at(r, j * ep + e, 0) for e in range(ep)]) for j in range(edp))
+    edp_ib = any(_crosses(dims, [at(r, k * ep + e, 0) for k in range(edp)]) for e in range(ep))
+    nxt = r + 1 if r + 1 < lay.pp else None
+    mirror = lay.pp - 1 - r if lay.schedule == "dualpipe" else (lay.pp - 1 if r == 0 else 0)
+    return RankLinks(
+        a2a_ib_share=share,
+        dp_ib=_crosses(dims, [at(r, d, 0) for d in range(lay.dp)]),
+        edp_ib=edp_ib,
+        next_ib=nxt is not None and any(dims.node_of(at(r, d, 0)) != dims.node_of(at(nxt, d, 0))
+                                        for d in range(lay.dp)),
+        partner_ib=any(dims.node_of(at(r, d, 0)) != dims.node_of(at(mirror, d, 0)) for d in range(lay.dp)),
+    )
+
+
+def _link(ib: bool) -> str:
+    return "IB" if ib else "NVLink"
+
+
+def step_time(lay: Layout, ranks: list[RankMemory], comm: list[dict[str, float]], compute_s: float, dim: int,
+              bw: Bandwidths) -> dict:
+    """The step time's terms (exposed seconds; they sum to ``step_time_s``), each transfer's whole time
+    (``comm_time_s``, busiest pipeline rank), the links taken and the simulated bubble fraction.
+
+    ``ranks``, ``comm``: per pipeline rank, its memory (ZeRO buckets, partner buffer) and bytes sent
+    (``plan.traffic``); ``compute_s``: one rank's compute per step; ``dim``: the model width (P2P messages)."""
+    links = [rank_links(lay, r.pp_rank) for r in ranks]
+    a2a = []  # per pipeline rank: the all-to-all's time, IB and NVLink bytes at once
+    for c, lk in zip(comm, links, strict=True):
+        a2a.append(max(c["all_to_all"] * lk.a2a_ib_share / bw.rate(True),
+                       c["all_to_all"] * (1 - lk.a2a_ib_share) / bw.rate(False)))
+    message = lay.micro_batch * lay.seq_len * dim * lay.setup.act_bytes
+    p2p = message / bw.rate(any(lk.next_ib for lk in links)) if lay.pp > 1 else 0.0
+    sent = [c["pipeline_p2p"] for c in comm]
+    hides = lay.pp > 1 and lay.schedule in PIPELINED
+    terms = dict.fromkeys(TERMS, 0.0)
+    terms["compute"] = compute_s
+    bubble_fraction = None
+    if lay.pp > 1:
+        schedule, _ = schedule_of(lay.schedule, lay.pp, lay.n_microbatches)
+        units = {"F": 1, "B": 2, "I": 1, "W": 1}
+        busy = sum(3 if isinstance(s, Pair) else units[s.kind] for s in schedule[0])
+        u = compute_s / busy  # every rank runs as many units
+        forwards = [sum(a.kind == "F" for s in steps for a in halves(s)) for steps in schedule]
+        a = max(t / (2 * n) for t, n in zip(a2a, forwards, strict=True))
+        costs = Costs(f=u + a, b=2 * u + a, w=u, i=u + a, fb=max(3 * u, 2 * a) if hides else 3 * u + 2 * a)
+        sim = simulation(lay.schedule, lay.pp, lay.n_microbatches, costs)
+        with_p2p = simulation(lay.schedule, lay.pp, lay.n_microbatches, replace(costs, p2p=p2p))
+        # (clamped: float rounding may leave -1e-16 where a term is zero)
+        terms["all_to_all"] = max(0.0, min(sim.busy) - compute_s)
+        terms["pipeline_bubble"] = max(0.0, sim.makespan - min(sim.busy))
+        terms["pipeline_p2p"] = max(0.0, with_p2p.makespan - sim.makespan)
+        bubble_fraction = terms["pipeline_bubble"] / sim.makespan if sim.makespan else 0.0
+    else:
+        terms["all_to_all"] = a2a[0]
+        forward = compute_s / 3 / lay.n_microbatches  # of one micro-batch; its backward takes twice as long
+    worst_end, worst_ag = (0.0, 0.0), 0.0  # (partner all-reduce, reduce-scatter) of the rank that ends last
+    rs_all, ag_all, partner_all = [], [], []
+    for i, (rank, lk) in enumerate(zip(ranks, links, strict=True)):
+        rs, ag, last_rs = 0.0, [], {}
+        for b in rank.plans:
+            if b.world == 1:
+                continue
+            rate, share = bw.rate(lk.dp_ib if b.world == lay.dp else lk.edp_ib), (b.world - 1) / b.world
+            t = b.reduce_bytes(lay.reduce_dtype) * share / rate
+            rs += t
+            last_rs[b.group] = t  # the group's last bucket (its gradients are ready last)
+            ag.append(b.param_bytes() * share / rate)
+        # the optimizer step gathers the buckets in reverse (first layers first)
+        first_ag, ag_total = (ag[-1] if ag else 0.0), sum(ag)
+        if lay.pp > 1:
+            rs_exposed = rs  # the pipeline runs under no_sync(): every bucket after the last backward
+            start = sim.spans[i][0].start
+            ag_exposed = max(0.0, first_ag - start, ag_total - sim.spans[i][0].end)
+        else:
+            rs_exposed = max(max(last_rs.values(), default=0.0), rs - 2 * forward)
+            ag_exposed = max(first_ag, ag_total - forward)
+        partner = rank.partner_grads / bw.rate(lk.partner_ib)
+        rs_all.append(rs)
+        ag_all.append(ag_total)
+        partner_all.append(partner)
+        if partner + rs_exposed > sum(worst_end):
+            worst_end = (partner, rs_exposed)
+        worst_ag = max(worst_ag, ag_exposed)
+    terms["partner_all_reduce"], terms["zero_reduce_scatter"] = worst_end[0], worst_end[1]
+    terms["zero_all_gather"] = worst_ag
+    dense_ib = [lk.dp_ib for lk in links]
+    expert_ib = [lk.edp_ib for lk in links]
+    a2a_share = max(lk.a2a_ib_share for lk in links)
+    return {
+        "step_time_s": sum(terms.values()),
+        "terms": terms,
+        "comm_time_s": {"all_to_all": max(a2a), "pipeline_p2p": max(sent) / bw.rate(any(lk.next_ib for lk in links))
+                        if lay.pp > 1 else 0.0, "zero_reduce_scatter": max(rs_all), "zero_all_gather": max(ag_all),
+                        "partner_all_reduce": max(partner_all)},
+        "links": {
+            "all_to_all": "none" if lay.ep == 1 else (f"IB {100 * a2a_share:.0f}% of bytes, NVLink the rest"
+                                                     if a2a_share else "NVLink"),
+            "pipeline_p2p": "none" if lay.pp == 1 else _link(any(lk.next_ib for lk in links)),
+            "zero_dense": _link(any(dense_ib)) if lay.dp > 1 else "none",
+            "zero_experts": _link(any(expert_ib)) if lay.dp // lay.ep > 1 else "none",
+            "partner_all_reduce": _link(any(lk.partner_ib for lk in links)) if max(partner_all) else "none",
+        },
+        "overlap": ("DualPipe F&B pairs hide the all-to-all up to the pair's compute" if hides
+                    else "no F&B pairs: the all-to-all is exposed"),
+        "bubble_fraction": bubble_fraction,
+    }
