@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from haillm.config import ConfigError, compose_config, resolve_dtype, to_model_args, validate
+from haillm.config import ConfigError, compose_config, resolve_dtype, to_model_args, validate, vocab_too_small
 from haillm.data import DataError
 from haillm.data.loader import build_training_data, make_batcher
 from haillm.fp8.policy import apply_fp8
@@ -115,10 +115,13 @@ def build_model(cfg: DictConfig, dims: ParallelDims, device: torch.device
     if cfg.model.init_from:
         from haillm.models.deepseek_v3.hf import load_hf_state
 
-        path = cfg.model.init_from.removeprefix("hf:")
-        if not Path(path).is_dir():
+        path = Path(cfg.model.init_from.removeprefix("hf:")).expanduser()  # compose_config read its config.json
+        if not path.is_dir():
             raise ConfigError(f"model.init_from={cfg.model.init_from}: {path} is not a directory")
-        load_hf_state(model, path)
+        try:
+            load_hf_state(model, path)
+        except (ValueError, OSError) as exc:  # weights missing or of other shapes than config.json says
+            raise ConfigError(f"model.init_from={cfg.model.init_from}: {' '.join(str(exc).split())[:300]}") from None
     if cfg.train.dtype == "bf16":  # the compute copy; fp32 masters are made from it by the optimizer
         cast_parameters(model, torch.bfloat16)
     if cfg.train.compile:  # regions compile at their first call; precision (FP8) may still be set afterwards
@@ -148,9 +151,8 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
     data = build_training_data(cfg.data, t.seq_len, t.global_batch_size, cfg.seed,
                                eval_samples=t.eval_batches * t.global_batch_size if t.eval_interval else 0)
     dataset = data.dataset
-    if dataset.tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"data.tokenizer has {dataset.tokenizer.vocab_size} ids but model.vocab_size="
-                          f"{cfg.model.vocab_size}; use a model with a vocabulary at least that large")
+    if dataset.tokenizer.vocab_size > cfg.model.vocab_size:  # compose_config refuses it first; a cfg built otherwise
+        raise ConfigError(vocab_too_small(cfg.model.vocab_size, dataset.tokenizer.vocab_size, cfg.data.tokenizer))
     dims = ParallelDims.from_config(cfg.parallel, world).build(
         device.type, timedelta(seconds=t.collective_timeout_s))
     model, dispatcher = build_model(cfg, dims, device)

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from haillm.config import DOMAINS, Config, ConfigError, Domain, compose_config, to_model_args, validate
+from haillm.data.tokenizer import ByteTokenizer, build_tokenizer
 from haillm.models.deepseek_v3.args import PRESETS
 from haillm.train.optim import lr_at, resume_origin, schedule_of
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_model_presets_compose_to_the_python_presets(name):
+    """Field for field, except that `tiny` and `small` take the tokenizer's vocabulary (258 ids for `byte`)."""
     cfg = compose_config([f"model={name}"])
     assert cfg.model.name == name
-    assert to_model_args(cfg.model) == PRESETS[name]
+    vocab = ByteTokenizer.vocab_size if name in ("tiny", "small") else PRESETS[name].vocab_size
+    assert to_model_args(cfg.model) == PRESETS[name].replace(vocab_size=vocab)
 
 
 def test_defaults_validate_and_overrides_apply():
@@ -156,3 +161,91 @@ def test_unset_micro_batch_fits_the_layout(overrides, micro_batch):
     cfg = compose_config(overrides)
     assert cfg.train.micro_batch_size == micro_batch
     validate(cfg, cfg.parallel.dp * cfg.parallel.pp)
+
+
+# --- the vocabulary follows the tokenizer; model.init_from=hf:DIR follows DIR/config.json ---------------------------
+
+
+@pytest.fixture(scope="module")
+def bpe_json(tmp_path_factory):
+    from haillm.data.synthetic import documents, train_bpe
+
+    return train_bpe(tmp_path_factory.mktemp("bpe") / "tokenizer.json", documents(20_000, seed=1), 600)
+
+
+def _refused(overrides: list[str], *parts: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(overrides))
+    text = str(info.value)
+    assert "\n" not in text and all(p in text for p in parts), text
+    return text
+
+
+def test_vocab_size_is_the_tokenizers_unless_set(bpe_json):
+    """tiny and small take the tokenizer's ids (and config.yaml records the number); published presets keep
+    theirs; an explicit larger vocabulary is kept, a smaller one (explicit or a preset's) refused naming both."""
+    ids = build_tokenizer(str(bpe_json)).vocab_size
+    assert 300 < ids <= 601
+    tok = f"data.tokenizer={bpe_json}"
+    for preset in ("tiny", "small"):
+        cfg = compose_config([f"model={preset}", tok])
+        validate(cfg)
+        assert cfg.model.vocab_size == ids and f"vocab_size: {ids}\n" in OmegaConf.to_yaml(cfg, resolve=True)
+    assert compose_config([]).model.vocab_size == ByteTokenizer.vocab_size  # the byte default: no file read
+    assert compose_config(["model=v3_671b", tok]).model.vocab_size == 129280
+    assert compose_config(["model=v2_lite_16b", tok, "model.vocab_size=0"]).model.vocab_size == ids
+    assert compose_config([tok, "model.vocab_size=1024"]).model.vocab_size == 1024
+    _refused([tok, "model.vocab_size=300"], "model.vocab_size=300 is smaller", str(bpe_json), f"{ids} ids")
+    _refused([f"data.tokenizer={bpe_json.parent / 'nope.json'}"], "data.tokenizer:", "nope.json", "does not exist")
+
+
+def test_the_planner_resolves_the_vocabulary_without_a_tokenizer_file():
+    from haillm.tools.plan import make_plan
+
+    for preset in ("tiny", "small"):
+        make_plan([f"model={preset}", "train.seq_len=64", "train.global_batch_size=8"], gpu="cpu")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A Hugging Face checkpoint of a model unlike any preset (written by save_hf, as export does)."""
+    from haillm.models.deepseek_v3.hf import save_hf
+    from haillm.models.deepseek_v3.model import DeepSeekV3
+
+    args = PRESETS["tiny"].replace(vocab_size=300, dim=32, n_layers=2, n_heads=2, max_seq_len=256,
+                                   original_seq_len=256, rope_theta=5e4)
+    path = tmp_path_factory.mktemp("hf") / "ckpt"
+    model = DeepSeekV3(args, init_seed=3)
+    save_hf(model, path)
+    return path, args, model.state_dict()
+
+
+def test_init_from_takes_the_checkpoints_config(hf_dir, bpe_json):
+    """The model's fields come from DIR/config.json, the preset's are not used; command-line overrides of the
+    context length or MTP depth win; one of a field the weights fix must agree; the launcher then loads the
+    weights. Bad directories and disagreements are one-line ConfigErrors at composition, before any run."""
+    import importlib.util
+
+    from haillm.parallel.mesh import ParallelDims
+
+    path, args, state = hf_dir
+    init = f"model.init_from=hf:{path}"
+    cfg = compose_config([init, "model=small"])
+    validate(cfg)
+    assert to_model_args(cfg.model) == args
+    assert f"dim: {args.dim}\n" in OmegaConf.to_yaml(cfg, resolve=True)
+    longer = compose_config([init, "model.max_seq_len=512", "model.mtp_depth=0", f"model.dim={args.dim}"])
+    assert to_model_args(longer.model) == args.replace(max_seq_len=512, mtp_depth=0)
+    _refused([init, "model.dim=64"], "model.dim=64 disagrees", f"hf:{path}", "gives 32")
+    _refused([init, "model.vocab_size=512"], "model.vocab_size=512 disagrees", "gives 300")
+    _refused([init, f"data.tokenizer={bpe_json}"], "model.vocab_size=300 (from model.init_from", "is smaller")
+    _refused([f"model.init_from=hf:{path.parent / 'missing'}"], "missing is not a directory")
+    _refused([f"model.init_from=hf:{path.parent}"], "holds no config.json")
+
+    spec = importlib.util.spec_from_file_location("launch_train", Path(__file__).parent.parent / "launch" / "train.py")
+    launch_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch_train)
+    model, _ = launch_train.build_model(cfg, ParallelDims.from_config(cfg.parallel, 1).build("cpu"),
+                                        torch.device("cpu"))
+    loaded = model.state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())

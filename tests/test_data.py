@@ -20,6 +20,7 @@ from haillm.data import (
     rank_micro_batches,
 )
 from haillm.data.sampler import SampleOrder
+from haillm.data.sources import local_files
 from haillm.data.tokenizer import encoding_fingerprint
 
 DOCS = ["Hello, world!\n", "naïve café — 世界 🚀\n", "def f(x):\n    return x + 1\n"]
@@ -148,10 +149,11 @@ def _write_text_dir(root):
     (root / "sub").mkdir(parents=True)
     (root / "b.txt").write_text(DOCS[0], encoding="utf-8")
     (root / "sub" / "c.md").write_text(DOCS[1], encoding="utf-8")
-    (root / "a.py").write_text(DOCS[2], encoding="utf-8")
-    (root / "ignored.bin").write_bytes(b"\x00\x01")
+    (root / "a.rst").write_text(DOCS[2], encoding="utf-8")
     (root / ".hidden.txt").write_text("not read")
-    return [DOCS[2], DOCS[0], DOCS[1]]  # sorted path order: a.py, b.txt, sub/c.md
+    (root / ".git").mkdir()
+    (root / ".git" / "config").write_text("hidden directories are not read")
+    return [DOCS[2], DOCS[0], DOCS[1]]  # sorted path order: a.rst, b.txt, sub/c.md
 
 
 def test_packing_rows_eod_and_determinism(tmp_path):
@@ -222,15 +224,14 @@ def test_missing_unsupported_and_empty_sources(tmp_path):
     cases.append((DataConfig(source=str(odd)), [odd, "unsupported"]))
     nothing = tmp_path / "nothing"
     nothing.mkdir()
-    (nothing / "x.bin").write_bytes(b"1")
-    cases.append((DataConfig(source=str(nothing)), [nothing, "no supported files"]))
+    cases.append((DataConfig(source=str(nothing)), [nothing, "no corpus files", ".jsonl"]))
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     cases.append((DataConfig(source=str(empty)), [empty, "empty"]))
     blank = tmp_path / "blank.jsonl"
     blank.write_text('{"text": ""}\n{"text": null}\n')
     cases.append((DataConfig(source=str(blank)), [blank, "empty"]))
-    cases.append((DataConfig(source=str(blank), text_field="body"), [blank, "no field 'body'"]))
+    cases.append((DataConfig(source=str(blank), text_field="body"), [blank, "no field 'body'", "data.text_field"]))
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"definitely not parquet")
     cases.append((DataConfig(source=str(broken)), [broken, "could not read"]))
@@ -239,6 +240,29 @@ def test_missing_unsupported_and_empty_sources(tmp_path):
         with pytest.raises(DataError) as err:
             build_dataset(cfg, seq_len=8)
         assert_one_line_naming(err, *parts)
+
+
+def test_a_directory_holding_other_files_is_refused_naming_them(tmp_path):
+    """A folder's files are read by their corpus suffix (.txt .text .md .rst .jsonl .json .parquet, text and json
+    also compressed); any other file (a helper script, a csv, a compressed parquet, no suffix) is refused in one
+    line naming it and what is accepted, never read as text. Hidden files and folders are left out; a .py file
+    is no corpus (only `stdlib` reads .py files)."""
+    root = tmp_path / "corpus"
+    _write_text_dir(root)
+    (root / "sub" / "d.jsonl.gz").write_bytes(b"")  # an accepted type (empty: skipped)
+    assert [f.name for fs in local_files(DataConfig(source=str(root))).values() for f in fs] == ["a.rst", "b.txt",
+                                                                                                  "c.md"]
+    for name in ("download.py", "sub/rows.csv", "LICENSE", "sub/t.parquet.gz", "e.bin", "f.bin"):
+        (root / name).write_text("not a corpus")
+    with pytest.raises(DataError) as err:
+        local_files(DataConfig(source=str(root)))
+    assert_one_line_naming(err, root, "6 file(s)", "LICENSE, download.py, e.bin, f.bin, sub/rows.csv and 1 more",
+                           "accepted: .txt .text .md .rst .jsonl .json .parquet", ".zst")
+    assert ".hidden" not in str(err.value) and ".git" not in str(err.value)
+    script = root / "download.py"
+    with pytest.raises(DataError) as err:
+        local_files(DataConfig(source=str(script)))
+    assert_one_line_naming(err, script, "unsupported type")
 
 
 def test_too_small_dataset_says_what_it_has_and_needs(tmp_path):

@@ -121,7 +121,7 @@ def local_state(model: torch.nn.Module, opt: ZeroAdamW) -> dict:
 def _save_worker(path: str, ep: int) -> dict:
     model, opt = build(dist.get_world_size(), ep)
     rank = dist.get_rank()
-    batch = torch.randint(0, ARGS.vocab_size, (4, 17), generator=torch.Generator().manual_seed(rank))
+    batch = torch.randint(0, model.args.vocab_size, (4, 17), generator=torch.Generator().manual_seed(rank))
     model.compute_loss(batch)["loss"].backward()
     opt.step()
     checkpoint.save(path, 1, model, opt, {"step": 1}, keep=0)

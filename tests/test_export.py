@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist import run_distributed
+from omegaconf import OmegaConf
 from test_train import launch_train
 from test_train_dp import COMMON
 
@@ -94,7 +95,7 @@ def test_export_takes_the_tokenizer_along(tmp_path):
 
     tok = train_bpe(tmp_path / "tokenizer.json", documents(200_000, seed=1), 600)
     run = tmp_path / "run"
-    argv = [*COMMON, f"output_dir={run}", "train.steps=2", f"data.tokenizer={tok}", "model.vocab_size=640"]
+    argv = [*COMMON, f"output_dir={run}", "train.steps=2", f"data.tokenizer={tok}"]  # model.vocab_size: its ids
     assert launch_train.main(argv) == 0
     old = os.umask(0o077)
     try:
@@ -103,9 +104,10 @@ def test_export_takes_the_tokenizer_along(tmp_path):
         os.umask(old)
     hf_dir = tmp_path / "hf"
     assert (hf_dir / "tokenizer.json").read_bytes() == tok.read_bytes()
-    eod = build_tokenizer(str(tok)).eod_id
+    eod, ids = build_tokenizer(str(tok)).eod_id, build_tokenizer(str(tok)).vocab_size
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["eos_token_id"] == config["bos_token_id"] == eod
+    assert config["vocab_size"] == ids == OmegaConf.load(run / "config.yaml").model.vocab_size  # recorded resolved
     assert all(p.stat().st_mode & stat.S_IRGRP for p in [hf_dir, *hf_dir.iterdir()])
 
 

@@ -45,7 +45,8 @@ def bpe(tmp_path_factory) -> Path:
 
 
 def run(source, out, tokenizer="byte", workers=0, **kw) -> dict:
-    cfg = DataConfig(source=str(source), tokenizer=str(tokenizer), max_bytes=kw.pop("max_bytes", 0))
+    cfg = DataConfig(source=str(source), tokenizer=str(tokenizer), max_bytes=kw.pop("max_bytes", 0),
+                     text_field=kw.pop("text_field", "text"))
     return prep.preprocess(cfg, out, workers=workers, shard_mb=kw.pop("shard_mb", SHARD_MB), progress=False, **kw)
 
 
@@ -146,6 +147,35 @@ def test_resume_refuses_a_changed_source(corpus, tmp_path, monkeypatch):
         run(source, out)
     assert "changed" in str(err.value) and str(out) in str(err.value) and "\n" not in str(err.value)
     assert run(source, out, overwrite=True)["num_documents"] == run(source, tmp_path / "clean")["num_documents"]
+
+
+def test_a_failed_run_is_retried_without_overwrite(tmp_path, capsys):
+    """A run that fails on bad input (here a jsonl without the --text-field, after shards of the text files were
+    finished) says so naming the tool's flag, not the trainer's key; the retry with the right flag replaces its
+    unfinished output without --overwrite and writes what a clean run writes."""
+    source = tmp_path / "src"
+    write_corpus(source / "text", 60_000, seed=4, max_doc_words=300)
+    write_corpus(source / "z.jsonl", 20_000, seed=5, max_doc_words=300)
+    (source / "z.jsonl").write_text((source / "z.jsonl").read_text().replace('"text":', '"body":'))
+    out = tmp_path / "out"
+    common = [str(source), str(out), "--workers", "0", "--no-progress", "--shard-mb", str(SHARD_MB)]
+    capsys.readouterr()
+    assert prep.main(common) == 2
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert "no field 'text'" in line and "--text-field" in line and "data." not in line, line
+    assert (out / "tokens_000001.npy").is_file() and not (out / MANIFEST).exists()  # shards it finished
+    assert "no field 'text'" in json.loads((out / SETTINGS).read_text())["failed"]
+    with pytest.raises(DataError, match="failed"):  # training says it failed, not that it may be resumed
+        build_dataset(DataConfig(source=str(out)), 8)
+    assert prep.main([*common, "--text-field", "body"]) == 0
+    assert f"replacing the unfinished run in {out} (it failed" in capsys.readouterr().err
+    run(source, tmp_path / "clean", text_field="body")
+    assert snapshot(out) == snapshot(tmp_path / "clean")
+    assert prep.main(common) == 2  # a finished output still needs --overwrite
+    assert "--overwrite" in capsys.readouterr().err and snapshot(out) == snapshot(tmp_path / "clean")
+    assert prep.main([*common[:2], "--tokenizer", str(tmp_path / "nope.json")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "--tokenizer: tokenizer file" in line and "nope.json" in line and "data." not in line, line
 
 
 def test_one_run_writes_an_output_dir_at_a_time(corpus, tmp_path):

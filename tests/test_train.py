@@ -51,9 +51,23 @@ def base_run(tmp_path_factory) -> Path:
 
 
 def test_resume_is_exact(capsys, tmp_path):
-    """20 steps in one run == 10 steps, then 10 more with checkpoint.resume=auto (fp32, deterministic)."""
+    """20 steps in one run == 10 steps, then 10 more with checkpoint.resume=auto (fp32, deterministic).
+
+    The one run also shows the step lines: with logging.log_interval=10 and stdout redirected (as under SLURM),
+    exactly one plain line per 10 steps on stdout and in train.log, leading with the LM loss, and no tqdm bar
+    (its \\r-joined redraws)."""
     schedule = ["optim.schedule=constant", "checkpoint.interval=10"]
-    assert train(capsys, tmp_path / "one", "train.steps=20", *schedule)[0] == 0
+    assert launch_train.main([*FAST, f"output_dir={tmp_path / 'one'}", "train.steps=20", *schedule,
+                              "logging.progress=true", "logging.log_interval=10"]) == 0
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.out.splitlines() if ln.startswith("step ")]
+    assert [ln.split(" | ")[0] for ln in lines] == ["step 10/20", "step 20/20"]
+    assert all(ln.split(" | ")[1].startswith("lm_loss ") for ln in lines)
+    assert "\r" not in captured.out and "\r" not in captured.err
+    logged = [ln for ln in (tmp_path / "one" / "train.log").read_text().splitlines() if "haillm.steps: " in ln]
+    assert [ln.split("haillm.steps: ")[1] for ln in logged] == lines
+    assert not any(ln.startswith("step ") for ln in captured.err.splitlines())
+    assert captured.out.splitlines()[-1].startswith("lm_loss: step 1 ")
     assert train(capsys, tmp_path / "two", "train.steps=10", *schedule)[0] == 0
     assert train(capsys, tmp_path / "two", "train.steps=20", "checkpoint.resume=auto", *schedule)[0] == 0
     full, resumed = records(tmp_path / "one"), records(tmp_path / "two")
@@ -144,23 +158,6 @@ def test_a_named_checkpoint_is_resumed_or_refused(capsys, base_run, tmp_path):
     rc, err = train(capsys, out, "train.steps=6", f"checkpoint.resume={base_run}")
     assert rc == 2 and f"checkpoint.resume={base_run} is not a checkpoint" in error_line(err)
     assert snapshot(out) == before
-
-
-def test_step_lines_every_interval_when_stdout_is_not_a_terminal(capsys, tmp_path):
-    """logging.log_interval=10 with stdout redirected (as under SLURM): exactly one plain line per 10 steps on
-    stdout and in train.log, leading with the LM loss, and no tqdm bar (its \\r-joined redraws)."""
-    out = tmp_path / "run"
-    assert launch_train.main([*FAST, f"output_dir={out}", "train.steps=30", "logging.log_interval=10",
-                              "checkpoint.interval=100"]) == 0
-    captured = capsys.readouterr()
-    lines = [ln for ln in captured.out.splitlines() if ln.startswith("step ")]
-    assert [ln.split(" | ")[0] for ln in lines] == ["step 10/30", "step 20/30", "step 30/30"]
-    assert all(ln.split(" | ")[1].startswith("lm_loss ") for ln in lines)
-    assert "\r" not in captured.out and "\r" not in captured.err
-    logged = [ln for ln in (out / "train.log").read_text().splitlines() if " step " in ln and "/30 |" in ln]
-    assert [ln.split("haillm.steps: ")[1] for ln in logged] == lines
-    assert not any(ln.startswith("step ") for ln in captured.err.splitlines())
-    assert captured.out.splitlines()[-1].startswith("lm_loss: step 1 ")
 
 
 def test_a_changed_schedule_on_resume_is_refused_or_followed(capsys, tmp_path):

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from haillm.data.config import DataConfig, DataError
+from haillm.data.config import DataConfig, DataError, setting
 from haillm.data.shards import ShardDataset, read_manifest
 from haillm.data.sources import describe_source, iter_documents
 from haillm.data.tokenizer import Tokenizer, build_tokenizer
@@ -95,7 +95,7 @@ def build_dataset(cfg: DataConfig, seq_len: int, min_samples: int = 1,
     need = max(min_samples, 1)
     if dataset.num_samples < need:
         more = ("preprocess more text (--max-bytes; data.max_bytes does not apply to shards)"
-                if isinstance(dataset, ShardDataset) else "add data, raise data.max_bytes")
+                if isinstance(dataset, ShardDataset) else f"add data, raise {setting('max_bytes')}")
         raise DataError(
             f"{dataset.source} is too small: {dataset.num_tokens} tokens make {dataset.num_samples} sequences "
             f"of {seq_len + 1} tokens, but {needed_for} needs {need} ({need * (seq_len + 1)} tokens); {more}, "

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from haillm.data.config import DataError
+from haillm.data.config import DataError, setting
 from haillm.data.tokenizer import Tokenizer
 
 FORMAT = "haillm-token-shards"
@@ -94,6 +94,13 @@ def read_manifest(path: str | Path) -> dict | None:
     manifest = path / MANIFEST
     if not manifest.is_file():
         if (path / SETTINGS).is_file():
+            try:
+                failed = json.loads((path / SETTINGS).read_text()).get("failed")
+            except (ValueError, AttributeError):
+                failed = None
+            if failed:
+                raise DataError(f"{path} holds a preprocessing run that failed ({failed}); fix its input and run "
+                                "`python -m haillm.tools.preprocess` into it again")
             raise DataError(
                 f"{path} holds an unfinished preprocessing run (no {MANIFEST}); run "
                 f"`python -m haillm.tools.preprocess` with the same arguments again to finish it"
@@ -115,8 +122,9 @@ def check_tokenizer(meta: dict, tokenizer: Tokenizer, path: str | Path) -> None:
     saved = meta["tokenizer"]
     if saved["fingerprint"] != tokenizer.fingerprint:
         raise DataError(
-            f"{path} was tokenized with '{saved['spec']}' ({saved['fingerprint'][:19]}) but data.tokenizer is "
-            f"another tokenizer ({tokenizer.fingerprint[:19]}); set data.tokenizer to the one used to preprocess"
+            f"{path} was tokenized with '{saved['spec']}' ({saved['fingerprint'][:19]}) but {setting('tokenizer')} "
+            f"is another tokenizer ({tokenizer.fingerprint[:19]}); set {setting('tokenizer')} to the one used to "
+            "preprocess"
         )
 
 

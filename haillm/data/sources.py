@@ -21,10 +21,14 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from haillm.data.config import DataConfig, DataError
+from haillm.data.config import DataConfig, DataError, setting
 
+# The corpus files a local source may hold, by suffix (case-insensitive). A directory is read whole: any other
+# file in it (a script, a .csv, a README without a suffix, a compressed parquet) is refused with the list of
+# them, never read as text nor skipped unseen; hidden files and directories are left out. Source code is not a
+# corpus type here (a helper script next to the data was once trained on); only `stdlib` reads .py files.
 BUILDER_BY_SUFFIX = {
-    ".txt": "text", ".md": "text", ".py": "text", ".rst": "text",
+    ".txt": "text", ".text": "text", ".md": "text", ".rst": "text",
     ".jsonl": "json", ".json": "json",
     ".parquet": "parquet",
 }  # fmt: skip
@@ -32,6 +36,7 @@ BUILDER_BY_SUFFIX = {
 # zstandard package, a dependency of haillm): corpus.jsonl.gz reads as corpus.jsonl.
 COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstandard"}
 SUPPORTED = " ".join(BUILDER_BY_SUFFIX) + " (text and json also as .gz .bz2 .xz .zst)"
+LISTED = 5  # refused files named in the message; the rest are counted
 # The stdlib's test suites hold deliberately odd files (bad encodings, generated data); installed
 # packages are not the stdlib.
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
@@ -109,19 +114,28 @@ def local_files(cfg: DataConfig) -> dict[str, list[Path]]:
         files = _walk(root, lambda path: path.suffix == ".py", STDLIB_SKIP_DIRS)
         if not files:
             raise DataError(
-                f"no .py files under the Python standard library at {root}; set data.source to a path"
+                f"no .py files under the Python standard library at {root}; set {setting('source')} to a path"
             )
+        builder = lambda path: "text"  # noqa: E731
     else:
-        root = Path(cfg.source).expanduser()
+        root, builder = Path(cfg.source).expanduser(), builder_of
         if not root.exists():
             raise DataError(
                 f"data source {root} does not exist (expected 'stdlib', 'hf:<name>[:<config>]', "
                 f"or a file or directory of {SUPPORTED} files)"
             )
         if root.is_dir():
-            files = _walk(root, lambda path: builder_of(path) is not None)
+            files = _walk(root, lambda path: True)
+            others = [str(f.relative_to(root)) for f in files if builder_of(f) is None]
+            if others:
+                more = f" and {len(others) - LISTED} more" if len(others) > LISTED else ""
+                raise DataError(
+                    f"data directory {root} holds {len(others)} file(s) that are not corpus files: "
+                    f"{', '.join(others[:LISTED])}{more}; accepted: {SUPPORTED}. Move them out, or name a "
+                    "directory (or a file) holding corpus files only"
+                )
             if not files:
-                raise DataError(f"data directory {root} holds no supported files ({SUPPORTED})")
+                raise DataError(f"data directory {root} holds no corpus files ({SUPPORTED})")
         elif builder_of(root) is not None:
             files = [root]
         else:
@@ -131,7 +145,7 @@ def local_files(cfg: DataConfig) -> dict[str, list[Path]]:
         raise DataError(f"{describe_source(cfg)} is empty: all its files have zero bytes")
     groups: dict[str, list[Path]] = {}
     for f in files:
-        groups.setdefault(builder_of(f), []).append(f)
+        groups.setdefault(builder(f), []).append(f)
     if "text" in groups:
         groups["text"] = _first_bytes(groups["text"], cfg.max_bytes)
     return groups
@@ -176,7 +190,8 @@ def _column_batches(ds, field: str, what: str) -> Iterator[list]:
     """Batches of one column of a Dataset or IterableDataset."""
     columns = ds.column_names
     if columns is not None and field not in columns:
-        raise DataError(f"{what} has no field '{field}' (fields: {', '.join(columns)}); set data.text_field")
+        raise DataError(f"{what} has no field '{field}' (fields: {', '.join(columns)}); name the one holding "
+                        f"the text with {setting('text_field')}")
     for batch in ds.select_columns([field]).iter(batch_size=BATCH_DOCS):
         yield batch[field]
 

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from haillm.data.config import DataError
+from haillm.data.config import DataError, setting
 
 # Checked in this order; the first one the tokenizer knows becomes the end-of-document id.
 EOD_CANDIDATES = (
@@ -119,16 +119,14 @@ class HFTokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
-            raise DataError(
-                f"tokenizer file {path} does not exist (expected 'byte' or a Hugging Face tokenizer.json)"
-            )
+            raise DataError(f"{setting('tokenizer')}: tokenizer file {path} does not exist (expected 'byte' or a "
+                            "Hugging Face tokenizer.json, or a directory holding one)")
         try:
             self._tok = _Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on parse errors
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise DataError(
-                f"tokenizer file {path} does not parse as a Hugging Face tokenizer.json: {reason}"
-            ) from e
+            raise DataError(f"{setting('tokenizer')}: tokenizer file {path} does not parse as a Hugging Face "
+                            f"tokenizer.json: {reason}") from e
         self.path = path
         self._tok.no_padding()
         self._tok.no_truncation()

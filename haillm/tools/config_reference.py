@@ -28,8 +28,13 @@ from haillm.models.deepseek_v3.args import PRESETS
 MEANINGS = {
     # model (ModelArgs: DeepSeek's inference/model.py names)
     "model.name": "preset the model fields came from (`model=<preset>`)",
-    "model.init_from": "`hf:<directory>`: start from a Hugging Face DeepseekV3 checkpoint instead of random weights",
-    "model.vocab_size": "vocabulary size (embedding rows, head outputs)",
+    "model.init_from": "`hf:<directory>`: start from a Hugging Face DeepseekV3 checkpoint instead of random weights; "
+                       "the architecture comes from its config.json, not the preset (the MTP depth: the MTP layers "
+                       "it stores); a `model.<field>=` override keeps its value (context length, YaRN and MTP depth "
+                       "may differ) but must agree with config.json on a field the weights fix",
+    "model.vocab_size": "vocabulary size (embedding rows, head outputs); 0: the number of ids of `data.tokenizer` "
+                        "(258 for `byte`). Resolved when the config is composed (config.yaml records the number); "
+                        "smaller than the tokenizer's is refused, larger is kept",
     "model.dim": "hidden size",
     "model.inter_dim": "intermediate size of the dense FFN layers",
     "model.moe_inter_dim": "intermediate size of each routed and shared expert",
@@ -79,8 +84,10 @@ MEANINGS = {
                      "experts; `haillm/train/compile.py`); token exchange, routed experts and FP8 or deferred "
                      "linears stay eager. The first step includes the compilation",
     # data
-    "data.source": "`stdlib` (the Python standard library's source), a file or directory (.txt .md .py .rst "
-                   ".jsonl .json .parquet), or `hf:<name>[:<config>]` when online",
+    "data.source": "`stdlib` (the Python standard library's source), a file or directory of corpus files (.txt "
+                   ".text .md .rst .jsonl .json .parquet; text and json also as .gz .bz2 .xz .zst; a directory "
+                   "holding any other file is refused, naming it; hidden files are skipped), a preprocessed "
+                   "directory, or `hf:<name>[:<config>]` when online",
     "data.text_field": "JSON / parquet column holding the text",
     "data.split": "split of an `hf:` dataset",
     "data.shuffle": "shuffle the packed sequences (seeded; resumable)",
@@ -168,9 +175,18 @@ def _value(v: object) -> str:
     return f"`{v}`" if v != "" else "`''`"
 
 
+def preset_values(name: str) -> dict:
+    """The model fields of preset `name` as `model=<name>` composes them before resolution: the Python preset's,
+    with those its conf/model/<name>.yaml sets (`vocab_size: 0` for `tiny` and `small`)."""
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    own = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
+    return {**dataclasses.asdict(PRESETS[name]), **{k: v for k, v in own.items() if k != "defaults"}}
+
+
 def render() -> str:
     defaults = OmegaConf.to_container(compose_config([]), resolve=False)
     presets = list(PRESETS)
+    values_of = {p: preset_values(p) for p in presets}
     out = [
         "# Configuration reference",
         "",
@@ -197,7 +213,7 @@ def render() -> str:
                     "|---" * (len(presets) + 3) + "|"]
             for key, type_name, comment in rows:
                 field = key.split(".", 1)[1]
-                values = [_value(getattr(PRESETS[p], field)) if hasattr(PRESETS[p], field) else "" for p in presets]
+                values = [_value(values_of[p][field]) if field in values_of[p] else "" for p in presets]
                 out.append(f"| `{key}` | {type_name} | " + " | ".join(values) + f" | {meaning(key, comment)} |")
             continue
         out += ["| key | type | default | meaning |", "|---|---|---|---|"]

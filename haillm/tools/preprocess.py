@@ -8,7 +8,11 @@ MB of text; worker processes tokenize them (batched `tokenizers` calls) and each
 `haillm.data.shards` for the format). The main process records every finished shard in `progress.jsonl`, in
 order, and writes `manifest.json` last. An interrupted run resumes when started again with the same
 arguments and an unchanged source (finished shards are kept; their text is read again but not tokenized),
-or restarts from scratch with `--overwrite`. A run holds a lock on OUT_DIR, so two never write it at once.
+or restarts from scratch with `--overwrite`. A run that failed (bad input: a missing text field, an unreadable
+file) or finished no shard is no such work to protect: started again with other arguments or over a fixed
+source, it replaces that unfinished output without `--overwrite` (same arguments still resume it). A finished
+output needs `--overwrite`, and a directory holding anything else is never written. A run holds a lock on
+OUT_DIR, so two never write it at once. Errors name this tool's flags (`--text-field`), not the trainer's keys.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from haillm.data.config import DataConfig, DataError
+from haillm.data.config import DataConfig, DataError, setting_names
 from haillm.data.shards import (
     FORMAT,
     MANIFEST,
@@ -48,6 +52,11 @@ from haillm.data.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
 PROGRESS = "progress.jsonl"
 LOCK = ".lock"  # flock'ed by the run writing the directory
 SUB_BATCH_CHARS = 1 << 20  # text per tokenizer call in a worker: bounds the tokenizer's own buffers
+# The command line's names of the DataConfig fields (error messages of the data pipeline use them), and of the
+# run settings a resume compares.
+FLAGS = {"source": "SOURCE", "text_field": "--text-field", "split": "--split", "tokenizer": "--tokenizer",
+         "max_bytes": "--max-bytes"}
+SETTING_FLAGS = {**FLAGS, "chunk_chars": "--shard-mb", "dtype": "--tokenizer", "source_files": "SOURCE"}
 
 
 def chunks(docs: Iterable[str], max_chars: int) -> Iterator[list[str]]:
@@ -153,7 +162,11 @@ def claim_out_dir(out: Path) -> Iterator[None]:
 
 
 def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> list[dict]:
-    """Make the claimed `out` ready; returns the shards an interrupted run with the same settings wrote."""
+    """Make the claimed `out` ready; returns the shards an interrupted run with the same settings wrote.
+
+    An unfinished run with other settings (or over a changed source) is replaced when it failed or finished no
+    shard (nothing worth keeping), and refused otherwise: an interrupted run's shards are hours of work that a
+    mistyped flag must not discard (`--overwrite` does)."""
     if (out / MANIFEST).is_file() and not overwrite:
         raise DataError(f"{out} already holds a finished preprocessed dataset; pass --overwrite to redo it")
     done: list[dict] = []
@@ -162,15 +175,24 @@ def prepare_out_dir(out: Path, settings: dict, overwrite: bool) -> list[dict]:
             saved = json.loads((out / SETTINGS).read_text())
         except ValueError:
             saved = {}
+        saved = saved if isinstance(saved, dict) else {}
         changed = [k for k in settings if saved.get(k) != settings[k]]
-        if changed == ["source_files"]:
+        finished = _finished_shards(out, saved.get("dtype", settings["dtype"]))
+        if changed and (saved.get("failed") or not finished):
+            why = f"it failed: {saved['failed']}" if saved.get("failed") else "it finished no shard"
+            print(f"replacing the unfinished run in {out} ({why}; {SETTING_FLAGS.get(changed[0], changed[0])} "
+                  "differs now)", file=sys.stderr)
+        elif changed == ["source_files"]:
             raise DataError(f"source {settings['source']} changed (files added, removed, resized or modified) "
-                            f"since the unfinished run in {out} started; pass --overwrite to start again")
-        if changed:
+                            f"since the interrupted run in {out} started; pass --overwrite to start again")
+        elif changed:
             k = changed[0]
-            raise DataError(f"{out} holds an unfinished run with {k}={saved.get(k)!r}, not {settings[k]!r}; "
-                            "run with the same arguments to resume it, or pass --overwrite to start again")
-        done = _finished_shards(out, settings["dtype"])
+            flag = f" ({SETTING_FLAGS[k]})" if k in SETTING_FLAGS else ""
+            raise DataError(f"{out} holds an interrupted run with {k}={saved.get(k)!r}{flag}, not "
+                            f"{settings[k]!r}; run with the same arguments to resume it, or pass --overwrite to "
+                            "start again")
+        else:
+            done = finished
     keep = {name for entry in done for name in shard_files(entry["index"])}
     for p in out.iterdir():
         if _ours(p.name) and p.name not in keep and p.name not in (PROGRESS, LOCK):
@@ -229,13 +251,31 @@ def preprocess(cfg: DataConfig, out_dir: str | Path, workers: int = 1, shard_mb:
                 "source_files": _source_files(cfg)}  # last: a changed setting is named before the files it reads
     with claim_out_dir(out):
         done = prepare_out_dir(out, settings, overwrite)
-        manifest = _write(cfg, out, settings, tokenizer, done, workers, progress)
+        try:
+            manifest = _write(cfg, out, settings, tokenizer, done, workers, progress)
+        except Exception as exc:  # not an interruption (KeyboardInterrupt, SystemExit): a retry may replace it
+            _record_failure(out, settings, exc)
+            raise
     seconds = time.perf_counter() - start
     new_bytes = manifest["num_bytes"] - sum(e["num_bytes"] for e in done)
     new_tokens = manifest["num_tokens"] - sum(e["num_tokens"] for e in done)
     manifest["throughput"] = {"seconds": seconds, "bytes": new_bytes, "tokens": new_tokens,
                               "mb_per_s": new_bytes / 1e6 / seconds, "tokens_per_s": new_tokens / seconds}
     return manifest
+
+
+def _record_failure(out: Path, settings: dict, exc: BaseException) -> None:
+    """Mark the unfinished run in `out` as failed (its reason in the settings file), so that a retry with other
+    arguments, or over a fixed source, replaces it instead of asking for --overwrite."""
+    if (out / MANIFEST).is_file() or not (out / SETTINGS).is_file():
+        return
+    reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+    tmp = out / (SETTINGS + ".tmp")
+    try:
+        tmp.write_text(json.dumps({**settings, "failed": reason}, indent=1))
+        os.replace(tmp, out / SETTINGS)
+    except OSError:  # e.g. the disk is full: the run stays an interrupted one
+        pass
 
 
 def _write(cfg: DataConfig, out: Path, settings: dict, tokenizer: Tokenizer, done: list[dict], workers: int,
@@ -332,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = DataConfig(source=args.source, text_field=args.text_field, split=args.split,
                      tokenizer=args.tokenizer, max_bytes=args.max_bytes)
     try:
-        m = preprocess(cfg, args.out_dir, args.workers, args.shard_mb, args.overwrite, not args.no_progress)
+        with setting_names(FLAGS):  # the data pipeline's messages name --text-field, not data.text_field
+            m = preprocess(cfg, args.out_dir, args.workers, args.shard_mb, args.overwrite, not args.no_progress)
     except (DataError, OSError) as e:
         print(f"haillm.tools.preprocess: error: {e}", file=sys.stderr)
         return 2

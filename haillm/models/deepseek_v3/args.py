@@ -134,6 +134,9 @@ class ModelArgs:
         return dataclasses.replace(self, **changes)
 
 
+# The run presets (`model=<name>`, conf/model/<name>.yaml) are these, except that `tiny` and `small` take the
+# tokenizer's vocabulary there (model.vocab_size=0, resolved by haillm.config.compose_config); the published
+# models keep theirs. The vocab_size below is what a model built in Python from the preset gets.
 PRESETS: dict[str, ModelArgs] = {
     # CPU smoke/CI model: every feature (dense + MoE layers, q compression, groups, MTP) at toy size.
     "tiny": ModelArgs(

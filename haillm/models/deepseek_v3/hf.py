@@ -24,7 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from haillm.models.deepseek_v3.hf_config import args_from_hf_config, hf_config_from_args
+from haillm.models.deepseek_v3.args import ModelArgs
+from haillm.models.deepseek_v3.hf_config import CHECKPOINT_FIELDS, args_from_hf_config, hf_config_from_args
 from haillm.models.deepseek_v3.model import DeepSeekV3
 
 logger = logging.getLogger(__name__)
@@ -203,19 +204,18 @@ def _mtp_modules_stored(path: Path, n_layers: int) -> int:
     return depth
 
 
-# ModelArgs fields a checkpoint fixes (shapes, routing, norms, RoPE base). Context length and YaRN, MTP depth
-# and the training-objective fields may differ, e.g. to fine-tune at a longer context.
-_CHECKPOINT_FIELDS = (
-    "vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers", "n_heads",
-    "n_routed_experts", "n_shared_experts", "n_activated_experts", "n_expert_groups", "n_limited_groups",
-    "score_func", "route_scale", "norm_topk_prob", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
-    "qk_rope_head_dim", "v_head_dim", "rope_theta", "rms_norm_eps",
-)
+def hf_model_args(path: str | Path) -> ModelArgs:
+    """The ModelArgs of a Hugging Face DeepseekV3 checkpoint directory: its config.json, with ``mtp_depth`` the
+    number of MTP layers actually stored (transformers' ``save_pretrained`` keeps ``num_nextn_predict_layers``
+    in the config but writes no MTP weights). ValueError or OSError for a config or directory we cannot use."""
+    path = Path(path)
+    args = args_from_hf_config(json.loads((path / "config.json").read_text()))
+    return args.replace(mtp_depth=min(args.mtp_depth, _mtp_modules_stored(path, args.n_layers)))
 
 
 def load_hf_state(model: DeepSeekV3, path: str | Path, allow_missing_mtp: bool = False) -> None:
     """Copy a Hugging Face checkpoint's weights into an existing model (in place), e.g. for
-    ``model.init_from=hf:<path>``; the checkpoint's config must agree on ``_CHECKPOINT_FIELDS``.
+    ``model.init_from=hf:<path>``; the checkpoint's config must agree on ``CHECKPOINT_FIELDS``.
 
     The model may hold part of the full model under its full-model names (a pipeline stage, the local
     experts of expert parallelism, fewer MTP modules): checkpoint tensors it does not hold are skipped. Every
@@ -224,7 +224,7 @@ def load_hf_state(model: DeepSeekV3, path: str | Path, allow_missing_mtp: bool =
     """
     stored = args_from_hf_config(json.loads((Path(path) / "config.json").read_text()))
     differ = [f"{f}={getattr(stored, f)!r} (model: {getattr(model.args, f)!r})"
-              for f in _CHECKPOINT_FIELDS if getattr(stored, f) != getattr(model.args, f)]
+              for f in CHECKPOINT_FIELDS if getattr(stored, f) != getattr(model.args, f)]
     if differ:
         raise ValueError(f"checkpoint {path} does not fit the model: {', '.join(differ)}")
     n_layers = model.args.n_layers
@@ -250,10 +250,7 @@ def load_hf(path: str | Path) -> DeepSeekV3:
     ``mtp_depth`` is the number of MTP layers actually stored: transformers' ``save_pretrained`` keeps
     ``num_nextn_predict_layers`` in the config but writes no MTP weights.
     """
-    path = Path(path)
-    args = args_from_hf_config(json.loads((path / "config.json").read_text()))
-    args = args.replace(mtp_depth=min(args.mtp_depth, _mtp_modules_stored(path, args.n_layers)))
-    model = DeepSeekV3(args)
+    model = DeepSeekV3(hf_model_args(path))
     load_hf_state(model, path)
     return model
 

@@ -8,6 +8,18 @@ import torch
 
 from haillm.models.deepseek_v3.args import ModelArgs
 
+# ModelArgs fields a checkpoint fixes (shapes, routing, norms, RoPE base). Context length and YaRN, MTP depth
+# and the training-objective fields may differ, e.g. to fine-tune at a longer context.
+CHECKPOINT_FIELDS = (
+    "vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers", "n_heads",
+    "n_routed_experts", "n_shared_experts", "n_activated_experts", "n_expert_groups", "n_limited_groups",
+    "score_func", "route_scale", "norm_topk_prob", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+    "qk_rope_head_dim", "v_head_dim", "rope_theta", "rms_norm_eps",
+)
+# ModelArgs fields a config.json does not hold (training objective and initialisation): `args_from_hf_config`
+# leaves them at their defaults, and `model.init_from` keeps the run's.
+TRAINING_FIELDS = ("mtp_lambda", "balance_alpha", "bias_update_speed", "init_std")
+
 
 def args_from_hf_config(config: dict) -> ModelArgs:
     """ModelArgs of a Hugging Face DeepseekV3 config.json; ValueError for what we would compute differently.
