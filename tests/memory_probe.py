@@ -7,13 +7,19 @@
   it is released (graph freed after backward, or a deferred weight-gradient closure dropped it); ``peak``
   is the most bytes of distinct non-parameter storages alive at once. Recomputation's own saving hook is
   wrapped (as ``saved_tensors.py`` does) so that only what it really keeps is counted.
+- ``allocated_during(fn)``: what the allocator says instead of autograd: bytes of the CPU blocks allocated
+  while ``fn()`` runs and still allocated when it returns (the memory a forward leaves resident: its saved
+  tensors, and anything else it keeps alive), from ``torch.profiler``'s allocation events; and ``fn()``.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch._C._profiler import _EventType
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from haillm.ops import recompute
@@ -78,3 +84,22 @@ class LiveSaved:
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
         recompute._pack = self._pack
+
+
+def allocated_during(fn: Callable[[], Any]) -> tuple[int, Any]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    live: dict[int, int] = {}
+    nodes = list(prof.profiler.kineto_results.experimental_event_tree())
+    events = []
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
+    for _, ptr, size in sorted(events):
+        if size > 0:
+            live[ptr] = size
+        else:
+            live.pop(ptr, None)  # a free (of a block of this window, or of an older one: not counted)
+    return sum(live.values()), out

@@ -1,8 +1,8 @@
 """The planner's activation model (haillm.tools.activations) against what autograd really keeps, for one
-micro-batch of the whole model in one process: fp32 parameters, FP8 linears, recomputation and
-weight-gradient deferral (DualPipe's linears) on CPU; BF16 parameters on a GPU (on CPU, BF16 GEMMs are
-emulated with fp32 copies of their operands, which the planner does not model). Measured by storage with
-tests/saved_tensors.py."""
+micro-batch of the whole model in one process: fp32 and BF16 parameters, FP8 linears, recomputation and
+weight-gradient deferral (DualPipe's linears) on CPU (where BF16 GEMMs are fp32 arithmetic that keeps the
+bf16 operands for backward, as a GPU does: haillm/ops/precision.py); BF16 parameters on a GPU. Measured by
+storage with tests/saved_tensors.py."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ GPU = pytest.mark.gpu
     ("cpu", torch.float32, False, False, True, 0.01),
     ("cpu", torch.float32, True, False, False, 0.01),
     ("cpu", torch.float32, True, True, False, 0.01),
+    ("cpu", torch.bfloat16, False, False, False, 0.01),
+    ("cpu", torch.bfloat16, False, True, True, 0.01),
     pytest.param("cuda", torch.bfloat16, False, False, False, 0.05, marks=GPU),
     pytest.param("cuda", torch.bfloat16, False, True, True, 0.05, marks=GPU),
 ])

@@ -4,8 +4,8 @@
 Parameters, gradients, optimizer state and the end-of-step copies (sum_partner_grads' buffer, a bf16
 reduction's bucket copies) must match exactly (BF16 parameters included); activations (the
 peak of live saved-for-backward storages over one optimizer step, pipeline in-flight micro-batches
-included) within 25%, in fp32: a BF16 run on CPU emulates its GEMMs with fp32 copies of their operands
-(haillm/ops/precision.py), which the planner, modelling a GPU's BF16, does not count.
+included) within 10%, in fp32 and in BF16 (whose GEMMs on CPU are fp32 arithmetic that keeps the bf16
+operands for backward, as a GPU does: haillm/ops/precision.py).
 Run with `-s` to print the table."""
 
 from __future__ import annotations
@@ -100,5 +100,4 @@ def test_predicted_memory_matches_measured(name, tmp_path):
             print(f"  {m['pp_rank']} {kind:<14}{predicted[kind]:>12.0f}{m[kind]:>12}{ratio}")
         for kind in ("parameters", "gradients", "optimizer", "partner_grads", "reduce_copies"):
             assert predicted[kind] == m[kind], (kind, m["pp_rank"])
-        if plan["layout"]["param_dtype"] == "fp32":
-            assert predicted["activations"] == pytest.approx(m["activations"], rel=0.25)
+        assert predicted["activations"] == pytest.approx(m["activations"], rel=0.1), m["pp_rank"]

@@ -23,8 +23,9 @@ off by default because the custom autograd function costs ~20 us per call on CPU
 step), which only pays where a pipeline schedule uses I/W. The FP8 path defers its Wgrad GEMM the same
 way; the bf16-emulated path (a benchmark baseline) does not defer.
 
-``Linear.cross_entropy_sum`` is the output head's training loss, fused on the plain path
-(``LinearCrossEntropySum``).
+``Linear.cross_entropy_sum`` is the output head's training loss, fused in the default precision
+(``LinearCrossEntropySum``: it keeps nothing vocabulary-wide per token for backward, and defers its weight
+gradient like ``deferrable_linear``).
 """
 
 import torch
@@ -39,12 +40,20 @@ from haillm.ops.precision import apply_like_autocast, autocast_off
 from haillm.ops.wgrad import defer_weight_grad, deferrable_linear
 
 PRECISIONS = ("default", "fp8", "bf16_emulated")
-# fp32 logits per row block of LinearCrossEntropySum, on CPU and on accelerators. The kept exponentials of
-# all blocks add up to the same [tokens, vocab] either way; the block bounds the temporaries and sets the
-# GEMM count. On CPU a fresh block is page-faulted in (small is fast); on a GPU every block costs a round of
-# kernel launches and small GEMMs waste the tensor cores.
+# fp32 logits per row block of LinearCrossEntropySum: the bound on its vocabulary-wide temporaries (nothing
+# vocabulary-wide is kept between forward and backward), one per device kind, never a measurement. On CPU a
+# fresh block is page-faulted in (small is fast); on a GPU every block costs a round of kernel launches and
+# small GEMMs waste the tensor cores. The block also fixes the order of the weight gradient's fp32 sum.
 CE_BLOCK_BYTES = 16 << 20
 CE_BLOCK_BYTES_GPU = 512 << 20
+# LinearCrossEntropySum computes its gradients in forward, keeping the fp32 weight gradient until backward,
+# when that gradient comes to at most this many bytes per token of the call (ce_grads_in_forward); else it
+# keeps O(dim) per token and recomputes the logits in backward. A memory bound, the same on every device:
+# DeepSeek-V3's head (vocab 129,280 x dim 7,168) recomputes below 226K tokens per call, and at or above it
+# keeps 16 KB plus the 14 KB BF16 input gradient per token, under 32 KB either way. The CPU presets' heads
+# (small: 8,192 x 384 on 1,024 tokens, 12 KB per token) compute in forward, and so do without the
+# recomputation's fourth head GEMM (+5-10% of a step of small on CPU).
+CE_WGRAD_BYTES_PER_TOKEN = 16 << 10
 
 
 class Bf16EmulatedLinear(torch.autograd.Function):
@@ -71,55 +80,150 @@ class Bf16EmulatedLinear(torch.autograd.Function):
         return dx, dw
 
 
+def ce_grads_in_forward(vocab: int, dim: int, tokens: int) -> bool:
+    """Whether ``LinearCrossEntropySum`` on ``tokens`` rows computes its gradients in forward: when its one
+    fp32 weight gradient (``vocab x dim``) comes to at most ``CE_WGRAD_BYTES_PER_TOKEN`` per token. Depends
+    on the shapes only, the same on every device (``haillm.tools.activations`` models it)."""
+    return 4 * vocab * dim <= CE_WGRAD_BYTES_PER_TOKEN * tokens
+
+
+def _ce_block_rows(vocab: int, device: torch.device) -> int:
+    """Rows per block of ``LinearCrossEntropySum``: as many as keep one block's fp32 logits within the
+    device kind's budget (``CE_BLOCK_BYTES``, ``CE_BLOCK_BYTES_GPU``), at least 64."""
+    budget = CE_BLOCK_BYTES if device.type == "cpu" else CE_BLOCK_BYTES_GPU
+    return max(64, budget // (4 * vocab))
+
+
+def _ce_block_grads(probs: torch.Tensor, at_target: torch.Tensor, targets: torch.Tensor, x: torch.Tensor,
+                    w: torch.Tensor, dx: torch.Tensor | None, dw: torch.Tensor | None, want_w: bool
+                    ) -> torch.Tensor | None:
+    """One row block's gradients from its scaled softmax ``probs`` (fp32 or wider, overwritten): ``at_target``
+    (a 0-dim tensor, minus the scale) added at each row's target, the result rounded to the GEMM dtype and
+    fed to the Dgrad GEMM (into ``dx``, if given) and, if ``want_w``, to the Wgrad GEMM, added to the fp32 (or
+    wider) sum ``dw`` (None: the first block); returns the sum."""
+    probs.scatter_add_(1, targets[:, None], at_target.expand(probs.shape[0], 1))
+    dlogits = probs.to(x.dtype)
+    if dx is not None:
+        precision.mm(dlogits, w, out=dx)
+    if not want_w:
+        return dw
+    part = precision.matmul(dlogits.t(), x)
+    return part.to(probs.dtype) if dw is None else dw.add_(part)
+
+
 class LinearCrossEntropySum(torch.autograd.Function):
     """``sum_i CE(x_i W^T, t_i)`` computed one block of rows at a time (logits from a GEMM in the operands'
     dtype, softmax and loss in fp32 or wider); no ``ignore_index`` (every target must be a valid class).
+    ``apply(x, weight, targets, defer=False, grads_in_forward=None)``.
 
-    Each block's logits are exponentiated in place (after subtracting the row max) and are the only
-    ``[rows, vocab]`` tensor kept; backward turns them, again in place, into the logit gradient
-    ``grad * (softmax - onehot)`` and feeds it straight to the two GEMMs. ``F.cross_entropy(F.linear(x, W))``
-    instead writes the logits, the log-probabilities, a zeroed one-hot gradient and the log-softmax
-    gradient: four vocab-wide tensors, each a fresh allocation that the CPU page-faults in (a 32 MB one
-    costs ~14 ms here, more than the arithmetic). Because backward consumes what it kept, a second
-    backward through the same graph fails autograd's saved-tensor check (no ``retain_graph``).
+    Nothing ``[tokens, vocab]`` is kept for backward. Two ways, chosen by ``ce_grads_in_forward`` from the
+    shapes (``grads_in_forward=None``) or by the caller:
+
+    - Recompute (large vocab x dim for the tokens: DeepSeek-V3's head): forward keeps the GEMM input ``x``
+      (in the GEMM's dtype), the targets, and per row the logits' max and the sum of their exponentials (two
+      fp32 numbers): O(dim) per token, for DeepSeek-V3 in BF16 14,336 + 8 bytes and the int64 target, where
+      keeping the exponentiated logits took 4 x 129,280 more. Backward computes each block's logits again
+      (the forward's GEMM on the same operands) and turns them in place into the logit gradient
+      ``exp(logit - max) * (grad / sum)``, ``-grad`` added at the target: exactly the arithmetic of keeping
+      them, so the same gradients, bitwise, wherever the GEMM is deterministic. One more head GEMM: four.
+    - Gradients in forward (small vocab x dim for the tokens: the CPU presets): forward goes on from each
+      block's exponentials to the logit gradient for a loss gradient of 1 (``exp(logit - max) * (1 / sum)``,
+      ``-1`` at the target) and through both GEMMs at once, and keeps the input gradient (``[tokens, dim]``
+      in the GEMM dtype) and the weight gradient summed in fp32 (``[vocab, dim]``, at most
+      ``CE_WGRAD_BYTES_PER_TOKEN`` per token); backward multiplies both, in place, by the loss gradient,
+      known only then (so a second backward through the graph fails autograd's saved-tensor check, as it
+      did when the kept logits were consumed). Three GEMMs, as when the logits are kept. The gradients are
+      bitwise those of the other way for a loss gradient that is a power of two, and differ by rounding
+      otherwise (the scale applied after the GEMMs instead of before: a few fp32 ulps of the largest
+      entries; in BF16 the logit gradient is rounded unscaled and the input gradient twice).
+
+    The weight gradient is summed over blocks in fp32 (or wider) and rounded once, to the GEMM dtype and then
+    to the weight's (what ``F.linear`` under autocast gives an fp32 parameter). Autocast is handled here, as
+    ``_DeferrableLinear`` does: the GEMMs run in its dtype, the weight is cast where it is used (no cast copy
+    kept), and ``weight`` is the parameter itself. ``defer`` (``Linear.defer_wgrad``): a backward inside
+    ``deferring_weight_grads`` returns the input gradient and queues the weight gradient. What the W phase
+    holds is what forward kept: O(dim) per token when recomputing (W computes the logits once more: a fifth
+    GEMM), or the weight gradient already computed, which W only scales and accumulates.
+
+    ``F.cross_entropy(F.linear(x, W))`` instead writes the logits, the log-probabilities, a zeroed one-hot
+    gradient and the log-softmax gradient, four vocab-wide tensors (on CPU each a fresh allocation that is
+    page-faulted in), and keeps one of them for backward.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        budget = CE_BLOCK_BYTES if x.device.type == "cpu" else CE_BLOCK_BYTES_GPU
-        rows = max(64, budget // (4 * weight.shape[0]))
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        loss = torch.zeros((), dtype=dtype, device=x.device)
-        exps, totals = [], []
-        for start in range(0, x.shape[0], rows):
-            logits = precision.linear(x[start : start + rows], weight).to(dtype)
-            picked = logits.gather(1, targets[start : start + rows, None])
-            peak = logits.amax(dim=1, keepdim=True)
-            exps.append(logits.sub_(peak).exp_())
-            totals.append(exps[-1].sum(dim=1, keepdim=True))
-            loss += (peak + totals[-1].log() - picked).sum()
-        ctx.rows = rows
-        ctx.save_for_backward(x, weight, targets, *exps, *totals)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, defer: bool = False,
+                grads_in_forward: bool | None = None) -> torch.Tensor:
+        device, (vocab, dim) = x.device.type, weight.shape
+        ctx.x_dtype, ctx.weight, ctx.defer = x.dtype, weight, defer  # the parameter itself: W accumulates there
+        ctx.dtype = dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grads_in_forward is None:
+            grads_in_forward = (want_x or want_w) and ce_grads_in_forward(vocab, dim, x.shape[0])
+        ctx.grads_in_forward = grads_in_forward
+        with torch.autocast(device, enabled=False):
+            x, w = x.to(dtype), weight.to(dtype)
+            ctx.rows = rows = _ce_block_rows(vocab, x.device)
+            acc = torch.promote_types(dtype, torch.float32)
+            loss = torch.zeros((), dtype=acc, device=x.device)
+            minus_one = torch.full((), -1.0, dtype=acc, device=x.device)
+            dx = torch.empty(x.shape, dtype=dtype, device=x.device) if grads_in_forward and want_x else None
+            dw, peaks, totals = None, [], []
+            for start in range(0, x.shape[0], rows):
+                block = slice(start, start + rows)
+                logits = precision.linear(x[block], w).to(acc)
+                picked = logits.gather(1, targets[block, None])
+                peak = logits.amax(dim=1, keepdim=True)
+                total = logits.sub_(peak).exp_().sum(dim=1, keepdim=True)
+                loss += (peak + total.log() - picked).sum()
+                if grads_in_forward:
+                    dw = _ce_block_grads(logits.mul_(1 / total), minus_one, targets[block], x[block], w,
+                                         None if dx is None else dx[block], dw, want_w)
+                else:
+                    peaks.append(peak)
+                    totals.append(total)
+        if grads_in_forward:
+            ctx.save_for_backward(dx, dw)
+        else:
+            peak, total = (torch.cat(t) if len(t) > 1 else t[0] for t in (peaks, totals))
+            ctx.save_for_backward(x, targets, peak, total)
         return loss
 
     @staticmethod
     @autocast_off
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, weight, targets, *kept = ctx.saved_tensors
-        n_blocks = len(kept) // 2
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if ctx.needs_input_grad[0] else None
-        dw = None  # summed over blocks in fp32 (or wider), rounded to the weight's dtype once
-        for i, (exp, total) in enumerate(zip(kept[:n_blocks], kept[n_blocks:], strict=True)):
-            block = slice(i * ctx.rows, i * ctx.rows + exp.shape[0])
-            dlogits = exp.mul_(grad / total)
-            dlogits.scatter_add_(1, targets[block, None], (-grad).expand(exp.shape[0], 1))
-            dlogits = dlogits.to(x.dtype)
-            if dx is not None:
-                precision.mm(dlogits, weight, out=dx[block])
-            if ctx.needs_input_grad[1]:
-                part = precision.matmul(dlogits.t(), x[block])
-                dw = part.to(exp.dtype) if dw is None else dw.add_(part)
-        return dx, None if dw is None else dw.to(weight.dtype), None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        # locals only: a queued weight gradient must not hold on to the graph node
+        weight, dtype, rows, in_forward = ctx.weight, ctx.dtype, ctx.rows, ctx.grads_in_forward
+        saved = ctx.saved_tensors
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+
+        def recomputed(dx: torch.Tensor | None, want_w: bool) -> torch.Tensor | None:
+            """The recompute way's pass over the blocks: Dgrad into ``dx``, the Wgrad sum if ``want_w``."""
+            x, targets, peak, total = saved
+            w, dw = weight.to(dtype), None
+            for start in range(0, x.shape[0], rows):
+                block = slice(start, start + rows)
+                logits = precision.linear(x[block], w).to(peak.dtype)
+                probs = logits.sub_(peak[block]).exp_().mul_(grad / total[block])
+                dw = _ce_block_grads(probs, -grad, targets[block], x[block], w, None if dx is None else dx[block],
+                                     dw, want_w)
+            return dw
+
+        def weight_grad() -> torch.Tensor:
+            # in place: a second backward through the graph fails autograd's saved-tensor version check
+            dw = saved[1].mul_(grad) if in_forward else recomputed(None, True)
+            return dw.to(dtype).to(weight.dtype)
+
+        if want_w and ctx.defer and defer_weight_grad(weight, weight_grad):
+            want_w = False  # queued for the W phase
+        dx = dw = None
+        if in_forward:
+            dx = saved[0].mul_(grad) if want_x else None
+            dw = weight_grad() if want_w else None
+        elif want_x or want_w:
+            dx = torch.empty(saved[0].shape, dtype=dtype, device=grad.device) if want_x else None
+            dw = recomputed(dx, want_w)
+            dw = None if dw is None else dw.to(dtype).to(weight.dtype)
+        return None if dx is None else dx.to(ctx.x_dtype), dw, None, None, None
 
 
 class Linear(nn.Module):
@@ -188,10 +292,13 @@ class Linear(nn.Module):
 
     def cross_entropy_sum(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``F.cross_entropy(self(x).float(), targets, reduction="sum")`` over all leading dims; fused
-        (``LinearCrossEntropySum``) on the plain path, the module's own forward otherwise."""
+        (``LinearCrossEntropySum``: nothing vocabulary-wide kept per token, weight-gradient deferral with
+        ``defer_wgrad``) in the default precision without bias (the output head, which the MTP modules share:
+        FP8 keeps it in high precision, ``fp8.policy``), the module's own forward otherwise."""
         x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-        if self.is_plain:
-            return apply_like_autocast(LinearCrossEntropySum, x, self.weight, targets)
+        if self.precision == "default" and self.bias is None:
+            grads_in_forward = None if torch.is_grad_enabled() else False  # no gradients computed in evaluation
+            return LinearCrossEntropySum.apply(x, self.weight, targets, self.defer_wgrad, grads_in_forward)
         return F.cross_entropy(self(x).float(), targets, reduction="sum")
 
     def extra_repr(self) -> str:

@@ -8,11 +8,14 @@ attention keeps q, k, v, its output and an fp32 log-sum-exp per head; SwiGLU kee
 only its two inputs where it quantizes for an FP8 down projection (the fused op recomputes silu); the router
 keeps fp32 scores, the chosen indices and weights; every routed copy of a token (top-k of them) keeps its
 input, intermediates, output and weighted output (``index_add`` keeps its source); the fused head +
-cross-entropy keeps fp32 exponentiated logits. A tensor saved by several ops counts once. With
+cross-entropy keeps nothing vocabulary-wide per token: its input and two fp32 numbers per token (it
+recomputes the logits in backward), or where the vocabulary and dim are small for the tokens the gradients it
+computed in forward (``head_bytes``). A tensor saved by several ops counts once. With
 ``train.recompute`` the RMSNorm outputs and the attention's q, k, v are recomputed in backward, so they
 are not kept. Parameters are never counted here.
 
-The CPU specifics follow the code: CPU attention pads v to the q/k head dim.
+The CPU specifics follow the code: CPU attention pads v to the q/k head dim, and keeps its output in fp32
+(a BF16 run's attention is the fp32 kernel on the bf16 q, k, v, ``haillm.ops.precision``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 
 from haillm.fp8.policy import BLOCK as FP8_BLOCK
 from haillm.models.deepseek_v3.args import ModelArgs
+from haillm.ops.linear import ce_grads_in_forward
 from haillm.parallel.pipeline.stage import StageSpec
 
 FP32, INT64 = 4, 8
@@ -74,7 +78,7 @@ def attention_per_token(a: ModelArgs, s: ActivationSetup) -> float:
     v_kept = heads * qk if s.cpu else heads * (a.qk_nope_head_dim + a.v_head_dim)  # CPU pads v; GPU views wkv_b
     if not s.recompute:
         out += (2 * q_out + v_kept) * act  # q, k, v
-    out += heads * (qk if s.cpu else a.v_head_dim) * act + heads * FP32  # attention output, log-sum-exp
+    out += heads * (qk * FP32 if s.cpu else a.v_head_dim * act) + heads * FP32  # attention output, log-sum-exp
     out += _kept(heads * a.v_head_dim, s, False, [(heads * a.v_head_dim, a.dim)])  # wo's input
     return out
 
@@ -124,10 +128,17 @@ def block_bytes(a: ModelArgs, dense: bool, micro_batch: int, seq_len: int, s: Ac
     return out
 
 
-def head_per_token(a: ModelArgs, s: ActivationSetup) -> float:
-    """Final norm (input, rstd, output) and the fused head + cross-entropy (fp32 exponentiated logits and
-    their row sums)."""
-    return a.dim * s.act_bytes + FP32 + _kept(a.dim, s, True, [], marked=True) + (a.vocab_size + 1) * FP32
+def head_bytes(a: ModelArgs, s: ActivationSetup, tokens: int) -> float:
+    """Final norm (input, rstd) and the fused head + cross-entropy (``LinearCrossEntropySum``) on ``tokens``
+    tokens. Nothing vocabulary-wide per token, in either of the head's ways (``ce_grads_in_forward``): it
+    recomputes the logits and keeps the norm's output (its GEMM input) and two fp32 numbers per token
+    (DeepSeek-V3 in BF16: 14,344 bytes per token, where the exponentiated logits kept before took 517,124
+    more), or it computes its gradients in forward and keeps the input gradient (the norm output's size) and
+    the fp32 weight gradient, at most ``CE_WGRAD_BYTES_PER_TOKEN`` per token."""
+    norm = tokens * (a.dim * s.act_bytes + FP32)
+    if ce_grads_in_forward(a.vocab_size, a.dim, tokens):
+        return norm + tokens * a.dim * s.act_bytes + a.vocab_size * a.dim * FP32
+    return norm + tokens * (_kept(a.dim, s, True, [], marked=True) + 2 * FP32)
 
 
 def chunk_bytes(a: ModelArgs, spec: StageSpec, micro_batch: int, seq_len: int, s: ActivationSetup,
@@ -142,7 +153,7 @@ def chunk_bytes(a: ModelArgs, spec: StageSpec, micro_batch: int, seq_len: int, s
         out += block_bytes(a, i < a.n_dense_layers, micro_batch, seq_len, s)
     if not spec.last:
         return out
-    out += tokens * head_per_token(a, s)
+    out += head_bytes(a, s, tokens)
     for k in range(1, a.mtp_depth + 1):
         t_k = micro_batch * (seq_len - k)
         if k == 1 and not shared_embedding:
@@ -150,5 +161,5 @@ def chunk_bytes(a: ModelArgs, spec: StageSpec, micro_batch: int, seq_len: int, s
         # enorm and hnorm rstd, then eh_proj's input (the concatenated normed embedding and hidden state)
         out += t_k * (2 * FP32 + _kept(2 * a.dim, s, False, [(2 * a.dim, a.dim)]))
         out += block_bytes(a, False, micro_batch, seq_len - k, s)
-        out += t_k * head_per_token(a, s)
+        out += head_bytes(a, s, t_k)
     return out
