@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from haillm.config import ConfigError, compose_config, resolve_dtype, to_model_args, validate, vocab_too_small
+from haillm.config import ConfigError, compose_config, resolve_dtype, to_model_args, validate
+from haillm.config_derived import vocab_too_small
 from haillm.data import DataError
 from haillm.data.loader import build_training_data, make_batcher
 from haillm.fp8.policy import apply_fp8
