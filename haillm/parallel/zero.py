@@ -26,7 +26,8 @@ One step:
      (pp: every stage holds different params) and scales the shards.
   4. `step` runs AdamW on the shards (same arithmetic as torch.optim.AdamW's single-tensor path), then
      all-gathers each bucket in place into the parameters, first layers first; the gathers are waited
-     at the end of `step` unless `register_forward_wait(model)` moved the wait to each module's forward.
+     at the end of `step` unless `register_forward_wait(model)` moved the wait to each module's forward
+     (`zero_forward_wait.py`).
 
 Param groups: dicts like torch's, `{"params": [(name, param), ...], "process_group": pg, "norm_groups":
 (pg, ...), "lr": ..., "weight_decay": ...}`; keys left out take the constructor's values.
@@ -45,7 +46,6 @@ in a step count as zero-gradient (Adam still decays their moments).
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from haillm.parallel.collectives import all_gather_single, reduce_scatter_single
 from haillm.parallel.zero_buckets import Bucket, BucketPlan, ParamSpec, plan_buckets
+from haillm.parallel.zero_forward_wait import ForwardWait
 from haillm.parallel.zero_state import copy_pieces, sharded_view
 
 STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
@@ -116,7 +117,7 @@ class ZeroAdamW:
         self._buckets = self._build_buckets(int(bucket_mb * 2**20))
         self._bucket_of: dict[int, tuple[Bucket, int]] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._wrapped: list[tuple[nn.Module, str]] = []  # (module, method) waiting for its buckets first
+        self._forward_wait = ForwardWait(self._buckets, self.wait_params)
         for b in self._buckets:
             for i, p in enumerate(b.params):
                 self._bucket_of[id(p)] = (b, i)
@@ -327,48 +328,11 @@ class ZeroAdamW:
                 b.gather_work = None
 
     def register_forward_wait(self, model: nn.Module, regions: Iterable[nn.Module] = ()) -> None:
-        """Let `step` return before the parameter all-gathers finish: each module waits for the buckets of its
-        own parameters before it reads them, so gathers overlap the start of the next forward.
-
-        A module waits in a forward pre-hook, and before each method named in its `forward_methods` (methods
-        that read its parameters outside `__call__`, as FSDP2's `register_fsdp_forward_method`: the output
-        head's `cross_entropy_sum`, a norm's fused FP8 path); such a method waits for every parameter under
-        the module. Code that reads a parameter any other way must call `wait_params()` first: with NCCL it
-        would read a half-gathered weight (the tests poison in-flight gathers to catch it).
-
-        A module of `regions` (a torch.compile'd region, `haillm.train.compile`) waits for the buckets of all
-        its parameters, its submodules' included, and its submodules register nothing: their hooks would run
-        inside the compiled code, where a wait on a collective cannot be traced."""
-        regions = list(regions)
-        inside = {id(m) for region in regions for m in region.modules() if m is not region}
-        whole = {id(m) for m in regions}
-        for module in model.modules():
-            if id(module) in inside:
-                continue
-            own = self._buckets_of(module.parameters(recurse=id(module) in whole))
-            if own:
-                self._hooks.append(module.register_forward_pre_hook(functools.partial(self._forward_wait, own)))
-            for name in getattr(module, "forward_methods", ()):
-                self._wait_before(module, name, self._buckets_of(module.parameters()))
+        """Let `step` return before the parameter all-gathers finish: each module of `model` waits for the
+        buckets of its own parameters before it reads them (`zero_forward_wait`; `regions` are torch.compile'd
+        modules, each waiting for all its parameters at entry)."""
+        self._forward_wait.register(model, regions)
         self._overlap_gather = True
-
-    def _buckets_of(self, params: Iterable[Tensor]) -> tuple[Bucket, ...]:
-        owned = [self._bucket_of[id(p)][0] for p in params if id(p) in self._bucket_of]
-        return tuple({id(b): b for b in owned}.values())
-
-    def _wait_before(self, module: nn.Module, name: str, buckets: tuple[Bucket, ...]) -> None:
-        """Shadow `module.<name>` with a wrapper that waits for `buckets` first (`close` removes it)."""
-        if not buckets:
-            return
-        method = getattr(module, name)
-
-        @functools.wraps(method)
-        def waiting(*args: Any, **kwargs: Any) -> Any:
-            self.wait_params(buckets)
-            return method(*args, **kwargs)
-
-        setattr(module, name, waiting)
-        self._wrapped.append((module, name))
 
     def close(self) -> None:
         """Remove this optimizer's hooks and method wrappers from the parameters and modules. The hooks reference
@@ -377,12 +341,7 @@ class ZeroAdamW:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        for module, name in self._wrapped:
-            delattr(module, name)
-        self._wrapped.clear()
-
-    def _forward_wait(self, buckets: tuple[Bucket, ...], module: nn.Module, args: Any) -> None:
-        self.wait_params(buckets)
+        self._forward_wait.close()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradient buffers and start a new step. `set_to_none` is accepted for torch
