@@ -93,7 +93,7 @@ def bench_rank(n_tokens: int, iters: int) -> dict:
         dispatcher = AllToAllDispatcher(dist.group.WORLD, placement, fp8=fp8)
 
         def step(d=dispatcher) -> None:
-            routed, counts, handle = d.dispatch(x, indices)
+            routed, counts, _, handle = d.dispatch(x, indices)
             d.combine(routed.to(x.dtype), weights, handle)
 
         with torch.no_grad():

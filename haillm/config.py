@@ -85,6 +85,7 @@ DOMAINS: dict[str, Domain] = {
     "train.lr": POSITIVE, "train.max_skipped_steps": NATURAL, "train.peak_flops": NON_NEGATIVE,
     "train.collective_timeout_s": POSITIVE, "train.watchdog_factor": OFF_OR_ABOVE_ONE,
     "train.loss_spike_factor": OFF_OR_ABOVE_ONE, "train.eval_interval": NATURAL,
+    "train.ema_decay": Domain(0, 1, high_open=True),
     "optim.beta1": Domain(0, 1, high_open=True), "optim.beta2": Domain(0, 1, high_open=True),
     "optim.eps": POSITIVE, "optim.weight_decay": NON_NEGATIVE, "optim.grad_clip": NON_NEGATIVE,
     "optim.warmup_steps": NATURAL, "optim.min_lr_ratio": FRACTION, "optim.decay_start": FRACTION,
@@ -142,7 +143,9 @@ class TrainConfig:
     deterministic: bool = False
     max_skipped_steps: int = 10  # consecutive skipped steps (non-finite, loss spike) tolerated; one more aborts
     peak_flops: float = 0.0  # per device, for MFU; 0 = detect (see haillm.train.metrics)
-    recompute: bool = False  # recompute RMSNorm outputs and MLA up-projections in backward
+    recompute: bool = False  # recompute RMSNorm outputs, MLA up-projections and wo's input in backward
+    recompute_swiglu: bool | None = None  # FFNs keep only SwiGLU inputs, gate weights before w2; None: as recompute
+    ema_decay: float = 0.0  # EMA of the parameters in host memory, updated after each step (checkpointed); 0 = off
     compile: bool = False  # torch.compile the transformer blocks regionally (haillm/train/compile.py)
     collective_timeout_s: float = 600.0  # a collective (or a rank) stuck this long fails the job, naming the rank
     watchdog_factor: float = 10.0  # log all threads' stacks when a step takes this many times the median; 0: off
@@ -176,6 +179,7 @@ class FP8Config:
     enabled: bool = False
     pow2_scales: bool = False
     wgrad: str = "bf16"  # weight-gradient GEMM: bf16 (faster than FP8 on cuBLAS, H200) or fp8 (DeepSeek-V3)
+    cache_transposed: bool = False  # keep W.T's FP8 copy for Dgrad between steps (memory) or transpose per backward
 
 
 @dataclass
@@ -326,6 +330,12 @@ def _validate_resume(resume: str) -> None:
     _require((path / "manifest.json").is_file(),
              f"checkpoint.resume={resume} is not a checkpoint (no manifest.json); expected none, auto or the path "
              "of a checkpoints/step_<N> directory")
+
+
+def recompute_swiglu(cfg: DictConfig) -> bool:
+    """``train.recompute_swiglu``, which follows ``train.recompute`` unless set."""
+    value = cfg.train.recompute_swiglu
+    return bool(cfg.train.recompute if value is None else value)
 
 
 def validate(cfg: DictConfig, world_size: int = 1) -> None:

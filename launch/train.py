@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from haillm.config import ConfigError, compose_config, resolve_dtype, to_model_args, validate
+from haillm.config import ConfigError, compose_config, recompute_swiglu, resolve_dtype, to_model_args, validate
 from haillm.config_derived import vocab_too_small
 from haillm.data import DataError
 from haillm.data.loader import build_training_data, make_batcher
@@ -105,7 +105,7 @@ def build_model(cfg: DictConfig, dims: ParallelDims, device: torch.device
             model = build_stage_model(args, cfg.parallel.pp_schedule, dims.pp, dims.pp_rank, init_seed=None)
         else:
             model = DeepSeekV3(args, init_seed=None)
-    model.set_recompute(cfg.train.recompute)
+    model.set_recompute(cfg.train.recompute, swiglu=recompute_swiglu(cfg))
     dispatcher = None
     if dims.ep > 1:  # with FP8 the dispatch payload travels as 1x128-tile FP8; the combine stays high precision
         placement = ExpertPlacement.from_dims(dims, args.n_routed_experts, args.n_expert_groups)
@@ -173,7 +173,8 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
         tmp.replace(run_dir / "config.yaml")
     setup_logging(rank, run_dir)
     if cfg.fp8.enabled:  # FP8 is a compute format only: parameters, gradients and checkpoints keep their dtypes
-        log.info("fp8: %s", apply_fp8(model, True, cfg.fp8.pow2_scales, cfg.fp8.wgrad).summary())
+        report = apply_fp8(model, True, cfg.fp8.pow2_scales, cfg.fp8.wgrad, cfg.fp8.cache_transposed)
+        log.info("fp8: %s", report.summary())
     args = model.args
     log.info("run dir %s | model %s: %.2fM parameters | %d packed sequences of %d tokens", run_dir,
              cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, dataset.num_samples,

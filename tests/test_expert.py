@@ -81,6 +81,8 @@ def ep_setup(args, fp8: bool = False, ranks_per_node: int | None = None) -> tupl
 
 
 def _parity_worker(changes: dict) -> dict:
+    changes = dict(changes)
+    inside = changes.pop("gate_weights_inside", False)  # the weights travel with the tokens and come back
     args = get_preset("tiny").replace(**ARGS, **changes)
     world, rank = dist.get_world_size(), dist.get_rank()
     x_all, g_all, mine = rank_batch(args, world, rank)
@@ -88,6 +90,7 @@ def _parity_worker(changes: dict) -> dict:
     for m in (ref, moe):
         bias_gate(m)
         m.train()
+        m.gate_weights_inside = inside
     x_ref = x_all.clone().requires_grad_()
     y_ref = ref(x_ref)
     (y_ref * g_all).sum().backward()
@@ -115,7 +118,8 @@ def _parity_worker(changes: dict) -> dict:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("changes", [{}, {"score_func": "softmax", "norm_topk_prob": False, "n_shared_experts": 0}])
+@pytest.mark.parametrize("changes", [{}, {"score_func": "softmax", "norm_topk_prob": False, "n_shared_experts": 0},
+                                     {"gate_weights_inside": True}])
 def test_ep_moe_matches_single_process(world, changes):
     results = run_distributed(_parity_worker, world, args=(changes,))
     loads = torch.tensor(results[0]["loads"])
@@ -179,7 +183,7 @@ def _node_limit_worker(n_limited_groups: int) -> tuple[dict, int]:
         weights, indices, _ = moe.gate(x)
         token_ids = torch.arange(x_all.shape[0] * SEQ).view(x_all.shape[:2])[mine].reshape(-1)
         tagged = torch.cat([token_ids.unsqueeze(1).float(), x], dim=1)  # the payload carries its global id
-        routed, _, _ = dispatcher.dispatch(tagged, indices)
+        routed, _, _, _ = dispatcher.dispatch(tagged, indices)
     received = [None] * world
     dist.all_gather_object(received, set(routed[:, 0].long().tolist()))
     max_ranks = max(sum(t in r for r in received) for t in range(x_all.shape[0] * SEQ))
@@ -220,7 +224,7 @@ def _async_worker() -> list[torch.Tensor]:
             routed = [dispatcher.finish_dispatch(h) for h in handles]
             combines = [
                 dispatcher.start_combine(dispatcher.compute(moe.experts, rx, c), h)
-                for (rx, c), h in zip(routed, handles, strict=True)
+                for (rx, c, _), h in zip(routed, handles, strict=True)
             ]
             busy = busy @ busy
             ys = [dispatcher.finish_combine(c, w) for c, (w, _, _) in zip(combines, routes, strict=True)]
@@ -251,12 +255,24 @@ def _fp8_worker() -> dict:
     # fp32 must give the FP8 result (up to fp32 rounding of the scale multiply).
     y_rt = high(act_dequant(*act_quant(x)), weights, indices, None, moe.experts)
     y_low.backward(g_all[mine].reshape(-1, args.dim))
+    low_bytes = low.stats()["dispatch_bytes"]
+    # gate weights sent with the tokens: their 4 bytes ride in the FP8 payload row and their gradients come
+    # back in the dispatch's reverse exchange, bit for bit what an fp32 payload carries
+    inside = {}
+    for name, d, x_in in (("fp8", low, x), ("roundtrip", high, act_dequant(*act_quant(x)))):
+        w_in = weights.detach().clone().requires_grad_()
+        y_in = d(x_in, w_in, indices, None, moe.experts, True)
+        y_in.backward(g_all[mine].reshape(-1, args.dim))
+        inside[name] = y_in.detach(), w_in.grad
     return {
+        "inside_roundtrip": (inside["fp8"][0] - inside["roundtrip"][0]).abs().max().item(),
+        "inside_weight_grads": (inside["fp8"][1] - inside["roundtrip"][1]).abs().max().item(),
+        "inside_weight_grad_scale": inside["roundtrip"][1].abs().max().item(),
         "roundtrip": (y_low - y_rt).abs().max().item(),
         "diff": calc_diff(y_low, y_high),
         "payload_diff": calc_diff(act_dequant(*act_quant(x)), x),
         "grad_finite": bool(x_low.grad.isfinite().all()),
-        "bytes": low.stats()["dispatch_bytes"] / high_bytes,
+        "bytes": low_bytes / high_bytes,
     }
 
 
@@ -269,7 +285,8 @@ def test_fp8_payload_within_fp8_error():
     doubles it (measured 5-8e-4). Bounds: 5e-4 for the payload, 2e-3 for the layer output; a wrong scale
     or a scrambled tile gives calc_diff of order 1e-1."""
     for r in run_distributed(_fp8_worker, 2):
-        assert r["roundtrip"] < 1e-6
+        assert r["roundtrip"] < 1e-6 and r["inside_roundtrip"] < 1e-6
+        assert r["inside_weight_grads"] <= 1e-6 * r["inside_weight_grad_scale"] and r["inside_weight_grad_scale"] > 0
         assert 0 < r["payload_diff"] < 5e-4
         assert 0 < r["diff"] < 2e-3
         assert r["grad_finite"]

@@ -18,6 +18,7 @@ from haillm.parallel.mesh import ParallelDims
 from haillm.parallel.zero import ZeroAdamW
 from haillm.parallel.zero_state import _pieces
 from haillm.train import checkpoint
+from haillm.train.ema import ParameterEMA
 from haillm.train.optim import build_optimizer
 
 ARGS = get_preset("tiny")
@@ -109,9 +110,10 @@ def build(dp: int, ep: int) -> tuple[torch.nn.Module, ZeroAdamW]:
     return model, build_optimizer(model, cfg, dims)
 
 
-def local_state(model: torch.nn.Module, opt: ZeroAdamW) -> dict:
-    """This rank's pieces of every model and optimizer tensor, keyed by (checkpoint name, offsets)."""
+def local_state(model: torch.nn.Module, opt: ZeroAdamW, ema: ParameterEMA) -> dict:
+    """This rank's pieces of every model, optimizer and EMA tensor, keyed by (checkpoint name, offsets)."""
     pieces = {("model", k, (0,) * v.ndim): v.clone() for k, v in model.state_dict().items()}
+    pieces |= {("ema", k, (0,) * v.ndim): v.clone() for k, v in ema.state_dict().items()}
     for name, kinds in opt.state_dict()["state"].items():
         for kind, t in kinds.items():
             pieces |= {(f"optim.{kind}", name, off): v.clone() for off, v in _pieces(t).items()}
@@ -120,19 +122,22 @@ def local_state(model: torch.nn.Module, opt: ZeroAdamW) -> dict:
 
 def _save_worker(path: str, ep: int) -> dict:
     model, opt = build(dist.get_world_size(), ep)
+    ema = ParameterEMA(model, 0.5)
     rank = dist.get_rank()
     batch = torch.randint(0, model.args.vocab_size, (4, 17), generator=torch.Generator().manual_seed(rank))
     model.compute_loss(batch)["loss"].backward()
     opt.step()
-    checkpoint.save(path, 1, model, opt, {"step": 1}, keep=0)
-    return local_state(model, opt)
+    ema.update()
+    checkpoint.save(path, 1, model, opt, {"step": 1}, keep=0, ema=ema)
+    return local_state(model, opt, ema)
 
 
 def _load_worker(path: str, ep: int) -> dict:
     model, opt = build(dist.get_world_size() if dist.is_initialized() else 1, ep)
-    checkpoint.load(checkpoint.list_checkpoints(path)[0][1], model, opt)
-    assert opt.step_count == 1
-    return local_state(model, opt)
+    ema = ParameterEMA(model, 0.5)
+    checkpoint.load(checkpoint.list_checkpoints(path)[0][1], model, opt, ema=ema)
+    assert opt.step_count == 1 and ema.restored
+    return local_state(model, opt, ema)
 
 
 def assert_pieces_of(pieces: dict, full: dict) -> int:
@@ -146,14 +151,15 @@ def assert_pieces_of(pieces: dict, full: dict) -> int:
 
 def test_checkpoint_reshards_across_expert_layouts(tmp_path):
     """Written at dp=2 x ep=2; read at dp=1 (every expert on one rank) and at dp=4 x ep=2 (each expert's
-    state sharded over two expert-data-parallel ranks): every piece of the model and of the optimizer state
-    is what the writers held, under per-expert names."""
+    state sharded over two expert-data-parallel ranks): every piece of the model, of the optimizer state and of
+    the EMA of the parameters is what the writers held, under per-expert names."""
     path = str(tmp_path / "run")
     written = run_distributed(_save_worker, world_size=2, args=(path, 2))
     meta = dcp.FileSystemReader(str(tmp_path / "run/checkpoints/step_1")).read_metadata()
     names = meta.state_dict_metadata
     assert tuple(names["optim.state.layers.1.ffn.experts.6.w2.weight.exp_avg"].size) == (ARGS.dim, ARGS.moe_inter_dim)
     assert "model.layers.1.ffn.experts.6.w2.weight" in names and not any(".experts.w" in n for n in names)
+    assert "ema.layers.1.ffn.experts.6.w2.weight" in names and "ema.layers.1.ffn.gate.bias" not in names
 
     full = _load_worker(path, 1)  # one process holds everything, unsharded
     assert all(assert_pieces_of(w, full) for w in written)

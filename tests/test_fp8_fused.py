@@ -167,7 +167,8 @@ def tiny_fp8_model(pow2: bool, q_lora_rank: int, dim: int = FP8_TINY_OVERRIDES["
 def test_model_fusion_changes_no_bit(pow2, recompute, q_lora_rank, dim, monkeypatch):
     """Loss and every gradient bitwise the same with fusion on and off (off is the path before fusion). Fused,
     the FP8 linears quantize their input themselves fewer times: per block, wq_a or wq and wkv_a (their norm's
-    pair), wq_b (q_norm's) and wkv_b (kv_norm's), and w1, w3, w2 of the dense FFN or of the shared experts;
+    pair), wq_b (q_norm's), wkv_b (kv_norm's), wo (attention's output, quantized by MLA where it marks wo's
+    input for recomputation), and w1, w3, w2 of the dense FFN or of the shared experts;
     per MTP module eh_proj (enorm's and hnorm's pairs side by side, when dim is whole tiles; 192 is not).
     Handing a linear another tensor's pair changes the loss. With recomputation the fused norm outputs and
     MLA's up-projections (wq's pair, q_norm's and kv_norm's fused outputs inside them) are recomputed."""
@@ -191,7 +192,7 @@ def test_model_fusion_changes_no_bit(pow2, recompute, q_lora_rank, dim, monkeypa
     loss, grads, n_fused = step(True)
     loss_ref, grads_ref, n_unfused = step(False)
     blocks = model.args.n_layers + model.args.mtp_depth
-    per_block = 5 + (2 if q_lora_rank else 1)
+    per_block = 6 + (2 if q_lora_rank else 1)
     assert n_unfused - n_fused == per_block * blocks + (model.args.mtp_depth if dim % 128 == 0 else 0)
     assert same_bits(loss, loss_ref)
     assert grads.keys() == grads_ref.keys() and all(same_bits(grads[n], grads_ref[n]) for n in grads)

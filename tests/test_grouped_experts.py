@@ -150,12 +150,24 @@ def test_fp8_is_bitwise_the_fp8_linear_of_each_expert(pow2):
 
 
 def test_fp8_stacks_are_quantized_once_per_weight_change(monkeypatch):
+    """With ``cache_transposed`` the transposed stacks are cached with the stacks (one quantization pass each);
+    without it (the default) backward transposes the cached stack, bitwise the same gradients."""
+    grads = {}
+    for cache_transposed in (False, True):
+        module = experts(dim=128, inter=128)
+        module.set_precision("fp8", cache_transposed=cache_transposed)
+        x, counts = rows([3, 0, 4, 1, 0, 2], 128)
+        x.requires_grad_()
+        module(x, counts).square().sum().backward()
+        grads[cache_transposed] = [x.grad, *(p.grad for p in module.parameters())]
+        assert len(module._fp8["w1"].get()) == (4 if cache_transposed else 2)
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True], strict=True))
     calls = []
     real = fp8_linear_module.weight_quant_with_t
     monkeypatch.setattr(fp8_linear_module, "weight_quant_with_t",
                         lambda w, *a, **k: calls.append(w.shape) or real(w, *a, **k))
     module = experts(dim=128, inter=128)
-    module.set_precision("fp8")
+    module.set_precision("fp8", cache_transposed=True)
     x, counts = rows([3, 0, 4, 1, 0, 2], 128)
     for _ in range(2):  # micro-batches of one step share the quantized stacks
         module(x, counts).sum().backward()

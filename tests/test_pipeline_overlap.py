@@ -175,14 +175,16 @@ def log_calls(obj, names: tuple[str, ...]) -> list[str]:
     return events
 
 
-def _ep_pairs(variants: list[tuple[str, bool, bool]]) -> dict:
+def _ep_pairs(variants: list[tuple[str, bool | str, bool]]) -> dict:
     """Per variant (mode, recompute, fp8 dispatch): this rank's step losses and gradients. Modes: "overlap"
-    (pairs interleaved), "serial" (pairs back to back), "plain" (uncut graphs, one micro-batch after another)."""
+    (pairs interleaved), "serial" (pairs back to back), "plain" (uncut graphs, one micro-batch after another).
+    Recompute "swiglu": SwiGLU inputs only, the gate weights travelling with the tokens (``set_recompute``)."""
     rank = dist.get_rank()
     batches = list(tokens(N_MICRO * MICRO_BATCH, seed=SEED + rank).split(MICRO_BATCH))
     out = {}
     for mode, recompute_on, fp8 in variants:
-        model = build_stage_model(get_preset("tiny"), "dualpipev", 1, 0, init_seed=SEED, recompute=recompute_on)
+        model = build_stage_model(get_preset("tiny"), "dualpipev", 1, 0, init_seed=SEED, recompute=recompute_on is True)
+        model.set_recompute(recompute_on is True, swiglu=recompute_on == "swiglu")
         dispatcher = AllToAllDispatcher(dist.group.WORLD, ExpertPlacement(8, 2, rank, None, 4), fp8=fp8)
         apply_expert_parallel(model, dispatcher)
         events = log_calls(dispatcher, ("send_dispatch", "finish_dispatch", "_send_back"))
@@ -206,15 +208,27 @@ def _ep_pairs(variants: list[tuple[str, bool, bool]]) -> dict:
     run_to_end(model.forward_phases(1, hidden, batches[0], tapes[1]))
     last = [model.layers[str(i)] for i in model.specs[1].layers] + [m.block for m in model.mtp.values()]
     out["exchanges"] = (len(tapes[1].exchanges), 2 * sum(b.exchanges_tokens for b in last), len(model.mtp))
+    # Until backward the cuts hold the exchanged tensors and the shared experts' outputs as autograd roots and
+    # leaves only (their storage freed once read): what remains is each MoE layer's residual, which its FFN
+    # norm saves anyway, the last chunk's final hidden state (the final norm saves it) and the balance loss
+    out["held"] = [
+        ([e.untyped_storage().nbytes() for sent, leaf, _ in tape.exchanges for e in (sent, leaf)],
+         sum(t.untyped_storage().nbytes() > 4 for _, t, _ in tape.carried), len(tape.exchanges) // 2)
+        for tape in tapes]
     return out
 
 
 def test_overlapped_pairs_match_serial_pairs_with_expert_parallelism():
     variants = [("overlap", False, False), ("serial", False, False), ("plain", False, False),
-                ("overlap", True, False), ("overlap", False, True), ("serial", False, True)]
+                ("overlap", True, False), ("overlap", False, True), ("serial", False, True),
+                ("overlap", "swiglu", False), ("plain", "swiglu", False), ("overlap", "swiglu", True),
+                ("serial", "swiglu", True)]
     for rank, r in enumerate(run_distributed(_ep_pairs, 2, args=(variants,))):
         n_exchanges, expected, n_mtp = r["exchanges"]
         assert n_exchanges == expected and n_mtp == 1, r["exchanges"]
+        (exchanged, carried, moe_layers), (exchanged_last, carried_last, moe_layers_last) = r["held"]
+        assert moe_layers > 0 and not any(exchanged) and carried == moe_layers, r["held"]
+        assert not any(exchanged_last) and carried_last == moe_layers_last + 1, r["held"]
         overlap, serial, plain = r[("overlap", False, False)], r[("serial", False, False)], r[("plain", False, False)]
         assert overlap["overlapped"] and not serial["overlapped"], rank
         assert torch.equal(overlap["losses"], serial["losses"]), rank
@@ -232,3 +246,12 @@ def test_overlapped_pairs_match_serial_pairs_with_expert_parallelism():
         assert fp8["overlapped"] and torch.equal(fp8["losses"], fp8_serial["losses"])
         assert all(torch.equal(fp8["grads"][k], fp8_serial["grads"][k]) for k in fp8["grads"]), rank
         assert not torch.equal(fp8["losses"], overlap["losses"])  # the payload really was FP8
+        # gate weights sent with the tokens (their bits packed in the payload, their gradients back in the
+        # dispatch's reverse exchange): through cut graphs as through uncut ones, up to the order of sums; and
+        # against weights applied after the combine, one product's rounding (tests/test_moe_memory.py)
+        inside, inside_plain = r[("overlap", "swiglu", False)], r[("plain", "swiglu", False)]
+        assert inside["overlapped"] and max_rel_err(inside["grads"], inside_plain["grads"]) < 1e-6, rank
+        assert torch.allclose(inside["losses"], overlap["losses"], rtol=1e-6, atol=0), rank
+        assert max_rel_err(inside["grads"], overlap["grads"]) < 1e-5, rank
+        fp8_inside, fp8_inside_serial = r[("overlap", "swiglu", True)], r[("serial", "swiglu", True)]
+        assert all(torch.equal(fp8_inside["grads"][k], fp8_inside_serial["grads"][k]) for k in fp8["grads"]), rank

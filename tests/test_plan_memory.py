@@ -1,11 +1,12 @@
 """The planner against reality: per-rank memory of real tiny runs on CPU (gloo) through launch/train.py's
 `run`, measured by storage (tests/memory_probe.py), against `haillm.tools.plan`'s prediction.
 
-Parameters, gradients, optimizer state and the end-of-step copies (sum_partner_grads' buffer, a bf16
-reduction's bucket copies) must match exactly (BF16 parameters included); activations (the
+Parameters, gradients, optimizer state, the FP8 weight caches and the end-of-step copies (sum_partner_grads'
+buffer, a bf16 reduction's bucket copies) must match exactly (BF16 parameters included); activations (the
 peak of live saved-for-backward storages over one optimizer step, pipeline in-flight micro-batches
-included) within 10%, in fp32 and in BF16 (whose GEMMs on CPU are fp32 arithmetic that keeps the bf16
-operands for backward, as a GPU does: haillm/ops/precision.py).
+included) within 10%, in fp32, in BF16 (whose GEMMs on CPU are fp32 arithmetic that keeps the bf16
+operands for backward, as a GPU does: haillm/ops/precision.py) and with FP8 linears (the CPU reference GEMMs,
+which keep what the GPU's do: FP8 inputs with their scales).
 Run with `-s` to print the table."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from memory_probe import LiveSaved, state_bytes
 from test_train import launch_train
 
 from haillm.config import compose_config, validate
+from haillm.ops import Linear
 from haillm.parallel.pipeline import stage
 from haillm.parallel.zero import ZeroAdamW
 from haillm.tools.plan import make_plan
@@ -28,7 +30,7 @@ LAYOUTS = {
     "pp2_dualpipe": ["parallel.pp=2", "parallel.pp_schedule=dualpipe"],
     "dp2_pp2_dualpipe": ["parallel.dp=2", "parallel.pp=2", "parallel.pp_schedule=dualpipe"],
     "dp2_ep2": ["parallel.dp=2", "parallel.ep=2"],
-    "dp2_ep2_recompute": ["parallel.dp=2", "parallel.ep=2", "train.recompute=true"],
+    "dp2_ep2_fp8_recompute": ["parallel.dp=2", "parallel.ep=2", "fp8=enabled", "train.recompute=true"],
     "pp2_dualpipev_recompute_bf16moments": ["parallel.pp=2", "parallel.pp_schedule=dualpipev",
                                             "train.recompute=true", "optim.moment_dtype=bf16"],
     "pp2_1f1b": ["parallel.pp=2", "parallel.pp_schedule=1f1b"],
@@ -80,8 +82,20 @@ def _measure(overrides: list[str]) -> dict:
         trainer = launch_train.run(cfg, dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
     finally:
         Trainer.forward_backward, ZeroAdamW._launch_reduce, stage.dist = original, original_launch, dist
-    return {"pp_rank": trainer.dims.pp_rank, "activations": max(peaks), **copies,
-            **state_bytes(trainer.model, trainer.optimizer)}
+    caches = fp8_weight_caches(trainer.model)
+    saved_caches = sum(caches[m] for m in caches if isinstance(m, Linear))  # what FP8 linears save for backward
+    return {"pp_rank": trainer.dims.pp_rank, "activations": max(peaks) - saved_caches, **copies,
+            "fp8_weight_cache": sum(caches.values()), **state_bytes(trainer.model, trainer.optimizer)}
+
+
+def fp8_weight_caches(model: torch.nn.Module) -> dict[torch.nn.Module, int]:
+    """Bytes of the FP8 weight copies each FP8 linear and routed-expert stack holds after the step."""
+    out = {}
+    for m in model.modules():
+        caches = [m._fp8_weight] if isinstance(m, Linear) else list(getattr(m, "_fp8", {}).values())
+        values = [c._value for c in caches if c is not None and c._value is not None]
+        out[m] = sum(t.untyped_storage().nbytes() for v in values for t in v)
+    return out
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -95,9 +109,10 @@ def test_predicted_memory_matches_measured(name, tmp_path):
     print(f"\n{name}: rank  kind  predicted  measured  predicted/measured")
     for m in measured:
         predicted = plan["memory_bytes_per_pp_rank"][m["pp_rank"]]
-        for kind in ("parameters", "gradients", "optimizer", "partner_grads", "reduce_copies", "activations"):
+        for kind in ("parameters", "gradients", "optimizer", "fp8_weight_cache", "partner_grads", "reduce_copies",
+                     "activations"):
             ratio = f"{predicted[kind] / m[kind]:>9.3f}" if m[kind] else ""
             print(f"  {m['pp_rank']} {kind:<14}{predicted[kind]:>12.0f}{m[kind]:>12}{ratio}")
-        for kind in ("parameters", "gradients", "optimizer", "partner_grads", "reduce_copies"):
+        for kind in ("parameters", "gradients", "optimizer", "fp8_weight_cache", "partner_grads", "reduce_copies"):
             assert predicted[kind] == m[kind], (kind, m["pp_rank"])
         assert predicted["activations"] == pytest.approx(m["activations"], rel=0.1), m["pp_rank"]

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from haillm.models.deepseek_v3.model import DeepSeekV3
 from haillm.tools.export import load_checkpoint_model
+from haillm.tools.export import main as export_main
 from haillm.train.metrics import peak_memory_bytes, reset_peak_memory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,12 +53,13 @@ def base_run(tmp_path_factory) -> Path:
 
 
 def test_resume_is_exact(capsys, tmp_path):
-    """20 steps in one run == 10 steps, then 10 more with checkpoint.resume=auto (fp32, deterministic).
+    """20 steps in one run == 10 steps, then 10 more with checkpoint.resume=auto (fp32, deterministic), the EMA of
+    the parameters (train.ema_decay) included, bitwise; `export --ema` writes that EMA.
 
     The one run also shows the step lines: with logging.log_interval=10 and stdout redirected (as under SLURM),
     exactly one plain line per 10 steps on stdout and in train.log, leading with the LM loss, and no tqdm bar
     (its \\r-joined redraws)."""
-    schedule = ["optim.schedule=constant", "checkpoint.interval=10"]
+    schedule = ["optim.schedule=constant", "checkpoint.interval=10", "train.ema_decay=0.9"]
     assert launch_train.main([*FAST, f"output_dir={tmp_path / 'one'}", "train.steps=20", *schedule,
                               "logging.progress=true", "logging.log_interval=10"]) == 0
     captured = capsys.readouterr()
@@ -74,6 +77,14 @@ def test_resume_is_exact(capsys, tmp_path):
     assert [r["step"] for r in resumed] == list(range(1, 21))
     assert [r["loss"] for r in resumed[10:]] == [r["loss"] for r in full[10:]]
     assert resumed[-1]["consumed_samples"] == full[-1]["consumed_samples"] == 80
+    for step in (10, 20):
+        ema_one, ema_two = (load_checkpoint_model(tmp_path / run / "checkpoints" / f"step_{step}", ema=True)
+                            for run in ("one", "two"))
+        assert all(torch.equal(v, ema_two.state_dict()[k]) for k, v in ema_one.state_dict().items())
+    live = load_checkpoint_model(tmp_path / "one" / "checkpoints" / "step_20")
+    assert not torch.equal(ema_one.head.weight, live.head.weight)  # an average of the trajectory, not the end
+    assert export_main([str(tmp_path / "one" / "checkpoints" / "step_20"), str(tmp_path / "hf"), "--ema"]) == 0
+    assert "(EMA of the parameters)" in capsys.readouterr().out
 
 
 def test_run_dir_contents_and_metrics(capsys, tmp_path):
@@ -145,10 +156,17 @@ def test_bad_input_is_one_line_and_touches_nothing(capsys, base_run, tmp_path, o
 
 def test_a_named_checkpoint_is_resumed_or_refused(capsys, base_run, tmp_path):
     """`checkpoint.resume=<checkpoints/step_N>` continues from that checkpoint, into another run directory too;
-    a directory that is not a checkpoint is refused in one line, the run directory untouched."""
+    a directory that is not a checkpoint is refused in one line, the run directory untouched. The checkpoint has
+    no EMA of the parameters: with train.ema_decay it starts from the loaded weights (said in the log), and
+    `export --ema` of a checkpoint without one is refused in one line."""
     step_2 = base_run / "checkpoints" / "step_2"
     out = tmp_path / "named"
-    assert train(capsys, out, "train.steps=4", f"checkpoint.resume={step_2}")[0] == 0
+    rc, err = train(capsys, out, "train.steps=4", f"checkpoint.resume={step_2}", "train.ema_decay=0.5")
+    assert rc == 0 and "the EMA starts from the loaded parameters" in err
+    assert load_checkpoint_model(out / "checkpoints" / "step_4", ema=True) is not None
+    assert export_main([str(step_2), str(tmp_path / "hf"), "--ema"]) == 2
+    assert capsys.readouterr().err.strip() == (f"haillm.tools.export: error: {step_2} holds no EMA of the parameters "
+                                               "(its run had train.ema_decay=0); export it without --ema")
     auto = tmp_path / "auto"
     shutil.copytree(base_run, auto)
     assert train(capsys, auto, "train.steps=4", "checkpoint.resume=auto")[0] == 0
@@ -299,6 +317,11 @@ def test_nonfinite_steps_are_skipped_then_abort(capsys, tmp_path):
     abort."""
     out = tmp_path / "run"
     rc, err = train(capsys, out, "train.steps=5", "train.lr=1e30", "optim.warmup_steps=0",
-                    "optim.schedule=constant", "train.max_skipped_steps=1")
+                    "optim.schedule=constant", "train.max_skipped_steps=1", "train.ema_decay=0.5")
     assert rc == 3 and "training aborted" in err
     assert [r["skipped"] for r in records(out)] == [False, True, True]
+    # skipped steps add no point to the EMA of the parameters: the start and step 1's weights, half and half
+    ema, live = (load_checkpoint_model(out / "checkpoints" / "step_3", ema=flag) for flag in (True, False))
+    start = dict(DeepSeekV3(live.args, init_seed=1234).named_parameters())
+    for name, p in ema.named_parameters():
+        assert torch.equal(p, 0.5 * start[name] + 0.5 * dict(live.named_parameters())[name]), name

@@ -103,23 +103,30 @@ def test_bad_pipeline_layouts(overrides, message):
 @pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev"])
 def test_pipeline_resume_and_reshard(tmp_path, schedule):
     """A checkpoint written by a pp=2 run at step 3 (DualPipe: each stage held twice) continues at pp=2 and
-    at pp=1 exactly like the uninterrupted pp=2 run: parameters, ZeRO state, data position and RNG."""
+    at pp=1 exactly like the uninterrupted pp=2 run: parameters, ZeRO state, data position and RNG, and the EMA
+    of the parameters (each rank's stages, under full-model names)."""
+    from haillm.tools.export import load_checkpoint_model
+
     base = tmp_path / "pp2"
     layout = ["parallel.pp=2", f"parallel.pp_schedule={schedule}", DENSE]
-    argv = [*COMMON, f"output_dir={base}", "train.steps=6", *layout]
+    ema = "train.ema_decay=0.5"
+    argv = [*COMMON, f"output_dir={base}", "train.steps=6", ema, *layout]
     assert run_distributed(_main, world_size=2, args=(argv,), timeout=300) == [0, 0]
     ref = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()]
+    ref_ema = load_checkpoint_model(base / "checkpoints" / "step_6", ema=True).state_dict()
     shutil.rmtree(base / "checkpoints" / "step_6")
     for world, overrides in ((2, layout), (1, [DENSE])):
         out = tmp_path / f"to_pp{world}"
         shutil.copytree(base, out)
-        argv = [*COMMON, f"output_dir={out}", "train.steps=6", "checkpoint.resume=auto", *overrides]
+        argv = [*COMMON, f"output_dir={out}", "train.steps=6", "checkpoint.resume=auto", ema, *overrides]
         codes = run_distributed(_main, world_size=world, args=(argv,), timeout=300) if world > 1 else [_main(argv)]
         assert codes == [0] * world
         got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in got] == list(range(1, 7))
         for g, r in zip(got[3:], ref[3:], strict=True):
             assert g["loss"] == pytest.approx(r["loss"], rel=1e-5), (world, g["step"], g["loss"], r["loss"])
+        for name, value in load_checkpoint_model(out / "checkpoints" / "step_6", ema=True).state_dict().items():
+            assert (value - ref_ema[name]).abs().max() <= 1e-5 * ref_ema[name].abs().max(), (world, name)
 
 
 def test_torchrun_pp4_every_rank_exits_0(tmp_path):

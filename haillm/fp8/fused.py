@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from haillm.fp8.quant import FP8_DTYPE, Fp8Pair, act_quant, quant_kernel_applies
 from haillm.ops.linear import Linear
 from haillm.ops.norm import RMSNorm, rms_norm_backward, rms_norm_with_rstd
-from haillm.ops.recompute import mark
+from haillm.ops.recompute import mark_outputs
 
 RMSNORM_KERNEL_MAX_WIDTH = 16384  # the norm kernel holds whole rows in registers; wider rows take the torch path
 _fusion_on = True
@@ -149,18 +149,19 @@ def swiglu_act_quant(a: torch.Tensor, b: torch.Tensor, pow2: bool = False
     return _SwiGLUActQuant.apply(a, b, pow2, kernel)
 
 
-def _fused_norm_output(x: torch.Tensor, norm: RMSNorm, pow2: bool) -> torch.Tensor:
-    return rmsnorm_act_quant(x, norm.weight, norm.eps, pow2)[0]
+def _fused_norm_outputs(x: torch.Tensor, norm: RMSNorm, pow2: bool) -> tuple[torch.Tensor, ...]:
+    return rmsnorm_act_quant(x, norm.weight, norm.eps, pow2)
 
 
 def normed(norm: RMSNorm, x: torch.Tensor, pow2: bool | None) -> tuple[torch.Tensor, Fp8Pair | None]:
     """``norm(x)`` and, when its consumers take an FP8 input (``pow2``: their ``fp8_input_pow2``, not None),
     ``act_quant(norm(x))`` from the same pass (``rmsnorm_act_quant``). The fused output is marked for
     recomputation like the plain one (the model's ``set_recompute`` hooks the norm modules, which the fused
-    path does not call); the mark is unused while recompute is off."""
+    path does not call), and so is the FP8 copy: recomputed, as deterministic, bitwise what was not kept. The
+    marks are unused while recompute is off."""
     if pow2 is None:
         return norm(x), None
     y, y_q, y_s = norm.forward_fp8(x, pow2)
     if torch.is_grad_enabled():
-        mark(y, _fused_norm_output, x, norm, pow2)
+        mark_outputs((y, y_q, y_s), _fused_norm_outputs, x, norm, pow2)
     return y, (y_q, y_s)

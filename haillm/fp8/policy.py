@@ -71,10 +71,11 @@ class PrecisionReport:
 
 
 def apply_precision(
-    model: nn.Module, precision: str, pow2_scales: bool = False, wgrad: str = "bf16"
+    model: nn.Module, precision: str, pow2_scales: bool = False, wgrad: str = "bf16", cache_transposed: bool = False
 ) -> PrecisionReport:
     """Set ``precision`` ("fp8", "bf16_emulated" or "default") on the policy's linears of ``model`` and
-    "default" on all others; ``pow2_scales`` and ``wgrad`` are the FP8 options of ``Linear.set_precision``.
+    "default" on all others; ``pow2_scales``, ``wgrad`` and ``cache_transposed`` are the FP8 options of
+    ``Linear.set_precision``.
     "bf16_emulated" covers exactly the linears FP8 would, so an FP8-vs-BF16 comparison differs in those GEMMs
     only. Idempotent; call once the model is built (before or after the optimizer: parameters are not
     touched)."""
@@ -87,14 +88,15 @@ def apply_precision(
         else:
             continue
         low = precision != "default" and all(n.rsplit(".", 1)[-1] in FP8_LINEARS for n, _ in linears)
-        module.set_precision(precision if low else "default", pow2_scales, wgrad)
+        module.set_precision(precision if low else "default", pow2_scales, wgrad, cache_transposed)
         for name, shape in linears:
             report.shapes[name] = shape
             (report.low if low else report.kept).append(name)
     return report
 
 
-def apply_fp8(model: nn.Module, enabled: bool, pow2_scales: bool = False, wgrad: str = "bf16") -> PrecisionReport:
+def apply_fp8(model: nn.Module, enabled: bool, pow2_scales: bool = False, wgrad: str = "bf16",
+              cache_transposed: bool = False) -> PrecisionReport:
     """Turn DeepSeek-V3's FP8 policy on (or everything back to default precision when not ``enabled``). On a
     GPU without blockwise FP8 GEMMs (not SM90) every linear stays in default precision, said in one warning:
     the CPU reference GEMM never runs on a GPU."""
@@ -103,7 +105,7 @@ def apply_fp8(model: nn.Module, enabled: bool, pow2_scales: bool = False, wgrad:
         logger.warning(f"fp8.enabled=true: blockwise FP8 GEMMs need an SM90 (Hopper) GPU; {device} runs every "
                        "linear in its default precision")
         enabled = False
-    return apply_precision(model, "fp8" if enabled else "default", pow2_scales, wgrad)
+    return apply_precision(model, "fp8" if enabled else "default", pow2_scales, wgrad, cache_transposed)
 
 
 def invalidate_weight_caches(model: nn.Module) -> None:

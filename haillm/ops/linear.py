@@ -247,16 +247,19 @@ class Linear(nn.Module):
         self.precision = "default"
         self.fp8_pow2_scales = False
         self.fp8_wgrad = "bf16"
+        self.fp8_cache_transposed = False
         self._fp8_weight: Fp8WeightCache | None = None
         self.defer_wgrad = False
 
-    def set_precision(self, precision: str, pow2_scales: bool = False, wgrad: str = "bf16") -> None:
-        """Switch the GEMM numerics (see the module doc); ``pow2_scales`` and ``wgrad`` (the weight-gradient
-        GEMM's mode, ``fp8.linear``) apply to ``"fp8"`` only."""
+    def set_precision(self, precision: str, pow2_scales: bool = False, wgrad: str = "bf16",
+                      cache_transposed: bool = False) -> None:
+        """Switch the GEMM numerics (see the module doc); ``pow2_scales``, ``wgrad`` (the weight-gradient
+        GEMM's mode, ``fp8.linear``) and ``cache_transposed`` (``Fp8WeightCache``) apply to ``"fp8"`` only."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         check_wgrad_mode(wgrad)
         self.precision, self.fp8_pow2_scales, self.fp8_wgrad = precision, pow2_scales, wgrad
+        self.fp8_cache_transposed = cache_transposed
         self._fp8_weight = None
 
     def invalidate_fp8_weight(self) -> None:
@@ -267,7 +270,8 @@ class Linear(nn.Module):
     def _fp8_forward(self, x: torch.Tensor, x_fp8: Fp8Pair | None) -> torch.Tensor:
         cache = self._fp8_weight
         if cache is None or cache.weight is not self.weight:  # built lazily; rebuilt if the Parameter was swapped
-            cache = self._fp8_weight = Fp8WeightCache(self.weight, pow2=self.fp8_pow2_scales, transposed=True)
+            cache = self._fp8_weight = Fp8WeightCache(self.weight, pow2=self.fp8_pow2_scales,
+                                                      transposed=self.fp8_cache_transposed)
         defer = defer_weight_grad if self.defer_wgrad else None
         return fp8_linear(x, self.weight, weight_q=cache.get(), pow2=self.fp8_pow2_scales, defer_wgrad=defer,
                           wgrad=self.fp8_wgrad, x_fp8=x_fp8)

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from haillm.ops.recompute import mark
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -157,7 +159,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     keeps the bf16 q, k, v, and the fp32 output and log-sum-exp that the fp32 kernel's backward reads)."""
     if not widens(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return _emulated(F.scaled_dot_product_attention, q, k, v, is_causal=True, scale=scale).to(q.dtype)
+    out = _emulated(F.scaled_dot_product_attention, q, k, v, is_causal=True, scale=scale)
+    return mark(out.to(q.dtype), out.to, q.dtype)  # a recipe from the kept fp32 output, for its consumers
 
 
 def cast_parameters(module: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -30,6 +30,7 @@ import torch
 import torch.utils.checkpoint
 
 _TAG = "_haillm_recipe"
+_VIEW_TAG = "_haillm_recipe_of_view"  # on the base of a marked view that covers it (views of it are its views)
 
 
 class _Recipe:
@@ -41,16 +42,54 @@ class _Recipe:
     def output(self, index: int | None) -> torch.Tensor:
         if self.value is None:
             with torch.no_grad():
-                self.value = self.fn(*self.args)
+                self.value = self.fn(*(a.unpack() if isinstance(a, _Source) else a for a in self.args))
         return self.value if index is None else self.value[index]
+
+
+class _Source:
+    """A marked tensor as a recipe's argument: its own recipe, so that holding it keeps nothing alive."""
+
+    def __init__(self, tag: tuple[_Recipe, int | None]) -> None:
+        self.tag = tag
+
+    def unpack(self) -> torch.Tensor:
+        recipe, index = self.tag
+        return recipe.output(index)
+
+
+def source(t: torch.Tensor) -> torch.Tensor | _Source:
+    """``t`` as an argument of a recipe (``mark``, ``mark_outputs``): where ``t`` is itself marked, a reference
+    to its recipe instead of to ``t`` (which would keep it alive for backward)."""
+    tag = getattr(t, _TAG, None)
+    return t if tag is None else _Source(tag)
+
+
+def _tag(t: torch.Tensor, tag: tuple[_Recipe, int | None]) -> None:
+    """Mark ``t``; where ``t`` is a contiguous view covering its whole base (``act_quant``'s outputs are), the
+    base too, since a view of ``t`` that an op saves has the base, not ``t``, as its ``_base``."""
+    setattr(t, _TAG, tag)
+    base = t._base
+    if (base is not None and t.is_contiguous() and base.is_contiguous() and t.numel() == base.numel()
+            and t.storage_offset() == base.storage_offset()):
+        setattr(base, _VIEW_TAG, tag)
 
 
 def mark(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     """Declare ``out == fn(*args)`` so that saving ``out`` for backward stores the recipe; returns ``out``."""
     if torch.compiler.is_compiling():
         return out
-    setattr(out, _TAG, (_Recipe(fn, args), None))
+    _tag(out, (_Recipe(fn, args), None))
     return out
+
+
+def mark_outputs(outs: tuple[torch.Tensor, ...], fn: Callable[..., tuple[torch.Tensor, ...]], *args: Any) -> None:
+    """Declare ``outs == fn(*args)`` (a tuple): saving any of them stores the one recipe they share, which
+    backward runs at most once."""
+    if torch.compiler.is_compiling():
+        return
+    recipe = _Recipe(fn, args)
+    for i, t in enumerate(outs):
+        _tag(t, (recipe, i))
 
 
 def recomputable(fn: Callable[..., Any], *args: Any) -> Any:
@@ -60,7 +99,7 @@ def recomputable(fn: Callable[..., Any], *args: Any) -> Any:
     out = fn(*args)
     recipe = _Recipe(fn, args)
     for i, t in enumerate(out if isinstance(out, tuple) else (out,)):
-        setattr(t, _TAG, (recipe, i if isinstance(out, tuple) else None))
+        _tag(t, (recipe, i if isinstance(out, tuple) else None))
     return out
 
 
@@ -86,7 +125,7 @@ def _pack(t: torch.Tensor) -> Any:
         return tag
     base = t._base
     if base is not None and base.is_contiguous():
-        tag = getattr(base, _TAG, None)
+        tag = getattr(base, _TAG, None) or getattr(base, _VIEW_TAG, None)
         if tag is not None:
             return _View(tag, t, base)
     return t

@@ -7,7 +7,9 @@ groups, so the gate's group-limited top-k (``n_limited_groups``) bounds the node
 
 ``AllToAllDispatcher`` is the multi-rank twin of ``moe.LocalDispatcher`` (the MoE layer calls either as
 ``dispatcher(x, weights, indices, counts, experts)``). One token copy is sent per (token, chosen expert);
-gate weights are applied on the source rank after the combine, so their gradient stays local. Each
+gate weights are applied on the source rank after the combine, so their gradient stays local, or, with
+``weights_inside`` (``MoE.gate_weights_inside``), they travel with their copies (4 bytes each, their bits
+appended to the payload row) and come back as gradients with the dispatch's reverse exchange. Each
 exchange can be started and finished separately (``start_dispatch`` / ``finish_dispatch``,
 ``start_combine`` / ``finish_combine``) so a scheduler can compute while tokens are in flight; the dispatch's
 short count exchange (it sizes the payload) can itself be overlapped: ``start_dispatch`` is
@@ -39,7 +41,8 @@ from torch import nn
 
 from haillm.fp8 import FP8_DTYPE, act_dequant, act_quant
 from haillm.models.deepseek_v3.experts import GroupedExperts
-from haillm.models.deepseek_v3.moe import GraphCut, LocalDispatcher, MoE, expert_counts
+from haillm.models.deepseek_v3.moe import GraphCut, LocalDispatcher, MoE, drop_storage, expert_counts
+from haillm.parallel.expert_payload import PackRows, UnpackRows
 from haillm.parallel.mesh import ParallelConfigError, ParallelDims
 
 FP8_BLOCK = 128
@@ -155,13 +158,15 @@ class DispatchPlan:
     send_counts: torch.Tensor
     recv_counts: torch.Tensor
     work: dist.Work
+    probs: torch.Tensor | None = None  # the copies' gate weights, in ``sent``'s order (``weights_inside``)
 
 
 @dataclass
 class DispatchHandle:
     """State of one dispatch, needed by its combine. ``order``/``token_ids`` mean what they mean in
     ``LocalDispatcher``; ``recv_counts[s, e]`` is the number of rows source rank ``s`` sends to local expert
-    ``e``; ``arrange`` reorders received rows from source-major (as they arrive) to expert-major."""
+    ``e``; ``arrange`` reorders received rows from source-major (as they arrive) to expert-major; ``wire`` is
+    what the exchange carries in the graph: ``sent``, or ``sent`` packed with the gate weights (``PackRows``)."""
 
     sent: torch.Tensor
     order: torch.Tensor
@@ -171,6 +176,8 @@ class DispatchHandle:
     arrange: torch.Tensor
     transfer: _Transfer
     fp8_dtype: torch.dtype | None
+    wire: torch.Tensor
+    with_probs: bool
 
 
 @dataclass
@@ -197,15 +204,18 @@ class AllToAllDispatcher:
 
     # ---- dispatch ----
     def start_dispatch(
-        self, x: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None = None
+        self, x: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None
     ) -> DispatchHandle:
         """Sort token copies by expert, exchange per-expert counts (a short exchange that sizes the
         payload), then start the payload exchange. ``x: [N, dim]``, ``indices: [N, k]`` global expert ids,
-        ``counts``: the bincount of ``indices`` over all experts (computed when None)."""
-        return self.send_dispatch(self.announce_dispatch(x, indices, counts))
+        ``counts``: the bincount of ``indices`` over all experts (computed when None); ``weights [N, k]``: the
+        gate weights to send with the copies (``weights_inside``), or None."""
+        return self.send_dispatch(self.announce_dispatch(x, indices, counts, weights))
 
     def announce_dispatch(
-        self, x: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None = None
+        self, x: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None
     ) -> DispatchPlan:
         """The first half of ``start_dispatch``: sort token copies by expert and start the count exchange."""
         p = self.placement
@@ -216,7 +226,8 @@ class AllToAllDispatcher:
         send_counts = counts.to(torch.int64).reshape(p.ep_size, p.experts_per_rank).contiguous()
         recv_counts = torch.empty_like(send_counts)
         work = dist.all_to_all_single(recv_counts, send_counts, group=self.group, async_op=True)
-        return DispatchPlan(x, sent, order, token_ids, send_counts, recv_counts, work)
+        probs = None if weights is None else weights.flatten().index_select(0, order)
+        return DispatchPlan(x, sent, order, token_ids, send_counts, recv_counts, work, probs)
 
     def send_dispatch(self, plan: DispatchPlan) -> DispatchHandle:
         """The second half of ``start_dispatch``: wait for the counts, start the payload exchange."""
@@ -226,37 +237,57 @@ class AllToAllDispatcher:
         segment = torch.arange(recv_counts.numel(), device=x.device).repeat_interleave(
             recv_counts.flatten(), output_size=sum(out_splits))  # sized on the host: no wait for the device
         arrange = ((segment % p.experts_per_rank) * p.ep_size + segment // p.experts_per_rank).argsort(stable=True)
-        payload = sent.detach()
+        wire = sent if plan.probs is None else PackRows.apply(sent, plan.probs)
+        payload = wire.detach()
         if self.fp8:
-            q, s = act_quant(payload, FP8_BLOCK)
-            payload = torch.cat([q.view(torch.uint8), s.view(torch.uint8)], dim=1)
+            q, s = act_quant(sent.detach(), FP8_BLOCK)
+            parts = [q.view(torch.uint8), s.view(torch.uint8)]
+            if plan.probs is not None:
+                parts.append(payload[:, sent.shape[1]:].contiguous().view(torch.uint8))
+            payload = torch.cat(parts, dim=1)
         self._bytes[0] += self._off_rank_bytes(payload, in_splits)
         transfer = _start_transfer(payload, in_splits, out_splits, self.group)
         fp8_dtype = x.dtype if self.fp8 else None
-        return DispatchHandle(sent, plan.order, plan.token_ids, x.shape[0], recv_counts, arrange, transfer, fp8_dtype)
+        return DispatchHandle(sent, plan.order, plan.token_ids, x.shape[0], recv_counts, arrange, transfer, fp8_dtype,
+                              wire, plan.probs is not None)
 
-    def finish_dispatch(self, handle: DispatchHandle, cut: GraphCut | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Wait for the tokens; return them grouped by local expert and the rows per local expert."""
+    def finish_dispatch(self, handle: DispatchHandle, cut: GraphCut | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Wait for the tokens; return them grouped by local expert, the rows per local expert, and the rows'
+        gate weights where they were sent (else None)."""
         t = handle.transfer
         self._wait(t.work)
+        dim = handle.sent.shape[1]
         if handle.fp8_dtype is not None:
-            dim = handle.sent.shape[1]
-            q, s = t.recv[:, :dim].contiguous().view(FP8_DTYPE), t.recv[:, dim:].contiguous().view(torch.float32)
-            t.recv = act_dequant(q, s, FP8_BLOCK, handle.fp8_dtype)
-        received = self._attach(handle.sent, t, cut)
-        return received.index_select(0, handle.arrange), handle.recv_counts.sum(0)
+            scales = 4 * math.ceil(dim / FP8_BLOCK)
+            q = t.recv[:, :dim].contiguous().view(FP8_DTYPE)
+            s = t.recv[:, dim : dim + scales].contiguous().view(torch.float32)
+            rows = act_dequant(q, s, FP8_BLOCK, handle.fp8_dtype)
+            probs = t.recv[:, dim + scales :].contiguous().view(rows.dtype)  # the gate weights' bits, if any
+            t.recv = torch.cat([rows, probs], dim=1) if handle.with_probs else rows
+        received = self._attach(handle.wire, t, cut)
+        if handle.with_probs:
+            rows, probs = UnpackRows.apply(received, dim, handle.arrange)
+        else:
+            rows, probs = received.index_select(0, handle.arrange), None
+        if cut is not None:  # the cut holds both ends until backward, as autograd root and leaf only
+            for end in (handle.sent, handle.wire, received):
+                drop_storage(end)
+        return rows, handle.recv_counts.sum(0), probs
 
     def dispatch(
-        self, x: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, DispatchHandle]:
-        handle = self.start_dispatch(x, indices, counts)
-        routed_x, local_counts = self.finish_dispatch(handle)
-        return routed_x, local_counts, handle
+        self, x: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, DispatchHandle]:
+        handle = self.start_dispatch(x, indices, counts, weights)
+        routed_x, local_counts, probs = self.finish_dispatch(handle)
+        return routed_x, local_counts, probs, handle
 
     # ---- expert compute ----
-    def compute(self, experts: GroupedExperts, routed_x: torch.Tensor, local_counts: torch.Tensor) -> torch.Tensor:
+    def compute(self, experts: GroupedExperts, routed_x: torch.Tensor, local_counts: torch.Tensor,
+                probs: torch.Tensor | None = None) -> torch.Tensor:
         """The local experts (this rank's block, ``apply_expert_parallel``) on their rows, as ``LocalDispatcher``."""
-        return self._local.compute(experts, routed_x, local_counts)
+        return self._local.compute(experts, routed_x, local_counts, probs)
 
     # ---- combine ----
     def start_combine(self, routed_y: torch.Tensor, handle: DispatchHandle) -> CombineHandle:
@@ -267,15 +298,20 @@ class AllToAllDispatcher:
         self._bytes[1] += self._off_rank_bytes(sent, t.out_splits)
         return CombineHandle(handle, sent, _start_transfer(sent, t.out_splits, t.in_splits, self.group))
 
-    def finish_combine(self, handle: CombineHandle, weights: torch.Tensor, cut: GraphCut | None = None
+    def finish_combine(self, handle: CombineHandle, weights: torch.Tensor | None, cut: GraphCut | None = None
                        ) -> torch.Tensor:
-        """Wait for the outputs; weighted sum per token, ``[N, dim]`` in the original token order."""
+        """Wait for the outputs; weighted sum per token, ``[N, dim]`` in the original token order (``weights``
+        None: the experts applied them)."""
         t, d = handle.transfer, handle.dispatch
         self._wait(t.work)
         back = self._attach(handle.sent, t, cut)
-        return self._local.combine(back, weights, d.order, d.token_ids, d.n_tokens)  # the same weighted sum
+        y = self._local.combine(back, weights, d.order, d.token_ids, d.n_tokens)  # the same weighted sum
+        if cut is not None:  # as in finish_dispatch; the weighted sum keeps the received rows for its backward
+            for end in (handle.sent,) if weights is not None else (handle.sent, back):
+                drop_storage(end)
+        return y
 
-    def combine(self, routed_y: torch.Tensor, weights: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    def combine(self, routed_y: torch.Tensor, weights: torch.Tensor | None, handle: DispatchHandle) -> torch.Tensor:
         return self.finish_combine(self.start_combine(routed_y, handle), weights)
 
     def __call__(
@@ -285,9 +321,11 @@ class AllToAllDispatcher:
         indices: torch.Tensor,
         counts: torch.Tensor,
         experts: GroupedExperts,
+        weights_inside: bool = False,
     ) -> torch.Tensor:
-        routed_x, local_counts, handle = self.dispatch(x, indices, counts)
-        return self.combine(self.compute(experts, routed_x, local_counts), weights, handle)
+        routed_x, local_counts, probs, handle = self.dispatch(x, indices, counts, weights if weights_inside else None)
+        return self.combine(self.compute(experts, routed_x, local_counts, probs), None if weights_inside else weights,
+                            handle)
 
     # ---- autograd across an exchange ----
     def _attach(self, sent: torch.Tensor, transfer: _Transfer, cut: GraphCut | None) -> torch.Tensor:

@@ -41,23 +41,39 @@ class ActivationSetup:
     fp8: bool = False
     cpu: bool = False
     ep: int = 1
+    swiglu: bool | None = None  # train.recompute_swiglu: None follows recompute
+
+    @property
+    def swiglu_inputs_only(self) -> bool:
+        """FFNs keep only their SwiGLU inputs, and MoE layers apply the gate weights before ``w2``."""
+        return self.recompute if self.swiglu is None else self.swiglu
 
 
 def _kept(features: int, s: ActivationSetup, hp_savers: bool, fp8_linears: list[tuple[int, int]],
           marked: bool = False) -> float:
     """Bytes per token of a ``features``-wide activation: once in its own dtype if any high-precision op
-    saves it (unless ``marked`` for recomputation and recompute is on), plus, read by FP8 linears, the one FP8
-    copy they share (its producer quantizes it once for all of them, ``haillm.fp8.fused``)."""
+    saves it, plus, read by FP8 linears, the one FP8 copy they share (its producer quantizes it once for all of
+    them, ``haillm.fp8.fused``); nothing where it is ``marked`` for recomputation (a norm's output and its FP8
+    copy, ``wo``'s input) and recompute is on."""
+    if marked and s.recompute:
+        return 0
     n_fp8 = len(fp8_linears) if s.fp8 else 0
     fp8_copies = min(n_fp8, 1)
     hp = hp_savers or n_fp8 < len(fp8_linears)
-    kept = features * s.act_bytes if hp and not (marked and s.recompute) else 0
-    return kept + fp8_copies * (features + FP32 * math.ceil(features / FP8_BLOCK))
+    return (features * s.act_bytes if hp else 0) + fp8_copies * _fp8_bytes(features)
+
+
+def _fp8_bytes(features: int) -> int:
+    """An FP8 copy with its 1x128-tile fp32 scales."""
+    return features + FP32 * math.ceil(features / FP8_BLOCK)
 
 
 def _swiglu(dim: int, inter: int, s: ActivationSetup) -> float:
     """A SwiGLU MLP without its input: silu's input, silu's output and w3's output (the product's operands),
-    and w2's input. With FP8 the SwiGLU quantizes for w2 and keeps only w1's and w3's outputs."""
+    and w2's input. With FP8 the SwiGLU quantizes for w2 and keeps only w1's and w3's outputs. Keeping only
+    the SwiGLU inputs (``swiglu_inputs_only``): w1's and w3's outputs, FP8 where w2 is, nothing else."""
+    if s.swiglu_inputs_only:
+        return 2 * (_fp8_bytes(inter) if s.fp8 else inter * s.act_bytes)
     intermediates = 2 if s.fp8 else 3
     return intermediates * inter * s.act_bytes + _kept(inter, s, False, [(inter, dim)])
 
@@ -79,7 +95,7 @@ def attention_per_token(a: ModelArgs, s: ActivationSetup) -> float:
     if not s.recompute:
         out += (2 * q_out + v_kept) * act  # q, k, v
     out += heads * (qk * FP32 if s.cpu else a.v_head_dim * act) + heads * FP32  # attention output, log-sum-exp
-    out += _kept(heads * a.v_head_dim, s, False, [(heads * a.v_head_dim, a.dim)])  # wo's input
+    out += _kept(heads * a.v_head_dim, s, False, [(heads * a.v_head_dim, a.dim)], marked=True)  # wo's input
     return out
 
 
@@ -97,22 +113,22 @@ def ffn_per_token(a: ModelArgs, dense: bool, s: ActivationSetup) -> float:
         ffn_in = _kept(dim, s, False, [(dim, a.inter_dim)] * 2, marked=True)
         return out + ffn_in + _swiglu(dim, a.inter_dim, s)
     shared = a.n_shared_experts * a.moe_inter_dim
-    # the router reads the norm output in fp32: the same tensor in fp32 runs, an fp32 copy otherwise
-    gate_hp = act == FP32
+    # the router keeps the norm output itself (and up-casts it in backward)
     shared_linears = [(dim, shared)] * 2 if shared else []
-    out += _kept(dim, s, gate_hp, shared_linears, marked=True)
-    if not gate_hp:
-        out += dim * FP32
+    out += _kept(dim, s, True, shared_linears, marked=True)
     out += a.n_routed_experts * FP32 + k * INT64  # router scores, chosen indices
     if a.norm_topk_prob:
         out += k * FP32 + FP32  # weights and their sum
     if a.balance_alpha > 0:
         out += FP32  # per-token score sums of the sequence-wise balance loss
-    out += 2 * k * INT64 + k * act  # copies' source tokens and positions, their gate weights
+    out += 2 * k * INT64  # copies' source tokens and positions
     if s.ep > 1:
         out += 2 * k * INT64  # received copies' order and its inverse
     copy = _kept(dim, s, False, [(dim, a.moe_inter_dim)] * 2) + _swiglu(dim, a.moe_inter_dim, s)
-    out += k * (copy + 2 * dim * act)  # each routed copy: input, SwiGLU, output and weighted output (combine)
+    if s.swiglu_inputs_only:
+        out += k * (copy + FP32)  # each routed copy: input, SwiGLU inputs, gate weight (the combine keeps none)
+    else:  # input, SwiGLU, gate weight, output and weighted output (the combine's multiply and index_add)
+        out += k * (copy + act + 2 * dim * act)
     if shared:
         out += _swiglu(dim, shared, s)
     return out

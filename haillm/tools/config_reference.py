@@ -83,6 +83,23 @@ MEANINGS = {
     "train.compile": "`torch.compile` each transformer block's pieces (norms, attention, dense FFN, router, shared "
                      "experts; `haillm/train/compile.py`); token exchange, routed experts and FP8 or deferred "
                      "linears stay eager. The first step includes the compilation",
+    "train.recompute": "keep no RMSNorm outputs (nor their FP8 copies), no MLA q/k/v and no second copy of the "
+                       "attention output (`wo`'s input) for backward: recomputed there; gradients bitwise unchanged "
+                       "(DeepSeek-V3 §3.2.3)",
+    "train.recompute_swiglu": "the FFNs keep only their SwiGLU inputs (FP8 under `fp8=enabled`) and recompute its "
+                              "output in backward; MoE layers apply each routed copy's gate weight before `w2` (sent "
+                              "with the token under expert parallelism) so the combine keeps nothing (DeepSeek-V3 "
+                              "§3.3.2). Equal in exact arithmetic, not bitwise (tests/test_moe_memory.py states the "
+                              "bounds). `null`: as `train.recompute`",
+    "fp8.cache_transposed": "keep the transposed FP8 copy of every FP8 weight, which Dgrad reads, from one "
+                            "optimizer step to the next (one more FP8 copy of the FP8 weights: 3 GiB per GPU at "
+                            "DeepSeek-V3's layout) instead of transposing one weight at a time in backward; "
+                            "numbers are the same either way",
+    "train.ema_decay": "decay of an exponential moving average of the parameters (DeepSeek-V3): "
+                       "`ema = decay * ema + (1 - decay) * param` after each applied optimizer step, kept in fp32 "
+                       "host memory and blended in a background thread (`haillm/train/ema.py`); saved in checkpoints "
+                       "as `ema.<name>` and resumed exactly; `python -m haillm.tools.export --ema` exports it. "
+                       "0 = off; must be in [0, 1)",
     # data
     "data.source": "`stdlib` (the Python standard library's source), a file or directory of corpus files (.txt "
                    ".text .md .rst .jsonl .json .parquet; text and json also as .gz .bz2 .xz .zst; a directory "
@@ -152,7 +169,8 @@ def config_keys() -> list[tuple[str, str, str]]:
 
 
 def _type_name(t: object) -> str:
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+    name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+    return name.replace(" | None", " or null")  # (a table cell: no pipe)
 
 
 def meaning(key: str, comment: str) -> str:
@@ -172,6 +190,8 @@ def _value(v: object) -> str:
     """As it is written in an override: `sigmoid`, `true`, `''`."""
     if isinstance(v, bool):
         return f"`{str(v).lower()}`"
+    if v is None:
+        return "`null`"
     return f"`{v}`" if v != "" else "`''`"
 
 

@@ -46,6 +46,7 @@ class Layout:
     reduce_dtype: torch.dtype  # optim.grad_reduce_dtype
     setup: ActivationSetup
     bucket_mb: float = DEFAULT_BUCKET_MB  # optim.bucket_mb
+    fp8_cache_transposed: bool = False  # fp8.cache_transposed
 
 
 @dataclass
@@ -126,10 +127,11 @@ def partner_grad_bytes(model: torch.nn.Module, lay: Layout) -> int:
     return sum(p.numel() for _, p in model.partner_params(lay.schedule)) * FP32_BYTES
 
 
-def fp8_weight_cache_bytes(model: torch.nn.Module, only: set[str] | None = None, transposed: bool = True) -> int:
+def fp8_weight_cache_bytes(model: torch.nn.Module, only: set[str] | None = None, transposed: bool = False) -> int:
     """The FP8 copies of the weights FP8 linears and routed experts quantize once per step (E4M3 plus 128x128
-    block scales); ``only``: of the linears with these report names. Each also caches the transposed copy
-    Dgrad reads (``transposed``; not what autograd saves)."""
+    block scales); ``only``: of the linears with these report names. With ``fp8.cache_transposed`` each also
+    caches the transposed copy Dgrad reads (``transposed``; without it backward makes one weight's at a time,
+    a transient the planner leaves out like the other per-layer temporaries)."""
     report = apply_fp8(model, True)
     total = 0
     for name in report.low if only is None else [n for n in report.low if n in only]:
@@ -161,7 +163,7 @@ def rank_memory(args: ModelArgs, lay: Layout, pp_rank: int, model: torch.nn.Modu
         parameters=sum(b.param_bytes() for b in plans),
         gradients=sum(b.grad_bytes() for b in plans),
         optimizer=sum(b.state_bytes(lay.moment_dtype) for b in plans),
-        fp8_weight_cache=fp8_weight_cache_bytes(model) if lay.setup.fp8 else 0,
+        fp8_weight_cache=fp8_weight_cache_bytes(model, transposed=lay.fp8_cache_transposed) if lay.setup.fp8 else 0,
         activations=activations,
         activations_per_microbatch=per_mb,
         partner_grads=partner_grad_bytes(model, lay),

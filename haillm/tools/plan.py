@@ -93,27 +93,29 @@ def layout_of(cfg: DictConfig, gpu: str, capability: tuple[int, int] | None = No
     """What memory depends on, for a run of ``cfg`` on ``gpu`` (a name of GPU_SPECS, or "cpu")."""
     t, p, o = cfg.train, cfg.parallel, cfg.optim
     param_dtype = config_dtype(t.dtype)  # every parameter, as cast_parameters
-    setup = ActivationSetup(act_bytes=param_dtype.itemsize, recompute=t.recompute,
+    setup = ActivationSetup(act_bytes=param_dtype.itemsize, recompute=t.recompute, swiglu=t.recompute_swiglu,
                             fp8=fp8_linears(cfg, gpu, capability),
                             cpu=gpu == "cpu", ep=p.ep)
     return Layout(dp=p.dp, pp=p.pp, ep=p.ep, schedule=p.pp_schedule, ranks_per_node=p.ranks_per_node,
                   micro_batch=t.micro_batch_size, seq_len=t.seq_len,
                   n_microbatches=t.global_batch_size // (t.micro_batch_size * p.dp), param_dtype=param_dtype,
                   moment_dtype=config_dtype(o.moment_dtype), reduce_dtype=config_dtype(o.grad_reduce_dtype),
-                  setup=setup, bucket_mb=o.bucket_mb)
+                  setup=setup, bucket_mb=o.bucket_mb, fp8_cache_transposed=cfg.fp8.cache_transposed)
 
 
 def traffic(args: ModelArgs, lay: Layout, ranks: list[RankMemory], fp8_dispatch: bool) -> list[dict[str, float]]:
     """Bytes one rank of each pipeline rank sends per step, by kind. All-to-all: every routed copy of a token
     that lands on another EP rank (uniform routing: (ep-1)/ep of them), dispatched (FP8 with 1x128 scales
-    under ``fp8.enabled``) and combined forward, and both again as gradients in backward. P2P: activations
+    under ``fp8.enabled``) and combined forward, and both again as gradients in backward; with
+    ``train.recompute_swiglu`` the copy's fp32 gate weight rides along both ways. P2P: activations
     and gradients between pipeline ranks. ZeRO-1: ring reduce-scatter of the gradient buckets (in
     ``optim.grad_reduce_dtype``) and all-gather of the parameters. Partner: the fp32 all-reduce of
     ``sum_partner_grads`` between two ranks (a ring of two sends the buffer once): every gradient of a
     DualPipe mirror pair, the embedding's between the first and the last rank of 1F1B with MTP."""
     act, dim, k = lay.setup.act_bytes, args.dim, args.n_activated_experts
     copy_out = dim + 4 * -(-dim // 128) if fp8_dispatch else dim * act
-    per_copy = (copy_out + 3 * dim * act) * (lay.ep - 1) / lay.ep
+    gate_weight = 2 * 4 if lay.setup.swiglu_inputs_only else 0  # fp32, sent with its copy and its gradient back
+    per_copy = (copy_out + 3 * dim * act + gate_weight) * (lay.ep - 1) / lay.ep
     out = []
     for rank in ranks:
         if lay.pp > 1:

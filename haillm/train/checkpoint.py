@@ -2,7 +2,8 @@
 
 Layout of ``<output_dir>/checkpoints/step_<N>/``:
 - DCP files (``.metadata`` + ``__<rank>_<i>.distcp``) holding ``model`` and ``optim`` keyed by parameter
-  FQNs with global shapes, so a later layout can reshard them;
+  FQNs with global shapes, so a later layout can reshard them, and with ``train.ema_decay`` > 0 ``ema`` (the fp32
+  EMA of the parameters, haillm.train.ema) under the same FQNs;
 - ``trainer_state.json``: step, data position (global ``consumed_samples``), skip counters;
 - ``rng_rank<r>.pt``: each rank's RNG states;
 - ``config.yaml``: the resolved run configuration (what `haillm.tools.export` rebuilds the model from);
@@ -40,6 +41,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from haillm.train import faults
+from haillm.train.ema import ParameterEMA
 from haillm.train.setup import gather_object, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -112,15 +114,16 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _state(model: torch.nn.Module, optimizer: Stateful) -> dict:
-    """What DCP saves and loads in place: parameters by FQN, and the optimizer as a Stateful."""
-    return {"model": model.state_dict(), "optim": optimizer}
+def _state(model: torch.nn.Module, optimizer: Stateful, ema: ParameterEMA | None = None) -> dict:
+    """What DCP saves and loads in place: parameters by FQN, the optimizer as a Stateful, and the EMA of the
+    parameters (a Stateful too, under the parameters' FQNs) when there is one."""
+    return {"model": model.state_dict(), "optim": optimizer, **({"ema": ema} if ema is not None else {})}
 
 
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: Stateful, trainer_state: dict,
-         keep: int, config: str | None = None) -> Path:
+         keep: int, config: str | None = None, ema: ParameterEMA | None = None) -> Path:
     """Write `step_<step>` atomically on all ranks; prune to the newest `keep` (0 keeps all)."""
-    return _write(run_dir, step, _state(model, optimizer), rng_state(), trainer_state, keep, config, None)
+    return _write(run_dir, step, _state(model, optimizer, ema), rng_state(), trainer_state, keep, config, None)
 
 
 def _write(run_dir: Path, step: int, state: dict, rng: dict, trainer_state: dict, keep: int, config: str | None,
@@ -187,14 +190,15 @@ class Checkpointer:
         self._pending: Path | None = None
         self.latest: Path | None = None  # the newest committed checkpoint this process wrote
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: Stateful, trainer_state: dict) -> Path:
+    def save(self, step: int, model: torch.nn.Module, optimizer: Stateful, trainer_state: dict,
+             ema: ParameterEMA | None = None) -> Path:
         """Start (async) or do the save of `step_<step>`; returns its final path."""
         self.wait()
         if not self.async_save:
-            self.latest = save(self.run_dir, step, model, optimizer, trainer_state, self.keep, self.config)
+            self.latest = save(self.run_dir, step, model, optimizer, trainer_state, self.keep, self.config, ema)
             return self.latest
         start = time.perf_counter()
-        state = _to_cpu(_state_dict(model, optimizer), self._buffers, "")
+        state = _to_cpu(_state_dict(model, optimizer, ema), self._buffers, "")  # the EMA too: the next step blends
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.staging_bytes = sum(t.numel() * t.element_size() for t in self._buffers.values())
@@ -224,8 +228,9 @@ class Checkpointer:
         return self.latest
 
 
-def _state_dict(model: torch.nn.Module, optimizer: Stateful) -> dict:
-    return {"model": model.state_dict(), "optim": optimizer.state_dict()}
+def _state_dict(model: torch.nn.Module, optimizer: Stateful, ema: ParameterEMA | None = None) -> dict:
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    return state | ({"ema": ema.state_dict()} if ema is not None else {})
 
 
 def _to_cpu(obj, buffers: dict[str, torch.Tensor], path: str):
@@ -257,9 +262,18 @@ def _write_synced(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def check_shapes(path: Path, model: torch.nn.Module) -> None:
+def _metadata(path: Path) -> dict:
+    return dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+
+
+def has_ema(metadata: dict, keys: list[str]) -> bool:
+    """Whether a checkpoint (its DCP metadata) holds the EMA of every parameter named in `keys`."""
+    return bool(keys) and all(f"ema.{key}" in metadata for key in keys)
+
+
+def check_shapes(path: Path, model: torch.nn.Module, metadata: dict | None = None) -> None:
     """Raise CheckpointError when the checkpoint's model tensors differ from the model's (other config)."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    metadata = _metadata(path) if metadata is None else metadata
     for name, tensor in model.state_dict().items():
         entry = metadata.get(f"model.{name}")
         if entry is None:
@@ -274,10 +288,21 @@ def check_shapes(path: Path, model: torch.nn.Module) -> None:
             )
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: Stateful, rng: bool = True) -> dict:
-    """Load model, optimizer and (with `rng`) this rank's RNG from `path` (any data-parallel layout wrote it)."""
-    check_shapes(path, model)
-    dcp.load(_state(model, optimizer), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+def load(path: Path, model: torch.nn.Module, optimizer: Stateful, rng: bool = True,
+         ema: ParameterEMA | None = None) -> dict:
+    """Load model, optimizer and (with `rng`) this rank's RNG from `path` (any data-parallel layout wrote it).
+
+    With `ema`, its average too when the checkpoint holds one (``ema.restored`` says whether it did; if not, the
+    caller restarts it from the loaded parameters); a checkpoint's EMA is left unread without `ema`."""
+    metadata = _metadata(path)
+    check_shapes(path, model, metadata)
+    with_ema = ema is not None and has_ema(metadata, list(ema.ema))
+    if ema is None and any(key.startswith("ema.") for key in metadata):
+        log.info("checkpoint %s holds an EMA of the parameters; train.ema_decay=0: not used", path)
+    dcp.load(_state(model, optimizer, ema if with_ema else None), checkpoint_id=str(path),
+             no_dist=not dist.is_initialized())
+    if ema is not None:
+        ema.restored = with_ema
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
@@ -324,21 +349,23 @@ def peek_trainer_state(run_dir: Path, resume: str) -> dict | None:
     return None
 
 
-def resume_from(path: Path, model: torch.nn.Module, optimizer: Stateful, rng: bool = True) -> dict:
+def resume_from(path: Path, model: torch.nn.Module, optimizer: Stateful, rng: bool = True,
+                ema: ParameterEMA | None = None) -> dict:
     """Load the checkpoint at ``path`` (``checkpoint.resume=<path>``); CheckpointError when it is unusable."""
     reasons = gather_object(verify(path, (_rank(), dist.get_world_size() if dist.is_initialized() else 1)))
     reason = next((r for r in reasons if r is not None), None)
     if reason is not None:
         raise CheckpointError(f"checkpoint.resume={path} is unusable: {reason}")
     try:
-        return load(path, model, optimizer, rng)
+        return load(path, model, optimizer, rng, ema)
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as exc:
         raise CheckpointError(f"checkpoint.resume={path} is unusable: {describe(exc)}") from None
 
 
-def resume(run_dir: Path, model: torch.nn.Module, optimizer: Stateful) -> dict | None:
+def resume(run_dir: Path, model: torch.nn.Module, optimizer: Stateful,
+           ema: ParameterEMA | None = None) -> dict | None:
     """Load the newest complete checkpoint, falling back past incomplete or unreadable ones (said in the log).
 
     Returns the trainer state, or None when `run_dir` has no checkpoint at all. Raises CheckpointError
@@ -353,7 +380,7 @@ def resume(run_dir: Path, model: torch.nn.Module, optimizer: Stateful) -> dict |
         reason = next((r for r in reasons if r is not None), None)  # every rank takes the same decision
         if reason is None:
             try:
-                return load(path, model, optimizer)
+                return load(path, model, optimizer, ema=ema)
             except CheckpointError:
                 raise
             except (Exception, CheckpointException) as exc:  # a corrupt file that still has the right size

@@ -1,4 +1,5 @@
-"""The training loop: gradient accumulation, clipping, the non-finite guard, balancing, metrics, checkpoints."""
+"""The training loop: gradient accumulation, clipping, the non-finite guard, balancing, metrics, checkpoints, and
+the EMA of the parameters (`train.ema_decay`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from haillm.parallel.pipeline.stage import sum_partner_grads
 from haillm.parallel.zero import ZeroAdamW
 from haillm.train import checkpoint
 from haillm.train.compile import compiled_regions
+from haillm.train.ema import ParameterEMA
 from haillm.train.evaluate import Evaluator
 from haillm.train.health import LossHealth
 from haillm.train.metrics import (
@@ -84,6 +86,12 @@ class Trainer:
         self.checkpointer = checkpoint.Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save,
                                                     OmegaConf.to_yaml(cfg, resolve=True),
                                                     timedelta(seconds=cfg.train.collective_timeout_s))
+        self.ema: ParameterEMA | None = None  # host-memory EMA of this rank's parameters (haillm.train.ema)
+        if cfg.train.ema_decay > 0:
+            self.ema = ParameterEMA(model, cfg.train.ema_decay)
+            if self.is_logging_rank:
+                log.info("train.ema_decay=%g: EMA of the parameters in host memory, %.1f MiB on this rank (with its "
+                         "staging copy)", cfg.train.ema_decay, self.ema.bytes / 2**20)
         self.stopped_by: str | None = None  # the signal that preempted the run
         self.abort: str | None = None  # why the run must stop after this step (too many skipped steps)
         self.peak, peak_source = peak_flops(device, cfg.train.peak_flops)
@@ -100,21 +108,32 @@ class Trainer:
             checkpoint.resume_from(Path(where), self.model, self.optimizer, rng=False)
             self.optimizer.reset_moments()
             invalidate_weight_caches(self.model)
+            self._restart_ema("checkpoint.finetune: the EMA of the parameters starts from the loaded weights")
             log.info("checkpoint.finetune: the weights of %s, the optimizer, data and schedule from the start", where)
             return
         if where == "auto":
-            saved = checkpoint.resume(self.run_dir, self.model, self.optimizer)
+            saved = checkpoint.resume(self.run_dir, self.model, self.optimizer, self.ema)
         else:
-            saved = checkpoint.resume_from(Path(where), self.model, self.optimizer)
+            saved = checkpoint.resume_from(Path(where), self.model, self.optimizer, ema=self.ema)
         if saved is None:
             log.info("checkpoint.resume=auto: no checkpoint in %s, starting from step 0", self.run_dir)
             return
         invalidate_weight_caches(self.model)
+        if self.ema is not None and not self.ema.restored:
+            self._restart_ema(f"train.ema_decay={self.cfg.train.ema_decay:g}: the checkpoint holds no EMA of the "
+                              "parameters (saved with train.ema_decay=0); the EMA starts from the loaded parameters")
         self.state = TrainState(**{k: saved.get(k, v) for k, v in asdict(TrainState()).items()})
         self.state.lr_origin = resume_origin(saved, self.cfg)
         self.health.load_state_dict(saved.get("health", {}))
         self.batcher.load_state_dict(saved["data"])
         log.info("resumed from step %d (%d samples consumed)", self.state.step, self.state.consumed_samples)
+
+    def _restart_ema(self, why: str) -> None:
+        """Start the EMA (if any) from the parameters as loaded, saying `why` in the log."""
+        if self.ema is not None:
+            self.optimizer.wait_params()
+            self.ema.reset()
+            log.info(why)
 
     def fit(self) -> list[dict]:
         """Train to `train.steps`; returns this run's step records (rank 0 also writes them out).
@@ -163,6 +182,8 @@ class Trainer:
             raise TrainingAborted(f"{exc}; the state after step {self.state.step} is in {path}") from None
         finally:
             self.batcher.close()  # no prefetch thread outlives the run
+            if self.ema is not None:
+                self.ema.close()
             progress.close()
             for sink in sinks:
                 sink.close()
@@ -173,7 +194,7 @@ class Trainer:
         self.optimizer.wait_params()
         trainer_state = {**asdict(self.state), "data": self.batcher.state_dict(), "health": self.health.state_dict(),
                          "schedule": schedule_of(self.cfg)}
-        path = self.checkpointer.save(self.state.step, self.model, self.optimizer, trainer_state)
+        path = self.checkpointer.save(self.state.step, self.model, self.optimizer, trainer_state, self.ema)
         return self.checkpointer.wait() if wait else path
 
     def _open_sinks(self) -> list:
@@ -213,11 +234,16 @@ class Trainer:
         if skipped:
             self._skip(step, why_skip, totals["loss"], grad_norm)
         else:
+            if self.ema is not None:  # the last EMA update has copied the parameters the step overwrites
+                self.ema.before_optimizer_step()
             opt.step()
             invalidate_weight_caches(model)  # FP8 weights are quantized once per optimizer step
             self.health.applied(totals["loss"])
             self.state.consecutive_skipped = 0
             model.update_gate_bias(loads, model.args.bias_update_speed)
+            if self.ema is not None:  # a skipped step adds no point to the average
+                opt.wait_params()  # NCCL: orders the current stream after the gathers; the host does not wait
+                self.ema.update()
         opt.zero_grad()
         self.state.step = step
         self.state.consumed_samples += cfg.train.global_batch_size

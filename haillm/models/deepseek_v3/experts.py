@@ -55,6 +55,7 @@ from haillm.fp8 import GRAD_AMAX_MIN, Fp8WeightCache, act_dequant, act_quant, fp
 from haillm.fp8.fused import fp8_input_pow2, swiglu_act_quant
 from haillm.fp8.linear import check_wgrad_mode
 from haillm.fp8.quant import Fp8Pair
+from haillm.models.deepseek_v3.swiglu import swiglu_keeping_inputs
 from haillm.ops import precision
 from haillm.ops.linear import PRECISIONS
 from haillm.ops.wgrad import defer_weight_grad
@@ -191,7 +192,8 @@ class _GroupedLinear(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 # W.T's 128x128 blocks are W's transposed (no requantization), cached K-major with the stack.
                 dy_q, dy_s = act_quant(dy, pow2=num.pow2, min_amax=GRAD_AMAX_MIN)
-                dx = fp8_group_gemm(dy_q, dy_s, *num.weight_q[2:], offs, ctx.x_dtype)
+                w_t = num.weight_q[2:] or [t.transpose(-2, -1).contiguous() for t in num.weight_q[:2]]
+                dx = fp8_group_gemm(dy_q, dy_s, *w_t, offs, ctx.x_dtype)
 
             def weight_grad() -> torch.Tensor:
                 return _fp8_wgrad(dy, x_q, x_s, offs, weight, num)
@@ -227,13 +229,21 @@ class GroupedExperts(nn.Module):
         self.precision = "default"
         self.fp8_pow2_scales = False
         self.fp8_wgrad = "bf16"
+        self.fp8_cache_transposed = False
         self._fp8: dict[str, Fp8WeightCache] = {}
         self.register_state_dict_post_hook(_per_expert_state_dict)
         self.register_load_state_dict_pre_hook(_stacked_state_dict)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+        """``probs``: each row's gate weight, applied to its SwiGLU output before ``w2``; backward then keeps
+        only the SwiGLU's inputs (``swiglu.swiglu_keeping_inputs``)."""
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         pow2 = fp8_input_pow2([self])
+        if probs is not None:
+            x_fp8 = None if pow2 is None else act_quant(x.detach(), pow2=pow2)
+            a, b = self._linear(x, "w1", offs, x_fp8), self._linear(x, "w3", offs, x_fp8)
+            h, h_fp8 = swiglu_keeping_inputs(a, b, probs, pow2)
+            return self._linear(h, "w2", offs, h_fp8)
         if pow2 is None:
             h = F.silu(self._linear(x, "w1", offs)) * self._linear(x, "w3", offs)
             return self._linear(h, "w2", offs)
@@ -251,13 +261,16 @@ class GroupedExperts(nn.Module):
         return _GroupedLinear.apply(x, getattr(self, name), offs, num, x_fp8)
 
     # ---- precision (the FP8 policy's switch, as on ops.Linear) ----
-    def set_precision(self, precision: str, pow2_scales: bool = False, wgrad: str = "bf16") -> None:
-        """``precision`` of the three GEMMs; in FP8 the scale format and the weight-gradient mode ``wgrad``:
-        "bf16" (bf16 operands, the FP8 ``x`` dequantized) or "fp8" (DeepSeek-V3's FP8 Wgrad)."""
+    def set_precision(self, precision: str, pow2_scales: bool = False, wgrad: str = "bf16",
+                      cache_transposed: bool = False) -> None:
+        """``precision`` of the three GEMMs; in FP8 the scale format, the weight-gradient mode ``wgrad``:
+        "bf16" (bf16 operands, the FP8 ``x`` dequantized) or "fp8" (DeepSeek-V3's FP8 Wgrad), and whether the
+        transposed stacks Dgrad reads are cached between steps (``cache_transposed``) or made per backward."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         check_wgrad_mode(wgrad)
         self.precision, self.fp8_pow2_scales, self.fp8_wgrad = precision, pow2_scales, wgrad
+        self.fp8_cache_transposed = cache_transposed
         self._fp8.clear()
 
     def invalidate_fp8_weight(self) -> None:
@@ -270,7 +283,8 @@ class GroupedExperts(nn.Module):
         cache = self._fp8.get(name)
         if cache is None or cache.weight.data_ptr() != p.data_ptr():  # new, or the storage moved (ZeRO-1)
             # per expert, [E, out, in], with the transposed stack Dgrad reads
-            cache = self._fp8[name] = Fp8WeightCache(p.detach(), self.fp8_pow2_scales, transposed=True)
+            cache = self._fp8[name] = Fp8WeightCache(p.detach(), self.fp8_pow2_scales,
+                                                     transposed=self.fp8_cache_transposed)
         return cache.get()
 
     # ---- global expert identities ----

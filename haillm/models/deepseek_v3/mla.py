@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from haillm.fp8.fused import fp8_input_pow2, normed
-from haillm.fp8.quant import Fp8Pair
+from haillm.fp8.quant import Fp8Pair, act_quant
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.ops import Linear, RMSNorm, precision
-from haillm.ops.recompute import recomputable
+from haillm.ops.recompute import mark_outputs, recomputable, source
 
 
 def _yarn_mscale(factor: float, mscale: float) -> float:
@@ -73,6 +73,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     rotation = torch.complex(cos.float(), sin.float())[:, None, :]
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+
+
+def _head_outputs(o: torch.Tensor, v_dim: int, pow2: bool | None) -> tuple[torch.Tensor, ...]:
+    """``(wo's input [B, T, H * v_dim],)`` from attention's output ``o: [B, H, T, d >= v_dim]``, with its FP8
+    copy after it where ``pow2`` is not None; also the recipe of what ``wo`` saves."""
+    heads = o[..., :v_dim].transpose(1, 2).flatten(2)
+    return (heads,) if pow2 is None else (heads, *act_quant(heads.detach(), pow2=pow2))
 
 
 class MLA(nn.Module):
@@ -160,7 +167,11 @@ class MLA(nn.Module):
         else:
             q, k, v = self.up_project(*latents)
         o = precision.attention(q, k, v, self.softmax_scale)
-        return self.wo(o[..., : self.v_dim].transpose(1, 2).flatten(2))
+        pow2 = fp8_input_pow2([self.wo])
+        outputs = _head_outputs(o, self.v_dim, pow2)
+        if torch.is_grad_enabled():  # wo keeps a recipe from o, which attention keeps anyway (under recompute)
+            mark_outputs(outputs, _head_outputs, source(o), self.v_dim, pow2)
+        return self.wo(outputs[0], None if pow2 is None else outputs[1:])
 
     def forward_absorbed(
         self,

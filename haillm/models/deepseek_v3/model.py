@@ -118,11 +118,18 @@ class TrainingObjective:
     ``args``, ``embed``, ``norm``, ``head``, ``mtp``, the ``rope_cos``/``rope_sin`` tables and
     ``moe_layers()``; is an ``nn.Module``."""
 
-    recompute = False
+    recompute = False  # saved marked tensors become recipes (either kind of recompute is on)
+    recompute_swiglu = False
 
-    def set_recompute(self, enabled: bool) -> None:
-        """Keep no RMSNorm outputs and no MLA up-projections (q, k, v) for backward: recompute them from the
-        norms' inputs and the latents (report §3.2.3; ``haillm.ops.recompute``). Gradients are unchanged."""
+    def set_recompute(self, enabled: bool, swiglu: bool = False) -> None:
+        """``enabled``: keep no RMSNorm outputs (nor their FP8 copies), no MLA up-projections (q, k, v) and no
+        second copy of the attention output (``wo``'s input) for backward: recompute them from the norms'
+        inputs, the latents and the attention output (report §3.2.3; ``haillm.ops.recompute``). Gradients
+        are bitwise unchanged.
+
+        ``swiglu``: the FFNs keep only their SwiGLU inputs (FP8 where ``w2`` is FP8) and recompute its output;
+        MoE layers apply the gate weights before ``w2`` so that the combine keeps nothing (report §3.3.2;
+        ``MoE.gate_weights_inside``). Equal in exact arithmetic, not bitwise: tests/test_moe_memory.py."""
         for handle in getattr(self, "_norm_hooks", []):
             handle.remove()
         self._norm_hooks = []
@@ -131,7 +138,11 @@ class TrainingObjective:
                 m.recompute_up_proj = enabled
             if enabled and isinstance(m, RMSNorm):
                 self._norm_hooks.append(m.register_forward_hook(_mark_norm_output))
-        self.recompute = enabled
+            if isinstance(m, MLP):
+                m.keep_swiglu_inputs = swiglu
+            if isinstance(m, MoE):
+                m.gate_weights_inside = swiglu
+        self.recompute, self.recompute_swiglu = enabled or swiglu, swiglu
 
     def _saving(self) -> contextlib.AbstractContextManager:
         """Enter around each piece of a training forward: saved marked tensors become recipes."""

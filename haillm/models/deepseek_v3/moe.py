@@ -22,19 +22,23 @@ from haillm.fp8.fused import fp8_input_pow2, swiglu_act_quant
 from haillm.fp8.quant import Fp8Pair
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.experts import GroupedExperts
+from haillm.models.deepseek_v3.swiglu import swiglu_keeping_inputs
 from haillm.ops import Linear
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward ``w2(silu(w1 x) * w3 x)``: the dense FFN and the shared experts. With ``w2`` in FP8
     the SwiGLU also writes its FP8 copy (``fp8.fused.swiglu_act_quant``); ``w1``/``w3`` may take the FP8 copy
-    of ``x`` from the norm before (``fp8_input_pow2``)."""
+    of ``x`` from the norm before (``fp8_input_pow2``). ``keep_swiglu_inputs``: backward keeps only the
+    SwiGLU's inputs and recomputes its output (``swiglu.swiglu_keeping_inputs``; eager only: a compiled
+    region's partitioner makes its own choice)."""
 
     def __init__(self, dim: int, inter_dim: int) -> None:
         super().__init__()
         self.w1 = Linear(dim, inter_dim)
         self.w2 = Linear(inter_dim, dim)
         self.w3 = Linear(dim, inter_dim)
+        self.keep_swiglu_inputs = False
 
     @property
     def fp8_input_pow2(self) -> bool | None:
@@ -43,10 +47,30 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, x_fp8: Fp8Pair | None = None) -> torch.Tensor:
         a, b = self.w1(x, x_fp8), self.w3(x, x_fp8)
         pow2 = fp8_input_pow2([self.w2])
+        if self.keep_swiglu_inputs and not torch.compiler.is_compiling():
+            return self.w2(*swiglu_keeping_inputs(a, b, None, pow2))
         if pow2 is None:
             return self.w2(F.silu(a) * b)
         h, h_q, h_s = swiglu_act_quant(a, b, pow2)
         return self.w2(h, (h_q, h_s))
+
+
+class _GateLogits(torch.autograd.Function):
+    """``F.linear(x.float(), weight.float())`` that keeps ``x`` and ``weight`` as they are (bf16 under BF16
+    training: half the bytes of the fp32 copies autograd would keep, and a norm output that recompute drops)
+    and up-casts them in backward, exactly: the gradients are bitwise autograd's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.float(), weight.float())
+
+    @staticmethod
+    def backward(ctx, dlogits: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        dx = dlogits.mm(weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = x.float().t().mm(dlogits).t().to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
 
 
 class Gate(nn.Module):
@@ -71,7 +95,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x: [N, dim]`` -> ``(weights [N, k] fp32, indices [N, k], scores [N, n_routed] fp32 unbiased)``."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = _GateLogits.apply(x, self.weight)
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         with torch.no_grad():
             biased = scores + self.bias
@@ -121,6 +145,13 @@ class GraphCut(Protocol):
         ...
 
 
+def drop_storage(t: torch.Tensor) -> None:
+    """Free ``t``'s memory, keeping the tensor as an autograd root or leaf (its shape and graph): for a tensor
+    that a graph cut holds until backward but whose values nothing reads again (its producer did not save
+    it, its consumers have run and saved other tensors)."""
+    t.untyped_storage().resize_(0)
+
+
 def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Token copies per expert, ``[n_experts]`` int64: a fixed-size scatter (``bincount`` sizes its output
     from the data and so waits for the device)."""
@@ -128,9 +159,27 @@ def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     return flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
 
 
+class _SumRows(torch.autograd.Function):
+    """``rows`` summed into ``n`` rows by ``token_ids`` (``index_add``), keeping only ``token_ids``: autograd's
+    ``index_add`` would keep ``rows`` too. Backward is ``index_add``'s, a gather."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, token_ids: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.save_for_backward(token_ids)
+        return rows.new_zeros(n, rows.shape[-1]).index_add(0, token_ids, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (token_ids,) = ctx.saved_tensors
+        return grad.index_select(0, token_ids), None, None
+
+
 class LocalDispatcher:
     """Single-device token movement: sort token copies by expert, run the experts as grouped GEMMs over
-    their contiguous slices, scatter the weighted results back in token order. Nothing is dropped."""
+    their contiguous slices, scatter the weighted results back in token order. Nothing is dropped.
+
+    ``weights_inside``: the experts apply each copy's gate weight before ``w2`` (``probs``), so the combine
+    is a plain sum that keeps nothing and no copy keeps its output (``MoE.gate_weights_inside``)."""
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x: [N, dim]``, ``indices: [N, k]`` -> (token copies grouped by expert ``[N*k, dim]``, ``order``
@@ -139,13 +188,19 @@ class LocalDispatcher:
         token_ids = order // indices.shape[1]
         return x.index_select(0, token_ids), order, token_ids  # its backward is an index_add, unlike x[ids]'s
 
-    def compute(self, experts: GroupedExperts, routed_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """The experts' grouped GEMMs over their rows (``counts[e]`` rows for row ``e`` of the stacks)."""
-        return experts(routed_x, counts)
+    def compute(self, experts: GroupedExperts, routed_x: torch.Tensor, counts: torch.Tensor,
+                probs: torch.Tensor | None = None) -> torch.Tensor:
+        """The experts' grouped GEMMs over their rows (``counts[e]`` rows for row ``e`` of the stacks); with
+        ``probs`` (a gate weight per row) applied before ``w2``."""
+        return experts(routed_x, counts, probs)
 
     def combine(
-        self, routed_y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token_ids: torch.Tensor, n_tokens: int
+        self, routed_y: torch.Tensor, weights: torch.Tensor | None, order: torch.Tensor, token_ids: torch.Tensor,
+        n_tokens: int
     ) -> torch.Tensor:
+        """Each token's copies summed, weighted by ``weights`` (None: the experts weighted them already)."""
+        if weights is None:
+            return _SumRows.apply(routed_y, token_ids, n_tokens)
         weighted = routed_y * weights.flatten()[order].unsqueeze(-1).type_as(routed_y)
         return routed_y.new_zeros(n_tokens, routed_y.shape[-1]).index_add(0, token_ids, weighted)
 
@@ -156,8 +211,12 @@ class LocalDispatcher:
         indices: torch.Tensor,
         counts: torch.Tensor,
         experts: GroupedExperts,
+        weights_inside: bool = False,
     ) -> torch.Tensor:
         routed_x, order, token_ids = self.dispatch(x, indices)
+        if weights_inside:
+            routed_y = self.compute(experts, routed_x, counts, weights.flatten().index_select(0, order))
+            return self.combine(routed_y, None, order, token_ids, x.shape[0])
         routed_y = self.compute(experts, routed_x, counts)
         return self.combine(routed_y, weights, order, token_ids, x.shape[0])
 
@@ -168,6 +227,11 @@ class MoE(nn.Module):
     In training forwards it accumulates ``tokens_per_expert`` (detached fp32 counts, reset by the trainer)
     and, when ``balance_alpha > 0`` and grad is enabled, leaves its sequence-wise balance loss in
     ``self.balance_loss`` for the model's ``compute_loss`` to collect.
+
+    ``gate_weights_inside`` (the model's ``set_recompute(..., swiglu=True)``): every routed copy's gate weight
+    travels with it and scales its SwiGLU output before ``w2`` (``swiglu.swiglu_keeping_inputs``), so the
+    combine keeps nothing and the experts keep only their inputs; the shared experts keep only their SwiGLU
+    inputs too. Equal in exact arithmetic; one product rounds differently.
     """
 
     def __init__(self, args: ModelArgs) -> None:
@@ -180,6 +244,7 @@ class MoE(nn.Module):
             MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts > 0 else None
         )
         self.dispatcher = LocalDispatcher()
+        self.gate_weights_inside = False
         self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None
 
@@ -206,7 +271,7 @@ class MoE(nn.Module):
         bsz, seq_len, dim = x.shape
         flat = x.reshape(-1, dim)
         weights, indices, counts = self.route(flat, bsz, seq_len)
-        y = self.dispatcher(flat, weights, indices, counts, self.experts)
+        y = self.dispatcher(flat, weights, indices, counts, self.experts, self.gate_weights_inside)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat, _rows(x_fp8))
         return y.view(bsz, seq_len, dim)
@@ -227,20 +292,25 @@ class MoE(nn.Module):
         bsz, seq_len, dim = x.shape
         flat = x.reshape(-1, dim)
         weights, indices, counts = self.route(flat, bsz, seq_len)
-        d = self.dispatcher
-        plan = d.announce_dispatch(flat, indices, counts)
-        flat, weights = cut(flat, weights)  # used again after the combine
+        d, inside = self.dispatcher, self.gate_weights_inside
+        plan = d.announce_dispatch(flat, indices, counts, weights if inside else None)
+        # the shared experts run while the counts travel; their output is carried to the add after the combine
+        # (their input would be a second carried copy of the norm output, which recompute does not keep)
+        shared_out = self.shared_experts(flat, _rows(x_fp8)) if self.shared_experts is not None else None
+        shared = None if shared_out is None else cut(shared_out)[0]
+        if not inside:
+            (weights,) = cut(weights)  # used again after the combine
         if self.balance_loss is not None:
             (self.balance_loss,) = cut(self.balance_loss)
-        shared = self.shared_experts(flat, _rows(x_fp8)) if self.shared_experts is not None else None
         handle = d.send_dispatch(plan)
         yield
-        routed_x, local_counts = d.finish_dispatch(handle, cut)
-        combine = d.start_combine(d.compute(self.experts, routed_x, local_counts), handle)
+        routed_x, local_counts, probs = d.finish_dispatch(handle, cut)
+        combine = d.start_combine(d.compute(self.experts, routed_x, local_counts, probs), handle)
         yield
-        y = d.finish_combine(combine, weights, cut)
+        y = d.finish_combine(combine, None if inside else weights, cut)
         if shared is not None:
             y = y + shared
+            drop_storage(shared_out)  # held by the cut as a root only: w2 does not save its output
         return y.view(bsz, seq_len, dim)
 
     @torch.no_grad()

@@ -215,8 +215,9 @@ class PipelineRuntime:
             return
         if route.dst.rank == self.rank:
             self.local[(False, route.dst.chunk, action.microbatch)] = out.hidden.detach().requires_grad_()
-        else:  # at once: in a pair, the backward half may run on for a while
-            self.p2p.send(out.hidden, self._transfer_key(False, self.rank, action.chunk, action.microbatch),
+        else:  # at once: in a pair, the backward half may run on for a while. Detached: until the send is
+            # reaped, the transfer list must not hold the chunk's graph (with its input) past its backward
+            self.p2p.send(out.hidden.detach(), self._transfer_key(False, self.rank, action.chunk, action.microbatch),
                           route.dst.rank, free=_free_after_send(out.hidden))
 
     def _backward(self, action: Action, route: Route) -> Iterator[None]:
