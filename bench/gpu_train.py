@@ -15,13 +15,16 @@ BF16 datasheet); ``--peak-tflops`` changes it.
    parameter all-gather, bias update) on synthetic tokens, built exactly as ``launch/train.py`` builds a run;
    BF16 (``train.dtype=bf16``), BF16 with ``train.compile=true`` and BF16 with ``fp8.enabled=true``. Median
    step time after warm-up steps, tokens/s, MFU, peak memory (the last step's ``peak_memory_gib``: the
-   step's ``torch.cuda.max_memory_allocated``), and the first step's time apart: with compile on it holds
+   step's ``torch.cuda.max_memory_allocated``) against the planner's (``planned``: ``haillm.tools.plan``'s
+   total for the same overrides), and the first step's time apart: with compile on it holds
    the compilation (``compile s`` = first step - median step).
 2. model: forward + backward of next-token cross-entropy, ours (``compute_loss``) eager and with the
    blocks compiled (``haillm.train.compile.apply_compile``), and transformers' ``DeepseekV3ForCausalLM``
    with the same weights (ours written with ``save_hf``, read by ``from_pretrained``), same batch, all with
-   bf16 parameters; median ms, MFU, the ratio, and the first call apart (compiled: graphs already compiled
-   for the trainer's shapes are reused from dynamo's cache, so it is mostly not a fresh compile).
+   bf16 parameters; median ms, MFU, the ratio, peak memory (``max_memory_allocated``, parameters and
+   gradients included: torchtitan's 10.4 GiB on an H200 is the figure to stay under), and the first call
+   apart (compiled: graphs already compiled for the trainer's shapes are reused from dynamo's cache, so it
+   is mostly not a fresh compile).
 3. profile: one trainer step under ``torch.profiler``, eager and compiled: CPU time vs GPU time (a
    launch-bound step has more CPU than GPU time), the ``aten::mm`` count, and the top kernels by GPU time.
 
@@ -56,6 +59,7 @@ from haillm.config import compose_config, resolve_dtype, to_model_args, validate
 from haillm.fp8.policy import apply_fp8  # noqa: E402
 from haillm.models.deepseek_v3.flops import flops_per_token  # noqa: E402
 from haillm.parallel.mesh import ParallelDims  # noqa: E402
+from haillm.tools.plan import make_plan  # noqa: E402
 from haillm.train.optim import build_optimizer  # noqa: E402
 from haillm.train.trainer import Trainer  # noqa: E402
 
@@ -132,9 +136,17 @@ def release(trainer: Trainer, device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def planned_gib(a: argparse.Namespace, device: torch.device, extra: list[str]) -> float:
+    """The planner's peak for the variant (``haillm.tools.plan``, parameters to activations, H100 rules: the
+    same kernels' FP8 choice as the run), to set against the measured ``max_memory_allocated``."""
+    gpu = "h100" if device.type == "cuda" else "cpu"
+    return make_plan(overrides(a, *extra), gpus=1, gpu=gpu)["memory_bytes_per_rank"]["total"] / 2**30
+
+
 def trainer_section(a: argparse.Namespace, device: torch.device) -> None:
     print(f"\n== trainer: full optimizer step, {a.batch} x {a.seq} tokens ==")
-    print(f"{'variant':>13} {'step ms':>9} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'loss':>8} {'1st step s':>10}")
+    print(f"{'variant':>13} {'step ms':>9} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'planned':>8} {'loss':>8} "
+          f"{'1st step s':>10}")
     base = None
     variants = (("bf16", ["train.dtype=bf16"]), ("bf16+compile", ["train.dtype=bf16", "train.compile=true"]),
                 ("bf16+fp8", ["train.dtype=bf16", "fp8.enabled=true"]))
@@ -149,8 +161,10 @@ def trainer_section(a: argparse.Namespace, device: torch.device) -> None:
         mfu = trainer.flops_per_token * tokens / trainer.peak
         base = base or step
         compile_note = f", compile {first - step:.1f} s" if "compile" in name else ""
+        planned = planned_gib(a, device, extra)
         print(f"{name:>13} {step * 1e3:9.1f} {tokens:10.0f} {mfu:7.1%} {record['peak_memory_gib']:9.2f} "
-              f"{record['loss']:8.4f} {first:10.1f}  ({base / step:.2f}x bf16{compile_note})", flush=True)
+              f"{planned:8.2f} {record['loss']:8.4f} {first:10.1f}  ({base / step:.2f}x bf16{compile_note}; "
+              f"planned/peak {planned / max(record['peak_memory_gib'], 1e-9):.2f})", flush=True)
         release(trainer, device)
 
 
@@ -192,13 +206,17 @@ def model_section(a: argparse.Namespace, device: torch.device) -> None:
             apply_compile(ours)
         model = theirs if name == "transformers" else ours
         fn = theirs_step if name == "transformers" else step_of(ours)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         first, t = first_and_median(fn, device, a, before=lambda m=model: m.zero_grad(set_to_none=True))
-        results[name] = (t, first)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        results[name] = (t, first, peak)
     ref = results.get("transformers", (None,))[0]
-    for name, (t, first) in results.items():
+    for name, (t, first, peak) in results.items():
         mfu = fpt * a.batch * a.seq / t / (a.peak_tflops * 1e12)
         ratio = f", {ref / t:.2f}x transformers" if ref else ""
-        print(f"{name:>13} {t * 1e3:8.1f} ms  MFU {mfu:6.1%}  (1st call {first:.1f} s{ratio})", flush=True)
+        print(f"{name:>13} {t * 1e3:8.1f} ms  MFU {mfu:6.1%}  peak {peak:.2f} GiB  (1st call {first:.1f} s{ratio})",
+              flush=True)
 
 
 def profile_section(a: argparse.Namespace, device: torch.device) -> None:

@@ -48,7 +48,7 @@ def test_kept_bytes_of_one_micro_batch(device, dtype, fp8, recompute, swiglu, de
     batch = torch.randint(0, args.vocab_size, (micro_batch, seq_len + 1), device=device)
     model.compute_loss(batch)  # builds the FP8 weight caches, which the forward below then finds allocated
     forward = lambda: saved_storages(model, lambda: model.compute_loss(batch))  # noqa: E731
-    allocator = device == "cpu" and (fp8 or swiglu)  # the cases with recipes of views and FP8 pairs
+    allocator = device == "cpu" and fp8 and swiglu  # the cases with recipes of views and FP8 pairs
     if allocator:
         resident, (kept, losses) = allocated_during(forward)
     else:
