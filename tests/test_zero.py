@@ -293,6 +293,27 @@ def test_close_releases_the_optimizer():
     model(batch(0)[0])  # the model still runs without the optimizer's hooks
 
 
+def test_a_side_reader_orders_after_the_gathers_without_taking_them():
+    """``order_after_gathers`` (the EMA's copy stream) waits for every gather in flight and leaves them for the
+    forward's per-module waits; ``wait_params`` takes them."""
+    model = make_model()
+    opt = ZeroAdamW(model.named_parameters(), **HPARAMS, bucket_mb=BUCKET_MB)
+    waits = []
+
+    class Work:
+        def wait(self) -> bool:
+            waits.append(self)
+            return True
+
+    works = [Work() for _ in opt._buckets]
+    for b, w in zip(opt._buckets, works, strict=True):
+        b.gather_work = w
+    opt.order_after_gathers()
+    assert waits == works and [b.gather_work for b in opt._buckets] == works
+    opt.wait_params()
+    assert waits == works * 2 and all(b.gather_work is None for b in opt._buckets)
+
+
 def test_compiled_region_waits_for_all_its_parameters_at_entry():
     """A region (a torch.compile'd module, haillm.train.compile) waits for the buckets of all its parameters,
     its submodules' included, in one pre-hook of its own; its submodules get none (they would run inside the

@@ -327,6 +327,13 @@ class ZeroAdamW:
                 b.gather_work.wait()
                 b.gather_work = None
 
+    def order_after_gathers(self) -> None:
+        """Order the current stream after every parameter all-gather in flight (NCCL; gloo blocks the host)
+        without taking them: the forward's per-module waits still come. For readers on a side stream."""
+        for b in self._buckets:
+            if b.gather_work is not None:
+                b.gather_work.wait()
+
     def register_forward_wait(self, model: nn.Module, regions: Iterable[nn.Module] = ()) -> None:
         """Let `step` return before the parameter all-gathers finish: each module of `model` waits for the
         buckets of its own parameters before it reads them (`zero_forward_wait`; `regions` are torch.compile'd

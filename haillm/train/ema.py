@@ -20,6 +20,7 @@ must not overwrite the parameters before step 1 has read them (``before_optimize
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -73,20 +74,25 @@ class ParameterEMA:
             self.ema[key].copy_(param)
 
     @torch.no_grad()
-    def update(self) -> None:
-        """Fold the current parameters into the average, in the background (see the module docstring). The
-        parameters must be complete (ZeRO-1: ``optimizer.wait_params()``, which on NCCL orders the current
-        stream only, without blocking the host)."""
+    def update(self, params_ready: Callable[[], None] | None = None) -> None:
+        """Fold the current parameters into the average, in the background (see the module docstring).
+        ``params_ready`` orders the current stream after whatever completes the parameters (ZeRO-1's
+        ``order_after_gathers``); it is called on the copies' side stream, so the training stream does not
+        wait for all gathers at once (it keeps waiting bucket by bucket in the next forward)."""
         self.wait()  # the previous blend has read the staging buffers
         views = parameter_views(self.model)
         if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
             with torch.cuda.stream(self._stream):
+                if params_ready is not None:
+                    params_ready()
                 for key, param in views.items():
                     self._staging[key].copy_(param, non_blocking=True)
                 self._copied = torch.cuda.Event()
                 self._copied.record(self._stream)
         else:
+            if params_ready is not None:
+                params_ready()
             for key, param in views.items():
                 self._staging[key].copy_(param)
         if self._pool is None:  # first update, or closed at the end of a previous fit()

@@ -242,8 +242,7 @@ class Trainer:
             self.state.consecutive_skipped = 0
             model.update_gate_bias(loads, model.args.bias_update_speed)
             if self.ema is not None:  # a skipped step adds no point to the average
-                opt.wait_params()  # NCCL: orders the current stream after the gathers; the host does not wait
-                self.ema.update()
+                self.ema.update(opt.order_after_gathers)
         opt.zero_grad()
         self.state.step = step
         self.state.consumed_samples += cfg.train.global_batch_size
