@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from haillm.models.deepseek_v3.model import DeepSeekV3
+from haillm.tools.evaluate import evaluate_checkpoint
 from haillm.tools.export import load_checkpoint_model
 from haillm.tools.export import main as export_main
+from haillm.tools.generate import main as generate_main
 from haillm.train.metrics import peak_memory_bytes, reset_peak_memory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,6 +87,14 @@ def test_resume_is_exact(capsys, tmp_path):
     assert not torch.equal(ema_one.head.weight, live.head.weight)  # an average of the trajectory, not the end
     assert export_main([str(tmp_path / "one" / "checkpoints" / "step_20"), str(tmp_path / "hf"), "--ema"]) == 0
     assert "(EMA of the parameters)" in capsys.readouterr().out
+    # evaluate and generate read the EMA too (--ema); a Hugging Face directory has none to read
+    step_20, text = tmp_path / "one" / "checkpoints" / "step_20", tmp_path / "eval.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 40)
+    losses = [evaluate_checkpoint(step_20, str(text), batches=1, ema=flag)["lm_loss"] for flag in (False, True)]
+    assert losses[0] != losses[1] and all(0 < x < 10 for x in losses)
+    assert generate_main([str(step_20), "--prompt", "def", "--max-new-tokens", "3", "--greedy", "--ema"]) == 0
+    assert generate_main([str(tmp_path / "hf"), "--prompt", "def", "--ema"]) == 2
+    assert "--ema reads a training checkpoint's EMA" in capsys.readouterr().err
 
 
 def test_run_dir_contents_and_metrics(capsys, tmp_path):
@@ -325,3 +335,11 @@ def test_nonfinite_steps_are_skipped_then_abort(capsys, tmp_path):
     start = dict(DeepSeekV3(live.args, init_seed=1234).named_parameters())
     for name, p in ema.named_parameters():
         assert torch.equal(p, 0.5 * start[name] + 0.5 * dict(live.named_parameters())[name]), name
+
+
+def test_final_checkpoint_can_be_turned_off(capsys, tmp_path):
+    """checkpoint.final=false (bench/fp8_fidelity.py's --trainer runs): the interval's checkpoints only."""
+    out = tmp_path / "run"
+    assert train(capsys, out, "train.steps=3", "checkpoint.interval=2", "checkpoint.final=false")[0] == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]
+    assert [r["step"] for r in records(out)] == [1, 2, 3]

@@ -1,5 +1,5 @@
 """LM loss and perplexity of a checkpoint: `python -m haillm.tools.evaluate CHECKPOINT [--data SOURCE]
-[--batches N] [--device cuda] [--json]`.
+[--batches N] [--device cuda] [--json] [--ema]`.
 
 CHECKPOINT is a `checkpoints/step_<N>` directory of any layout (read whole, as `haillm.tools.export` does, in
 the run's parameter dtype: a bf16 run evaluates with bf16 parameters, as its trainer did). Without `--data`
@@ -9,7 +9,8 @@ result equals the `eval_loss` of that step in `metrics.jsonl`. With `--data SOUR
 accepts: a corpus, compressed or not, or preprocessed shards, read with the run's tokenizer) it evaluates
 SOURCE's sequences of the run's `train.seq_len`, the first `--batches` global batches (all by default). The
 LM loss is the mean next-token cross-entropy of the main head (no MTP, no balance term); perplexity is its
-exponential. Bad input: one line on stderr, exit code 2.
+exponential. `--ema` evaluates the checkpoint's EMA of the parameters (`train.ema_decay`) instead of its
+weights. Bad input: one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ from haillm.train.evaluate import evaluate
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, batches: int | None = None,
-                        device: str = "cpu", progress: bool = False) -> dict:
-    """{"lm_loss", "perplexity", "sequences", "seq_len", "data"} of the checkpoint on its run's held-out set or
-    on `data`."""
+                        device: str = "cpu", progress: bool = False, ema: bool = False) -> dict:
+    """{"lm_loss", "perplexity", "sequences", "seq_len", "data"} of the checkpoint (with `ema`: its EMA of the
+    parameters) on its run's held-out set or on `data`."""
     checkpoint = Path(checkpoint)
-    model = load_checkpoint_model(checkpoint)
+    model = load_checkpoint_model(checkpoint, ema)
     cfg = OmegaConf.load(config_path(checkpoint))
     if cfg.train.dtype == "bf16":
         cast_parameters(model, torch.bfloat16)
@@ -76,12 +77,13 @@ def main(argv: list[str] | None = None) -> int:
                         "train.eval_batches, or all of --data)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--ema", action="store_true", help="evaluate the EMA of the parameters (train.ema_decay)")
     args = parser.parse_args(argv)
     if args.batches is not None and args.batches < 1:
         parser.exit(2, f"{parser.prog}: error: --batches={args.batches} must be >= 1\n")
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data, args.batches, args.device,
-                                     progress=sys.stderr.isatty() and not args.json)
+                                     progress=sys.stderr.isatty() and not args.json, ema=args.ema)
     except (ExportError, DataError, OSError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

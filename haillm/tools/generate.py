@@ -1,10 +1,11 @@
 """Sample from a model: `python -m haillm.tools.generate CHECKPOINT_OR_HF_DIR --prompt TEXT [--max-new-tokens N]
-[--greedy | --temperature T --top-p P] [--seed S] [--tokenizer SPEC] [--device cuda]`.
+[--greedy | --temperature T --top-p P] [--seed S] [--tokenizer SPEC] [--device cuda] [--ema]`.
 
 CHECKPOINT_OR_HF_DIR is a training checkpoint (`checkpoints/step_<N>`, any layout; its tokenizer is the run's
 `data.tokenizer`) or a Hugging Face DeepseekV3 directory (its `tokenizer.json` when there is one, else
-`--tokenizer`). Decoding runs MLA's latent cache (`DeepSeekV3.forward_inference`: per layer and token only the
-compressed latent and the rotary key are kept) and stops at the tokenizer's end-of-document id or after
+`--tokenizer`); `--ema` samples from a training checkpoint's EMA of the parameters (`train.ema_decay`).
+Decoding runs MLA's latent cache (`DeepSeekV3.forward_inference`: per layer and token only the compressed
+latent and the rotary key are kept) and stops at the tokenizer's end-of-document id or after
 `--max-new-tokens`. `--greedy` takes the most likely token; otherwise tokens are sampled at `--temperature`
 from the smallest set whose probability reaches `--top-p`. Prints the prompt and its continuation. Bad input:
 one line on stderr, exit code 2.
@@ -26,11 +27,15 @@ from haillm.tools.export import ExportError, config_path, load_checkpoint_model
 from haillm.train.checkpoint import MANIFEST
 
 
-def load_model(path: str | Path, tokenizer: str | None = None) -> tuple[DeepSeekV3, Tokenizer]:
-    """The model and tokenizer of a training checkpoint or a Hugging Face directory."""
+def load_model(path: str | Path, tokenizer: str | None = None, ema: bool = False) -> tuple[DeepSeekV3, Tokenizer]:
+    """The model and tokenizer of a training checkpoint (with ``ema``: its EMA of the parameters) or a Hugging
+    Face directory."""
     path = Path(path)
+    if ema and not (path / MANIFEST).is_file():
+        raise ExportError(f"--ema reads a training checkpoint's EMA of the parameters; {path} is not a training "
+                          f"checkpoint (no {MANIFEST})")
     if (path / MANIFEST).is_file():
-        model = load_checkpoint_model(path)
+        model = load_checkpoint_model(path, ema)
         spec = tokenizer or OmegaConf.load(config_path(path)).data.tokenizer
     elif (path / "config.json").is_file():
         from haillm.models.deepseek_v3.hf import load_hf
@@ -89,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="for sampling")
     parser.add_argument("--tokenizer", help="byte or a tokenizer.json (default: the model's own)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--ema", action="store_true", help="the checkpoint's EMA of the parameters (train.ema_decay)")
     args = parser.parse_args(argv)
     problems = [f"--max-new-tokens={args.max_new_tokens} must be >= 1"] if args.max_new_tokens < 1 else []
     problems += [f"--temperature={args.temperature} must be > 0"] if not args.temperature > 0 else []
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         parser.exit(2, f"{parser.prog}: error: {problems[0]}\n")
     try:
-        model, tokenizer = load_model(args.model, args.tokenizer)
+        model, tokenizer = load_model(args.model, args.tokenizer, args.ema)
         model.to(args.device)
         prompt = tokenizer.encode(args.prompt)
         tokens = generate(model, prompt, args.max_new_tokens, args.greedy, args.temperature, args.top_p,
