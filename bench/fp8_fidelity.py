@@ -9,8 +9,10 @@ consistently below 0.25%).
 (``model=v2_lite_16b model.n_layers=3 model.vocab_size=32768``, MTP off, 2 x 4096 tokens per step, the
 standard library's text): BF16 + FP8 and BF16 from seed 0, and BF16 from seed 1 as the noise control; it
 prints the relative difference of the smoothed loss (mean of the last 50 steps, and EMA(0.9)) of FP8
-against BF16 next to the control's. ``--trainer-args`` adds overrides (another shape, ``train.steps``);
-``--trainer-cpu`` is its dry run on this machine with the tiny model.
+against BF16 next to the control's, FP8's as soon as its two runs are done. The runs write no checkpoint
+(``checkpoint.final=false``) and each run's directory is deleted before the next starts: the disk holds one
+run's logs, not 3 x ~19 GB of 1.38B checkpoints. ``--trainer-args`` adds overrides (another shape,
+``train.steps``); ``--trainer-cpu`` is its dry run on this machine with the tiny model.
 
 Trains one small DeepSeek-V3 MoE model (the ``tiny`` preset with ``FP8_TINY_OVERRIDES``: dims multiples of
 128 but wkv_a's 160, MLA, dense + MoE layers, MTP) from each seed on the same batches (the project's data
@@ -38,6 +40,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -174,14 +177,23 @@ CPU_MODEL = ["model=tiny", "train.steps=60", "train.seq_len=64", "optim.warmup_s
 
 
 def trainer_losses(overrides: list[str], run_dir: Path) -> list[float]:
-    """One ``launch/train.py`` run in its own process; its per-step losses from ``metrics.jsonl``."""
+    """One ``launch/train.py`` run in its own process; its per-step losses from ``metrics.jsonl``. No checkpoint
+    is written (``checkpoint.final=false``, an interval past the run's end: a 1.38B run's would be ~19 GB of a
+    64 GiB disk), and the run directory is deleted once read, whatever happened, so the disk use is bounded by
+    one run's logs."""
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), *overrides, f"output_dir={run_dir}",
-           "logging.progress=false", "checkpoint.interval=1000000"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r and "step" in r]
+           "logging.progress=false", "checkpoint.interval=1000000", "checkpoint.final=false"]
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        saved = list((run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").is_dir() else []
+        if saved:  # a preemption still saves one; say so, it is deleted below
+            print(f"note: the run wrote checkpoints {sorted(p.name for p in saved)} (deleted now)", flush=True)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r and "step" in r]
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def trainer_main(args) -> None:
@@ -191,24 +203,34 @@ def trainer_main(args) -> None:
     dtype = [] if args.trainer_cpu else ["train.dtype=bf16"]  # CPU: its default (fp32) runs, a dry run
     print(f"trainer runs: {' '.join(base + dtype)}")
     losses = {}
+
+    def report(name: str) -> None:
+        ref = losses["bf16 seed 0"]
+        warmup = min(20, len(ref) // 4)
+        c = compare(losses[name], ref, warmup)
+        print(f"{name} vs bf16 seed 0: smoothed final loss (mean of last {SMOOTH_LAST}) "
+              f"{100 * c['rel_mean_last']:+.3f}%, EMA(0.9) {100 * c['rel_ema_final']:+.3f}%, "
+              f"largest EMA gap after warm-up {100 * c['max_rel_ema_gap']:.3f}%", flush=True)
+        if name == "bf16+fp8 seed 0":
+            fp8 = abs(c["rel_mean_last"])
+            print(f"FP8 gap {100 * fp8:.3f}% (DeepSeek-V3's bound 0.25%): {'within' if fp8 < 0.0025 else 'ABOVE'}",
+                  flush=True)
+        if args.json:  # rewritten after each run: a timeout keeps what finished
+            with open(args.json, "w") as f:
+                json.dump({"overrides": base + dtype, "losses": losses}, f)
+
+    # each comparison is printed as soon as its runs are done (FP8's after the second run), and each run's
+    # directory is gone before the next starts (trainer_losses): a timeout or a full disk loses the least
     with tempfile.TemporaryDirectory(prefix="fp8_fidelity_") as tmp:
         for i, (name, extra) in enumerate(runs.items()):
             start = time.time()
             losses[name] = trainer_losses(base + dtype + extra, Path(tmp) / str(i))
             print(f"{name}: {len(losses[name])} steps in {time.time() - start:.0f} s, "
-                  f"loss {losses[name][0]:.4f} -> {losses[name][-1]:.4f}")
-    ref = losses["bf16 seed 0"]
-    warmup = min(20, len(ref) // 4)
-    for name in ("bf16+fp8 seed 0", "bf16 seed 1"):
-        c = compare(losses[name], ref, warmup)
-        print(f"{name} vs bf16 seed 0: smoothed final loss (mean of last {SMOOTH_LAST}) "
-              f"{100 * c['rel_mean_last']:+.3f}%, EMA(0.9) {100 * c['rel_ema_final']:+.3f}%, "
-              f"largest EMA gap after warm-up {100 * c['max_rel_ema_gap']:.3f}%")
-    fp8 = abs(compare(losses["bf16+fp8 seed 0"], ref, warmup)["rel_mean_last"])
-    print(f"FP8 gap {100 * fp8:.3f}% (DeepSeek-V3's bound 0.25%): {'within' if fp8 < 0.0025 else 'ABOVE'}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"overrides": base + dtype, "losses": losses}, f)
+                  f"loss {losses[name][0]:.4f} -> {losses[name][-1]:.4f}", flush=True)
+            if name == "bf16 seed 0":
+                report("bf16+fp8 seed 0")
+            elif name == "bf16 seed 1":
+                report(name)
 
 
 def main() -> None:

@@ -162,7 +162,8 @@ def linear_speed(device: str, iters: int) -> None:
         x = torch.randn(BENCH_M, k, device=device, dtype=torch.bfloat16, requires_grad=True)
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(BENCH_M, n, device=device, dtype=torch.bfloat16)
-        w_q = Fp8WeightCache(w.detach(), transposed=True).get()
+        cache = Fp8WeightCache(w.detach(), transposed=True)
+        w_q, w_pad = cache.get(), cache.padded()  # padded: V3's 576 and 2112 (kept per step, as ops.Linear does)
 
         def step(forward, x=x, w=w, dy=dy):
             x.grad = w.grad = None
@@ -170,8 +171,8 @@ def linear_speed(device: str, iters: int) -> None:
 
         times = [cuda_ms(functools.partial(step, fwd), iters) for fwd in (
             lambda x=x, w=w: torch.nn.functional.linear(x, w),
-            lambda x=x, w=w, w_q=w_q: fp8_linear(x, w, weight_q=w_q, wgrad="bf16"),
-            lambda x=x, w=w, w_q=w_q: fp8_linear(x, w, weight_q=w_q, wgrad="fp8"),
+            lambda x=x, w=w, w_q=w_q, p=w_pad: fp8_linear(x, w, weight_q=w_q, weight_padded=p, wgrad="bf16"),
+            lambda x=x, w=w, w_q=w_q, p=w_pad: fp8_linear(x, w, weight_q=w_q, weight_padded=p, wgrad="fp8"),
             lambda x=x, w=w: fp8_linear(x, w, weight_q=weight_quant_with_t(w.detach()), wgrad="bf16"),
         )]
         ratios = "".join(f"  {times[0] / t:>12.2f}x" for t in times[1:])

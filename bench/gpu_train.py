@@ -13,7 +13,7 @@ BF16 datasheet); ``--peak-tflops`` changes it.
 
 1. trainer: ``Trainer.train_step`` (forward, backward, ZeRO-1 reduction, clipping, AdamW on the fp32 masters,
    parameter all-gather, bias update) on synthetic tokens, built exactly as ``launch/train.py`` builds a run;
-   BF16 (``train.dtype=bf16``), BF16 with ``train.compile=true`` and BF16 with ``fp8.enabled=true``. Median
+   BF16 (``train.dtype=bf16``), BF16 with ``fp8.enabled=true`` and BF16 with ``train.compile=true``. Median
    step time after warm-up steps, tokens/s, MFU, peak memory (the last step's ``peak_memory_gib``: the
    step's ``torch.cuda.max_memory_allocated``) against the planner's (``planned``: ``haillm.tools.plan``'s
    total for the same overrides), and the first step's time apart: with compile on it holds
@@ -29,7 +29,10 @@ BF16 datasheet); ``--peak-tflops`` changes it.
    launch-bound step has more CPU than GPU time), the ``aten::mm`` count, and the top kernels by GPU time.
 
 Sections and variants run in that order until ``--time-budget`` seconds have passed (the rest print
-"skipped"), so that the run ends inside ``bench/gpu_run.sh``'s timeout with every finished line printed.
+"skipped"), so that the run ends inside ``bench/gpu_run.sh``'s limit for its part with every finished line
+printed. Each trainer is built, measured and released inside one function (``with_trainer``): none is alive
+while the next is built, which would inflate the next variant's peak memory; a variant that raises prints
+its traceback and the others still run.
 
 Without CUDA it prints one line and exits 0 (``--cpu`` runs a tiny configuration on CPU: a dry run of
 every section for this script itself).
@@ -41,10 +44,13 @@ import argparse
 import gc
 import importlib.util
 import logging
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+import traceback
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -127,13 +133,40 @@ def first_and_median(fn: Callable[[], object], device: torch.device, a: argparse
     return times[0], statistics.median(times[1 + a.warmup :])
 
 
-def release(trainer: Trainer, device: torch.device) -> None:
-    """Free a trainer's memory before the next is built: its optimizer's hooks would keep the state alive."""
-    trainer.optimizer.close()
-    del trainer
+def free(device: torch.device) -> None:
+    """Collect what the last variant left (compiled models are reference cycles) and return the cached blocks."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def with_trainer(a: argparse.Namespace, device: torch.device, extra: list[str],
+                 measure: Callable[[Trainer], dict]) -> dict:
+    """Build a trainer, ``measure`` it and release it: the trainer lives only in ``_use_trainer``'s frame, so
+    nothing of it is alive when the next variant is built (a variable in the caller's loop would keep it, and
+    with it about 23 GiB on the GPU configuration, while the next one is built). Checked: after the frame is
+    gone, the garbage collected and the cache emptied, a weak reference to the trainer must be dead; ``--cpu``
+    asserts it, a GPU run prints a warning (the next variant's peak would be inflated)."""
+    result, ref = _use_trainer(a, device, extra, measure)
+    free(device)
+    if ref() is not None:
+        referrers = [type(r).__name__ for r in gc.get_referrers(ref())]
+        print(f"WARNING: the trainer ({' '.join(extra)}) is still alive after its release (referred to by "
+              f"{referrers[:8]}): the next variant's peak memory includes it", flush=True)
+        assert not a.cpu, "--cpu dry run: a released trainer is still alive"
+    elif a.cpu:
+        print(f"  (--cpu check: the trainer of {' '.join(extra) or 'the variant'} is freed)", flush=True)
+    return result
+
+
+def _use_trainer(a: argparse.Namespace, device: torch.device, extra: list[str],
+                 measure: Callable[[Trainer], dict]) -> tuple[dict, weakref.ref]:
+    trainer = build_trainer(a, device, *extra)
+    try:
+        return measure(trainer), weakref.ref(trainer)
+    finally:  # its optimizer's hooks reference the optimizer from tensors the garbage collector does not traverse
+        trainer.optimizer.close()
+        shutil.rmtree(trainer.run_dir, ignore_errors=True)
 
 
 def planned_gib(a: argparse.Namespace, device: torch.device, extra: list[str]) -> float:
@@ -148,24 +181,36 @@ def trainer_section(a: argparse.Namespace, device: torch.device) -> None:
     print(f"{'variant':>13} {'step ms':>9} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'planned':>8} {'loss':>8} "
           f"{'1st step s':>10}")
     base = None
-    variants = (("bf16", ["train.dtype=bf16"]), ("bf16+compile", ["train.dtype=bf16", "train.compile=true"]),
-                ("bf16+fp8", ["train.dtype=bf16", "fp8.enabled=true"]))
+    # the quick ones first: a compiled variant spends its first step compiling (a minute or more on a GPU)
+    variants = (("bf16", ["train.dtype=bf16"]), ("bf16+fp8", ["train.dtype=bf16", "fp8.enabled=true"]),
+                ("bf16+compile", ["train.dtype=bf16", "train.compile=true"]))
     for name, extra in variants:
         if out_of_time(a, name):
             continue
-        trainer = build_trainer(a, device, *extra)
-        records = []
-        first, step = first_and_median(lambda r=records, t=trainer: r.append(t.train_step()), device, a)
-        record = records[-1]
+
+        def measure(trainer: Trainer) -> dict:
+            records = []
+            first, step = first_and_median(lambda: records.append(trainer.train_step()), device, a)
+            return {"first": first, "step": step, "record": records[-1], "fpt": trainer.flops_per_token,
+                    "peak": trainer.peak}
+
+        try:
+            r = with_trainer(a, device, extra, measure)
+        except Exception:  # one broken variant (e.g. FP8 on a new GPU) must not cost the others' figures
+            traceback.print_exc()
+            print(f"{name:>13} FAILED (traceback above)", flush=True)
+            free(device)
+            assert not a.cpu, f"--cpu dry run: variant {name} failed"
+            continue
+        first, step, record = r["first"], r["step"], r["record"]
         tokens = a.batch * a.seq / step
-        mfu = trainer.flops_per_token * tokens / trainer.peak
+        mfu = r["fpt"] * tokens / r["peak"]
         base = base or step
         compile_note = f", compile {first - step:.1f} s" if "compile" in name else ""
         planned = planned_gib(a, device, extra)
         print(f"{name:>13} {step * 1e3:9.1f} {tokens:10.0f} {mfu:7.1%} {record['peak_memory_gib']:9.2f} "
               f"{planned:8.2f} {record['loss']:8.4f} {first:10.1f}  ({base / step:.2f}x bf16{compile_note}; "
               f"planned/peak {planned / max(record['peak_memory_gib'], 1e-9):.2f})", flush=True)
-        release(trainer, device)
 
 
 def model_section(a: argparse.Namespace, device: torch.device) -> None:
@@ -226,15 +271,18 @@ def profile_section(a: argparse.Namespace, device: torch.device) -> None:
         if out_of_time(a, f"profile {name}"):
             continue
         print(f"\n== profile: one {name} trainer step ==")
-        trainer = build_trainer(a, device, "train.dtype=bf16", *extra)
-        for _ in range(a.warmup):
-            trainer.train_step()
-        sync(device)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            trainer.train_step()
+
+        def measure(trainer: Trainer) -> dict:
+            for _ in range(a.warmup):
+                trainer.train_step()
             sync(device)
-        events = prof.key_averages()
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                trainer.train_step()
+                sync(device)
+            return {"events": prof.key_averages()}
+
+        events = with_trainer(a, device, ["train.dtype=bf16", *extra], measure)["events"]
         sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         device_us = sum(e.self_device_time_total for e in events) if device.type == "cuda" else 0.0
         cpu_us = max((e.cpu_time_total for e in events if e.key == "ProfilerStep*"), default=0.0) or sum(
@@ -242,7 +290,6 @@ def profile_section(a: argparse.Namespace, device: torch.device) -> None:
         mm_calls = sum(e.count for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
         print(f"CPU time {cpu_us / 1e3:.1f} ms, GPU time {device_us / 1e3:.1f} ms, {mm_calls} mm/addmm/bmm calls")
         print(events.table(sort_by=sort, row_limit=a.top), flush=True)
-        release(trainer, device)
 
 
 def out_of_time(a: argparse.Namespace, what: str) -> bool:
@@ -268,8 +315,8 @@ def main() -> int:
     p.add_argument("--sections", nargs="+", default=["trainer", "model", "profile"],
                    choices=["trainer", "model", "profile"])
     p.add_argument("--time-budget", type=float, default=180.0,
-                   help="seconds after which no further section or variant starts (bench/gpu_run.sh stops the "
-                   "script at 240)")
+                   help="seconds after which no further section or variant starts (bench/gpu_run.sh gives "
+                   "each part a limit about 60 s above the budget it passes)")
     p.add_argument("--cpu", action="store_true", help="dry run on CPU with a tiny configuration")
     a = p.parse_args()
     a.start = time.monotonic()
@@ -288,6 +335,7 @@ def main() -> int:
         if out_of_time(a, f"section {section}"):
             continue
         {"trainer": trainer_section, "model": model_section, "profile": profile_section}[section](a, device)
+        free(device)  # the section's models (compiled ones are reference cycles) before the next section's
     return 0
 
 

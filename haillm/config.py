@@ -194,7 +194,8 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 100  # steps between checkpoints; one is always written at the end
+    interval: int = 100  # steps between checkpoints; one is written at the end unless checkpoint.final=false
+    final: bool = True  # write one after the last step (false: only every interval steps and on a preemption)
     resume: str = "none"  # "none", "auto" (newest complete checkpoint in output_dir) or a step_<N> path
     keep: int = 3  # newest checkpoints kept; 0 keeps all
     async_save: bool = False  # write from a CPU copy in a background thread while training goes on

@@ -199,3 +199,46 @@ def test_deferred_wgrad_holds_only_what_its_gemm_reads(wgrad):
     dy_bytes = 384 * 300 + 384 * 3 * 4 if wgrad == "fp8" else dy.numel() * dy.element_size()
     assert sum(t.numel() * t.element_size() for t in held) == x_bytes + dy_bytes
     assert torch.equal(queued[0](), fp8_run(x, w, dy, wgrad=wgrad)[2])
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_padded_weight_is_cached_and_changes_nothing(monkeypatch, transposed):
+    """Widths that are not whole 128-blocks (V3's 576-wide ``wkv_a``): on a GPU cuBLAS wants them zero-padded.
+    ``Fp8WeightCache.padded()`` keeps the padded weight (and transposed copy) per quantization, which Fprop and
+    Dgrad read instead of padding the weight on every call; results bitwise those of per-call padding. The
+    CPU runs the reference unpadded (``padded()`` is None); here an SM90 GPU is stood in for: its plan, and
+    ``scaled_mm`` replaced by the reference on the operands it is given."""
+    import haillm.fp8.gemm as gemm
+
+    x, w, dy = make(t2=75, k=200, n=576, seed=5)
+    assert Fp8WeightCache(w, transposed=transposed).padded() is None  # CPU: nothing padded, nothing kept
+    b_operands = []
+
+    def scaled_mm(a, a_s, b, b_s, out_dtype=torch.bfloat16, *, b_block=128):
+        b_operands.append(b)
+        return gemm.fp8_gemm_reference(a, a_s, b, b_s, b_block).to(out_dtype)
+
+    monkeypatch.setattr(gemm, "device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(gemm, "fp8_gemm_scaled_mm", scaled_mm)
+    cache = Fp8WeightCache(w, transposed=transposed)
+    padded = cache.padded()
+    assert cache.padded() is padded and len(padded) == (4 if transposed else 2)
+    q, s, *qt = cache.get()
+    assert padded[0].shape == (640, 256) and torch.equal(padded[0][:576, :200].view(torch.uint8), q.view(torch.uint8))
+    assert not padded[0][576:].view(torch.uint8).any() and not padded[0][:, 200:].view(torch.uint8).any()
+    assert torch.equal(padded[1], s)  # 5 x 2 blocks either way: no scale row is added
+    if transposed:
+        assert padded[2].shape == (256, 640)
+        assert torch.equal(padded[2].view(torch.uint8), padded[0].t().view(torch.uint8))
+        assert padded[2].is_contiguous() and torch.equal(padded[3], qt[1])
+
+    cached = fp8_run(x, w, dy, weight_q=cache.get(), weight_padded=padded)
+    assert b_operands[0] is padded[0]  # Fprop read the kept copy
+    if transposed:
+        assert b_operands[1] is padded[2]  # and Dgrad the kept transposed copy
+    per_call = fp8_run(x, w, dy, weight_q=cache.get())
+    assert all(torch.equal(a, b) for a, b in zip(cached, per_call, strict=True))
+
+    torch.optim.SGD([w], lr=0.1).step()  # a new quantization: a new padded copy, of the new weight
+    assert cache.padded() is not padded and torch.equal(cache.padded()[0][:576, :200].view(torch.uint8),
+                                                         cache.get()[0].view(torch.uint8))

@@ -132,17 +132,43 @@ def _pad_rows_cols(t: torch.Tensor, rows: int, cols: int, value: float = 0.0) ->
 
 
 def pad_for_scaled_mm(
-    a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, b_block: int = BLOCK
+    a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, b_block: int = BLOCK,
+    b_padded: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The operands padded to ``scaled_mm_shape``: zero data (padded K sits in the last scale block, whose
     scale is unchanged), scale 1 for new rows. ``fp8_gemm_reference`` of the result, sliced to [m, n], is
-    that of the unpadded operands (to fp32 rounding: every product added is the same or zero)."""
+    that of the unpadded operands (to fp32 rounding: every product added is the same or zero).
+    ``b_padded``: ``pad_operand(b, b_s)`` made beforehand (a weight's, kept by ``Fp8WeightCache``), used as
+    it is instead of padding ``b`` again."""
     (m, k), n = a.shape, b.shape[0]
     m2, k2, n2 = scaled_mm_shape(m, k, n, b_block)
-    a, b = _pad_rows_cols(a, m2, k2), _pad_rows_cols(b, n2, k2)
+    a = _pad_rows_cols(a, m2, k2)
     a_s = _pad_rows_cols(a_s, m2, a_s.shape[1], 1.0)
-    b_s = _pad_rows_cols(b_s, ceil_div(n2, b_block), b_s.shape[1], 1.0)
-    return a, a_s, b, b_s
+    if b_padded is not None:
+        b, b_s = b_padded
+        want = ((n2, k2), (ceil_div(n2, b_block), ceil_div(k, BLOCK)))
+        if (tuple(b.shape), tuple(b_s.shape)) != want:
+            raise ValueError(f"b_padded has shapes {tuple(b.shape)}, {tuple(b_s.shape)}; padding b "
+                             f"{(n, k)} gives {want}")
+        return a, a_s, b, b_s
+    return a, a_s, *pad_operand(b, b_s, b_block)
+
+
+def pad_operand(b: torch.Tensor, b_s: torch.Tensor, b_block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``b [N, K]`` and its scales as ``pad_for_scaled_mm`` pads them (b's padding depends on N and K only)."""
+    (n, k) = b.shape
+    _, k2, n2 = scaled_mm_shape(4, k, n, b_block)
+    return _pad_rows_cols(b, n2, k2), _pad_rows_cols(b_s, ceil_div(n2, b_block), b_s.shape[1], 1.0)
+
+
+def padded_weight(b: torch.Tensor, b_s: torch.Tensor, b_block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``pad_operand(b, b_s)`` where ``fp8_gemm`` on ``b``'s device pads ``b`` (cuBLAS, N or K not whole
+    blocks: V3's 576 and 2112, V2-Lite's 10944), else None (the CPU's reference; whole blocks): the copy a
+    weight cache keeps, so that the GEMMs of every micro-batch do not pad the weight again."""
+    n, k = b.shape
+    if gemm_plan(device_capability(b.device), 4, k, n, b_block) != "scaled_mm_padded":
+        return None
+    return pad_operand(b, b_s, b_block)
 
 
 def fp8_gemm_scaled_mm(
@@ -188,8 +214,11 @@ def fp8_gemm(
     out_dtype: torch.dtype = torch.bfloat16,
     *,
     b_block: int = BLOCK,
+    b_padded: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``a @ b.T`` from FP8 operands and their scales (see the module doc), returned in ``out_dtype``."""
+    """``a @ b.T`` from FP8 operands and their scales (see the module doc), returned in ``out_dtype``.
+    ``b_padded`` is ``pad_operand(b, b_s, b_block)`` made beforehand (``Fp8WeightCache.padded``): where the
+    GEMM is padded it is read instead of ``b`` (which then serves for its shape only), else ignored."""
     _check_args(a, a_s, b, b_s, b_block)
     (m, k), n = a.shape, b.shape[0]
     plan = gemm_plan(device_capability(a.device), m, k, n, b_block)
@@ -199,6 +228,6 @@ def fp8_gemm(
         raise RuntimeError(f"blockwise FP8 GEMMs need an SM90 (Hopper) GPU, not {torch.cuda.get_device_name(a.device)}"
                            "; run with fp8.enabled=false")
     if plan == "scaled_mm_padded":
-        out = fp8_gemm_scaled_mm(*pad_for_scaled_mm(a, a_s, b, b_s, b_block), out_dtype, b_block=b_block)
+        out = fp8_gemm_scaled_mm(*pad_for_scaled_mm(a, a_s, b, b_s, b_block, b_padded), out_dtype, b_block=b_block)
         return out[:m, :n]
     return fp8_gemm_scaled_mm(a, a_s, b, b_s, out_dtype, b_block=b_block)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from haillm.fp8.gemm import fp8_gemm
+from haillm.fp8.gemm import fp8_gemm, padded_weight
 from haillm.fp8.quant import (
     GRAD_AMAX_MIN,
     Fp8Pair,
@@ -62,8 +62,16 @@ def dgrad_gemm(
     w_s: torch.Tensor,
     out_dtype=torch.float32,
     w_t: Fp8Pair | None = None,
+    w_padded: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
-    """``fp8_dgrad`` of an output gradient already quantized 1x128 (``act_quant(dy)``)."""
+    """``fp8_dgrad`` of an output gradient already quantized 1x128 (``act_quant(dy)``). ``w_padded`` is
+    ``Fp8WeightCache.padded()`` (the weight, and with ``w_t`` its transposed copy, padded as cuBLAS wants
+    them): the GEMM reads the padded transposed copy, or one transposing copy of the padded weight, instead
+    of transposing and then padding."""
+    if w_padded is not None:
+        wt_padded = tuple(w_padded[2:]) or (w_padded[0].t().contiguous(), w_padded[1].t().contiguous())
+        wt_q, wt_s = w_t if w_t is not None else (w_q.t(), w_s.t())  # shapes only: the padded GEMM reads wt_padded
+        return fp8_gemm(dy_q, dy_s, wt_q, wt_s, out_dtype, b_padded=wt_padded)
     wt_q, wt_s = w_t if w_t is not None else (w_q.t().contiguous(), w_s.t().contiguous())
     return fp8_gemm(dy_q, dy_s, wt_q, wt_s, out_dtype)
 
@@ -102,16 +110,17 @@ class Fp8LinearFunction(torch.autograd.Function):
     """Autograd op for ``x @ W.T`` in FP8; saves only FP8 tensors and their fp32 scales for backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, w_q, w_s, w_t, pow2, defer_wgrad, wgrad, x_fp8):
+    def forward(ctx, x, weight, w_q, w_s, w_t, pow2, defer_wgrad, wgrad, x_fp8, w_padded=None):
         x2 = x.reshape(-1, x.shape[-1])
         if x_fp8 is None:
             x_q, x_s = act_quant(x2, pow2=pow2)
         else:  # the producer of x quantized it already (haillm.fp8.fused)
             x_q, x_s = x_fp8[0].reshape(x2.shape), x_fp8[1].reshape(x2.shape[0], -1)
-        y = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=x.dtype)
+        y = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=x.dtype, b_padded=w_padded[:2] if w_padded else None)
         ctx.save_for_backward(x_q, x_s, w_q, w_s)
         ctx.pow2, ctx.wgrad, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = pow2, wgrad, x.shape, x.dtype, weight.dtype
         ctx.w_t = w_t  # the cached transposed weight (or None): Dgrad's operand, not a new tensor
+        ctx.w_padded = w_padded  # the cached padded copies (or None), as w_t
         # The parameter itself (not a saved tensor) receives a deferred gradient; see ops.wgrad.
         ctx.weight, ctx.defer_wgrad = weight, defer_wgrad
         return y.reshape(*x.shape[:-1], w_q.shape[0])
@@ -125,7 +134,7 @@ class Fp8LinearFunction(torch.autograd.Function):
         dy_fp8, dyt_fp8 = _quantized_output_grad(dy2, pow2, need_dx, need_dw and wgrad == "fp8")
         dx = dw = None
         if need_dx:
-            dx = dgrad_gemm(*dy_fp8, w_q, w_s, ctx.x_dtype, ctx.w_t).reshape(ctx.x_shape)
+            dx = dgrad_gemm(*dy_fp8, w_q, w_s, ctx.x_dtype, ctx.w_t, ctx.w_padded).reshape(ctx.x_shape)
         if need_dw:
             # A deferred Wgrad holds only what its GEMM reads: the FP8 x, and dy in bf16 mode or its FP8 128x1
             # copy in fp8 mode (partials, not closures, so the fp8 mode does not keep dy alive too).
@@ -136,7 +145,7 @@ class Fp8LinearFunction(torch.autograd.Function):
 
             if ctx.defer_wgrad is None or not ctx.defer_wgrad(ctx.weight, weight_grad):
                 dw = weight_grad()
-        return dx, dw, None, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None, None
 
 
 def _quantized_output_grad(dy: torch.Tensor, pow2: bool, rowwise: bool, columnwise: bool
@@ -159,6 +168,7 @@ def fp8_linear(
     defer_wgrad: Callable[[torch.Tensor, Callable[[], torch.Tensor]], bool] | None = None,
     wgrad: str = "bf16",
     x_fp8: Fp8Pair | None = None,
+    weight_padded: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T`` (no bias) with FP8 Fprop/Dgrad/Wgrad; the output dtype follows ``x``.
 
@@ -169,12 +179,15 @@ def fp8_linear(
     ``defer_wgrad`` (``haillm.ops.wgrad.defer_weight_grad``) may take the Wgrad GEMM out of backward, to run
     later from the saved FP8 tensors (zero-bubble W); ``wgrad`` picks its numerics ("bf16" or "fp8", see the
     module doc). Any shape works through the reference GEMM on CPU and cuBLAS's on an SM90 GPU, zero-padded
-    where it wants whole blocks (``gemm_plan``)."""
+    where it wants whole blocks (``gemm_plan``); ``weight_padded`` (``Fp8WeightCache.padded()``, with
+    ``weight_q`` from the same cache) is the weight already padded so, which Fprop and Dgrad then read
+    instead of padding it on every call."""
     w_q, w_s, *w_t = weight_q if weight_q is not None else weight_quant(weight.detach(), pow2=pow2)
     check_wgrad_mode(wgrad)
     if x_fp8 is not None and x_fp8[0].shape != x.shape:
         raise ValueError(f"x_fp8 must quantize x: shapes {tuple(x_fp8[0].shape)} and {tuple(x.shape)} differ")
-    return Fp8LinearFunction.apply(x, weight, w_q, w_s, tuple(w_t) or None, pow2, defer_wgrad, wgrad, x_fp8)
+    return Fp8LinearFunction.apply(x, weight, w_q, w_s, tuple(w_t) or None, pow2, defer_wgrad, wgrad, x_fp8,
+                                   weight_padded)
 
 
 class Fp8WeightCache:
@@ -189,6 +202,7 @@ class Fp8WeightCache:
         self.weight, self.pow2, self.transposed = weight, pow2, transposed
         self._key: tuple[int, int] | None = None
         self._value: tuple[torch.Tensor, ...] | None = None
+        self._padded: tuple[torch.Tensor, ...] | None = None  # padded(), made from _value when first asked
 
     def invalidate(self) -> None:
         self._key = None
@@ -199,5 +213,20 @@ class Fp8WeightCache:
         if key != self._key or self._value is None:
             quantize = weight_quant_with_t if self.transposed else weight_quant
             self._value = quantize(self.weight.detach(), pow2=self.pow2)
+            self._padded = None
             self._key = key
         return self._value
+
+    def padded(self) -> tuple[torch.Tensor, ...] | None:
+        """``get()``'s FP8 weight zero-padded as cuBLAS's ``scaled_mm`` takes it (``padded_weight``; with
+        ``transposed``, the transposed copy too): ``(q, s)`` or ``(q, s, q.T, s.T)`` padded, made once per
+        quantization instead of on every GEMM; None where ``fp8_gemm`` does not pad this weight (the CPU's
+        reference GEMM, widths of whole 128-blocks). For ``fp8_linear``'s ``weight_padded``; a 2-D weight."""
+        value = self.get()
+        if self._padded is None:
+            fprop = padded_weight(value[0], value[1]) if value[0].dim() == 2 else None
+            if fprop is None:
+                self._padded = ()
+            else:
+                self._padded = fprop + (padded_weight(value[2], value[3]) if self.transposed else ())
+        return self._padded or None

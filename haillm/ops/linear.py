@@ -274,7 +274,7 @@ class Linear(nn.Module):
                                                       transposed=self.fp8_cache_transposed)
         defer = defer_weight_grad if self.defer_wgrad else None
         return fp8_linear(x, self.weight, weight_q=cache.get(), pow2=self.fp8_pow2_scales, defer_wgrad=defer,
-                          wgrad=self.fp8_wgrad, x_fp8=x_fp8)
+                          wgrad=self.fp8_wgrad, x_fp8=x_fp8, weight_padded=cache.padded())
 
     def forward(self, x: torch.Tensor, x_fp8: Fp8Pair | None = None) -> torch.Tensor:
         """``x_fp8``: ``act_quant(x, pow2=self.fp8_pow2_scales)`` made by x's producer (``haillm.fp8.fused``),

@@ -168,7 +168,8 @@ class Trainer:
                         raise TrainingAborted(self.abort)
                     self.stopped_by = preemption.agreed()
                     last = self.state.step == cfg.train.steps
-                    if last or self.stopped_by or self.state.step % cfg.checkpoint.interval == 0:
+                    if (last and cfg.checkpoint.final) or self.stopped_by or \
+                            self.state.step % cfg.checkpoint.interval == 0:
                         self.save_checkpoint()
                         watchdog.progress()
                     if self.stopped_by:
