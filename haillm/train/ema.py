@@ -51,7 +51,9 @@ class ParameterEMA:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.model, self.decay = model, decay
         self.restored = False  # set by haillm.train.checkpoint.load: the EMA came from the checkpoint
-        views = parameter_views(model)
+        self._views_key: tuple[int, ...] | None = None  # the parameters' storage when _views_cache was built
+        self._views_cache: dict[str, torch.Tensor] = {}
+        views = self._views()
         cuda = any(t.is_cuda for t in views.values())  # then pinned host memory: asynchronous copies
         self.ema = {k: torch.empty(t.shape, dtype=torch.float32, pin_memory=cuda) for k, t in views.items()}
         # staged copies of the parameters in their own dtype (a bf16 model copies half the bytes)
@@ -70,7 +72,7 @@ class ParameterEMA:
         """Start the average from the current parameters (a new run, or a checkpoint saved without an EMA).
         The caller makes sure the parameters are complete (ZeRO-1: ``optimizer.wait_params()``)."""
         self.wait()
-        for key, param in parameter_views(self.model).items():
+        for key, param in self._views().items():
             self.ema[key].copy_(param)
 
     @torch.no_grad()
@@ -80,7 +82,7 @@ class ParameterEMA:
         ``order_after_gathers``); it is called on the copies' side stream, so the training stream does not
         wait for all gathers at once (it keeps waiting bucket by bucket in the next forward)."""
         self.wait()  # the previous blend has read the staging buffers
-        views = parameter_views(self.model)
+        views = self._views()
         if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
             with torch.cuda.stream(self._stream):
@@ -108,6 +110,14 @@ class ParameterEMA:
                 scratch = self._scratch[: ema.numel()].view(ema.shape)
                 scratch.copy_(self._staging[key]).mul_(take)  # exact up-cast, then one rounding
                 ema.mul_(keep).add_(scratch)
+
+    def _views(self) -> dict[str, torch.Tensor]:
+        """``parameter_views(model)``, built again only when a parameter's storage moved (ZeRO-1 puts them in
+        its buckets): not ``model.state_dict()`` on every step."""
+        key = tuple(p.data_ptr() for p in self.model.parameters())
+        if key != self._views_key:
+            self._views_cache, self._views_key = parameter_views(self.model), key
+        return self._views_cache
 
     def before_optimizer_step(self) -> None:
         """Let the optimizer overwrite the parameters only after the last update copied them: on a GPU the
