@@ -239,18 +239,18 @@ class GroupedExperts(nn.Module):
         only the SwiGLU's inputs (``swiglu.swiglu_keeping_inputs``)."""
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         pow2 = fp8_input_pow2([self])
+        # FP8: w1 and w3 share one quantization of x (no gradient through it: the GEMM's is x's), and the
+        # SwiGLU writes w2's FP8 input (fp8.fused)
+        x_fp8 = None if pow2 is None else act_quant(x.detach(), pow2=pow2)
+        a, b = self._linear(x, "w1", offs, x_fp8), self._linear(x, "w3", offs, x_fp8)
         if probs is not None:
-            x_fp8 = None if pow2 is None else act_quant(x.detach(), pow2=pow2)
-            a, b = self._linear(x, "w1", offs, x_fp8), self._linear(x, "w3", offs, x_fp8)
             h, h_fp8 = swiglu_keeping_inputs(a, b, probs, pow2)
-            return self._linear(h, "w2", offs, h_fp8)
-        if pow2 is None:
-            h = F.silu(self._linear(x, "w1", offs)) * self._linear(x, "w3", offs)
-            return self._linear(h, "w2", offs)
-        # FP8: w1 and w3 share one quantization of x; the SwiGLU writes w2's FP8 input (fp8.fused)
-        x_fp8 = act_quant(x.detach(), pow2=pow2)  # no gradient through the quantization (the GEMM's is x's)
-        h, h_q, h_s = swiglu_act_quant(self._linear(x, "w1", offs, x_fp8), self._linear(x, "w3", offs, x_fp8), pow2)
-        return self._linear(h, "w2", offs, (h_q, h_s))
+        elif pow2 is None:
+            h, h_fp8 = F.silu(a) * b, None
+        else:
+            h, h_q, h_s = swiglu_act_quant(a, b, pow2)
+            h_fp8 = (h_q, h_s)
+        return self._linear(h, "w2", offs, h_fp8)
 
     def _linear(self, x: torch.Tensor, name: str, offs: torch.Tensor,
                 x_fp8: Fp8Pair | None = None) -> torch.Tensor:
