@@ -100,6 +100,16 @@ class _RMSNormActQuant(torch.autograd.Function):
         return *rms_norm_backward(dy, *ctx.saved_tensors, *ctx.needs_input_grad[:2]), None, None, None
 
 
+def swiglu_grads(dh: torch.Tensor, a: torch.Tensor, b: torch.Tensor, needed: tuple[bool, bool],
+                 silu_a: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of ``F.silu(a) * b`` to ``a`` and ``b`` (each where ``needed``) from ``a`` and ``b`` only,
+    bitwise what autograd runs: MulBackward (``dh * b``, ``dh * silu(a)``), then SiluBackward. ``silu_a``:
+    ``F.silu(a)`` when the caller has it."""
+    da = torch.ops.aten.silu_backward(dh * b, a) if needed[0] else None
+    db = dh * (F.silu(a) if silu_a is None else silu_a) if needed[1] else None
+    return da, db
+
+
 class _SwiGLUActQuant(torch.autograd.Function):
     """``F.silu(a) * b`` whose forward also returns the FP8 copy of its output; keeps only ``a`` and ``b``."""
 
@@ -118,11 +128,7 @@ class _SwiGLUActQuant(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, _dq, _ds):
-        # What autograd runs for F.silu(a) * b: MulBackward (dh * b, dh * silu(a)), then SiluBackward.
-        a, b = ctx.saved_tensors
-        da = torch.ops.aten.silu_backward(dh * b, a) if ctx.needs_input_grad[0] else None
-        db = dh * F.silu(a) if ctx.needs_input_grad[1] else None
-        return da, db, None, None
+        return *swiglu_grads(dh, *ctx.saved_tensors, ctx.needs_input_grad[:2]), None, None
 
 
 # Inside a compiled region (haillm.train.compile) the fused ops run eagerly at a graph break, like the FP8

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from haillm.fp8.fused import swiglu_grads
 from haillm.fp8.quant import Fp8Pair, act_dequant, act_quant
 from haillm.ops.recompute import mark_outputs
 
@@ -74,10 +75,7 @@ class _SwiGLUKeepingInputs(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 dprobs = (dh.float() * (silu * b).float()).sum(-1)
             dh = dh * probs.unsqueeze(-1).type_as(dh)
-        # what autograd runs for F.silu(a) * b: MulBackward (dh * b, dh * silu(a)), then SiluBackward
-        da = torch.ops.aten.silu_backward(dh * b, a) if ctx.needs_input_grad[0] else None
-        db = dh * silu if ctx.needs_input_grad[1] else None
-        return da, db, dprobs, None, *(None,) * n_kept
+        return *swiglu_grads(dh, a, b, ctx.needs_input_grad[:2], silu), dprobs, None, *(None,) * n_kept
 
 
 def swiglu_keeping_inputs(a: torch.Tensor, b: torch.Tensor, probs: torch.Tensor | None = None,
