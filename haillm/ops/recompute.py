@@ -53,8 +53,7 @@ class _Source:
         self.tag = tag
 
     def unpack(self) -> torch.Tensor:
-        recipe, index = self.tag
-        return recipe.output(index)
+        return _unpack(self.tag)
 
 
 def source(t: torch.Tensor) -> torch.Tensor | _Source:
@@ -97,10 +96,10 @@ def recomputable(fn: Callable[..., Any], *args: Any) -> Any:
     if torch.compiler.is_compiling():
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
     out = fn(*args)
-    recipe = _Recipe(fn, args)
-    for i, t in enumerate(out if isinstance(out, tuple) else (out,)):
-        _tag(t, (recipe, i if isinstance(out, tuple) else None))
-    return out
+    if isinstance(out, tuple):
+        mark_outputs(out, fn, *args)
+        return out
+    return mark(out, fn, *args)
 
 
 class _View:
