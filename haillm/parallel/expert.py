@@ -263,8 +263,9 @@ class AllToAllDispatcher:
             q = t.recv[:, :dim].contiguous().view(FP8_DTYPE)
             s = t.recv[:, dim : dim + scales].contiguous().view(torch.float32)
             rows = act_dequant(q, s, FP8_BLOCK, handle.fp8_dtype)
-            probs = t.recv[:, dim + scales :].contiguous().view(rows.dtype)  # the gate weights' bits, if any
-            t.recv = torch.cat([rows, probs], dim=1) if handle.with_probs else rows
+            if handle.with_probs:  # the gate weights' bits follow the scales
+                rows = torch.cat([rows, t.recv[:, dim + scales :].contiguous().view(rows.dtype)], dim=1)
+            t.recv = rows
         received = self._attach(handle.wire, t, cut)
         if handle.with_probs:
             rows, probs = UnpackRows.apply(received, dim, handle.arrange)
