@@ -28,7 +28,10 @@ way; the bf16-emulated path (a benchmark baseline) does not defer.
 gradient like ``deferrable_linear``).
 """
 
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -38,6 +41,7 @@ from haillm.fp8.quant import Fp8Pair
 from haillm.ops import precision
 from haillm.ops.precision import apply_like_autocast, autocast_off
 from haillm.ops.wgrad import defer_weight_grad, deferrable_linear
+from haillm.parallel.tensor import NO_TP
 
 PRECISIONS = ("default", "fp8", "bf16_emulated")
 # fp32 logits per row block of LinearCrossEntropySum: the bound on its vocabulary-wide temporaries (nothing
@@ -98,9 +102,10 @@ def _ce_block_grads(probs: torch.Tensor, at_target: torch.Tensor, targets: torch
                     w: torch.Tensor, dx: torch.Tensor | None, dw: torch.Tensor | None, want_w: bool
                     ) -> torch.Tensor | None:
     """One row block's gradients from its scaled softmax ``probs`` (fp32 or wider, overwritten): ``at_target``
-    (a 0-dim tensor, minus the scale) added at each row's target, the result rounded to the GEMM dtype and
-    fed to the Dgrad GEMM (into ``dx``, if given) and, if ``want_w``, to the Wgrad GEMM, added to the fp32 (or
-    wider) sum ``dw`` (None: the first block); returns the sum."""
+    (minus the scale: 0-dim, or ``[rows, 1]`` with 0 where a row's target is another rank's class) added at
+    each row's target, the result rounded to the GEMM dtype and fed to the Dgrad GEMM (into ``dx``, if given)
+    and, if ``want_w``, to the Wgrad GEMM, added to the fp32 (or wider) sum ``dw`` (None: the first block);
+    returns the sum."""
     probs.scatter_add_(1, targets[:, None], at_target.expand(probs.shape[0], 1))
     dlogits = probs.to(x.dtype)
     if dx is not None:
@@ -109,6 +114,29 @@ def _ce_block_grads(probs: torch.Tensor, at_target: torch.Tensor, targets: torch
         return dw
     part = precision.matmul(dlogits.t(), x)
     return part.to(probs.dtype) if dw is None else dw.add_(part)
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """The classes ``start .. start + rows - 1`` of a vocabulary split over a tensor-parallel ``group``: the
+    head's weight rows this rank holds (``LinearCrossEntropySum``'s vocabulary-parallel form)."""
+
+    start: int
+    group: dist.ProcessGroup
+
+    def local_targets(self, targets: torch.Tensor, rows: int, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(targets - start, 0 where outside)`` and ``[n, 1]`` ones where the target is one of ours."""
+        mine = (targets >= self.start) & (targets < self.start + rows)
+        return (targets - self.start).masked_fill(~mine, 0), mine.to(dtype)[:, None]
+
+    def peak_(self, peak: torch.Tensor) -> None:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=self.group)
+
+    def sums(self, total: torch.Tensor, picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        both = torch.cat([total, picked], dim=1)
+        dist.all_reduce(both, group=self.group)
+        return both[:, :1], both[:, 1:]
 
 
 class LinearCrossEntropySum(torch.autograd.Function):
@@ -137,6 +165,11 @@ class LinearCrossEntropySum(torch.autograd.Function):
       otherwise (the scale applied after the GEMMs instead of before: a few fp32 ulps of the largest
       entries; in BF16 the logit gradient is rounded unscaled and the input gradient twice).
 
+    Vocabulary-parallel (``shard``, a ``VocabShard``): ``weight`` is this rank's block of classes; each row
+    block's maximum and sums of exponentials and target logits are reduced over the shard's group (two small
+    all-reduces per block, in forward only), and the input gradient is this rank's partial sum, for the
+    tensor-parallel region's entry to add up.
+
     The weight gradient is summed over blocks in fp32 (or wider) and rounded once, to the GEMM dtype and then
     to the weight's (what ``F.linear`` under autocast gives an fp32 parameter). Autocast is handled here, as
     ``_DeferrableLinear`` does: the GEMMs run in its dtype, the weight is cast where it is used (no cast copy
@@ -152,7 +185,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, defer: bool = False,
-                grads_in_forward: bool | None = None) -> torch.Tensor:
+                grads_in_forward: bool | None = None, shard: VocabShard | None = None) -> torch.Tensor:
         device, (vocab, dim) = x.device.type, weight.shape
         ctx.x_dtype, ctx.weight, ctx.defer = x.dtype, weight, defer  # the parameter itself: W accumulates there
         ctx.dtype = dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -166,6 +199,9 @@ class LinearCrossEntropySum(torch.autograd.Function):
             acc = torch.promote_types(dtype, torch.float32)
             loss = torch.zeros((), dtype=acc, device=x.device)
             minus_one = torch.full((), -1.0, dtype=acc, device=x.device)
+            mine = None  # [n, 1]: 1 where the target is one of this rank's classes (vocabulary-parallel)
+            if shard is not None:
+                targets, mine = shard.local_targets(targets, vocab, acc)
             dx = torch.empty(x.shape, dtype=dtype, device=x.device) if grads_in_forward and want_x else None
             dw, peaks, totals = None, [], []
             for start in range(0, x.shape[0], rows):
@@ -173,10 +209,16 @@ class LinearCrossEntropySum(torch.autograd.Function):
                 logits = precision.linear(x[block], w).to(acc)
                 picked = logits.gather(1, targets[block, None])
                 peak = logits.amax(dim=1, keepdim=True)
+                if shard is not None:
+                    picked = picked * mine[block]
+                    shard.peak_(peak)
                 total = logits.sub_(peak).exp_().sum(dim=1, keepdim=True)
+                if shard is not None:
+                    total, picked = shard.sums(total, picked)
                 loss += (peak + total.log() - picked).sum()
                 if grads_in_forward:
-                    dw = _ce_block_grads(logits.mul_(1 / total), minus_one, targets[block], x[block], w,
+                    at_target = minus_one if mine is None else minus_one * mine[block]
+                    dw = _ce_block_grads(logits.mul_(1 / total), at_target, targets[block], x[block], w,
                                          None if dx is None else dx[block], dw, want_w)
                 else:
                     peaks.append(peak)
@@ -185,12 +227,12 @@ class LinearCrossEntropySum(torch.autograd.Function):
             ctx.save_for_backward(dx, dw)
         else:
             peak, total = (torch.cat(t) if len(t) > 1 else t[0] for t in (peaks, totals))
-            ctx.save_for_backward(x, targets, peak, total)
+            ctx.save_for_backward(x, targets, peak, total, mine)
         return loss
 
     @staticmethod
     @autocast_off
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
         # locals only: a queued weight gradient must not hold on to the graph node
         weight, dtype, rows, in_forward = ctx.weight, ctx.dtype, ctx.rows, ctx.grads_in_forward
         saved = ctx.saved_tensors
@@ -198,14 +240,15 @@ class LinearCrossEntropySum(torch.autograd.Function):
 
         def recomputed(dx: torch.Tensor | None, want_w: bool) -> torch.Tensor | None:
             """The recompute way's pass over the blocks: Dgrad into ``dx``, the Wgrad sum if ``want_w``."""
-            x, targets, peak, total = saved
+            x, targets, peak, total, mine = saved
             w, dw = weight.to(dtype), None
             for start in range(0, x.shape[0], rows):
                 block = slice(start, start + rows)
                 logits = precision.linear(x[block], w).to(peak.dtype)
                 probs = logits.sub_(peak[block]).exp_().mul_(grad / total[block])
-                dw = _ce_block_grads(probs, -grad, targets[block], x[block], w, None if dx is None else dx[block],
-                                     dw, want_w)
+                at_target = -grad if mine is None else -grad * mine[block]
+                dw = _ce_block_grads(probs, at_target, targets[block], x[block], w,
+                                     None if dx is None else dx[block], dw, want_w)
             return dw
 
         def weight_grad() -> torch.Tensor:
@@ -223,7 +266,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
             dx = torch.empty(saved[0].shape, dtype=dtype, device=grad.device) if want_x else None
             dw = recomputed(dx, want_w)
             dw = None if dw is None else dw.to(dtype).to(weight.dtype)
-        return None if dx is None else dx.to(ctx.x_dtype), dw, None, None, None
+        return None if dx is None else dx.to(ctx.x_dtype), dw, None, None, None, None
 
 
 class Linear(nn.Module):
@@ -250,6 +293,10 @@ class Linear(nn.Module):
         self.fp8_cache_transposed = False
         self._fp8_weight: Fp8WeightCache | None = None
         self.defer_wgrad = False
+        # a vocabulary-parallel output head (haillm.parallel.tensor_plan): its rows are these classes of the
+        # vocabulary, and cross_entropy_sum takes its input into the tensor-parallel region `tp` itself
+        self.vocab_shard: VocabShard | None = None
+        self.tp = NO_TP
 
     def set_precision(self, precision: str, pow2_scales: bool = False, wgrad: str = "bf16",
                       cache_transposed: bool = False) -> None:
@@ -298,11 +345,20 @@ class Linear(nn.Module):
         """``F.cross_entropy(self(x).float(), targets, reduction="sum")`` over all leading dims; fused
         (``LinearCrossEntropySum``: nothing vocabulary-wide kept per token, weight-gradient deferral with
         ``defer_wgrad``) in the default precision without bias (the output head, which the MTP modules share:
-        FP8 keeps it in high precision, ``fp8.policy``), the module's own forward otherwise."""
+        FP8 keeps it in high precision, ``fp8.policy``), the module's own forward otherwise.
+
+        A vocabulary-parallel head (``vocab_shard``) takes ``x: [B, T', dim]`` as a sequence shard
+        (``T' * tp = T``, gathered into the region) or whole (``T' = T``), and never holds the whole logits."""
+        if self.vocab_shard is not None:
+            sharded = x.shape[:-1].numel() * self.tp.size == targets.numel()
+            x = self.tp.enter(x, x.dim() - 2) if sharded else self.tp.replicated().enter(x)
         x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
         if self.precision == "default" and self.bias is None:
             grads_in_forward = None if torch.is_grad_enabled() else False  # no gradients computed in evaluation
-            return LinearCrossEntropySum.apply(x, self.weight, targets, self.defer_wgrad, grads_in_forward)
+            return LinearCrossEntropySum.apply(x, self.weight, targets, self.defer_wgrad, grads_in_forward,
+                                               self.vocab_shard)
+        if self.vocab_shard is not None:
+            raise ValueError(f"a vocabulary-parallel head needs precision 'default' and no bias, not {self.precision}")
         return F.cross_entropy(self(x).float(), targets, reduction="sum")
 
     def extra_repr(self) -> str:

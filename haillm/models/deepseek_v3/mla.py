@@ -17,6 +17,7 @@ from haillm.fp8.quant import Fp8Pair, act_quant
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.ops import Linear, RMSNorm, precision
 from haillm.ops.recompute import mark_outputs, recomputable, source
+from haillm.parallel.tensor import NO_TP
 
 
 def _yarn_mscale(factor: float, mscale: float) -> float:
@@ -90,6 +91,11 @@ class MLA(nn.Module):
     ``up_project`` are recomputed in backward from the latents (``haillm.ops.recompute``) instead of kept.
     ``forward`` may get the FP8 copy of its input from the norm before it (``fp8_input_pow2`` says which);
     ``q_norm`` and ``kv_norm`` likewise quantize their outputs for an FP8 ``wq_b`` and ``wkv_b``.
+
+    Tensor parallel (``self.tp``, ``haillm.parallel.tensor_plan``): each rank holds ``n_heads / tp`` heads of
+    the up-projections and of ``wo``; the down-projections run on the input as it comes (a sequence shard
+    under sequence parallelism) and their latents enter the region, so the norms of the latents and the
+    attention see whole sequences; ``wo``'s partial sums leave it.
     """
 
     forward_methods = ("forward_absorbed",)  # reads wkv_b.weight outside __call__ (ZeroAdamW.register_forward_wait)
@@ -113,6 +119,7 @@ class MLA(nn.Module):
         self.wo = Linear(self.n_heads * self.v_dim, args.dim)
         self.softmax_scale = softmax_scale(args)
         self.recompute_up_proj = False
+        self.tp = NO_TP
 
     def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._query_heads(x if self.q_lora_rank == 0 else self.wq_a(x), cos, sin)
@@ -158,10 +165,11 @@ class MLA(nn.Module):
                 x_fp8: Fp8Pair | None = None) -> torch.Tensor:
         """Causal self-attention over ``x: [B, T, dim]`` with rope tables for positions ``0..T-1``; ``x_fp8``:
         ``act_quant(x)`` for the FP8 linears reading ``x`` (``Linear.forward``)."""
+        tp = self.tp
         if self.q_lora_rank == 0:
-            latents = (x, self.wkv_a(x, x_fp8), cos, sin, x_fp8)
+            latents = (tp.enter(x), tp.enter(self.wkv_a(x, x_fp8)), cos, sin, tp.enter_fp8(x_fp8))
         else:
-            latents = (self.wq_a(x, x_fp8), self.wkv_a(x, x_fp8), cos, sin)
+            latents = (tp.enter(self.wq_a(x, x_fp8)), tp.enter(self.wkv_a(x, x_fp8)), cos, sin)
         if self.recompute_up_proj:
             q, k, v = recomputable(self.up_project, *latents)
         else:
@@ -171,7 +179,7 @@ class MLA(nn.Module):
         outputs = _head_outputs(o, self.v_dim, pow2)
         if torch.is_grad_enabled():  # wo keeps a recipe from o, which attention keeps anyway (under recompute)
             mark_outputs(outputs, _head_outputs, source(o), self.v_dim, pow2)
-        return self.wo(outputs[0], None if pow2 is None else outputs[1:])
+        return tp.exit(self.wo(outputs[0], None if pow2 is None else outputs[1:]))
 
     def forward_absorbed(
         self,

@@ -17,6 +17,7 @@ from haillm.models.deepseek_v3.moe import MLP, Gate, GraphCut, MoE, take_balance
 from haillm.models.deepseek_v3.mtp import MTPModule
 from haillm.ops import Linear, RMSNorm
 from haillm.ops.recompute import keeping_recipes, mark
+from haillm.parallel.tensor import NO_TP
 
 
 class Block(nn.Module):
@@ -120,6 +121,9 @@ class TrainingObjective:
 
     recompute = False  # saved marked tensors become recipes (either kind of recompute is on)
     recompute_swiglu = False
+    # tensor parallelism (haillm.parallel.tensor_plan): under sequence parallelism the hidden states between
+    # the blocks are sequence shards, and the MTP modules, one token shorter, take them whole
+    tp = NO_TP
 
     def set_recompute(self, enabled: bool, swiglu: bool = False) -> None:
         """``enabled``: keep no RMSNorm outputs (nor their FP8 copies), no MLA up-projections (q, k, v) and no
@@ -168,8 +172,8 @@ class TrainingObjective:
         mtp_loss = lm_loss.new_zeros(())
         if not self.args.mtp_depth:
             return lm_loss, mtp_loss
-        emb = self.embed(inputs) if emb is None else emb
-        seq_len = inputs.shape[1]
+        emb = self.tp.gather_sequence(self.embed(inputs) if emb is None else emb)
+        h, seq_len = self.tp.gather_sequence(h), inputs.shape[1]
         for k, mtp in enumerate(self.mtp.values(), start=1):
             cos, sin = self.rope_cos[: seq_len - k], self.rope_sin[: seq_len - k]
             x = mtp.project(h[:, :-1], emb[:, k:])
@@ -248,7 +252,7 @@ class DeepSeekV3(TrainingObjective, nn.Module):
     def hidden(self, emb: torch.Tensor) -> torch.Tensor:
         """Main-model blocks on embeddings ``[B, T, dim]``; the last hidden state before the final norm (this is
         also ``h^0`` of the MTP chain)."""
-        cos, sin = self._rope(0, emb.shape[1])
+        cos, sin = self._rope(0, emb.shape[1] * self.tp.seq_factor)
         h = emb
         for layer in self.layers.values():
             h = layer(h, cos, sin)

@@ -24,6 +24,7 @@ from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.experts import GroupedExperts
 from haillm.models.deepseek_v3.swiglu import swiglu_keeping_inputs
 from haillm.ops import Linear
+from haillm.parallel.tensor import NO_TP, TensorParallel
 
 
 class MLP(nn.Module):
@@ -31,7 +32,8 @@ class MLP(nn.Module):
     the SwiGLU also writes its FP8 copy (``fp8.fused.swiglu_act_quant``); ``w1``/``w3`` may take the FP8 copy
     of ``x`` from the norm before (``fp8_input_pow2``). ``keep_swiglu_inputs``: backward keeps only the
     SwiGLU's inputs and recomputes its output (``swiglu.swiglu_keeping_inputs``; eager only: a compiled
-    region's partitioner makes its own choice)."""
+    region's partitioner makes its own choice). Tensor parallel (``self.tp``): ``w1``/``w3`` column-parallel
+    and ``w2`` row-parallel over the hidden width; the tokens enter along the dimension before the features."""
 
     def __init__(self, dim: int, inter_dim: int) -> None:
         super().__init__()
@@ -39,12 +41,18 @@ class MLP(nn.Module):
         self.w2 = Linear(inter_dim, dim)
         self.w3 = Linear(dim, inter_dim)
         self.keep_swiglu_inputs = False
+        self.tp = NO_TP
 
     @property
     def fp8_input_pow2(self) -> bool | None:
         return fp8_input_pow2([self.w1, self.w3])
 
     def forward(self, x: torch.Tensor, x_fp8: Fp8Pair | None = None) -> torch.Tensor:
+        tokens = x.dim() - 2
+        x, x_fp8 = self.tp.enter(x, tokens), self.tp.enter_fp8(x_fp8, tokens)
+        return self.tp.exit(self._swiglu_ffn(x, x_fp8), tokens)
+
+    def _swiglu_ffn(self, x: torch.Tensor, x_fp8: Fp8Pair | None) -> torch.Tensor:
         a, b = self.w1(x, x_fp8), self.w3(x, x_fp8)
         pow2 = fp8_input_pow2([self.w2])
         if self.keep_swiglu_inputs and not torch.compiler.is_compiling():
@@ -121,13 +129,23 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: fl
     inside a sequence; the bias already moved tokens and penalising a routing that did not happen would
     fight the bias. Gradient flows through ``P_i`` only. With perfect balance the value is exactly ``alpha``.
     """
-    bsz, seq_len, n_experts = scores.shape
-    topk = indices.shape[-1]
-    counts = torch.zeros(bsz, n_experts, dtype=scores.dtype, device=scores.device)
-    counts.scatter_add_(1, indices.reshape(bsz, -1), torch.ones_like(indices, dtype=scores.dtype).reshape(bsz, -1))
-    f = counts * (n_experts / (topk * seq_len))
-    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
-    return alpha * (f * p).sum(dim=-1).mean()
+    bsz, seq_len, _ = scores.shape
+    seq_ids = torch.arange(bsz, device=scores.device).repeat_interleave(seq_len)
+    return rows_balance_loss(scores.flatten(0, 1), indices.flatten(0, 1), seq_ids, bsz, seq_len, alpha)
+
+
+def rows_balance_loss(scores: torch.Tensor, indices: torch.Tensor, seq_ids: torch.Tensor, n_seqs: int,
+                      seq_len: int, alpha: float, tp: TensorParallel = NO_TP) -> torch.Tensor:
+    """``sequence_balance_loss`` from some of the rows of ``n_seqs`` sequences of ``seq_len`` tokens (``scores:
+    [n, N_r]``, ``indices: [n, K_r]``, ``seq_ids: [n]``): each rank of ``tp`` sums its rows' statistics per
+    sequence, and the sums are added over ``tp`` (a tensor-parallel MoE layer routes a split of the tokens)."""
+    n_experts, topk = scores.shape[-1], indices.shape[-1]
+    picks = (seq_ids[:, None] * n_experts + indices).flatten()
+    counts = scores.new_zeros(n_seqs * n_experts).scatter_add_(0, picks, torch.ones_like(picks, dtype=scores.dtype))
+    shares = scores.new_zeros(n_seqs, n_experts).index_add(0, seq_ids, scores / scores.sum(dim=-1, keepdim=True))
+    counts, shares = tp.sum_partials(torch.stack([counts.view(n_seqs, n_experts), shares])).unbind(0)
+    f = counts.detach() * (n_experts / (topk * seq_len))
+    return alpha * (f * (shares / seq_len)).sum(dim=-1).mean()
 
 
 class GraphCut(Protocol):
@@ -247,18 +265,21 @@ class MoE(nn.Module):
         self.gate_weights_inside = False
         self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None
+        self.tp = NO_TP  # the router and the routed experts take this rank's rows; shared_experts has its own
 
-    def route(self, flat: torch.Tensor, bsz: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gate ``flat: [bsz*seq_len, dim]`` -> (weights, indices, per-expert counts); in training also count
-        the loads and leave the balance loss."""
-        weights, indices, scores = self.gate(flat)
+    def route(self, rows: torch.Tensor, first: int, bsz: int, seq_len: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gate ``rows: [n, dim]``, rows ``first..first+n-1`` of the ``[bsz, seq_len]`` tokens this rank sees
+        (all of them at tp=1), -> (weights, indices, per-expert counts); in training also count the loads and
+        leave the balance loss, over whole sequences of ``seq_len * tp.seq_factor`` tokens."""
+        weights, indices, scores = self.gate(rows)
         counts = expert_counts(indices, self.n_routed_experts)
         if self.training:
             self.tokens_per_expert += counts
             if self.balance_alpha > 0 and torch.is_grad_enabled():
-                self.balance_loss = sequence_balance_loss(
-                    scores.view(bsz, seq_len, -1), indices.view(bsz, seq_len, -1), self.balance_alpha
-                )
+                seq_ids = torch.arange(first, first + rows.shape[0], device=rows.device) // seq_len
+                self.balance_loss = rows_balance_loss(scores, indices, seq_ids, bsz, seq_len * self.tp.seq_factor,
+                                                      self.balance_alpha, self.tp)
         return weights, indices, counts
 
     @property
@@ -267,11 +288,14 @@ class MoE(nn.Module):
         return self.shared_experts.fp8_input_pow2 if self.shared_experts is not None else None
 
     def forward(self, x: torch.Tensor, x_fp8: Fp8Pair | None = None) -> torch.Tensor:
-        """``x: [B, T, dim]``; ``x_fp8``: ``act_quant(x)`` for the shared experts' FP8 ``w1``/``w3``."""
+        """``x: [B, T, dim]``; ``x_fp8``: ``act_quant(x)`` for the shared experts' FP8 ``w1``/``w3``. Under
+        tensor parallelism the router and the routed experts take this rank's rows (``tp.shard_rows``)."""
         bsz, seq_len, dim = x.shape
         flat = x.reshape(-1, dim)
-        weights, indices, counts = self.route(flat, bsz, seq_len)
-        y = self.dispatcher(flat, weights, indices, counts, self.experts, self.gate_weights_inside)
+        rows, first = self.tp.shard_rows(flat)
+        weights, indices, counts = self.route(rows, first, bsz, seq_len)
+        y = self.dispatcher(rows, weights, indices, counts, self.experts, self.gate_weights_inside)
+        y = self.tp.unshard_rows(y, flat.shape[0])
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat, _rows(x_fp8))
         return y.view(bsz, seq_len, dim)
@@ -291,9 +315,10 @@ class MoE(nn.Module):
             return self.forward(x, x_fp8)
         bsz, seq_len, dim = x.shape
         flat = x.reshape(-1, dim)
-        weights, indices, counts = self.route(flat, bsz, seq_len)
+        rows, first = self.tp.shard_rows(flat)
+        weights, indices, counts = self.route(rows, first, bsz, seq_len)
         d, inside = self.dispatcher, self.gate_weights_inside
-        plan = d.announce_dispatch(flat, indices, counts, weights if inside else None)
+        plan = d.announce_dispatch(rows, indices, counts, weights if inside else None)
         # the shared experts run while the counts travel; their output is carried to the add after the combine
         # (their input would be a second carried copy of the norm output, which recompute does not keep)
         shared_out = self.shared_experts(flat, _rows(x_fp8)) if self.shared_experts is not None else None
@@ -307,7 +332,7 @@ class MoE(nn.Module):
         routed_x, local_counts, probs = d.finish_dispatch(handle, cut)
         combine = d.start_combine(d.compute(self.experts, routed_x, local_counts, probs), handle)
         yield
-        y = d.finish_combine(combine, None if inside else weights, cut)
+        y = self.tp.unshard_rows(d.finish_combine(combine, None if inside else weights, cut), flat.shape[0])
         if shared is not None:
             y = y + shared
             drop_storage(shared_out)  # held by the cut as a root only: w2 does not save its output
