@@ -24,6 +24,7 @@ from haillm.models.deepseek_v3.args import PRESETS, ModelArgs
 from haillm.parallel.mesh import ParallelConfigError, ParallelDims
 from haillm.parallel.pipeline.schedules import SCHEDULES
 from haillm.parallel.pipeline.stage import stage_specs
+from haillm.parallel.tensor_plan import check_divisible
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PP_SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
@@ -130,6 +131,7 @@ class ParallelConfig:
     ep: int = 1
     pp_schedule: str = "1f1b"
     ranks_per_node: int = 8
+    sequence_parallel: bool = True  # with tp > 1: activations between tensor-parallel regions split by sequence
 
 
 @dataclass
@@ -355,7 +357,6 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         f"train.global_batch_size={t.global_batch_size} must be divisible by "
         f"train.micro_batch_size*parallel.dp = {t.micro_batch_size}*{p.dp} = {per_step}",
     )
-    _require(p.tp == 1, f"parallel.tp={p.tp} is not yet supported (only 1 for now)")
     _one_of("optim.schedule", o.schedule, LR_SCHEDULES)
     _one_of("optim.on_schedule_change", o.on_schedule_change, ("refuse", "continue", "restart"))
     _one_of("optim.moment_dtype", o.moment_dtype, ("fp32", "bf16"))
@@ -376,6 +377,15 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         args.validate()
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
+    if p.tp > 1:
+        try:
+            check_divisible(args, p.tp)
+        except ParallelConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        _require(not p.sequence_parallel or t.seq_len % p.tp == 0,
+                 f"train.seq_len={t.seq_len} must be divisible by parallel.tp={p.tp} under sequence parallelism "
+                 "(parallel.sequence_parallel=true splits every sequence over the tp ranks)")
+        _require(not t.compile, f"train.compile=true is not supported with parallel.tp={p.tp} yet (one or the other)")
     if p.pp > 1:
         try:  # the schedule's own preconditions, and enough layers for every stage
             SCHEDULES[p.pp_schedule](p.pp, t.global_batch_size // per_step)

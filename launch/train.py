@@ -40,6 +40,8 @@ from haillm.parallel.pipeline.stage import (
     pipelines_of,
     second_copies,
 )
+from haillm.parallel.tensor import TensorParallel
+from haillm.parallel.tensor_plan import parallelize_tensor
 from haillm.train.checkpoint import CheckpointError, list_checkpoints, peek_trainer_state
 from haillm.train.compile import apply_compile
 from haillm.train.evaluate import build_evaluator
@@ -96,9 +98,9 @@ def _job_run_dir(output_dir: str) -> str:
 
 def build_model(cfg: DictConfig, dims: ParallelDims, device: torch.device
                 ) -> tuple[DeepSeekV3 | StageModel, AllToAllDispatcher | None]:
-    """Build on the meta device (this rank's pipeline stages only), keep this rank's experts, then
-    materialise and initialise: weights are a function of the seed and each parameter's FQN only, so every
-    layout starts from the same model."""
+    """Build on the meta device (this rank's pipeline stages only), keep this rank's experts and tensor-parallel
+    blocks, then materialise and initialise: weights are a function of the seed and each parameter's FQN only,
+    so every layout starts from the same model."""
     args = to_model_args(cfg.model)
     with torch.device("meta"):
         if dims.pp > 1:
@@ -111,6 +113,7 @@ def build_model(cfg: DictConfig, dims: ParallelDims, device: torch.device
         placement = ExpertPlacement.from_dims(dims, args.n_routed_experts, args.n_expert_groups)
         dispatcher = AllToAllDispatcher(dims.ep_group, placement, fp8=cfg.fp8.enabled)
         apply_expert_parallel(model, dispatcher)
+    parallelize_tensor(model, TensorParallel(dims.tp_group, dims.tp, dims.tp_rank, cfg.parallel.sequence_parallel))
     model.to_empty(device=device)
     model.init_weights(cfg.seed)
     if cfg.model.init_from:

@@ -229,7 +229,7 @@ def test_text_report_and_exit_codes(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["parallel.dp=2", "--gpus", "4"], "--gpus=4 but parallel.dp*pp*tp = 2*1*1 = 2"),
     (["parallel.pp=3", "parallel.pp_schedule=dualpipe", "train.global_batch_size=12"], "dualpipe needs an even pp"),
-    (["parallel.tp=2"], "parallel.tp=2 is not yet supported"),
+    (["parallel.tp=2"], "parallel.tp=2: the planner does not model tensor parallelism yet"),
     (["--gpu", "tpu"], "argument --gpu: invalid choice: 'tpu'"),
     (["--mfu", "1.5"], "--mfu=1.5 must be in (0, 1]"),
     (["--ib-gbps", "0"], "--ib-gbps=0.0 must be positive"),

@@ -241,3 +241,19 @@ def test_indivisible_widths_are_refused(changes, message):
     tp = 2 if "n_heads" in changes else 4
     with pytest.raises(ParallelConfigError, match=message.replace("*", r"\*")):
         check_divisible(tiny_args().replace(**changes), tp)
+
+
+@pytest.mark.parametrize(("overrides", "world", "message"), [
+    (["parallel.tp=3"], 3, "parallel.tp=3 must divide parallel.ranks_per_node=8"),
+    (["parallel.tp=2", "model.n_heads=3"], 2, "model.n_heads=3 is not divisible by parallel.tp=2"),
+    (["parallel.tp=4"], 4, "model.vocab_size=258 is not divisible by parallel.tp=4"),
+    (["parallel.tp=2", "train.seq_len=33"], 2, "train.seq_len=33 must be divisible by parallel.tp=2"),
+    (["parallel.tp=2", "train.compile=true"], 2, "train.compile=true is not supported with parallel.tp=2"),
+])
+def test_bad_tensor_parallel_configs_are_refused_in_one_line(overrides, world, message):
+    from haillm.config import ConfigError, compose_config, validate
+
+    cfg = compose_config(overrides)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, world_size=world)
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)

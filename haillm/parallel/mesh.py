@@ -11,6 +11,11 @@ dp ranks that split the routed experts between them, and the expert-data-paralle
 ranks holding the same experts (stride ``ep`` in dp rank), over which expert gradients are reduced.
 "Nodes" for node-limited routing are consecutive blocks of ``ranks_per_node`` global ranks.
 
+Tensor parallelism (``tp``, innermost: its ranks share a node, ``ranks_per_node`` must be a multiple of it):
+the tp ranks of one data-parallel rank see the same data. Two more groups join tp to the groups above, for
+parameters replicated over tp whose gradients each tp rank holds only a part of (``haillm.parallel.tensor_plan``):
+``dp_tp`` (dense) and ``edp_tp`` (routed experts, which every tp rank holds and feeds with its own rows).
+
 With world size 1 and torch.distributed not initialised, no group is created: every group accessor
 returns None and every rank is 0, so single-process code takes the same path.
 """
@@ -25,6 +30,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("pp", "edp", "ep", "tp")
+FLAT_DIMS = ("dp", "dp_tp", "edp_tp")
 
 
 class ParallelConfigError(ValueError):
@@ -66,6 +72,11 @@ class ParallelDims:
                 f"parallel.dp*pp*tp = {product} (dp={self.dp}, pp={self.pp}, tp={self.tp}) but world size "
                 f"is {self.world_size} (torchrun --nproc_per_node)"
             )
+        if self.tp > 1 and self.ranks_per_node % self.tp:
+            raise ParallelConfigError(
+                f"parallel.tp={self.tp} must divide parallel.ranks_per_node={self.ranks_per_node} "
+                "(a tensor-parallel group stays on one node)"
+            )
         if self.dp % self.ep:
             raise ParallelConfigError(
                 f"parallel.ep={self.ep} must divide parallel.dp={self.dp} "
@@ -77,6 +88,14 @@ class ParallelDims:
     @property
     def edp(self) -> int:
         return self.dp // self.ep
+
+    @property
+    def dp_tp(self) -> int:
+        return self.dp * self.tp
+
+    @property
+    def edp_tp(self) -> int:
+        return self.edp * self.tp
 
     # ---- rank arithmetic (valid before build()) ----
     def coords(self, rank: int | None = None) -> dict[str, int]:
@@ -162,8 +181,10 @@ class ParallelDims:
         shape = (self.pp, self.edp, self.ep, self.tp)
         self.mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
         self.mesh["edp", "ep"]._flatten("dp")
+        self.mesh["edp", "ep", "tp"]._flatten("dp_tp")
+        self.mesh["edp", "tp"]._flatten("edp_tp")
         if timeout is not None:
-            for name in (*MESH_DIMS, "dp"):
+            for name in (*MESH_DIMS, *FLAT_DIMS):
                 dist.distributed_c10d._set_pg_timeout(timeout, self.mesh[name].get_group())
         return self
 
@@ -193,3 +214,11 @@ class ParallelDims:
     @property
     def edp_group(self) -> dist.ProcessGroup | None:
         return self._group("edp")
+
+    @property
+    def dp_tp_group(self) -> dist.ProcessGroup | None:
+        return self._group("dp_tp")
+
+    @property
+    def edp_tp_group(self) -> dist.ProcessGroup | None:
+        return self._group("edp_tp")

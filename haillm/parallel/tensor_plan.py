@@ -86,9 +86,10 @@ def _split(linear: Linear, dim: int, tp: TensorParallel) -> None:
 
 def parallelize_tensor(model: nn.Module, tp: TensorParallel) -> dict[str, TpPlacement]:
     """Split ``model``'s weights over ``tp`` in place (see the module docstring) and return every parameter's
-    placement by name. A no-op (all replicated, none partial) at tp=1."""
+    placement by name, also kept as ``model.tp_placements``. A no-op (all replicated, none partial) at tp=1."""
     if not tp.enabled:
-        return {name: TpPlacement() for name, _ in model.named_parameters()}
+        model.tp_placements = {name: TpPlacement() for name, _ in model.named_parameters()}
+        return model.tp_placements
     check_divisible(model.args, tp.size)
     model.tp = tp
     placements: dict[str, TpPlacement] = {}
@@ -133,6 +134,7 @@ def parallelize_tensor(model: nn.Module, tp: TensorParallel) -> dict[str, TpPlac
         if name not in placements:  # replicated: partial where the module saw a sequence shard
             in_mtp = name.startswith("mtp.")
             placements[name] = TpPlacement(None, partial_grad=tp.sequence_parallel and not in_mtp)
+    model.tp_placements = placements
     return placements
 
 

@@ -71,7 +71,7 @@ MEANINGS = {
     # parallel
     "parallel.dp": "data-parallel ranks (ZeRO-1 shards the optimizer state over them)",
     "parallel.pp": "pipeline ranks",
-    "parallel.tp": "tensor-parallel ranks (only 1 for now)",
+    "parallel.tp": "tensor-parallel ranks (MLA heads, FFN widths, vocabulary split; on one node; docs/layout.md)",
     "parallel.ep": "expert-parallel ranks inside each data-parallel group (divides dp)",
     "parallel.pp_schedule": "`1f1b`, `dualpipe` (pp even; two stages per rank, mirrored) or `dualpipev`",
     "parallel.ranks_per_node": "GPUs per node, for node-limited routing and EP placement",

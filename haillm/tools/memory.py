@@ -115,7 +115,7 @@ def bucket_plans(model: torch.nn.Module, lay: Layout, pp_rank: int) -> list[Buck
     dims = dims_of(lay, pp_rank)
     specs = [(n, ParamSpec(n, tuple(p.shape), lay.param_dtype)) for n, p in model.named_parameters()]
     groups = zero_groups(specs, lay.ep, second_copies(model, lay.schedule, lay.pp, pp_rank))
-    worlds = [getattr(dims, replica_dim(expert)) for (expert, _), _ in groups]
+    worlds = [getattr(dims, replica_dim(expert, kind)) for (expert, _, kind), _ in groups]
     return plan_buckets([[s for _, s in g] for _, g in groups], worlds, int(lay.bucket_mb * 2**20))
 
 

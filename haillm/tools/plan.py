@@ -77,6 +77,8 @@ def compose(overrides: list[str], gpus: int | None, gpu: str) -> tuple[DictConfi
                           "make them equal (ep divides dp and adds no GPUs)")
     gpus = ranks
     validate(cfg, gpus)
+    if p.tp > 1:
+        raise ConfigError(f"parallel.tp={p.tp}: the planner does not model tensor parallelism yet (only tp=1)")
     return cfg, gpus
 
 

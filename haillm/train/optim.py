@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import TypeVar
 
 import torch
@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from haillm.config import ConfigError
 from haillm.models.deepseek_v3.experts import per_expert_state
 from haillm.parallel.mesh import ParallelDims
+from haillm.parallel.tensor_plan import TpPlacement
 from haillm.parallel.zero import ZeroAdamW
 
 T = TypeVar("T")
@@ -23,14 +24,28 @@ def is_expert_param(name: str) -> bool:
     return ".experts." in name
 
 
-def zero_groups(named: Iterable[tuple[str, T]], ep: int, outside_norm: Collection[str] = frozenset()
-                ) -> list[tuple[tuple[bool, bool], list[tuple[str, T]]]]:
-    """The optimizer's param groups, keyed (routed expert under EP, outside the gradient norm), in a fixed
-    order; also used by the layout planner (haillm.tools.plan) to predict the ZeRO-1 buckets."""
-    groups: dict[tuple[bool, bool], list[tuple[str, T]]] = {}
+TP_KINDS = ("whole", "partial", "split")  # how a parameter lies over tp (haillm.parallel.tensor_plan.TpPlacement)
+
+
+def tp_kind(name: str, placements: Mapping[str, TpPlacement] | None) -> str:
+    """``split`` over tp (each rank holds a block), ``partial`` (replicated, each rank's gradient a part of the
+    sum), or ``whole`` (replicated with the whole gradient on every rank; every parameter at tp=1)."""
+    placement = None if placements is None else placements.get(name)
+    if placement is None:
+        return "whole"
+    return "split" if placement.shard_dim is not None else "partial" if placement.partial_grad else "whole"
+
+
+def zero_groups(named: Iterable[tuple[str, T]], ep: int, outside_norm: Collection[str] = frozenset(),
+                placements: Mapping[str, TpPlacement] | None = None
+                ) -> list[tuple[tuple[bool, bool, str], list[tuple[str, T]]]]:
+    """The optimizer's param groups, keyed (routed expert under EP, outside the gradient norm, ``tp_kind``), in
+    a fixed order; also used by the layout planner (haillm.tools.plan) to predict the ZeRO-1 buckets."""
+    groups: dict[tuple[bool, bool, str], list[tuple[str, T]]] = {}
     for name, item in named:
-        groups.setdefault((ep > 1 and is_expert_param(name), name in outside_norm), []).append((name, item))
-    return sorted(groups.items(), key=lambda kv: kv[0])
+        key = (ep > 1 and is_expert_param(name), name in outside_norm, tp_kind(name, placements))
+        groups.setdefault(key, []).append((name, item))
+    return sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], TP_KINDS.index(kv[0][2])))
 
 
 def config_dtype(name: str) -> torch.dtype:
@@ -38,11 +53,13 @@ def config_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
-def replica_dim(expert: bool) -> str:
-    """The ``ParallelDims`` dimension a param group is replicated over, and its ZeRO-1 state sharded over:
-    routed experts under EP over the expert-data-parallel group (edp = dp/ep: each ep rank holds different
-    experts), everything else over dp. One rule for the optimizer and the layout planner."""
-    return "edp" if expert else "dp"
+def replica_dim(expert: bool, kind: str = "whole") -> str:
+    """The ``ParallelDims`` dimension a param group's gradients are summed over, and its ZeRO-1 state sharded
+    over: routed experts under EP over the expert-data-parallel group (edp = dp/ep: each ep rank holds
+    different experts), everything else over dp; a ``partial`` group over tp too (``tp_kind``). One rule for
+    the optimizer and the layout planner."""
+    base = "edp" if expert else "dp"
+    return f"{base}_tp" if kind == "partial" else base
 
 
 def build_optimizer(model: torch.nn.Module, cfg: DictConfig, dims: ParallelDims,
@@ -52,17 +69,21 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig, dims: ParallelDims,
     Dense parameters are replicated over dp; with expert parallelism each rank's experts are replicated
     over the expert-data-parallel group (edp = dp/ep) and their state is sharded over it, while the
     gradient norm also sums over ep (each ep rank holds different experts) and over pp (each stage holds
-    different layers). Parameters named in `outside_norm` are second copies that another pipeline rank
-    already counts. Build it after the weights are final and on their device: parameters become views into
-    its buckets. No weight decay on 1-D parameters.
+    different layers). Under tensor parallelism (``model.tp_placements``) a split parameter's norm also sums
+    over tp, and a replicated one whose gradient each tp rank holds a part of is summed over tp with dp.
+    Parameters named in `outside_norm` are second copies that another pipeline rank already counts. Build it
+    after the weights are final and on their device: parameters become views into its buckets. No weight
+    decay on 1-D parameters.
     """
     o = cfg.optim
     param_groups = []
-    for (expert, outside), params in zero_groups(model.named_parameters(), dims.ep, outside_norm):
-        replicas = getattr(dims, f"{replica_dim(expert)}_group")
-        group = {"params": params, "in_norm": not outside, "process_group": replicas}
-        if expert:
-            group |= {"norm_groups": (dims.ep_group,), "grad_divisor": dims.dp}
+    placements = getattr(model, "tp_placements", None)
+    for (expert, outside, kind), params in zero_groups(model.named_parameters(), dims.ep, outside_norm, placements):
+        replicas = getattr(dims, f"{replica_dim(expert, kind)}_group")
+        norm_groups = ((dims.ep_group,) if expert else ()) + ((dims.tp_group,) if kind == "split" else ())
+        group = {"params": params, "in_norm": not outside, "process_group": replicas, "norm_groups": norm_groups}
+        if expert or kind == "partial":  # the sum holds more than one data-parallel rank's share per replica
+            group["grad_divisor"] = dims.dp
         param_groups.append(group)
     return ZeroAdamW(
         param_groups, lr=cfg.train.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,

@@ -227,7 +227,8 @@ class Trainer:
         # Global figures, identical on every rank, so every rank takes the same skip/bias decisions.
         totals = dict(zip(LOSS_KEYS, (self._dp_sum(sums) / (len(micro_batches) * self.dims.dp)).tolist(),
                           strict=True))
-        loads = self._dp_sum(model.moe_loads())
+        loads = model.moe_loads()  # each tp rank routes its own rows: summed over tp too
+        loads = self._all_reduce(loads, self.dims.dp_tp_group) if self.dims.dp_tp > 1 else loads
         if self.pipeline is not None and self.pipeline.mirrored:  # the mirror saw the other micro-batches
             loads = self._all_reduce(loads, self.pipeline.partner)
         why_skip = self.health.verdict(totals["loss"], grad_norm)

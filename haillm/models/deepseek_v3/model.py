@@ -78,7 +78,8 @@ def param_seed(seed: int, fqn: str) -> int:
 
 
 @torch.no_grad()
-def init_weights(module: nn.Module, seed: int, std: float, prefix: str = "") -> None:
+def init_weights(module: nn.Module, seed: int, std: float, prefix: str = "",
+                 blocks: dict[str, tuple[int, int, int]] | None = None) -> None:
     """Initialise every parameter of ``module`` from its own generator seeded by ``(seed, prefix + name)``:
     norms to ones, biases and gate balancing biases to zeros, all other weights ~ N(0, std).
 
@@ -95,8 +96,12 @@ def init_weights(module: nn.Module, seed: int, std: float, prefix: str = "") -> 
             elif name == "bias":
                 p.zero_()
             else:
-                gen = torch.Generator().manual_seed(param_seed(seed, f"{mod_name}.{name}" if mod_name else name))
-                p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+                fqn = f"{mod_name}.{name}" if mod_name else name
+                gen = torch.Generator().manual_seed(param_seed(seed, fqn))
+                dim, rank, size = (blocks or {}).get(fqn, (0, 0, 1))
+                whole = [n * size if d == dim else n for d, n in enumerate(p.shape)]
+                drawn = torch.empty(whole, dtype=torch.float32).normal_(0.0, std, generator=gen)
+                p.copy_(drawn.chunk(size, dim)[rank])
         if isinstance(mod, Gate):
             mod.bias.zero_()
         if isinstance(mod, MoE):
@@ -186,7 +191,10 @@ class TrainingObjective:
     def init_weights(self, seed: int) -> None:
         """Deterministic from ``seed`` alone, per parameter FQN (see module-level ``init_weights``), so a
         pipeline stage or expert shard gets the full model's values; also ``rebuild_unsaved()``."""
-        init_weights(self, seed, self.args.init_std)
+        placements = getattr(self, "tp_placements", {})
+        blocks = {name: (pl.shard_dim, self.tp.rank, self.tp.size) for name, pl in placements.items()
+                  if pl.shard_dim is not None}
+        init_weights(self, seed, self.args.init_std, blocks=blocks)
         self.rebuild_unsaved()
 
     def rebuild_unsaved(self) -> None:

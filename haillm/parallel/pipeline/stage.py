@@ -152,9 +152,9 @@ class StageModel(TrainingObjective, nn.Module):
 
     def activation_shape(self, batch: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype]:
         """The hidden state travels in the parameters' dtype (the compute dtype: fp32, or bf16 in mixed
-        precision), the same on every rank."""
+        precision), the same on every rank; under sequence parallelism each tp rank sends its shard."""
         dtype = next(self.parameters()).dtype
-        return (batch.shape[0], batch.shape[1] - 1, self.args.dim), dtype
+        return (batch.shape[0], (batch.shape[1] - 1) // self.tp.seq_factor, self.args.dim), dtype
 
     def _rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if length > self.args.max_seq_len:
