@@ -386,6 +386,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
                  f"train.seq_len={t.seq_len} must be divisible by parallel.tp={p.tp} under sequence parallelism "
                  "(parallel.sequence_parallel=true splits every sequence over the tp ranks)")
         _require(not t.compile, f"train.compile=true is not supported with parallel.tp={p.tp} yet (one or the other)")
+        _require(not cfg.model.init_from, f"model.init_from={cfg.model.init_from} loads whole tensors, not tp blocks: "
+                 f"start at parallel.tp=1 and resume its checkpoint at parallel.tp={p.tp}")
     if p.pp > 1:
         try:  # the schedule's own preconditions, and enough layers for every stage
             SCHEDULES[p.pp_schedule](p.pp, t.global_batch_size // per_step)
