@@ -230,6 +230,8 @@ def test_split_halves_attention_and_ffn_parameters():
             "layers.0.ffn.w1.weight", "layers.1.ffn.shared_experts.w2.weight", "embed.weight",
             "head.weight"} <= split
     assert not any(".experts." in n or "gate" in n or "norm" in n or "_a." in n for n in split)
+    with pytest.raises(RuntimeError, match="gives no whole logits"):  # never a block of the logits as if whole
+        model.head(torch.zeros(1, args.dim))
 
 
 @pytest.mark.parametrize(("changes", "message"), [

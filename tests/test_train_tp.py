@@ -1,6 +1,7 @@
 """Tensor (and sequence) parallelism end to end: 10 optimizer steps of `tiny` at tp=2, alone and composed with
-dp x ep, with DualPipeV and DualPipe at pp=2, in BF16 and in FP8, reproduce the single-process losses of the
-same precision from the same seed and global batch, on forked gloo ranks under NCCL's rules (tests/dist.py).
+dp x ep, with DualPipeV at pp=2 and DualPipe at pp=2 x dp=2 x ep=2 (8 ranks), in BF16 with recomputation and
+in FP8, reproduce the single-process losses of the same precision from the same seed and global batch, on
+forked gloo ranks under NCCL's rules (tests/dist.py).
 
 Tolerances (relative, per step), fp32: step 1 within 1e-6 and later steps within 1e-3, the tolerance of the
 other layouts (a routing decision may flip on a near-tie; measured: at most 6e-8 over 10 steps). BF16 and FP8
@@ -34,9 +35,11 @@ CASES = {
     "tp2-dp2-ep2": (4, ["parallel.tp=2", "parallel.dp=2", "parallel.ep=2"], [], 1e-6, {10: 1e-3}),
     "pp2-tp2-dualpipev": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_schedule=dualpipev",
                               "train.micro_batch_size=1"], [], 1e-6, {10: 1e-3}),
-    "pp2-tp2-dualpipe": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_schedule=dualpipe",
-                             "train.micro_batch_size=1"], [], 1e-6, {10: 1e-3}),
-    "tp2-bf16": (2, ["parallel.tp=2"], ["train.dtype=bf16"], 1e-5, {10: 1e-3}),
+    # DualPipe with its F&B pairs overlapped at the expert all-to-alls, tensor-parallel regions inside them
+    "pp2-tp2-dp2-ep2-dualpipe": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.ep=2",
+                                     "parallel.pp_schedule=dualpipe", "train.micro_batch_size=1"], [], 1e-6,
+                                 {10: 1e-3}),
+    "tp2-bf16-recompute": (2, ["parallel.tp=2"], ["train.dtype=bf16", "train.recompute=true"], 1e-5, {10: 1e-3}),
     "tp2-fp8": (2, ["parallel.tp=2"], ["fp8.enabled=true", *FP8_TP_MODEL], 1e-6, {5: 1e-3, 10: 1e-2}),
 }
 

@@ -326,6 +326,9 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor, x_fp8: Fp8Pair | None = None) -> torch.Tensor:
         """``x_fp8``: ``act_quant(x, pow2=self.fp8_pow2_scales)`` made by x's producer (``haillm.fp8.fused``),
         used in precision "fp8" instead of quantizing ``x`` again; the other precisions ignore it."""
+        if self.vocab_shard is not None:
+            raise RuntimeError("a vocabulary-parallel head holds a block of the classes and gives no whole logits: "
+                               "train with cross_entropy_sum, or load the checkpoint at parallel.tp=1 for logits")
         if self.precision == "default":
             if self.defer_wgrad:
                 return deferrable_linear(x, self.weight, self.bias)
