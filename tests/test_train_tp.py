@@ -22,6 +22,8 @@ from __future__ import annotations
 import pytest
 from test_train_pp import losses
 
+# no checkpoints (4 saves add ~5.6 s to a 4-rank case): tp checkpoints resume across layouts in test_reshard.py and
+# test_tp_checkpoint.py
 CHECKPOINTS_OFF = ["checkpoint.interval=100", "checkpoint.final=false"]
 # every tensor-parallel block of an FP8 linear a whole number of 128-wide tiles at tp=2: wq_b and wkv_b 2 heads
 # of 128 rows, wo 2 heads of 64 columns, the FFNs 128 of their 256; one dense and one MoE layer

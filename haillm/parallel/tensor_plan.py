@@ -36,6 +36,7 @@ from haillm.ops import Linear
 from haillm.ops.linear import VocabShard
 from haillm.parallel.mesh import ParallelConfigError
 from haillm.parallel.tensor import TensorParallel
+from haillm.parallel.zero_state import Block
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,16 @@ def parallelize_tensor(model: nn.Module, tp: TensorParallel) -> dict[str, TpPlac
             placements[name] = TpPlacement(None, partial_grad=tp.sequence_parallel and not in_mtp)
     model.tp_placements = placements
     return placements
+
+
+def tp_blocks(model: nn.Module) -> dict[str, Block]:
+    """Each split parameter's block of its whole tensor, by FQN (empty at tp=1): checkpoints hold every tensor in
+    its whole shape (``haillm.train.checkpoint``), so that they resume at any tp and read whole at tp=1."""
+    tp, placements = getattr(model, "tp", None), getattr(model, "tp_placements", {})
+    if tp is None or not tp.enabled:
+        return {}
+    peers = tuple(dist.get_process_group_ranks(tp.group))
+    return {name: Block(pl.shard_dim, tp.rank, peers) for name, pl in placements.items() if pl.shard_dim is not None}
 
 
 def sum_partial_grads(model: nn.Module, placements: dict[str, TpPlacement], tp: TensorParallel) -> None:

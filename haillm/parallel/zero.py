@@ -41,13 +41,14 @@ parameters that another rank of `norm_groups` holds too (DualPipe's mirror stage
 may checkpoint one parameter's state as several named pieces (stacked experts under per-expert names, so
 that the state reshards across expert layouts); by default each parameter is one piece. Params without a gradient
 in a step count as zero-gradient (Adam still decays their moments).
+A piece named in `state_dict(blocks)` is one block of a larger tensor (tensor parallelism): saved in the whole's shape.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -57,7 +58,7 @@ from torch import Tensor, nn
 from haillm.parallel.collectives import all_gather_single, reduce_scatter_single
 from haillm.parallel.zero_buckets import Bucket, BucketPlan, ParamSpec, plan_buckets
 from haillm.parallel.zero_forward_wait import ForwardWait
-from haillm.parallel.zero_state import copy_pieces, sharded_view
+from haillm.parallel.zero_state import Block, copy_pieces, sharded_view
 
 STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
 DEFAULT_BUCKET_MB = 32.0  # gradient bucket size (counted in fp32 elements)
@@ -369,15 +370,13 @@ class ZeroAdamW:
         return sum(t.numel() * t.element_size() for b in self._buckets for t in b.state.values())
 
     # ---- checkpoint (torch.distributed.checkpoint) ----
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, blocks: Mapping[str, Block] | None = None) -> dict[str, Any]:
         """`{"step": tensor, "state": {fqn: {"master"|"exp_avg"|"exp_avg_sq": tensor}}}` in each
-        parameter's own shape. With a sharded group each tensor is a ShardedTensor whose local shards are
-        views of this rank's state, so DCP saves only those and, on load, fills them in place from
-        whatever dp layout wrote the checkpoint. Pass the optimizer itself to dcp.save / dcp.load."""
-        state: dict[str, dict[str, Tensor]] = {}
-        for b, i, name, offset, shape in self._pieces():
-            state[name] = {kind: self._state_view(b, i, kind, offset, shape) for kind in STATE_KINDS}
-        return {"step": torch.tensor(self.step_count), "state": state}
+        parameter's own shape (a piece named in `blocks`: its whole tensor's). With a sharded group or a block
+        each tensor is a ShardedTensor whose local shards are views of this rank's state, so DCP saves only
+        those and, on load, fills them in place from whatever layout wrote the checkpoint. Pass the optimizer
+        itself to dcp.save / dcp.load (with `blocks`: a Stateful passing them)."""
+        return {"step": torch.tensor(self.step_count), "state": dict(self._views(blocks or {}))}
 
     def _pieces(self) -> Iterator[tuple[Bucket, int, str, int, torch.Size]]:
         """(bucket, param index, checkpoint name, element offset in the param, shape) of every piece of state."""
@@ -386,11 +385,18 @@ class ZeroAdamW:
                 for piece, offset, shape in self.state_pieces(name, p):
                     yield b, i, piece, offset, shape
 
-    def _state_view(self, b: Bucket, i: int, kind: str, offset: int, shape: torch.Size) -> Tensor:
-        """`shape` elements from `offset` of parameter i of bucket b's `kind` state (sharded over the group)."""
+    def _views(self, blocks: Mapping[str, Block]) -> Iterator[tuple[str, dict[str, Tensor]]]:
+        """Every piece's checkpoint name and its state by kind, in checkpoint form."""
+        for b, i, name, offset, shape in self._pieces():
+            yield name, {kind: self._state_view(b, i, kind, offset, shape, blocks.get(name)) for kind in STATE_KINDS}
+
+    def _state_view(self, b: Bucket, i: int, kind: str, offset: int, shape: torch.Size,
+                    block: Block | None = None) -> Tensor:
+        """`shape` elements from `offset` of parameter i of bucket b's `kind` state (sharded over the group; with
+        `block`, placed in its whole tensor)."""
         pg = b.group["process_group"]
-        ranks = dist.get_process_group_ranks(pg) if b.world > 1 else [0]
-        return sharded_view(b.state[kind], b.offsets[i] + offset, shape, b.numel // b.world, b.rank, ranks, pg)
+        ranks = dist.get_process_group_ranks(pg) if b.world > 1 else [block.peers[block.index] if block else 0]
+        return sharded_view(b.state[kind], b.offsets[i] + offset, shape, b.numel // b.world, b.rank, ranks, pg, block)
 
     def reset_moments(self) -> None:
         """Start Adam afresh from the current master weights: zero moments and step count (fine-tuning)."""
@@ -399,9 +405,9 @@ class ZeroAdamW:
             b.state["exp_avg_sq"].zero_()
         self.step_count = 0
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], blocks: Mapping[str, Block] | None = None) -> None:
         """Adopt a state dict (loaded in place by DCP, or any full/sharded one with the same FQNs and
-        shapes), then rebuild the parameters from the loaded master weights."""
+        shapes; the `blocks` of `state_dict`), then rebuild the parameters from the loaded master weights."""
         state = state_dict["state"]
         expected = {name for _, _, name, _, _ in self._pieces()}
         missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
@@ -409,9 +415,9 @@ class ZeroAdamW:
             raise ValueError(
                 f"optimizer state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
-        for b, i, name, offset, shape in self._pieces():
-            for kind in STATE_KINDS:
-                copy_pieces(self._state_view(b, i, kind, offset, shape), state[name][kind], name)
+        for name, views in self._views(blocks or {}):
+            for kind, view in views.items():
+                copy_pieces(view, state[name][kind], name)
         self.step_count = int(state_dict["step"])
         for b in reversed(self._buckets):
             self._launch_gather(b)

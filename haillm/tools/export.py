@@ -1,7 +1,7 @@
 """Export a training checkpoint as a Hugging Face DeepseekV3 checkpoint: `python -m haillm.tools.export
 CHECKPOINT OUT_DIR [--dtype bfloat16] [--ema]`.
 
-CHECKPOINT is a `checkpoints/step_<N>` directory written by any layout (dp, ep, pp with any schedule): its
+CHECKPOINT is a `checkpoints/step_<N>` directory written by any layout (dp, ep, tp, pp with any schedule): its
 tensors are stored under the full model's names and global shapes, so one process reads them whole. Weights
 come from the optimizer's fp32 master copies when the checkpoint holds them (the model entries may be a
 lower-precision copy), else from the model entries; buffers (the routing bias) from the model entries. With

@@ -3,7 +3,9 @@
 Layout of ``<output_dir>/checkpoints/step_<N>/``:
 - DCP files (``.metadata`` + ``__<rank>_<i>.distcp``) holding ``model`` and ``optim`` keyed by parameter
   FQNs with global shapes, so a later layout can reshard them, and with ``train.ema_decay`` > 0 ``ema`` (the fp32
-  EMA of the parameters, haillm.train.ema) under the same FQNs;
+  EMA of the parameters, haillm.train.ema) under the same FQNs. A tensor-parallel block of a parameter, its
+  ZeRO state and its EMA are saved in the whole tensor's shape (ShardedTensors over the tp peers' blocks), so a
+  checkpoint reads the same whatever tp wrote it;
 - ``trainer_state.json``: step, data position (global ``consumed_samples``), skip counters;
 - ``rng_rank<r>.pt``: each rank's RNG states;
 - ``config.yaml``: the resolved run configuration (what `haillm.tools.export` rebuilds the model from);
@@ -31,6 +33,7 @@ import warnings
 import zlib
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -40,9 +43,14 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, Sharde
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
+from haillm.parallel.tensor_plan import tp_blocks
+from haillm.parallel.zero_state import Block, in_blocks
 from haillm.train import faults
 from haillm.train.ema import ParameterEMA
 from haillm.train.setup import gather_object, rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from haillm.parallel.zero import ZeroAdamW
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -114,10 +122,27 @@ def _crc32(path: Path) -> int:
     return crc
 
 
+class _InBlocks:
+    """A Stateful (ZeroAdamW, ParameterEMA) whose state dict holds the tensors of `blocks` in their whole shapes."""
+
+    def __init__(self, inner: ZeroAdamW | ParameterEMA, blocks: dict[str, Block]) -> None:
+        self.inner, self.blocks = inner, blocks
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict(blocks=self.blocks)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state, blocks=self.blocks)
+
+
 def _state(model: torch.nn.Module, optimizer: Stateful, ema: ParameterEMA | None = None) -> dict:
     """What DCP saves and loads in place: parameters by FQN, the optimizer as a Stateful, and the EMA of the
-    parameters (a Stateful too, under the parameters' FQNs) when there is one."""
-    return {"model": model.state_dict(), "optim": optimizer, **({"ema": ema} if ema is not None else {})}
+    parameters (a Stateful too, under the parameters' FQNs) when there is one. Every tensor in its whole shape:
+    a tensor-parallel block (``tp_blocks``) is a view in it, and the optimizer's and EMA's state dicts take them."""
+    blocks = tp_blocks(model)
+    stateful = {"optim": optimizer, **({"ema": ema} if ema is not None else {})}
+    return {"model": in_blocks(model.state_dict(), blocks),
+            **{key: _InBlocks(value, blocks) if blocks else value for key, value in stateful.items()}}
 
 
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: Stateful, trainer_state: dict,
@@ -229,8 +254,8 @@ class Checkpointer:
 
 
 def _state_dict(model: torch.nn.Module, optimizer: Stateful, ema: ParameterEMA | None = None) -> dict:
-    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
-    return state | ({"ema": ema.state_dict()} if ema is not None else {})
+    state = _state(model, optimizer, ema)
+    return {key: value if key == "model" else value.state_dict() for key, value in state.items()}
 
 
 def _to_cpu(obj, buffers: dict[str, torch.Tensor], path: str):
@@ -274,7 +299,7 @@ def has_ema(metadata: dict, keys: list[str]) -> bool:
 def check_shapes(path: Path, model: torch.nn.Module, metadata: dict | None = None) -> None:
     """Raise CheckpointError when the checkpoint's model tensors differ from the model's (other config)."""
     metadata = _metadata(path) if metadata is None else metadata
-    for name, tensor in model.state_dict().items():
+    for name, tensor in in_blocks(model.state_dict(), tp_blocks(model)).items():
         entry = metadata.get(f"model.{name}")
         if entry is None:
             raise CheckpointError(

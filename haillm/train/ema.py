@@ -4,8 +4,9 @@ DeepSeek-V3 (section 3.3.3) keeps an EMA of the model's parameters in CPU memory
 each training step: an early estimate of the model after learning-rate decay, for no GPU memory and almost no
 step time. Here each rank averages the parameters its own model holds (its pipeline stages, its block of experts;
 with ZeRO-1 every data-parallel replica holds them all after the step), under the names of ``model.state_dict()``:
-full-model FQNs, experts by global id. A checkpoint stores the EMA as ``ema.<fqn>`` next to ``model.<fqn>``, so it
-reshards across layouts as the weights do. Buffers (the routing bias) are not parameters and are not averaged.
+full-model FQNs, experts by global id. A checkpoint stores the EMA as ``ema.<fqn>`` next to ``model.<fqn>`` (a
+tensor-parallel block in its whole tensor's shape), so it reshards across layouts as the weights do. Buffers (the
+routing bias) are not parameters and are not averaged.
 
 One update, after an optimizer step that was applied (a skipped step adds no point to the average):
   1. the parameters are copied into host staging buffers -- on a GPU by ``non_blocking`` copies into pinned
@@ -20,11 +21,13 @@ must not overwrite the parameters before step 1 has read them (``before_optimize
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
+
+from haillm.parallel.zero_state import Block, copy_pieces, in_blocks
 
 
 def parameter_views(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -139,15 +142,13 @@ class ParameterEMA:
             self._pool = None
 
     # ---- torch.distributed.checkpoint ----
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The EMA tensors by state-dict key, complete (DCP saves them, or loads into them in place)."""
+    def state_dict(self, blocks: Mapping[str, Block] | None = None) -> dict[str, torch.Tensor]:
+        """The EMA tensors by state-dict key, complete (DCP saves them, or loads into them in place); those named
+        in `blocks` (a tensor-parallel block of a parameter) as views in their whole tensor's shape."""
         self.wait()
-        return dict(self.ema)
+        return in_blocks(self.ema, blocks or {})
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Adopt a loaded EMA (DCP filled ``state_dict()``'s tensors in place; a copy otherwise)."""
-        self.wait()
-        with torch.no_grad():
-            for key, ema in self.ema.items():
-                if state[key].data_ptr() != ema.data_ptr():
-                    ema.copy_(state[key])
+    def load_state_dict(self, state: dict[str, torch.Tensor], blocks: Mapping[str, Block] | None = None) -> None:
+        """Adopt a loaded EMA (DCP filled ``state_dict(blocks)``'s tensors in place; a copy otherwise)."""
+        for key, ema in self.state_dict(blocks).items():
+            copy_pieces(ema, state[key], key)
