@@ -14,9 +14,11 @@ from haillm.config import compose_config, validate
 from haillm.fp8.policy import FP8_TINY_OVERRIDES
 from haillm.models.deepseek_v3.args import get_preset
 from haillm.models.deepseek_v3.flops import count_params, flops_per_token
+from haillm.parallel.pipeline.stage import StageSpec
 from haillm.tools.activations import ActivationSetup, attention_per_token, ffn_per_token, head_bytes
+from haillm.tools.memory import Layout
 from haillm.tools.plan import GIB, main, make_plan
-from haillm.tools.plan_time import Bandwidths
+from haillm.tools.plan_time import Bandwidths, tp_traffic
 from haillm.train.metrics import peak_flops
 
 PUBLISHED = ["model=v3_671b", "parallel.pp=16", "parallel.ep=64", "parallel.dp=128", "parallel.pp_schedule=dualpipe",
@@ -73,9 +75,9 @@ def test_published_layout_memory_and_traffic(published):
     # bf16 parameters; gradients in fp32 buckets (2x); ~2 x 4 of 61 layers' experts x 4 of 256 per rank
     assert mem["gradients"] == 2 * mem["parameters"]
     assert 5 * GIB < mem["parameters"] < 8 * GIB
-    # with recompute and FP8 off (the defaults), our activations keep 3.01 GiB per MoE layer per 4096-token
-    # micro-batch, 12.04 GiB per middle stage of 4 layers, 17 of them in flight: this layout does not fit 80 GiB
-    assert middle["activations_per_microbatch"] == pytest.approx([4 * 3.01 * GIB] * 2, rel=1e-3)
+    # with recompute and FP8 off (the defaults), our activations keep 3.014 GiB per MoE layer per 4096-token
+    # micro-batch, 12.05 GiB per middle stage of 4 layers, 17 of them in flight: this layout does not fit 80 GiB
+    assert middle["activations_per_microbatch"] == pytest.approx([4 * 3.014 * GIB] * 2, rel=1e-3)
     assert mem["fits"] is False and mem["capacity"] == 80 * GIB
     comm = plan["comm_bytes_per_rank_per_step"]
     assert comm["all_to_all"] > comm["pipeline_p2p"] > 0
@@ -86,7 +88,7 @@ def test_published_layout_memory_and_traffic(published):
 
 def test_deepseek_recipe_fits_the_published_layout():
     """DeepSeek-V3's own settings (bf16 moments, FP8, recompute) on its 2048 x 80 GB layout fit (issue #22):
-    a MoE layer keeps at most 180 KB per token and the head at most 32 KB (we keep 165 KB and 14 KB)."""
+    a MoE layer keeps at most 180 KB per token and the head at most 32 KB (we keep 166 KB and 14 KB)."""
     plan = make_plan([*PUBLISHED, "optim=v3", "fp8=enabled", "train.recompute=true"], gpus=2048, gpu="h800")
     mem = plan["memory_bytes_per_rank"]
     assert mem["fits"] and mem["total"] < mem["usable"] < mem["capacity"] == 80 * GIB
@@ -165,6 +167,56 @@ def test_1f1b_with_mtp_all_reduces_the_embedding_gradient(mtp_depth):
     assert plan["comm_bytes_per_rank_per_step"]["partner_all_reduce"] == embedding
 
 
+def _v3_layer_traffic(tp: int, sequence_parallel: bool, fp8: bool = False) -> dict[str, list[float]]:
+    """``tp_traffic`` of one dense and one MoE layer of DeepSeek-V3 in BF16, per token of a 4096-token sequence."""
+    a, setup = get_preset("v3_671b"), ActivationSetup(act_bytes=2, fp8=fp8, tp=tp, sequence_parallel=sequence_parallel)
+    lay = Layout(dp=1, pp=1, ep=1, schedule="1f1b", ranks_per_node=8, micro_batch=1, seq_len=4096, n_microbatches=1,
+                 param_dtype=torch.bfloat16, moment_dtype=torch.float32, reduce_dtype=torch.float32, setup=setup, tp=tp,
+                 sequence_parallel=sequence_parallel)
+    per_layer = tp_traffic(a, lay, StageSpec(0, range(a.n_dense_layers - 1, a.n_dense_layers + 1), False, False))
+    return {kind: [b / 4096 for b in both] for kind, both in per_layer.items() if any(both)}
+
+
+@pytest.mark.parametrize("tp, attention, ffn", [(2, 9280, 14336), (4, 13920, 21504)])
+def test_tensor_parallel_traffic_per_layer(tp, attention, ffn):
+    """Per token and layer a tp rank sends (tp-1)/tp of what enters and leaves a region under sequence
+    parallelism, forward and again backward (docs/tensor_parallel.md: V3's latents in and wo out, an FFN's input in
+    and output out). Replicated mode all-reduces instead, twice an all-gather's bytes, once per edge: what leaves
+    in forward, what enters in backward; as much in all, plus the MoE router's rows, gathered both ways. FP8
+    linears add the gathered FP8 copy of the FFN's input (its data and 1x128 scales) in forward."""
+    sp, replicated = _v3_layer_traffic(tp, True), _v3_layer_traffic(tp, False)
+    balance = 2 * 256 * 4 / 4096 * 2 * (tp - 1) / tp  # the balance loss's per-sequence sums, all-reduced
+    assert sp == {"attention": [2 * attention] * 2, "dense_ffn": [ffn, ffn], "moe": [ffn + balance, ffn]}  # 2 layers
+    all_reduce = 2 * (tp - 1) / tp * 2  # bf16
+    assert replicated["attention"] == [2 * all_reduce * 7168, 2 * all_reduce * (1536 + 512 + 64)]
+    assert replicated["dense_ffn"] == [all_reduce * 7168] * 2 == sp["dense_ffn"]
+    rows = (tp - 1) / tp * 7168 * 2  # all-gathered, forward and backward
+    assert replicated["moe"] == [ffn + rows + balance, ffn + rows]
+    fp8 = _v3_layer_traffic(tp, True, fp8=True)
+    assert fp8["dense_ffn"] == [ffn + (tp - 1) / tp * (7168 + 4 * 56), ffn]
+
+
+def test_tensor_parallel_plan():
+    """A tp=2 plan: split parameters and a smaller per-rank share of the activations (SP smaller again without
+    recompute), the tensor-parallel bytes by layer kind adding up to the traffic, and their time over NVLink as a
+    term of the step time."""
+    plans = {mode: make_plan([*TINY, *overrides], gpu="h100") for mode, overrides in
+             ((1, []), (2, ["parallel.tp=2", "parallel.sequence_parallel=false"]), ("2 SP", ["parallel.tp=2"]))}
+    mem = {tp: plan["memory_bytes_per_rank"] for tp, plan in plans.items()}
+    assert mem[2]["parameters"] < mem[1]["parameters"]
+    assert mem[1]["activations"] > mem[2]["activations"] > mem["2 SP"]["activations"]
+    assert plans[1]["tensor_parallel_bytes_per_rank_per_step"] is None
+    for plan in (plans[2], plans["2 SP"]):
+        kinds = plan["tensor_parallel_bytes_per_rank_per_step"]
+        total = plan["comm_bytes_per_rank_per_step"]["tensor_parallel"]
+        assert total == pytest.approx(sum(v["forward"] + v["backward"] for v in kinds.values() if isinstance(v, dict)))
+        assert plan["step_time_terms_s"]["tensor_parallel"] == pytest.approx(total / 153e9)
+        assert plan["links"]["tensor_parallel"] == "NVLink"
+    assert plans["2 SP"]["tensor_parallel_bytes_per_rank_per_step"]["mode"] == "sequence parallel"
+    assert plans[2]["comm_bytes_per_rank_per_step"]["tensor_parallel"] > plans["2 SP"][
+        "comm_bytes_per_rank_per_step"]["tensor_parallel"]
+
+
 @pytest.mark.parametrize("overrides, micro_batch", [
     ([], 8),
     (["parallel.pp=2", "parallel.pp_schedule=dualpipe"], 1),
@@ -202,8 +254,9 @@ def test_json_is_one_object(capsys):
     for key in ("total_params", "active_params", "flops_per_token", "memory_bytes_per_rank", "step_time_s", "mfu",
                 "gpu_hours_per_trillion_tokens", "step_time_terms_s", "bandwidths_gbps", "comm_time_s"):
         assert key in plan
-    assert set(plan["step_time_terms_s"]) == {"compute", "pipeline_bubble", "all_to_all", "pipeline_p2p",
-                                              "zero_reduce_scatter", "zero_all_gather", "partner_all_reduce"}
+    assert set(plan["step_time_terms_s"]) == {"compute", "tensor_parallel", "pipeline_bubble", "all_to_all",
+                                              "pipeline_p2p", "zero_reduce_scatter", "zero_all_gather",
+                                              "partner_all_reduce"}
     assert plan["bandwidths_gbps"] == {"nvlink": 153.0, "ib": 43.0}  # DeepEP's published figures
     assert plan["memory_bytes_per_rank"]["capacity"] == 141 * GIB
 
@@ -221,15 +274,16 @@ def test_text_report_and_exit_codes(capsys):
     assert "hint: activations take the most" in out
     assert "nearest fitting change: train.recompute=true" in out  # (recompute keeps SwiGLU inputs only too)
     assert "--gpus 1 --gpu h100 --search" in out
-    for term in ("compute", "pipeline bubble", "all to all", "pipeline p2p", "zero reduce scatter", "zero all gather",
-                 "partner all reduce"):
+    for term in ("compute", "tensor parallel", "pipeline bubble", "all to all", "pipeline p2p", "zero reduce scatter",
+                 "zero all gather", "partner all reduce"):
         assert f"\n  {term} " in out
 
 
 @pytest.mark.parametrize("argv, message", [
     (["parallel.dp=2", "--gpus", "4"], "--gpus=4 but parallel.dp*pp*tp = 2*1*1 = 2"),
     (["parallel.pp=3", "parallel.pp_schedule=dualpipe", "train.global_batch_size=12"], "dualpipe needs an even pp"),
-    (["parallel.tp=2"], "parallel.tp=2: the planner does not model tensor parallelism yet"),
+    (["parallel.tp=3"], "parallel.tp=3 must divide parallel.ranks_per_node=8"),
+    (["parallel.tp=2", "model.n_heads=3"], "model.n_heads=3 is not divisible by parallel.tp=2"),
     (["--gpu", "tpu"], "argument --gpu: invalid choice: 'tpu'"),
     (["--mfu", "1.5"], "--mfu=1.5 must be in (0, 1]"),
     (["--ib-gbps", "0"], "--ib-gbps=0.0 must be positive"),
@@ -314,19 +368,22 @@ def test_dualpipe_hides_the_all_to_all_that_1f1b_exposes():
 
 
 def test_search_lists_fitting_valid_layouts_fastest_first(capsys):
-    assert main([*TINY[:-1], "--gpus", "8", "--gpu", "h100", "--search", "--json"]) == 0
+    """At the given tp (here 2; 1 unless given), with its traffic as a term of each layout's step time."""
+    base = [*TINY[:-1], "parallel.tp=2"]
+    assert main([*base, "--gpus", "8", "--gpu", "h100", "--search", "--json"]) == 0
     layouts = json.loads(capsys.readouterr().out)
     assert layouts and [e["step_time_s"] for e in layouts] == sorted(e["step_time_s"] for e in layouts)
     assert {(e["pp"], e["pp_schedule"]) for e in layouts} >= {(1, None), (2, "1f1b"), (2, "dualpipe"), (4, "1f1b")}
-    base = compose_config(TINY[:-1])
+    composed = compose_config(base)
     for e in layouts:
         assert e["memory_bytes_per_rank"] <= e["usable_bytes"] == 0.9 * 80 * GIB
         assert e["step_time_s"] == pytest.approx(sum(e["step_time_terms_s"].values()))
-        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(e["overrides"]))
+        assert e["tp"] == 2 and e["step_time_terms_s"]["tensor_parallel"] > 0
+        cfg = OmegaConf.merge(composed, OmegaConf.from_dotlist(e["overrides"]))
         validate(cfg, 8)  # the trainer's validation, for 8 ranks
-        assert (cfg.parallel.dp * cfg.parallel.pp, cfg.parallel.ep) == (8, e["ep"])
+        assert (cfg.parallel.dp * cfg.parallel.pp * cfg.parallel.tp, cfg.parallel.ep) == (8, e["ep"])
     # an entry is the plan of its overrides (composed and validated as launch/train.py does)
-    plan = make_plan([*TINY[:-1], *layouts[0]["overrides"]], gpus=8, gpu="h100")
+    plan = make_plan([*base, *layouts[0]["overrides"]], gpus=8, gpu="h100")
     assert plan["step_time_s"] == pytest.approx(layouts[0]["step_time_s"])
     assert plan["memory_bytes_per_rank"]["total"] == pytest.approx(layouts[0]["memory_bytes_per_rank"])
 

@@ -6,7 +6,8 @@ buffer, a bf16 reduction's bucket copies) must match exactly (BF16 parameters in
 peak of live saved-for-backward storages over one optimizer step, pipeline in-flight micro-batches
 included) within 10%, in fp32, in BF16 (whose GEMMs on CPU are fp32 arithmetic that keeps the bf16
 operands for backward, as a GPU does: haillm/ops/precision.py) and with FP8 linears (the CPU reference GEMMs,
-which keep what the GPU's do: FP8 inputs with their scales).
+which keep what the GPU's do: FP8 inputs with their scales), and with tensor parallelism (each tp rank against
+its pipeline rank's prediction).
 Run with `-s` to print the table."""
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ LAYOUTS = {
     "dp2_ep2_bf16_bf16reduce": ["parallel.dp=2", "parallel.ep=2", "train.dtype=bf16", "optim.grad_reduce_dtype=bf16"],
     "pp2_dualpipe_bf16_recompute": ["parallel.pp=2", "parallel.pp_schedule=dualpipe", "train.dtype=bf16",
                                     "train.recompute=true"],
+    # tensor parallelism: ZeRO-1 groups by placement (split over dp, partial over dp x tp, experts over edp x tp)
+    "dp2_ep2_tp2_fp8": ["parallel.dp=2", "parallel.ep=2", "parallel.tp=2", "fp8=enabled"],
+    "pp2_tp2_dualpipev_replicated_recompute": ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=dualpipev",
+                                               "parallel.sequence_parallel=false", "train.recompute=true"],
 }
 # One step of tiny: 8 micro-batches of 2 x 64 tokens per pipeline (DualPipe needs >= 2*pp of them).
 RUN = ["train.steps=1", "train.seq_len=64", "train.global_batch_size=16", "train.micro_batch_size=2",
@@ -102,7 +107,7 @@ def fp8_weight_caches(model: torch.nn.Module) -> dict[torch.nn.Module, int]:
 def test_predicted_memory_matches_measured(name, tmp_path):
     overrides = [*RUN, *LAYOUTS[name]]
     cfg = compose_config(overrides)
-    world = cfg.parallel.dp * cfg.parallel.pp
+    world = cfg.parallel.dp * cfg.parallel.pp * cfg.parallel.tp
     measured = run_distributed(_measure, world_size=world, args=([*overrides, f"output_dir={tmp_path}/run"],),
                                timeout=120)
     plan = make_plan(overrides, gpus=world, gpu="cpu")

@@ -1,8 +1,9 @@
 """Memory of one rank of a layout, predicted from the code that will allocate it.
 
 The rank's model is built on the meta device exactly as ``launch/train.py`` builds it (its pipeline stages
-by ``stage.build_stage_model``, only its experts by ``expert.apply_expert_parallel``), its parameters are
-split into the optimizer's groups (``optim.zero_groups``) and laid out in ZeRO-1 buckets by the optimizer's
+by ``stage.build_stage_model``, only its experts by ``expert.apply_expert_parallel``, its tensor-parallel
+blocks by ``tensor_plan.parallelize_tensor``), its parameters are split into the optimizer's groups
+(``optim.zero_groups``, by tensor-parallel placement too) and laid out in ZeRO-1 buckets by the optimizer's
 own ``zero_buckets.plan_buckets``, so parameter, gradient and optimizer bytes are those the run allocates.
 Activations come from ``activations.chunk_bytes`` per local chunk and micro-batch, weighted by the most
 micro-batches the schedule keeps in flight on the rank (``schedules.peak_activations``: PP+1 on DualPipe).
@@ -23,6 +24,8 @@ from haillm.parallel.expert import ExpertPlacement, apply_expert_parallel
 from haillm.parallel.mesh import ParallelDims
 from haillm.parallel.pipeline.schedules import Schedule, build, peak_activations
 from haillm.parallel.pipeline.stage import StageSpec, build_stage_model, second_copies, stage_specs
+from haillm.parallel.tensor import TensorParallel
+from haillm.parallel.tensor_plan import parallelize_tensor
 from haillm.parallel.zero import DEFAULT_BUCKET_MB
 from haillm.parallel.zero_buckets import FP32_BYTES, BucketPlan, ParamSpec, plan_buckets
 from haillm.tools.activations import ActivationSetup, chunk_bytes
@@ -47,6 +50,13 @@ class Layout:
     setup: ActivationSetup
     bucket_mb: float = DEFAULT_BUCKET_MB  # optim.bucket_mb
     fp8_cache_transposed: bool = False  # fp8.cache_transposed
+    tp: int = 1
+    sequence_parallel: bool = False  # parallel.sequence_parallel (with tp > 1)
+
+    @property
+    def seq_factor(self) -> int:
+        """How many times longer a sequence is than the hidden states between stages (``TensorParallel``'s)."""
+        return self.tp if self.sequence_parallel else 1
 
 
 @dataclass
@@ -70,6 +80,7 @@ class RankMemory:
     reduce_copies: int  # transient: gradient buckets copied to optim.grad_reduce_dtype for their reduction
     specs: list[StageSpec] = field(repr=False)  # the local chunks
     plans: list[BucketPlan] = field(repr=False)  # the ZeRO-1 buckets
+    replicas: list[str] = field(repr=False)  # per param group (BucketPlan.group): its ParallelDims replica dim
 
     @property
     def static(self) -> int:
@@ -84,20 +95,22 @@ class RankMemory:
         return max(self.static + self.activations, self.end_of_step)
 
     def as_dict(self) -> dict:
-        skip = ("specs", "plans")
+        skip = ("specs", "plans", "replicas")
         return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip},
                 "buckets": len(self.plans), "static": self.static, "end_of_step": self.end_of_step,
                 "total": self.total}
 
 
 def dims_of(lay: Layout, pp_rank: int) -> ParallelDims:
-    """The rank arithmetic of data-parallel rank 0 of pipeline rank ``pp_rank`` (no process groups)."""
-    return ParallelDims(lay.dp, lay.pp, 1, lay.ep, lay.dp * lay.pp, lay.ranks_per_node, rank=pp_rank * lay.dp)
+    """The rank arithmetic of data- and tensor-parallel rank 0 of pipeline rank ``pp_rank`` (no process groups)."""
+    return ParallelDims(lay.dp, lay.pp, lay.tp, lay.ep, lay.dp * lay.pp * lay.tp, lay.ranks_per_node,
+                        rank=pp_rank * lay.dp * lay.tp)
 
 
 def rank_model(args: ModelArgs, lay: Layout, pp_rank: int) -> torch.nn.Module:
     """This pipeline rank's model on the meta device, holding the experts of expert-parallel rank 0 (every
-    ep rank holds as many)."""
+    ep rank holds as many) and the blocks of tensor-parallel rank 0 (tp splits evenly), with its
+    ``tp_placements``."""
     with torch.device("meta"):
         if lay.pp > 1:
             model = build_stage_model(args, lay.schedule, lay.pp, pp_rank, init_seed=None)
@@ -106,17 +119,20 @@ def rank_model(args: ModelArgs, lay: Layout, pp_rank: int) -> torch.nn.Module:
     if lay.ep > 1:
         placement = ExpertPlacement.from_dims(dims_of(lay, pp_rank), args.n_routed_experts, args.n_expert_groups)
         apply_expert_parallel(model, SimpleNamespace(placement=placement))  # only its placement is read
+    parallelize_tensor(model, TensorParallel(None, lay.tp, 0, lay.sequence_parallel))  # no group: the split only
     return model
 
 
-def bucket_plans(model: torch.nn.Module, lay: Layout, pp_rank: int) -> list[BucketPlan]:
+def bucket_plans(model: torch.nn.Module, lay: Layout, pp_rank: int) -> tuple[list[BucketPlan], list[str]]:
     """The ZeRO-1 buckets ``build_optimizer`` makes for this rank, from its own rules: the param groups
-    (``zero_groups``, second copies by ``second_copies``) and each group's replicas (``replica_dim``)."""
+    (``zero_groups``, second copies by ``second_copies``, tp placements by ``model.tp_placements``) and each
+    group's replicas (``replica_dim``, also returned per group)."""
     dims = dims_of(lay, pp_rank)
     specs = [(n, ParamSpec(n, tuple(p.shape), lay.param_dtype)) for n, p in model.named_parameters()]
-    groups = zero_groups(specs, lay.ep, second_copies(model, lay.schedule, lay.pp, pp_rank))
-    worlds = [getattr(dims, replica_dim(expert, kind)) for (expert, _, kind), _ in groups]
-    return plan_buckets([[s for _, s in g] for _, g in groups], worlds, int(lay.bucket_mb * 2**20))
+    groups = zero_groups(specs, lay.ep, second_copies(model, lay.schedule, lay.pp, pp_rank), model.tp_placements)
+    replicas = [replica_dim(expert, kind) for (expert, _, kind), _ in groups]
+    worlds = [getattr(dims, r) for r in replicas]
+    return plan_buckets([[s for _, s in g] for _, g in groups], worlds, int(lay.bucket_mb * 2**20)), replicas
 
 
 def partner_grad_bytes(model: torch.nn.Module, lay: Layout) -> int:
@@ -146,7 +162,7 @@ def rank_memory(args: ModelArgs, lay: Layout, pp_rank: int, model: torch.nn.Modu
     """Memory of pipeline rank ``pp_rank``; ``model``: its ``rank_model`` if already built; ``schedule``: the
     layout's ``schedules.build`` if already built."""
     model = model if model is not None else rank_model(args, lay, pp_rank)
-    plans = bucket_plans(model, lay, pp_rank)
+    plans, replicas = bucket_plans(model, lay, pp_rank)
     if lay.pp > 1:
         specs = stage_specs(args, lay.schedule, lay.pp, pp_rank)
     else:
@@ -170,6 +186,7 @@ def rank_memory(args: ModelArgs, lay: Layout, pp_rank: int, model: torch.nn.Modu
         reduce_copies=sum(b.reduce_copy_bytes(lay.reduce_dtype) for b in plans),
         specs=specs,
         plans=plans,
+        replicas=replicas,
     )
 
 

@@ -38,7 +38,7 @@ from haillm.parallel.mesh import ParallelConfigError
 from haillm.tools import plan_time
 from haillm.tools.activations import ActivationSetup
 from haillm.tools.memory import Layout, RankMemory, all_ranks
-from haillm.tools.plan_time import Bandwidths, pipeline_counts, schedule_of
+from haillm.tools.plan_time import Bandwidths, schedule_of
 from haillm.tools.schedule import OneLineParser
 from haillm.train.metrics import GPU_PEAK_FLOPS, named_peak_flops
 from haillm.train.optim import config_dtype
@@ -77,8 +77,6 @@ def compose(overrides: list[str], gpus: int | None, gpu: str) -> tuple[DictConfi
                           "make them equal (ep divides dp and adds no GPUs)")
     gpus = ranks
     validate(cfg, gpus)
-    if p.tp > 1:
-        raise ConfigError(f"parallel.tp={p.tp}: the planner does not model tensor parallelism yet (only tp=1)")
     return cfg, gpus
 
 
@@ -95,62 +93,40 @@ def layout_of(cfg: DictConfig, gpu: str, capability: tuple[int, int] | None = No
     """What memory depends on, for a run of ``cfg`` on ``gpu`` (a name of GPU_SPECS, or "cpu")."""
     t, p, o = cfg.train, cfg.parallel, cfg.optim
     param_dtype = config_dtype(t.dtype)  # every parameter, as cast_parameters
+    sequence_parallel = p.tp > 1 and bool(p.sequence_parallel)
     setup = ActivationSetup(act_bytes=param_dtype.itemsize, recompute=t.recompute, swiglu=t.recompute_swiglu,
-                            fp8=fp8_linears(cfg, gpu, capability),
-                            cpu=gpu == "cpu", ep=p.ep)
+                            fp8=fp8_linears(cfg, gpu, capability), cpu=gpu == "cpu", ep=p.ep, tp=p.tp,
+                            sequence_parallel=sequence_parallel)
     return Layout(dp=p.dp, pp=p.pp, ep=p.ep, schedule=p.pp_schedule, ranks_per_node=p.ranks_per_node,
                   micro_batch=t.micro_batch_size, seq_len=t.seq_len,
                   n_microbatches=t.global_batch_size // (t.micro_batch_size * p.dp), param_dtype=param_dtype,
                   moment_dtype=config_dtype(o.moment_dtype), reduce_dtype=config_dtype(o.grad_reduce_dtype),
-                  setup=setup, bucket_mb=o.bucket_mb, fp8_cache_transposed=cfg.fp8.cache_transposed)
-
-
-def traffic(args: ModelArgs, lay: Layout, ranks: list[RankMemory], fp8_dispatch: bool) -> list[dict[str, float]]:
-    """Bytes one rank of each pipeline rank sends per step, by kind. All-to-all: every routed copy of a token
-    that lands on another EP rank (uniform routing: (ep-1)/ep of them), dispatched (FP8 with 1x128 scales
-    under ``fp8.enabled``) and combined forward, and both again as gradients in backward; with
-    ``train.recompute_swiglu`` the copy's fp32 gate weight rides along both ways. P2P: activations
-    and gradients between pipeline ranks. ZeRO-1: ring reduce-scatter of the gradient buckets (in
-    ``optim.grad_reduce_dtype``) and all-gather of the parameters. Partner: the fp32 all-reduce of
-    ``sum_partner_grads`` between two ranks (a ring of two sends the buffer once): every gradient of a
-    DualPipe mirror pair, the embedding's between the first and the last rank of 1F1B with MTP."""
-    act, dim, k = lay.setup.act_bytes, args.dim, args.n_activated_experts
-    copy_out = dim + 4 * -(-dim // 128) if fp8_dispatch else dim * act
-    gate_weight = 2 * 4 if lay.setup.swiglu_inputs_only else 0  # fp32, sent with its copy and its gradient back
-    per_copy = (copy_out + 3 * dim * act + gate_weight) * (lay.ep - 1) / lay.ep
-    out = []
-    for rank in ranks:
-        if lay.pp > 1:
-            forwards, sends = pipeline_counts(lay.schedule, lay.pp, lay.n_microbatches)[rank.pp_rank]
-            p2p = sends * lay.micro_batch * lay.seq_len * dim * act
-        else:
-            forwards, p2p = (lay.n_microbatches,), 0
-        a2a = 0.0
-        for spec, n in zip(rank.specs, forwards, strict=True):
-            tokens = sum(lay.seq_len for i in spec.layers if i >= args.n_dense_layers)
-            if spec.last:
-                tokens += sum(lay.seq_len - d for d in range(1, args.mtp_depth + 1))
-            a2a += n * lay.micro_batch * tokens * k * per_copy
-        zero = {"zero_reduce_scatter": 0.0, "zero_all_gather": 0.0}
-        for b in rank.plans:
-            share = (b.world - 1) / b.world
-            zero["zero_reduce_scatter"] += b.reduce_bytes(lay.reduce_dtype) * share
-            zero["zero_all_gather"] += b.param_bytes() * share
-        out.append({"all_to_all": a2a, "pipeline_p2p": float(p2p), **zero,
-                    "partner_all_reduce": float(rank.partner_grads)})
-    return out
+                  setup=setup, bucket_mb=o.bucket_mb, fp8_cache_transposed=cfg.fp8.cache_transposed, tp=p.tp,
+                  sequence_parallel=sequence_parallel)
 
 
 def timing(cfg: DictConfig, args: ModelArgs, lay: Layout, ranks: list[RankMemory], gpus: int, gpu: str,
            mfu: float, bw: Bandwidths) -> dict:
-    """Traffic (``traffic``) and the modelled step time (``plan_time.step_time``) at ``mfu`` for the compute."""
-    comm = traffic(args, lay, ranks, cfg.fp8.enabled and lay.ep > 1)
+    """Traffic (``plan_time.traffic``) and the modelled step time (``plan_time.step_time``) at ``mfu`` for the
+    compute."""
+    comm = plan_time.traffic(args, lay, ranks, cfg.fp8.enabled and lay.ep > 1)
     fpt = flops_per_token(args, lay.seq_len)
     peak, peak_source = named_peak_flops(None if gpu == "cpu" else gpu.upper(), cfg.train.peak_flops)
     tokens = cfg.train.global_batch_size * lay.seq_len
     compute_s = tokens * fpt / (gpus * peak * mfu)
     return {**plan_time.step_time(lay, ranks, comm, compute_s, args.dim, bw), "comm": comm, "peak": peak,
             "peak_source": peak_source, "tokens": tokens, "flops_per_token": fpt}
+
+
+def tp_breakdown(args: ModelArgs, lay: Layout, ranks: list[RankMemory], comm: list[dict[str, float]]
+                 ) -> dict | None:
+    """The tensor-parallel bytes of the pipeline rank that sends the most, by layer kind and direction."""
+    if lay.tp == 1:
+        return None
+    busiest = max(range(len(ranks)), key=lambda i: comm[i]["tensor_parallel"])
+    kinds = plan_time.rank_tp_traffic(args, lay, ranks[busiest])
+    return {"pp_rank": ranks[busiest].pp_rank, "mode": "sequence parallel" if lay.sequence_parallel else "replicated",
+            **{kind: {"forward": f, "backward": b} for kind, (f, b) in kinds.items()}}
 
 
 def usable_bytes(gpu: str) -> tuple[float | None, float | None]:
@@ -198,7 +174,8 @@ def plan_of(cfg: DictConfig, gpus: int, gpu: str, step_time: float | None, mfu: 
         "mtp_params": mtp_params(args)[0],
         "flops_per_token": fpt,
         "flops_per_token_without_mtp": flops_per_token(args.replace(mtp_depth=0), lay.seq_len),
-        "layout": {"gpus": gpus, "gpu": gpu, "dp": lay.dp, "pp": lay.pp, "ep": lay.ep, "tp": cfg.parallel.tp,
+        "layout": {"gpus": gpus, "gpu": gpu, "dp": lay.dp, "pp": lay.pp, "ep": lay.ep, "tp": lay.tp,
+                   "sequence_parallel": lay.sequence_parallel,
                    "pp_schedule": lay.schedule if lay.pp > 1 else None, "micro_batch_size": lay.micro_batch,
                    "microbatches_per_step": lay.n_microbatches, "seq_len": lay.seq_len,
                    "global_batch_size": cfg.train.global_batch_size, "param_dtype": cfg.train.dtype,
@@ -210,6 +187,7 @@ def plan_of(cfg: DictConfig, gpus: int, gpu: str, step_time: float | None, mfu: 
         "fit_hint": hint,
         "comm_bytes_per_rank_per_step": {kind: max(c[kind] for c in t["comm"]) for kind in t["comm"][0]},
         "comm_bytes_per_pp_rank_per_step": t["comm"],
+        "tensor_parallel_bytes_per_rank_per_step": tp_breakdown(args, lay, ranks, t["comm"]),
         "comm_time_s": t["comm_time_s"],
         "links": t["links"],
         "bandwidths_gbps": {"nvlink": bw.nvlink_gbps, "ib": bw.ib_gbps},
@@ -292,6 +270,11 @@ def render(plan: dict) -> str:
     busiest = " (each kind's busiest pipeline rank)" if lay["pp"] > 1 else ""
     lines.append(f"communication per rank and step{busiest}: " + (", ".join(
         f"{k.replace('_', ' ')} {_si(v, 'B')}" for k, v in comm.items() if v) or "none"))
+    tp = plan["tensor_parallel_bytes_per_rank_per_step"]
+    if tp:
+        lines.append(f"tensor parallel per rank and step ({tp['mode']}; pipeline rank {tp['pp_rank']}): " + ", ".join(
+            f"{kind.replace('_', ' ')} {_si(v['forward'], 'B')} forward + {_si(v['backward'], 'B')} backward"
+            for kind, v in tp.items() if isinstance(v, dict) and v["forward"] + v["backward"]))
     lines += _render_time(plan)
     return "\n".join(lines)
 
@@ -307,6 +290,8 @@ def _render_time(plan: dict) -> list[str]:
         "pipeline_bubble": "no pipeline" if bubble is None else
                            f"simulated {lay['pp_schedule']}, F:B:W = 1:2:1 plus exposed all-to-all: "
                            f"{100 * bubble:.1f}% of the pipeline's time",
+        "tensor_parallel": "no tensor parallelism" if lay["tp"] == 1 else
+                           f"{links['tensor_parallel']}; synchronous collectives at the regions' edges, exposed",
         "all_to_all": f"{links['all_to_all']}; {plan['overlap']}",
         "pipeline_p2p": f"{links['pipeline_p2p']}; what the simulated makespan grows by when each transfer takes "
                         "its time",

@@ -1,9 +1,11 @@
 """The layout planner's search and its hints: which layouts of N GPUs fit, fastest first (``python -m
 haillm.tools.plan --search --gpus N ...``), and what to change when a layout does not fit.
 
-Search: every (parallel.pp, parallel.dp = N / pp, parallel.ep dividing dp, parallel.pp_schedule among 1f1b,
-dualpipe and dualpipev when pp > 1) that the trainer's ``validate`` accepts for N ranks; without a pipeline each
-``train.micro_batch_size`` up to 8 that divides dp's share of the batch, with one 1 (the trainer's default: a
+Search: every (parallel.pp, parallel.dp = N / (pp tp), parallel.ep dividing dp, parallel.pp_schedule among 1f1b,
+dualpipe and dualpipev when pp > 1) that the trainer's ``validate`` accepts for N ranks, at the configured
+``parallel.tp`` (1 unless given: searching tp too would multiply the layouts, and a tp rank's micro-batches per step,
+hence the schedules simulated, by tp); without a pipeline
+each ``train.micro_batch_size`` up to 8 that divides dp's share of the batch, with one 1 (the trainer's default: a
 larger one only adds bubble, exposed warm-up all-to-all and activations); recompute off, or on where off does
 not fit. Keys given on the command line (``parallel.ep=8``, ``train.recompute=true``, ...) stay
 fixed. A layout is listed once, with its fastest fitting variant (recompute off when that fits: the time model
@@ -198,7 +200,7 @@ def search(overrides: list[str], gpus: int, gpu: str, mfu: float, bw: Bandwidths
                     layouts.append(found)
     layouts.sort(key=lambda e: (e["step_time_s"], e["memory_bytes_per_rank"]))
     return {"model": cfg.model.name, "gpus": gpus, "gpu": gpu, "global_batch_size": cfg.train.global_batch_size,
-            "seq_len": cfg.train.seq_len, "compute_mfu": mfu,
+            "seq_len": cfg.train.seq_len, "tp": p.tp, "compute_mfu": mfu,
             "bandwidths_gbps": {"nvlink": bw.nvlink_gbps, "ib": bw.ib_gbps}, "considered": considered,
             "invalid": len(refused), "invalid_example": refused[0] if refused else None, "do_not_fit": too_big,
             "usable_bytes": usable, "base_overrides": list(overrides), "layouts": layouts}
@@ -249,7 +251,7 @@ def _best_variant(cfg: DictConfig, gpus: int, gpu: str, mfu: float, bw: Bandwidt
                 "overrides": [f"parallel.dp={p.dp}", f"parallel.pp={p.pp}", f"parallel.ep={p.ep}",
                               f"parallel.pp_schedule={p.pp_schedule}", f"train.micro_batch_size={m}",
                               f"train.recompute={str(recompute).lower()}"],
-                "dp": p.dp, "pp": p.pp, "ep": p.ep, "pp_schedule": p.pp_schedule if p.pp > 1 else None,
+                "dp": p.dp, "pp": p.pp, "tp": p.tp, "ep": p.ep, "pp_schedule": p.pp_schedule if p.pp > 1 else None,
                 "micro_batch_size": m, "recompute": recompute, "step_time_s": t["step_time_s"],
                 "step_time_terms_s": t["terms"],
                 "mfu": t["tokens"] * t["flops_per_token"] / (t["step_time_s"] * gpus * t["peak"]),
@@ -266,9 +268,10 @@ def _best_variant(cfg: DictConfig, gpus: int, gpu: str, mfu: float, bw: Bandwidt
 
 def render_search(result: dict, top: int | None = None) -> str:
     rows = result["layouts"][:top] if top else result["layouts"]
-    bw = result["bandwidths_gbps"]
+    bw, tp = result["bandwidths_gbps"], result["tp"] > 1  # a column for the tensor-parallel term where tp > 1
     lines = [
-        f"layouts of {result['gpus']} x {result['gpu'].upper()} for {result['model']}, {result['global_batch_size']} "
+        f"layouts of {result['gpus']} x {result['gpu'].upper()} for {result['model']}"
+        + (f" at tp {result['tp']}" if tp else "") + f", {result['global_batch_size']} "
         f"sequences x {result['seq_len']} tokens per step: {result['considered']} considered, {result['invalid']} "
         f"refused by validation, {result['do_not_fit']} do not fit, {len(result['layouts'])} fit"
         + (f" (showing {len(rows)})" if len(rows) < len(result["layouts"]) else ""),
@@ -276,14 +279,16 @@ def render_search(result: dict, top: int | None = None) -> str:
         f"(NVLink {bw['nvlink']:g} GB/s, IB {bw['ib']:g} GB/s); each layout with its fastest fitting micro-batch, "
         "recompute only where needed; fastest first",
         f"{'dp':>5}{'pp':>4}{'ep':>5}  {'schedule':<10}{'micro':>5}  {'recomp':<7}{'step s':>8}{'MFU':>7}"
-        f"{'compute':>9}{'bubble':>8}{'a2a':>8}{'p2p':>8}{'zero':>8}{'partner':>8}{'GiB/rank':>10}",
+        f"{'compute':>9}" + (f"{'tp':>8}" if tp else "")
+        + f"{'bubble':>8}{'a2a':>8}{'p2p':>8}{'zero':>8}{'partner':>8}{'GiB/rank':>10}",
     ]
     for e in rows:
         t = e["step_time_terms_s"]
+        tp_term = f"{t['tensor_parallel']:>8.3f}" if tp else ""
         lines.append(
             f"{e['dp']:>5}{e['pp']:>4}{e['ep']:>5}  {e['pp_schedule'] or '-':<10}{e['micro_batch_size']:>5}  "
             f"{'on' if e['recompute'] else 'off':<7}{e['step_time_s']:>8.3f}{100 * e['mfu']:>6.1f}%"
-            f"{t['compute']:>9.3f}{t['pipeline_bubble']:>8.3f}{t['all_to_all']:>8.3f}{t['pipeline_p2p']:>8.3f}"
+            f"{t['compute']:>9.3f}{tp_term}{t['pipeline_bubble']:>8.3f}{t['all_to_all']:>8.3f}{t['pipeline_p2p']:>8.3f}"
             f"{t['zero_reduce_scatter'] + t['zero_all_gather']:>8.3f}{t['partner_all_reduce']:>8.3f}"
             f"{e['memory_bytes_per_rank'] / GIB:>10.2f}")
     if not result["layouts"]:
