@@ -155,8 +155,8 @@ def ffn_per_token(a: ModelArgs, dense: bool, s: ActivationSetup) -> float:
     routed = a.n_routed_experts * FP32 + k * INT64  # router scores, chosen indices
     if a.norm_topk_prob:
         routed += k * FP32 + FP32  # weights and their sum
-    if a.balance_alpha > 0:  # the sequence-wise balance loss: score sums, shares (index_add's source), sequence ids
-        routed += FP32 + a.n_routed_experts * FP32 + INT64
+    if a.balance_alpha > 0:  # the sequence-wise balance loss: score sums, and where the rows are split, their ids
+        routed += FP32 + (INT64 if tp > 1 and not s.gathers else 0)
     routed += 2 * k * INT64  # copies' source tokens and positions
     if s.ep > 1:
         routed += 2 * k * INT64  # received copies' order and its inverse

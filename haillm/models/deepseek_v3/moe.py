@@ -130,19 +130,24 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: fl
     fight the bias. Gradient flows through ``P_i`` only. With perfect balance the value is exactly ``alpha``.
     """
     bsz, seq_len, _ = scores.shape
-    seq_ids = torch.arange(bsz, device=scores.device).repeat_interleave(seq_len)
-    return rows_balance_loss(scores.flatten(0, 1), indices.flatten(0, 1), seq_ids, bsz, seq_len, alpha)
+    return rows_balance_loss(scores.flatten(0, 1), indices.flatten(0, 1), None, bsz, seq_len, alpha)
 
 
-def rows_balance_loss(scores: torch.Tensor, indices: torch.Tensor, seq_ids: torch.Tensor, n_seqs: int,
+def rows_balance_loss(scores: torch.Tensor, indices: torch.Tensor, seq_ids: torch.Tensor | None, n_seqs: int,
                       seq_len: int, alpha: float, tp: TensorParallel = NO_TP) -> torch.Tensor:
     """``sequence_balance_loss`` from some of the rows of ``n_seqs`` sequences of ``seq_len`` tokens (``scores:
-    [n, N_r]``, ``indices: [n, K_r]``, ``seq_ids: [n]``): each rank of ``tp`` sums its rows' statistics per
-    sequence, and the sums are added over ``tp`` (a tensor-parallel MoE layer routes a split of the tokens)."""
+    [n, N_r]``, ``indices: [n, K_r]``): each rank of ``tp`` sums its rows' statistics per sequence, and the sums
+    are added over ``tp`` (a tensor-parallel MoE layer routes a split of the tokens). ``seq_ids: [n]``: each row's
+    sequence, or None where the rows are ``n_seqs`` sequences' equal, contiguous parts (nothing more is kept)."""
     n_experts, topk = scores.shape[-1], indices.shape[-1]
+    fractions = scores / scores.sum(dim=-1, keepdim=True)
+    if seq_ids is None:
+        shares = fractions.view(n_seqs, -1, n_experts).sum(dim=1)
+        seq_ids = torch.arange(n_seqs, device=scores.device).repeat_interleave(scores.shape[0] // n_seqs)
+    else:
+        shares = _SumRows.apply(fractions, seq_ids, n_seqs)  # keeps the ids only, not the fractions
     picks = (seq_ids[:, None] * n_experts + indices).flatten()
     counts = scores.new_zeros(n_seqs * n_experts).scatter_add_(0, picks, torch.ones_like(picks, dtype=scores.dtype))
-    shares = scores.new_zeros(n_seqs, n_experts).index_add(0, seq_ids, scores / scores.sum(dim=-1, keepdim=True))
     counts, shares = tp.sum_partials(torch.stack([counts.view(n_seqs, n_experts), shares])).unbind(0)
     f = counts.detach() * (n_experts / (topk * seq_len))
     return alpha * (f * (shares / seq_len)).sum(dim=-1).mean()
@@ -277,7 +282,8 @@ class MoE(nn.Module):
         if self.training:
             self.tokens_per_expert += counts
             if self.balance_alpha > 0 and torch.is_grad_enabled():
-                seq_ids = torch.arange(first, first + rows.shape[0], device=rows.device) // seq_len
+                whole = first == 0 and rows.shape[0] == bsz * seq_len  # every row of its sequences (in order)
+                seq_ids = None if whole else torch.arange(first, first + rows.shape[0], device=rows.device) // seq_len
                 self.balance_loss = rows_balance_loss(scores, indices, seq_ids, bsz, seq_len * self.tp.seq_factor,
                                                       self.balance_alpha, self.tp)
         return weights, indices, counts
