@@ -55,44 +55,44 @@ def base_run(tmp_path_factory) -> Path:
 
 
 def test_resume_is_exact(capsys, tmp_path):
-    """20 steps in one run == 10 steps, then 10 more with checkpoint.resume=auto (fp32, deterministic), the EMA of
+    """8 steps in one run == 4 steps, then 4 more with checkpoint.resume=auto (fp32, deterministic), the EMA of
     the parameters (train.ema_decay) included, bitwise; `export --ema` writes that EMA.
 
-    The one run also shows the step lines: with logging.log_interval=10 and stdout redirected (as under SLURM),
-    exactly one plain line per 10 steps on stdout and in train.log, leading with the LM loss, and no tqdm bar
+    The one run also shows the step lines: with logging.log_interval=4 and stdout redirected (as under SLURM),
+    exactly one plain line per 4 steps on stdout and in train.log, leading with the LM loss, and no tqdm bar
     (its \\r-joined redraws)."""
-    schedule = ["optim.schedule=constant", "checkpoint.interval=10", "train.ema_decay=0.9"]
-    assert launch_train.main([*FAST, f"output_dir={tmp_path / 'one'}", "train.steps=20", *schedule,
-                              "logging.progress=true", "logging.log_interval=10"]) == 0
+    schedule = ["optim.schedule=constant", "checkpoint.interval=4", "train.ema_decay=0.9"]
+    assert launch_train.main([*FAST, f"output_dir={tmp_path / 'one'}", "train.steps=8", *schedule,
+                              "logging.progress=true", "logging.log_interval=4"]) == 0
     captured = capsys.readouterr()
     lines = [ln for ln in captured.out.splitlines() if ln.startswith("step ")]
-    assert [ln.split(" | ")[0] for ln in lines] == ["step 10/20", "step 20/20"]
+    assert [ln.split(" | ")[0] for ln in lines] == ["step 4/8", "step 8/8"]
     assert all(ln.split(" | ")[1].startswith("lm_loss ") for ln in lines)
     assert "\r" not in captured.out and "\r" not in captured.err
     logged = [ln for ln in (tmp_path / "one" / "train.log").read_text().splitlines() if "haillm.steps: " in ln]
     assert [ln.split("haillm.steps: ")[1] for ln in logged] == lines
     assert not any(ln.startswith("step ") for ln in captured.err.splitlines())
     assert captured.out.splitlines()[-1].startswith("lm_loss: step 1 ")
-    assert train(capsys, tmp_path / "two", "train.steps=10", *schedule)[0] == 0
-    assert train(capsys, tmp_path / "two", "train.steps=20", "checkpoint.resume=auto", *schedule)[0] == 0
+    assert train(capsys, tmp_path / "two", "train.steps=4", *schedule)[0] == 0
+    assert train(capsys, tmp_path / "two", "train.steps=8", "checkpoint.resume=auto", *schedule)[0] == 0
     full, resumed = records(tmp_path / "one"), records(tmp_path / "two")
-    assert [r["step"] for r in resumed] == list(range(1, 21))
-    assert [r["loss"] for r in resumed[10:]] == [r["loss"] for r in full[10:]]
-    assert resumed[-1]["consumed_samples"] == full[-1]["consumed_samples"] == 80
-    for step in (10, 20):
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert [r["loss"] for r in resumed[4:]] == [r["loss"] for r in full[4:]]
+    assert resumed[-1]["consumed_samples"] == full[-1]["consumed_samples"] == 32
+    for step in (4, 8):
         ema_one, ema_two = (load_checkpoint_model(tmp_path / run / "checkpoints" / f"step_{step}", ema=True)
                             for run in ("one", "two"))
         assert all(torch.equal(v, ema_two.state_dict()[k]) for k, v in ema_one.state_dict().items())
-    live = load_checkpoint_model(tmp_path / "one" / "checkpoints" / "step_20")
+    live = load_checkpoint_model(tmp_path / "one" / "checkpoints" / "step_8")
     assert not torch.equal(ema_one.head.weight, live.head.weight)  # an average of the trajectory, not the end
-    assert export_main([str(tmp_path / "one" / "checkpoints" / "step_20"), str(tmp_path / "hf"), "--ema"]) == 0
+    assert export_main([str(tmp_path / "one" / "checkpoints" / "step_8"), str(tmp_path / "hf"), "--ema"]) == 0
     assert "(EMA of the parameters)" in capsys.readouterr().out
     # evaluate and generate read the EMA too (--ema); a Hugging Face directory has none to read
-    step_20, text = tmp_path / "one" / "checkpoints" / "step_20", tmp_path / "eval.txt"
+    step_8, text = tmp_path / "one" / "checkpoints" / "step_8", tmp_path / "eval.txt"
     text.write_text("def add(a, b):\n    return a + b\n" * 40)
-    losses = [evaluate_checkpoint(step_20, str(text), batches=1, ema=flag)["lm_loss"] for flag in (False, True)]
+    losses = [evaluate_checkpoint(step_8, str(text), batches=1, ema=flag)["lm_loss"] for flag in (False, True)]
     assert losses[0] != losses[1] and all(0 < x < 10 for x in losses)
-    assert generate_main([str(step_20), "--prompt", "def", "--max-new-tokens", "3", "--greedy", "--ema"]) == 0
+    assert generate_main([str(step_8), "--prompt", "def", "--max-new-tokens", "3", "--greedy", "--ema"]) == 0
     assert generate_main([str(tmp_path / "hf"), "--prompt", "def", "--ema"]) == 2
     assert "--ema reads a training checkpoint's EMA" in capsys.readouterr().err
 
