@@ -150,7 +150,9 @@ class TensorParallel:
     def gather_sequence(self, x: Tensor, dim: int = 1) -> Tensor:
         """A sequence-parallel shard made whole for replicated use (its gradient is then the same on every
         rank, so backward keeps this rank's block). The identity in replicated mode."""
-        return self._edge(x, dim, ("gather", "block"), ("identity", "identity"))
+        if not self.enabled or not self.sequence_parallel:  # replicated: nothing to gather, no graph node
+            return x
+        return _Edge.apply(x, self, dim, 0, "gather", "block")
 
     def row_range(self, n: int) -> tuple[int, int]:
         """This rank's rows of ``n`` under ``shard_rows`` in replicated mode: blocks of ``ceil(n / size)``."""

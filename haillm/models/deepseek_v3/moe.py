@@ -141,14 +141,16 @@ def rows_balance_loss(scores: torch.Tensor, indices: torch.Tensor, seq_ids: torc
     sequence, or None where the rows are ``n_seqs`` sequences' equal, contiguous parts (nothing more is kept)."""
     n_experts, topk = scores.shape[-1], indices.shape[-1]
     fractions = scores / scores.sum(dim=-1, keepdim=True)
+    ones = torch.ones(indices.numel(), dtype=scores.dtype, device=scores.device)
     if seq_ids is None:
         shares = fractions.view(n_seqs, -1, n_experts).sum(dim=1)
-        seq_ids = torch.arange(n_seqs, device=scores.device).repeat_interleave(scores.shape[0] // n_seqs)
+        counts = scores.new_zeros(n_seqs, n_experts).scatter_add_(1, indices.reshape(n_seqs, -1), ones.view(n_seqs, -1))
     else:
         shares = _SumRows.apply(fractions, seq_ids, n_seqs)  # keeps the ids only, not the fractions
-    picks = (seq_ids[:, None] * n_experts + indices).flatten()
-    counts = scores.new_zeros(n_seqs * n_experts).scatter_add_(0, picks, torch.ones_like(picks, dtype=scores.dtype))
-    counts, shares = tp.sum_partials(torch.stack([counts.view(n_seqs, n_experts), shares])).unbind(0)
+        picks = (seq_ids[:, None] * n_experts + indices).flatten()
+        counts = scores.new_zeros(n_seqs * n_experts).scatter_add_(0, picks, ones).view(n_seqs, n_experts)
+    if tp.enabled:
+        counts, shares = tp.sum_partials(torch.stack([counts, shares])).unbind(0)
     f = counts.detach() * (n_experts / (topk * seq_len))
     return alpha * (f * (shares / seq_len)).sum(dim=-1).mean()
 
