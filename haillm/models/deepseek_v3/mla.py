@@ -17,6 +17,7 @@ from haillm.fp8.quant import Fp8Pair, act_quant
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.ops import Linear, RMSNorm, precision
 from haillm.ops.recompute import mark_outputs, recomputable, source
+from haillm.parallel.context import NO_CP
 from haillm.parallel.tensor import NO_TP
 
 
@@ -120,6 +121,7 @@ class MLA(nn.Module):
         self.softmax_scale = softmax_scale(args)
         self.recompute_up_proj = False
         self.tp = NO_TP
+        self.cp = NO_CP
 
     def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._query_heads(x if self.q_lora_rank == 0 else self.wq_a(x), cos, sin)
@@ -152,29 +154,58 @@ class MLA(nn.Module):
         up-projections."""
         q_nope, q_rope = self._query_heads(q_in, cos, sin, q_in_fp8)
         latent, latent_fp8, k_rope = self._latents(kv, cos, sin, fp8_input_pow2([self.wkv_b]))
+        return torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2), *self._key_heads(latent, latent_fp8, k_rope)
+
+    def _key_heads(self, latent: torch.Tensor, latent_fp8: Fp8Pair | None, k_rope: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head ``k, v`` (``[B, H, T, d]``) from the normalised latent and the rotated shared key."""
         kv_heads = self.wkv_b(latent, latent_fp8).unflatten(-1, (self.n_heads, -1))
         k_nope, v = kv_heads.split([self.nope_dim, self.v_dim], dim=-1)
-        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
-        pad = q.shape[-1] - self.v_dim if kv.device.type == "cpu" else 0
+        pad = k.shape[-1] - self.v_dim if k.device.type == "cpu" else 0
         if pad > 0:  # CPU's fused SDPA kernel needs equal q/k and v head dims; zero columns leave o exact
             v = F.pad(v, (0, pad))
-        return q, k, v.transpose(1, 2)
+        return k, v.transpose(1, 2)
+
+    def _chunk_key_heads(self, shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_key_heads`` of one key chunk under context parallelism from its gathered ``[latent ; k_rope]``;
+        the latent's FP8 copy, where ``wkv_b`` takes one, quantized here (1x128 tiles along the features: the
+        same values as quantizing before the exchange)."""
+        latent, k_rope = shared.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        pow2 = fp8_input_pow2([self.wkv_b])
+        latent_fp8 = None if pow2 is None else act_quant(latent.detach(), pow2=pow2)
+        return self._key_heads(latent, latent_fp8, k_rope)
+
+    def _context_parallel_attention(self, q_in: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor,
+                                    sin: torch.Tensor, q_in_fp8: Fp8Pair | None = None) -> torch.Tensor:
+        """Attention of the local queries to the whole sequence (``haillm.parallel.context``): the local latents
+        and rotated shared keys all-gathered over the cp ranks, then up-projected one key chunk at a time."""
+        if self.recompute_up_proj:
+            q_nope, q_rope = recomputable(self._query_heads, q_in, cos, sin, q_in_fp8)
+        else:
+            q_nope, q_rope = self._query_heads(q_in, cos, sin, q_in_fp8)
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
+        latent, _, k_rope = self._latents(kv, cos, sin)
+        shared = self.cp.gather_sequence(torch.cat([latent, k_rope], dim=-1))
+        chunks = [(c,) for c in shared.chunk(2 * self.cp.size, dim=1)]
+        return self.cp.attention(q, chunks, self._chunk_key_heads, self.softmax_scale)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 x_fp8: Fp8Pair | None = None) -> torch.Tensor:
-        """Causal self-attention over ``x: [B, T, dim]`` with rope tables for positions ``0..T-1``; ``x_fp8``:
-        ``act_quant(x)`` for the FP8 linears reading ``x`` (``Linear.forward``)."""
+        """Causal self-attention over ``x: [B, T, dim]`` with rope tables at its tokens' positions (``0..T-1``;
+        under context parallelism, ``self.cp``, those of this rank's chunks); ``x_fp8``: ``act_quant(x)`` for
+        the FP8 linears reading ``x`` (``Linear.forward``)."""
         tp = self.tp
         if self.q_lora_rank == 0:
             latents = (tp.enter(x), tp.enter(self.wkv_a(x, x_fp8)), cos, sin, tp.enter_fp8(x_fp8))
         else:
             latents = (tp.enter(self.wq_a(x, x_fp8)), tp.enter(self.wkv_a(x, x_fp8)), cos, sin)
-        if self.recompute_up_proj:
-            q, k, v = recomputable(self.up_project, *latents)
+        if self.cp.enabled:
+            o = self._context_parallel_attention(*latents)
+        elif self.recompute_up_proj:
+            o = precision.attention(*recomputable(self.up_project, *latents), self.softmax_scale)
         else:
-            q, k, v = self.up_project(*latents)
-        o = precision.attention(q, k, v, self.softmax_scale)
+            o = precision.attention(*self.up_project(*latents), self.softmax_scale)
         pow2 = fp8_input_pow2([self.wo])
         outputs = _head_outputs(o, self.v_dim, pow2)
         if torch.is_grad_enabled():  # wo keeps a recipe from o, which attention keeps anyway (under recompute)

@@ -1,0 +1,187 @@
+"""Context parallelism: one sequence split over the ``cp`` ranks, MLA's compressed latents exchanged.
+
+**The split.** The sequence is cut into ``2 * cp`` equal chunks and rank r holds chunks r and
+``2cp - 1 - r`` (``local``): under the causal mask the early chunk sees few keys and the late one many, so
+every rank does the same attention work. Positions (RoPE, YaRN) are the global ones (``positions``).
+Everything but attention works on the local tokens as it would on any tokens.
+
+**Attention.** Every head's key and value are up-projections of one latent per token: ``kv_lora_rank +
+qk_rope_head_dim`` numbers (576 at DeepSeek-V3's dimensions), against ``n_heads * (qk_head_dim + v_head_dim)``
+= 40,960 for the per-head keys and values that ring attention passes around. So the ranks all-gather the
+normalised latent and the rotated shared key (``gather_sequence``; backward: the latents' gradients
+reduce-scattered back to their owners), and each rank up-projects them itself, one key chunk at a time
+(``attention``): a chunk's per-head keys and values live while its block of attention runs and are
+recomputed from the latents in backward, so nothing per head is kept for the whole sequence. Each block of
+attention is the fused kernel with its log-sum-exp; the blocks merge exactly (``haillm.ops.block_attention``).
+
+``cp`` ranks hold the same parameters and different tokens: their gradients are summed as data parallelism
+sums them (``haillm.parallel.mesh``). Collectives are synchronous (NCCL's rules: nothing read before its wait).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from haillm.ops.block_attention import block_backward, block_forward, merge_
+from haillm.ops.precision import widens
+from haillm.parallel.collectives import all_gather_single, reduce_scatter_single
+
+KeyValues = Callable[..., tuple[Tensor, Tensor]]  # a key chunk's saved inputs -> its per-head (k, v)
+
+
+@dataclass(frozen=True, eq=False)
+class ContextParallel:
+    """One context-parallel group. ``group=None`` (``NO_CP``) is cp=1: the sequence is whole."""
+
+    group: dist.ProcessGroup | None = None
+    size: int = 1
+    rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+    @property
+    def chunks(self) -> tuple[int, int]:
+        """The global indices of this rank's two chunks, in local order."""
+        return self.rank, 2 * self.size - 1 - self.rank
+
+    def local(self, x: Tensor, dim: int = 1) -> Tensor:
+        """This rank's chunks of a whole-sequence tensor, concatenated along ``dim``."""
+        if not self.enabled:
+            return x
+        pieces = x.chunk(2 * self.size, dim)
+        return torch.cat([pieces[c] for c in self.chunks], dim)
+
+    def positions(self, seq_len: int, device: torch.device | str | None = None) -> Tensor:
+        """The global positions of this rank's tokens of a ``seq_len`` sequence."""
+        return self.local(torch.arange(seq_len, device=device), 0)
+
+    def gather_sequence(self, x: Tensor) -> Tensor:
+        """The whole sequence ``[B, T, ...]`` in global order from every rank's local ``x: [B, T / cp, ...]``;
+        backward: the gradient summed over the ranks and each rank's chunks kept."""
+        return _GatherSequence.apply(x, self) if self.enabled else x
+
+    def attention(self, q: Tensor, key_inputs: Sequence[tuple[Tensor, ...]], key_values: KeyValues,
+                  scale: float) -> Tensor:
+        """Causal attention of the local queries ``q: [B, H, T / cp, d]`` (this rank's two chunks) to the whole
+        sequence's keys: ``key_values(*key_inputs[j])`` makes key chunk j's per-head ``(k, v)``, in forward
+        with autograd (its gradient flows back through it) and again in backward without (the chunk's keys and
+        values are never kept). Returns ``[B, H, T / cp, dv]`` in ``q``'s dtype."""
+        if len(key_inputs) != 2 * self.size:
+            raise ValueError(f"context attention needs {2 * self.size} key chunks, got {len(key_inputs)}")
+        state = _Attention(self.chunks, scale)
+        halves = q.split(q.shape[2] // 2, dim=2)
+        tokens = []
+        for j, inputs in enumerate(key_inputs):
+            if j > max(self.chunks):
+                continue  # no local query sees it
+            k, v = key_values(*inputs)
+            tokens.append(_KeyChunk.apply(state, j, key_values, *halves, k, v, *inputs))
+        return _Merged.apply(state, *tokens)
+
+
+NO_CP = ContextParallel()
+
+
+def _to_global(gathered: Tensor, size: int) -> Tensor:
+    """``[cp, B, 2c, ...]`` (each rank's two chunks) -> ``[B, 2cp * c, ...]`` in global chunk order."""
+    early, late = gathered.unflatten(2, (2, -1)).unbind(2)  # rank r's chunk r and chunk 2cp-1-r
+    ordered = torch.cat([early, late.flip(0)], dim=0)  # [2cp, B, c, ...]
+    return ordered.movedim(0, 1).flatten(1, 2)
+
+
+def _from_global(whole: Tensor, size: int) -> Tensor:
+    """The inverse of ``_to_global``: ``[B, 2cp * c, ...]`` -> ``[cp, B, 2c, ...]``, contiguous."""
+    ordered = whole.unflatten(1, (2 * size, -1)).movedim(1, 0)
+    early, late = ordered[:size], ordered[size:].flip(0)
+    return torch.stack([early, late], dim=2).flatten(2, 3).contiguous()
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, cp: ContextParallel) -> Tensor:
+        ctx.cp = cp
+        gathered = x.new_empty((cp.size * x.shape[0], *x.shape[1:]))  # the collectives take rank-major rows
+        all_gather_single(gathered, x.contiguous(), group=cp.group)
+        return _to_global(gathered.unflatten(0, (cp.size, -1)), cp.size)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cp = ctx.cp
+        per_rank = _from_global(grad, cp.size)
+        out = per_rank.new_empty(per_rank.shape[1:])
+        reduce_scatter_single(out, per_rank.flatten(0, 1), op=dist.ReduceOp.SUM, group=cp.group)
+        return out, None
+
+
+@dataclass(eq=False)
+class _Attention:
+    """What the nodes of one ``ContextParallel.attention`` call share: per local query chunk, the merged
+    output and log-sum-exp (complete once every key chunk has run), and in backward the output's gradient."""
+
+    query_chunks: tuple[int, int]
+    scale: float
+    out: list[Tensor | None] = field(default_factory=lambda: [None, None])
+    lse: list[Tensor | None] = field(default_factory=lambda: [None, None])
+    grad: list[Tensor | None] = field(default_factory=lambda: [None, None])
+
+    def seen_by(self, key_chunk: int) -> list[int]:
+        """The local query chunks (0, 1) that see key chunk ``key_chunk``."""
+        return [i for i, c in enumerate(self.query_chunks) if key_chunk <= c]
+
+
+class _KeyChunk(torch.autograd.Function):
+    """Attention of the local queries to one key chunk, merged into the shared state; output: an empty tensor
+    that ties the node into the graph (``_Merged`` gives it an empty gradient, and the chunk's gradients come
+    from the state). Saves the chunk's inputs, not its keys and values."""
+
+    @staticmethod
+    def forward(ctx, state: _Attention, j: int, key_values: KeyValues, q0: Tensor, q1: Tensor, k: Tensor, v: Tensor,
+                *inputs: Tensor) -> Tensor:
+        queries = (q0, q1)
+        for i in state.seen_by(j):
+            block = block_forward(queries[i], k, v, j == state.query_chunks[i], state.scale)
+            state.out[i], state.lse[i] = merge_(state.out[i], state.lse[i], *block)
+        ctx.state, ctx.j, ctx.key_values = state, j, key_values
+        ctx.save_for_backward(q0, q1, *inputs)
+        return q0.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _: Tensor):
+        state, j = ctx.state, ctx.j
+        q0, q1, *inputs = ctx.saved_tensors
+        with torch.no_grad():
+            k, v = ctx.key_values(*inputs)
+        queries, dq = (q0, q1), [None, None]
+        dk = dv = None
+        for i in state.seen_by(j):
+            gq, gk, gv = block_backward(state.grad[i], queries[i], k, v, state.out[i], state.lse[i],
+                                        j == state.query_chunks[i], state.scale)
+            dq[i] = gq
+            dk, dv = (gk, gv) if dk is None else (dk + gk, dv + gv)
+        return None, None, None, *dq, dk, dv, *(None for _ in inputs)
+
+
+class _Merged(torch.autograd.Function):
+    """The merged output of every ``_KeyChunk`` of a call, in the queries' dtype; backward hands its gradient
+    to the state, where the key-chunk nodes (which run after it) read it."""
+
+    @staticmethod
+    def forward(ctx, state: _Attention, *tokens: Tensor) -> Tensor:
+        dtype = tokens[0].dtype
+        out = torch.cat(state.out, dim=2).to(dtype)
+        if not widens(out):  # keep the output as the fused kernel does: in its own dtype (fp32 when emulated)
+            state.out = list(out.split(out.shape[2] // 2, dim=2))
+        ctx.state, ctx.n_tokens = state, len(tokens)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ctx.state.grad = list(grad.split(grad.shape[2] // 2, dim=2))
+        return None, *(grad.new_empty(0) for _ in range(ctx.n_tokens))

@@ -1,0 +1,116 @@
+"""Context parallelism (haillm.parallel.context) layer by layer: MLA with the latent exchange on 2 and 4 forked
+gloo ranks under NCCL's rules (tests/dist.py) against one process, in outputs and gradients (fp32), at 1024
+tokens and at 4096 (where the causal balance of the chunks matters); the chunk layout; the bytes exchanged.
+
+The parent computes the reference once; each rank runs the same weights on its two chunks. A rank's loss is
+the weighted sum of its own outputs (the ranks' shares add up to the reference loss), so the parameters'
+gradients summed over the ranks are the reference's, and a rank's input gradient is its chunks' share."""
+
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist import run_distributed
+
+import haillm.parallel.context as context_mod
+from haillm.models.deepseek_v3 import get_preset
+from haillm.models.deepseek_v3.mla import MLA, rope_tables
+from haillm.models.deepseek_v3.model import init_weights
+from haillm.parallel.context import ContextParallel
+
+TOL = 1e-6
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = TOL) -> None:
+    """fp32 parity up to summation order: max |a - b| <= tol * max |b|."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
+    assert err <= tol * max(scale, 1e-30), f"{what}: max error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+def mla_case(seq_len: int, bsz: int):
+    args = get_preset("tiny").replace(max_seq_len=seq_len)
+    mla = MLA(args)
+    init_weights(mla, 0, 0.1, prefix="attn.")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(bsz, seq_len, args.dim, generator=gen)
+    weight = torch.randn(bsz, seq_len, args.dim, generator=gen)
+    cos, sin = rope_tables(args)
+    return mla, x, weight, cos, sin
+
+
+def reference(seq_len: int, bsz: int) -> dict[str, torch.Tensor]:
+    mla, x, weight, cos, sin = mla_case(seq_len, bsz)
+    x.requires_grad_()
+    y = mla(x, cos, sin)
+    (y * weight).sum().backward()
+    return {"y": y.detach(), "x": x.grad, **{n: p.grad for n, p in mla.named_parameters()}}
+
+
+def _parallel_mla(seq_len: int, bsz: int, expected: dict[str, torch.Tensor], recompute: bool) -> int:
+    size, rank = dist.get_world_size(), dist.get_rank()
+    cp = ContextParallel(dist.group.WORLD, size, rank)
+    mla, x, weight, cos, sin = mla_case(seq_len, bsz)
+    mla.cp, mla.recompute_up_proj = cp, recompute
+    where = cp.positions(seq_len)
+    x_local = cp.local(x).requires_grad_()
+    y = mla(x_local, cos[where], sin[where])
+    (y * cp.local(weight)).sum().backward()
+    assert_close(y.detach(), cp.local(expected["y"]), "output")
+    assert_close(x_local.grad, cp.local(expected["x"]), "input grad")
+    for name, p in mla.named_parameters():
+        dist.all_reduce(p.grad)
+        assert_close(p.grad, expected[name], f"grad {name}")
+    return size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seq_len,bsz", [(1024, 2), (4096, 1)])
+def test_mla_with_latent_exchange_matches_one_process(seq_len, bsz):
+    expected = reference(seq_len, bsz)
+    for world, recompute in ((2, False), (4, True)):
+        assert run_distributed(_parallel_mla, world, args=(seq_len, bsz, expected, recompute)) == [world] * world
+
+
+def test_chunks_are_balanced_and_gather_restores_the_order():
+    """Rank r holds chunks r and 2cp-1-r; gathering the ranks' local parts restores the sequence."""
+    seq = torch.arange(16).view(1, 16)
+    parts = [ContextParallel(None, 4, r).local(seq) for r in range(4)]
+    assert [p.tolist()[0] for p in parts[:2]] == [[0, 1, 14, 15], [2, 3, 12, 13]]
+    assert torch.equal(ContextParallel(None, 4, 3).positions(16), torch.tensor([6, 7, 8, 9]))
+    gathered = torch.stack(parts)
+    assert torch.equal(context_mod._to_global(gathered, 4), seq)
+    assert torch.equal(context_mod._from_global(seq, 4), gathered)
+    # the causal work (query-key pairs) of the two chunks is the same on every rank
+    work = [sum(c + 1 for c in ContextParallel(None, 4, r).chunks) for r in range(4)]
+    assert len(set(work)) == 1
+
+
+def _gathered_bytes(seq_len: int) -> list[int]:
+    size, rank = dist.get_world_size(), dist.get_rank()
+    cp = ContextParallel(dist.group.WORLD, size, rank)
+    mla, x, weight, cos, sin = mla_case(seq_len, 1)
+    mla.cp = cp
+    sent = []
+    real = context_mod.all_gather_single
+
+    def counting(out, inp, **kwargs):
+        sent.append(inp.nbytes * (size - 1))  # each rank's block reaches the size - 1 others
+        return real(out, inp, **kwargs)
+
+    context_mod.all_gather_single = counting
+    where = cp.positions(seq_len)
+    mla(cp.local(x).bfloat16(), cos[where], sin[where])
+    return sent
+
+
+@pytest.mark.slow
+def test_latent_exchange_bytes():
+    """Bytes each rank sends per layer and local token: (kv_lora_rank + qk_rope_head_dim) x 2 (bf16) x
+    (cp - 1), i.e. (kv_lora_rank + qk_rope_head_dim) x 2 x (cp - 1) / cp per token of the sequence."""
+    args, seq_len, world = get_preset("tiny"), 256, 4
+    sent = run_distributed(_gathered_bytes, world, args=(seq_len,))
+    per_token = (args.kv_lora_rank + args.qk_rope_head_dim) * 2
+    for rank_sent in sent:
+        assert len(rank_sent) == 1
+        assert rank_sent[0] == per_token * (world - 1) * seq_len // world
