@@ -91,7 +91,7 @@ DOMAINS: dict[str, Domain] = {
     "optim.eps": POSITIVE, "optim.weight_decay": NON_NEGATIVE, "optim.grad_clip": NON_NEGATIVE,
     "optim.warmup_steps": NATURAL, "optim.min_lr_ratio": FRACTION, "optim.decay_start": FRACTION,
     "optim.bucket_mb": POSITIVE,
-    **{f"parallel.{k}": POSITIVE_INT for k in ("dp", "pp", "tp", "ep", "ranks_per_node")},
+    **{f"parallel.{k}": POSITIVE_INT for k in ("dp", "pp", "tp", "ep", "cp", "ranks_per_node")},
     "data.max_bytes": NATURAL, "data.eval_holdout": Domain(0, 1, high_open=True),
     "checkpoint.interval": POSITIVE_INT, "checkpoint.keep": NATURAL, "logging.log_interval": NATURAL,
     "seed": Domain(0, 2**63, high_open=True, integer=True),
@@ -129,6 +129,7 @@ class ParallelConfig:
     pp: int = 1
     tp: int = 1
     ep: int = 1
+    cp: int = 1  # context parallelism: each sequence split over cp ranks (haillm.parallel.context)
     pp_schedule: str = "1f1b"
     ranks_per_node: int = 8
     sequence_parallel: bool = True  # with tp > 1: activations between tensor-parallel regions split by sequence
@@ -388,6 +389,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         _require(not t.compile, f"train.compile=true is not supported with parallel.tp={p.tp} yet (one or the other)")
         _require(not cfg.model.init_from, f"model.init_from={cfg.model.init_from} loads whole tensors, not tp blocks: "
                  f"start at parallel.tp=1 and resume its checkpoint at parallel.tp={p.tp}")
+    if p.cp > 1:
+        _validate_context_parallel(cfg, args)
     if p.pp > 1:
         try:  # the schedule's own preconditions, and enough layers for every stage
             SCHEDULES[p.pp_schedule](p.pp, t.global_batch_size // per_step)
@@ -398,6 +401,19 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         t.seq_len <= args.max_seq_len,
         f"train.seq_len={t.seq_len} exceeds model.max_seq_len={args.max_seq_len}",
     )
+
+
+def _validate_context_parallel(cfg: DictConfig, args: ModelArgs) -> None:
+    t, p = cfg.train, cfg.parallel
+    _require(t.seq_len % (2 * p.cp) == 0,
+             f"train.seq_len={t.seq_len} must be divisible by 2*parallel.cp = {2 * p.cp} (each of the cp ranks holds "
+             "two of 2*cp equal chunks of every sequence)")
+    chunk = t.seq_len // (2 * p.cp)
+    _require(chunk > args.mtp_depth,
+             f"parallel.cp={p.cp} cuts train.seq_len={t.seq_len} into chunks of length {chunk}, which must exceed "
+             f"model.mtp_depth={args.mtp_depth}: at most parallel.cp={t.seq_len // (2 * (args.mtp_depth + 1))}")
+    _require(p.tp == 1, f"parallel.cp={p.cp} with parallel.tp={p.tp} is not supported yet: use one of them")
+    _require(not t.compile, f"train.compile=true is not supported with parallel.cp={p.cp} yet (one or the other)")
 
 
 def resolve_dtype(cfg: DictConfig, device_type: str) -> None:

@@ -29,6 +29,7 @@ from haillm.fp8.policy import apply_fp8
 from haillm.models.deepseek_v3.flops import flops_per_token
 from haillm.models.deepseek_v3.model import DeepSeekV3
 from haillm.ops.precision import cast_parameters
+from haillm.parallel.context import ContextParallel, apply_context_parallel
 from haillm.parallel.expert import AllToAllDispatcher, ExpertPlacement, apply_expert_parallel
 from haillm.parallel.mesh import ParallelConfigError, ParallelDims
 from haillm.parallel.pipeline.p2p import LinkGroups
@@ -114,6 +115,7 @@ def build_model(cfg: DictConfig, dims: ParallelDims, device: torch.device
         dispatcher = AllToAllDispatcher(dims.ep_group, placement, fp8=cfg.fp8.enabled)
         apply_expert_parallel(model, dispatcher)
     parallelize_tensor(model, TensorParallel(dims.tp_group, dims.tp, dims.tp_rank, cfg.parallel.sequence_parallel))
+    apply_context_parallel(model, ContextParallel(dims.cp_group, dims.cp, dims.cp_rank))
     model.to_empty(device=device)
     model.init_weights(cfg.seed)
     if cfg.model.init_from:
@@ -182,8 +184,8 @@ def run(cfg: DictConfig, rank: int, world: int, device: torch.device) -> Trainer
     log.info("run dir %s | model %s: %.2fM parameters | %d packed sequences of %d tokens", run_dir,
              cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, dataset.num_samples,
              cfg.train.seq_len + 1)
-    log.info("layout dp=%d pp=%d tp=%d ep=%d (%d ranks) | optimizer state %.2f MB on this rank", dims.dp, dims.pp,
-             dims.tp, dims.ep, world, optimizer.state_bytes() / 2**20)
+    log.info("layout dp=%d pp=%d cp=%d tp=%d ep=%d (%d ranks) | optimizer state %.2f MB on this rank", dims.dp,
+             dims.pp, dims.cp, dims.tp, dims.ep, world, optimizer.state_bytes() / 2**20)
     trainer = Trainer(cfg, dims, model, optimizer, batcher, run_dir, device,
                       flops_per_token(args, cfg.train.seq_len), dispatcher, pipeline,
                       evaluator=build_evaluator(cfg, data.eval_dataset, model, dims, device))

@@ -44,6 +44,14 @@ def test_defaults_validate_and_overrides_apply():
         (["model.n_limited_groups=9"], 1, "model:"),
         (["train.seq_len=100000"], 1, "exceeds model.max_seq_len"),
         (["model.init_from=/x"], 1, "hf:<path>"),
+        (["parallel.cp=2"], 1, "parallel.dp*pp*cp*tp = 2 (dp=1, pp=1, cp=2, tp=1) but world size is 1"),
+        (["parallel.cp=2", "train.seq_len=30"], 2, "train.seq_len=30 must be divisible by 2*parallel.cp = 4"),
+        (["parallel.cp=16", "train.seq_len=32"], 16, "parallel.cp=16 cuts train.seq_len=32 into chunks of length 1, "
+                                                     "which must exceed model.mtp_depth=1: at most parallel.cp=8"),
+        (["parallel.cp=4", "train.seq_len=16", "model.mtp_depth=2"], 4, "chunks of length 2, which must exceed "
+                                                                        "model.mtp_depth=2: at most parallel.cp=2"),
+        (["parallel.cp=2", "parallel.tp=2"], 4, "parallel.cp=2 with parallel.tp=2 is not supported yet"),
+        (["parallel.cp=2", "train.compile=true"], 2, "train.compile=true is not supported with parallel.cp=2"),
     ],
 )
 def test_validation_errors_are_one_line(overrides, world, message):

@@ -325,14 +325,14 @@ def _group_timeouts(argv: list[str]) -> list[float]:
 
 def test_every_group_carries_the_configured_timeout(tmp_path):
     """pp2 (DualPipe: the mirror's partner group) x dp2 x ep2, asynchronous checkpoints (their own group): every
-    group gets train.collective_timeout_s, not the backend's default (30 min on gloo, 10 on NCCL): the seven
-    of the mesh (pp, edp, ep, tp, and the flattened dp, dp_tp, edp_tp), the pipeline's two point-to-point
-    groups (one per direction of the link), DualPipe's partner and the checkpoint writer's."""
+    group gets train.collective_timeout_s, not the backend's default (30 min on gloo, 10 on NCCL): the ten
+    of the mesh (pp, edp, ep, cp, tp, and the flattened dp, dp_cp, edp_cp, dp_cp_tp, edp_cp_tp), the pipeline's
+    two point-to-point groups (one per direction of the link), DualPipe's partner and the checkpoint writer's."""
     argv = [*COMMON, f"output_dir={tmp_path / 'run'}", "train.steps=1", "train.micro_batch_size=1",
             "parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.pp_schedule=dualpipe",
             "checkpoint.async_save=true", "train.collective_timeout_s=7"]
     for timeouts in run_distributed(_group_timeouts, world_size=4, args=(argv,), timeout=120):
-        assert timeouts == [7.0] * 11, timeouts
+        assert timeouts == [7.0] * 14, timeouts
 
 
 RESET = "[/src/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:2193: Connection reset by peer"

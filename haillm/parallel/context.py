@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from haillm.ops.block_attention import block_backward, block_forward, merge_
 from haillm.ops.precision import widens
@@ -58,6 +58,11 @@ class ContextParallel:
         pieces = x.chunk(2 * self.size, dim)
         return torch.cat([pieces[c] for c in self.chunks], dim)
 
+    @property
+    def holds_end(self) -> bool:
+        """Whether this rank holds the sequence's last chunk (``2cp - 1``, the end of rank 0's local tokens)."""
+        return self.rank == 0
+
     def positions(self, seq_len: int, device: torch.device | str | None = None) -> Tensor:
         """The global positions of this rank's tokens of a ``seq_len`` sequence."""
         return self.local(torch.arange(seq_len, device=device), 0)
@@ -66,6 +71,12 @@ class ContextParallel:
         """The whole sequence ``[B, T, ...]`` in global order from every rank's local ``x: [B, T / cp, ...]``;
         backward: the gradient summed over the ranks and each rank's chunks kept."""
         return _GatherSequence.apply(x, self) if self.enabled else x
+
+    def sum_partials(self, x: Tensor) -> Tensor:
+        """Sum over the group of a statistic each rank computed from its own tokens (the balance loss's). Its
+        gradient is scaled by cp: a rank's loss is cp times its share of the whole (its losses are means over
+        its own tokens), and the parameters' gradients are averaged over the cp ranks."""
+        return _SumPartials.apply(x, self) if self.enabled else x
 
     def attention(self, q: Tensor, key_inputs: Sequence[tuple[Tensor, ...]], key_values: KeyValues,
                   scale: float) -> Tensor:
@@ -87,6 +98,21 @@ class ContextParallel:
 
 
 NO_CP = ContextParallel()
+
+
+def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> None:
+    """Give ``model`` (a ``DeepSeekV3`` or a pipeline stage) and its attention and MoE layers the group (their
+    ``cp`` attribute); the MoE layers of the MTP block at depth k learn that the last k positions of their
+    sequences have no target (``MoE.tail``). A no-op at cp=1."""
+    if not cp.enabled:
+        return
+    for module in model.modules():
+        if hasattr(module, "cp"):
+            module.cp = cp
+    for depth, mtp in enumerate(getattr(model, "mtp", {}).values(), start=1):
+        for module in mtp.modules():
+            if hasattr(module, "tail"):
+                module.tail = depth
 
 
 def _to_global(gathered: Tensor, size: int) -> Tensor:
@@ -118,6 +144,19 @@ class _GatherSequence(torch.autograd.Function):
         out = per_rank.new_empty(per_rank.shape[1:])
         reduce_scatter_single(out, per_rank.flatten(0, 1), op=dist.ReduceOp.SUM, group=cp.group)
         return out, None
+
+
+class _SumPartials(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, cp: ContextParallel) -> Tensor:
+        ctx.size = cp.size
+        out = x.contiguous().clone()
+        dist.all_reduce(out, group=cp.group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.size, None
 
 
 @dataclass(eq=False)

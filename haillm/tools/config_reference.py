@@ -71,6 +71,8 @@ MEANINGS = {
     # parallel
     "parallel.dp": "data-parallel ranks (ZeRO-1 shards the optimizer state over them)",
     "parallel.pp": "pipeline ranks",
+    "parallel.cp": "context-parallel ranks: each sequence cut into 2*cp chunks, rank r holding chunks r and 2cp-1-r; "
+                   "MLA exchanges its compressed latents (docs/context_parallel.md)",
     "parallel.tp": "tensor-parallel ranks (MLA heads, FFN widths, vocabulary split; on one node; docs/layout.md)",
     "parallel.ep": "expert-parallel ranks inside each data-parallel group (divides dp)",
     "parallel.pp_schedule": "`1f1b`, `dualpipe` (pp even; two stages per rank, mirrored) or `dualpipev`",

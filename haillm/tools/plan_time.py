@@ -319,7 +319,7 @@ def step_time(lay: Layout, ranks: list[RankMemory], comm: list[dict[str, float]]
         for b in rank.plans:
             if b.world == 1:
                 continue
-            expert = rank.replicas[b.group].startswith("edp")  # edp or edp_tp; dense: dp or dp_tp
+            expert = rank.replicas[b.group].startswith("edp")  # edp_cp or edp_cp_tp; dense: dp_cp or dp_cp_tp
             rate, share = bw.rate(lk.edp_ib if expert else lk.dp_ib), (b.world - 1) / b.world
             t = b.reduce_bytes(lay.reduce_dtype) * share / rate
             rs += t

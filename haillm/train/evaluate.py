@@ -65,4 +65,5 @@ def build_evaluator(cfg: DictConfig, eval_dataset, model: torch.nn.Module, dims:
     if not t.eval_interval:
         return None
     row_ids = eval_row_ids(t.eval_batches, t.global_batch_size, dims.dp_rank, dims.dp, t.micro_batch_size)
-    return Evaluator(model, eval_dataset, row_ids, t.eval_interval, device, dims.dp_group if dims.dp > 1 else None)
+    group = dims.group("dp_cp") if dims.dp_cp > 1 else None  # context-parallel ranks evaluate chunks of the same rows
+    return Evaluator(model, eval_dataset, row_ids, t.eval_interval, device, group)

@@ -56,9 +56,10 @@ def config_dtype(name: str) -> torch.dtype:
 def replica_dim(expert: bool, kind: str = "whole") -> str:
     """The ``ParallelDims`` dimension a param group's gradients are summed over, and its ZeRO-1 state sharded
     over: routed experts under EP over the expert-data-parallel group (edp = dp/ep: each ep rank holds
-    different experts), everything else over dp; a ``partial`` group over tp too (``tp_kind``). One rule for
-    the optimizer and the layout planner."""
-    base = "edp" if expert else "dp"
+    different experts), everything else over dp; both with the context-parallel ranks (same parameters,
+    other tokens); a ``partial`` group over tp too (``tp_kind``). One rule for the optimizer and the layout
+    planner."""
+    base = "edp_cp" if expert else "dp_cp"
     return f"{base}_tp" if kind == "partial" else base
 
 
@@ -79,15 +80,15 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig, dims: ParallelDims,
     param_groups = []
     placements = getattr(model, "tp_placements", None)
     for (expert, outside, kind), params in zero_groups(model.named_parameters(), dims.ep, outside_norm, placements):
-        replicas = getattr(dims, f"{replica_dim(expert, kind)}_group")
+        replicas = dims.group(replica_dim(expert, kind))
         norm_groups = ((dims.ep_group,) if expert else ()) + ((dims.tp_group,) if kind == "split" else ())
         group = {"params": params, "in_norm": not outside, "process_group": replicas, "norm_groups": norm_groups}
         if expert or kind == "partial":  # the sum holds more than one data-parallel rank's share per replica
-            group["grad_divisor"] = dims.dp
+            group["grad_divisor"] = dims.dp_cp
         param_groups.append(group)
     return ZeroAdamW(
         param_groups, lr=cfg.train.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-        process_group=dims.dp_group, norm_groups=(dims.pp_group,) if dims.pp > 1 else (),
+        process_group=dims.group("dp_cp"), norm_groups=(dims.pp_group,) if dims.pp > 1 else (),
         moment_dtype=config_dtype(o.moment_dtype),
         reduce_dtype=config_dtype(o.grad_reduce_dtype), bucket_mb=o.bucket_mb,
         state_pieces=per_expert_state(model),

@@ -225,10 +225,10 @@ class Trainer:
         # The norm first: it completes the gradient reduce-scatters, which must precede any other collective.
         grad_norm = opt.clip_grad_norm_(cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
         # Global figures, identical on every rank, so every rank takes the same skip/bias decisions.
-        totals = dict(zip(LOSS_KEYS, (self._dp_sum(sums) / (len(micro_batches) * self.dims.dp)).tolist(),
+        totals = dict(zip(LOSS_KEYS, (self._dp_sum(sums) / (len(micro_batches) * self.dims.dp_cp)).tolist(),
                           strict=True))
-        loads = model.moe_loads()  # each tp rank routes its own rows: summed over tp too
-        loads = self._all_reduce(loads, self.dims.dp_tp_group) if self.dims.dp_tp > 1 else loads
+        loads = model.moe_loads()  # each cp and tp rank routes its own tokens: summed over cp and tp too
+        loads = self._all_reduce(loads, self.dims.group("dp_cp_tp")) if self.dims.dp_cp_tp > 1 else loads
         if self.pipeline is not None and self.pipeline.mirrored:  # the mirror saw the other micro-batches
             loads = self._all_reduce(loads, self.pipeline.partner)
         why_skip = self.health.verdict(totals["loss"], grad_norm)
@@ -290,8 +290,9 @@ class Trainer:
         return maxima.tolist()
 
     def _dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over the data-parallel group (the tensor itself at dp=1)."""
-        return self._all_reduce(tensor, self.dims.dp_group) if self.dims.dp > 1 else tensor
+        """Sum over the data- and context-parallel ranks, whose losses are means over their own tokens (the
+        tensor itself at dp=cp=1)."""
+        return self._all_reduce(tensor, self.dims.group("dp_cp")) if self.dims.dp_cp > 1 else tensor
 
     def _all_reduce(self, tensor: torch.Tensor, group: dist.ProcessGroup,
                     op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:

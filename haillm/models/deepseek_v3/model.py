@@ -7,6 +7,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from haillm.fp8.fused import normed
@@ -17,6 +18,7 @@ from haillm.models.deepseek_v3.moe import MLP, Gate, GraphCut, MoE, take_balance
 from haillm.models.deepseek_v3.mtp import MTPModule
 from haillm.ops import Linear, RMSNorm
 from haillm.ops.recompute import keeping_recipes, mark
+from haillm.parallel.context import NO_CP
 from haillm.parallel.tensor import NO_TP
 
 
@@ -129,6 +131,19 @@ class TrainingObjective:
     # tensor parallelism (haillm.parallel.tensor_plan): under sequence parallelism the hidden states between
     # the blocks are sequence shards, and the MTP modules, one token shorter, take them whole
     tp = NO_TP
+    # context parallelism (haillm.parallel.context_plan): the hidden states hold this rank's chunks of each
+    # sequence; the batches stay whole (token ids are cheap) and each rank takes its chunks from them
+    cp = NO_CP
+
+    def rope_at(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rope tables at the positions of the tokens this rank's attention takes, of ``seq_len``-token
+        sequences: ``0..seq_len-1``, or under context parallelism this rank's chunks."""
+        if seq_len > self.args.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len={self.args.max_seq_len}")
+        if not self.cp.enabled:
+            return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        where = self.cp.positions(seq_len, self.rope_cos.device)
+        return self.rope_cos[where], self.rope_sin[where]
 
     def set_recompute(self, enabled: bool, swiglu: bool = False) -> None:
         """``enabled``: keep no RMSNorm outputs (nor their FP8 copies), no MLA up-projections (q, k, v) and no
@@ -171,7 +186,10 @@ class TrainingObjective:
                                emb: torch.Tensor | None = None, cut: GraphCut | None = None
                                ) -> Generator[None, None, tuple[torch.Tensor, torch.Tensor]]:
         """``lm_and_mtp_losses`` as a generator yielding while the MTP blocks' tokens are in flight
-        (``Block.forward_phases``), for a pipeline's overlapped F&B pairs."""
+        (``Block.forward_phases``), for a pipeline's overlapped F&B pairs. ``inputs`` and ``targets`` are
+        whole sequences; under context parallelism ``h`` and ``emb`` hold this rank's chunks."""
+        if self.cp.enabled:
+            return (yield from self._context_parallel_loss_phases(h, inputs, targets, cut))
         n_positions = targets.numel()
         lm_loss = self.head.cross_entropy_sum(self.norm(h), targets) / n_positions
         mtp_loss = lm_loss.new_zeros(())
@@ -186,6 +204,32 @@ class TrainingObjective:
                 lm_loss, mtp_loss, emb = cut(lm_loss, mtp_loss, emb)  # used again after the block's exchanges
             h = yield from mtp.block.forward_phases(x, cos, sin, cut)
             mtp_loss = mtp_loss + self.head.cross_entropy_sum(mtp.norm(h), targets[:, k:]) / n_positions
+        return lm_loss, mtp_loss * (self.args.mtp_lambda / self.args.mtp_depth)
+
+    def _context_parallel_loss_phases(self, h: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+                                      cut: GraphCut | None) -> Generator[None, None, tuple[torch.Tensor, torch.Tensor]]:
+        """The losses of this rank's chunks, each a mean over its own positions (the cp ranks' gradients are
+        averaged). The MTP chain keeps every depth at the main model's positions: depth k combines ``h^{k-1}``
+        at position t with the embedding of token t + k (token ids are whole on every rank, so nothing crosses
+        ranks) and predicts target t + k; the last k positions of the sequence have none and are left out of
+        the loss and, through ``MoE.tail``, of the routing statistics. Causal attention keeps them out of the
+        other positions."""
+        cp, seq_len = self.cp, inputs.shape[1]
+        local_targets = cp.local(targets)
+        n_positions = local_targets.numel()
+        lm_loss = self.head.cross_entropy_sum(self.norm(h), local_targets) / n_positions
+        mtp_loss = lm_loss.new_zeros(())
+        if not self.args.mtp_depth:
+            return lm_loss, mtp_loss
+        cos, sin = self.rope_at(seq_len)
+        for k, mtp in enumerate(self.mtp.values(), start=1):
+            x = mtp.project(h, self.embed(cp.local(F.pad(inputs[:, k:], (0, k)))))
+            if cut is not None and mtp.block.exchanges_tokens:
+                lm_loss, mtp_loss = cut(lm_loss, mtp_loss)  # used again after the block's exchanges
+            h = yield from mtp.block.forward_phases(x, cos, sin, cut)
+            valid = h.shape[1] - (k if cp.holds_end else 0)
+            shifted = cp.local(F.pad(targets[:, k:], (0, k)))[:, :valid]
+            mtp_loss = mtp_loss + self.head.cross_entropy_sum(mtp.norm(h)[:, :valid], shifted) / n_positions
         return lm_loss, mtp_loss * (self.args.mtp_lambda / self.args.mtp_depth)
 
     def init_weights(self, seed: int) -> None:
@@ -260,7 +304,7 @@ class DeepSeekV3(TrainingObjective, nn.Module):
     def hidden(self, emb: torch.Tensor) -> torch.Tensor:
         """Main-model blocks on embeddings ``[B, T, dim]``; the last hidden state before the final norm (this is
         also ``h^0`` of the MTP chain)."""
-        cos, sin = self._rope(0, emb.shape[1] * self.tp.seq_factor)
+        cos, sin = self.rope_at(emb.shape[1] * self.tp.seq_factor * self.cp.size)
         h = emb
         for layer in self.layers.values():
             h = layer(h, cos, sin)
@@ -283,7 +327,7 @@ class DeepSeekV3(TrainingObjective, nn.Module):
         """
         inputs, targets = batch[:, :-1], batch[:, 1:]
         with self._saving():
-            emb = self.embed(inputs)
+            emb = self.embed(self.cp.local(inputs))
             lm_loss, mtp_loss = self.lm_and_mtp_losses(self.hidden(emb), inputs, targets, emb)
         balance_loss = take_balance_loss(self.moe_layers(), lm_loss)
         loss = lm_loss + mtp_loss + balance_loss

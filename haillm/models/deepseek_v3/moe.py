@@ -24,6 +24,7 @@ from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.models.deepseek_v3.experts import GroupedExperts
 from haillm.models.deepseek_v3.swiglu import swiglu_keeping_inputs
 from haillm.ops import Linear
+from haillm.parallel.context import NO_CP, ContextParallel
 from haillm.parallel.tensor import NO_TP, TensorParallel
 
 
@@ -134,11 +135,12 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: fl
 
 
 def rows_balance_loss(scores: torch.Tensor, indices: torch.Tensor, seq_ids: torch.Tensor | None, n_seqs: int,
-                      seq_len: int, alpha: float, tp: TensorParallel = NO_TP) -> torch.Tensor:
+                      seq_len: int, alpha: float, ranks: TensorParallel | ContextParallel = NO_TP) -> torch.Tensor:
     """``sequence_balance_loss`` from some of the rows of ``n_seqs`` sequences of ``seq_len`` tokens (``scores:
-    [n, N_r]``, ``indices: [n, K_r]``): each rank of ``tp`` sums its rows' statistics per sequence, and the sums
-    are added over ``tp`` (a tensor-parallel MoE layer routes a split of the tokens). ``seq_ids: [n]``: each row's
-    sequence, or None where the rows are ``n_seqs`` sequences' equal, contiguous parts (nothing more is kept)."""
+    [n, N_r]``, ``indices: [n, K_r]``): each of the ``ranks`` sums its rows' statistics per sequence, and the sums
+    are added over them (``sum_partials``: a tensor-parallel MoE layer routes a split of the tokens, a
+    context-parallel one its chunks). ``seq_ids: [n]``: each row's sequence, or None where the rows are
+    ``n_seqs`` sequences' equal, contiguous parts (nothing more is kept)."""
     n_experts, topk = scores.shape[-1], indices.shape[-1]
     fractions = scores / scores.sum(dim=-1, keepdim=True)
     ones = torch.ones(indices.numel(), dtype=scores.dtype, device=scores.device)
@@ -149,8 +151,8 @@ def rows_balance_loss(scores: torch.Tensor, indices: torch.Tensor, seq_ids: torc
         shares = _SumRows.apply(fractions, seq_ids, n_seqs)  # keeps the ids only, not the fractions
         picks = (seq_ids[:, None] * n_experts + indices).flatten()
         counts = scores.new_zeros(n_seqs * n_experts).scatter_add_(0, picks, ones).view(n_seqs, n_experts)
-    if tp.enabled:
-        counts, shares = tp.sum_partials(torch.stack([counts, shares])).unbind(0)
+    if ranks.enabled:
+        counts, shares = ranks.sum_partials(torch.stack([counts, shares])).unbind(0)
     f = counts.detach() * (n_experts / (topk * seq_len))
     return alpha * (f * (shares / seq_len)).sum(dim=-1).mean()
 
@@ -273,6 +275,9 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None
         self.tp = NO_TP  # the router and the routed experts take this rank's rows; shared_experts has its own
+        # context parallelism: the tokens are this rank's chunks of each sequence, whose last ``tail`` tokens are
+        # none (an MTP block at depth k runs on the whole length; its last k positions have no target)
+        self.cp, self.tail = NO_CP, 0
 
     def route(self, rows: torch.Tensor, first: int, bsz: int, seq_len: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -281,7 +286,9 @@ class MoE(nn.Module):
         leave the balance loss, over whole sequences of ``seq_len * tp.seq_factor`` tokens."""
         weights, indices, scores = self.gate(rows)
         counts = expert_counts(indices, self.n_routed_experts)
-        if self.training:
+        if self.training and self.cp.enabled:
+            self._context_parallel_statistics(scores, indices, bsz, seq_len)
+        elif self.training:
             self.tokens_per_expert += counts
             if self.balance_alpha > 0 and torch.is_grad_enabled():
                 whole = first == 0 and rows.shape[0] == bsz * seq_len  # every row of its sequences (in order)
@@ -289,6 +296,19 @@ class MoE(nn.Module):
                 self.balance_loss = rows_balance_loss(scores, indices, seq_ids, bsz, seq_len * self.tp.seq_factor,
                                                       self.balance_alpha, self.tp)
         return weights, indices, counts
+
+    def _context_parallel_statistics(self, scores: torch.Tensor, indices: torch.Tensor, bsz: int, seq_len: int
+                                     ) -> None:
+        """The loads and the balance loss of this rank's chunks of ``bsz`` sequences (``seq_len`` local tokens
+        each), leaving out the ``tail`` positions that are none, over the whole sequences' statistics."""
+        drop = self.tail if self.cp.holds_end else 0
+        if drop:
+            scores = scores.view(bsz, seq_len, -1)[:, : seq_len - drop].flatten(0, 1)
+            indices = indices.view(bsz, seq_len, -1)[:, : seq_len - drop].flatten(0, 1)
+        self.tokens_per_expert += expert_counts(indices, self.n_routed_experts)
+        if self.balance_alpha > 0 and torch.is_grad_enabled():
+            whole = seq_len * self.cp.size - self.tail
+            self.balance_loss = rows_balance_loss(scores, indices, None, bsz, whole, self.balance_alpha, self.cp)
 
     @property
     def fp8_input_pow2(self) -> bool | None:

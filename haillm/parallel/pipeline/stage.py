@@ -154,12 +154,7 @@ class StageModel(TrainingObjective, nn.Module):
         """The hidden state travels in the parameters' dtype (the compute dtype: fp32, or bf16 in mixed
         precision), the same on every rank; under sequence parallelism each tp rank sends its shard."""
         dtype = next(self.parameters()).dtype
-        return (batch.shape[0], (batch.shape[1] - 1) // self.tp.seq_factor, self.args.dim), dtype
-
-    def _rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if length > self.args.max_seq_len:
-            raise ValueError(f"sequence length {length} exceeds model.max_seq_len={self.args.max_seq_len}")
-        return self.rope_cos[:length], self.rope_sin[:length]
+        return (batch.shape[0], (batch.shape[1] - 1) // (self.tp.seq_factor * self.cp.size), self.args.dim), dtype
 
     def forward_chunk(self, chunk: int, x: torch.Tensor | None, batch: torch.Tensor) -> ChunkOutput:
         return run_to_end(self.forward_phases(chunk, x, batch, None))
@@ -173,8 +168,8 @@ class StageModel(TrainingObjective, nn.Module):
                 ) -> Generator[None, None, ChunkOutput]:
         spec = self.specs[chunk]
         inputs = batch[:, :-1]
-        h = self.embed(inputs) if spec.first else x
-        cos, sin = self._rope(inputs.shape[1])
+        h = self.embed(self.cp.local(inputs)) if spec.first else x
+        cos, sin = self.rope_at(inputs.shape[1])
         blocks = [self.layers[str(i)] for i in spec.layers]
         for block in blocks:
             h = yield from block.forward_phases(h, cos, sin, cut)
@@ -221,7 +216,8 @@ def second_copies(model: nn.Module, schedule: str, pp: int, pp_rank: int) -> set
 
 def pipelines_of(dims) -> list[list[int]]:
     """Global ranks of every pipeline (pp group) of a ``ParallelDims``, each ordered by pipeline rank."""
-    return [[dims.global_rank(p, dp, tp) for p in range(dims.pp)] for dp in range(dims.dp) for tp in range(dims.tp)]
+    return [[dims.global_rank(p, dp, tp, cp) for p in range(dims.pp)]
+            for dp in range(dims.dp) for cp in range(dims.cp) for tp in range(dims.tp)]
 
 
 def partner_group(schedule: str, pipelines: list[list[int]], mtp: bool = True,

@@ -1,0 +1,62 @@
+"""Context parallelism end to end: 10 optimizer steps of `tiny` on 1024-token sequences at cp=2 and cp=4, composed
+with dp x ep, and with DualPipeV at pp=2, reproduce the single-process losses from the same seed and global
+batch, on forked gloo ranks under NCCL's rules (tests/dist.py); BF16 with recomputation and FP8 at cp=2 (on
+256-token sequences) against the single process of the same precision.
+
+Tolerances (relative, per step): step 1 within 1e-6, later steps within 1e-3, the other layouts' (a routing
+decision may flip on a near-tie). A context-parallel rank merges per-chunk softmaxes in fp32 where one process
+runs one kernel over the whole sequence: the same sums in another order. Measured in fp32: step 1 at most
+3.3e-8, steps 2-5 at most 8.5e-8, and 1.1e-5 at one later step where all four layouts part alike. BF16: step 1
+1.7e-8, later at most 1.1e-4. FP8 (FP8_TP_MODEL: wkv_b in FP8, its latents quantized after the exchange), as
+in test_train_tp.py: step 1 6.6e-8, steps 2-5 within 1e-3 (measured 1.3e-4), later within 1e-2 (measured
+3.4e-4).
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_train_pp import losses
+from test_train_tp import CHECKPOINTS_OFF, FP8_TP_MODEL
+
+# four 1024-token sequences a step: two micro-batches of two, or four of one (DualPipeV at pp=2 needs four)
+LONG = ["train.seq_len=1024", "model.max_seq_len=1024", "train.global_batch_size=4", "train.micro_batch_size=2",
+        *CHECKPOINTS_OFF]
+# the precisions on shorter sequences (the attention's blocks are the same code at any length)
+SHORT = ["train.seq_len=256", "train.global_batch_size=4", "train.micro_batch_size=2", *CHECKPOINTS_OFF]
+
+CASES = {
+    # name: (world, layout, data, precision and model, step-1 tolerance, later tolerances by last step)
+    "cp2": (2, ["parallel.cp=2"], LONG, [], 1e-6, {10: 1e-3}),
+    "cp4": (4, ["parallel.cp=4"], LONG, [], 1e-6, {10: 1e-3}),
+    "cp2-dp2-ep2": (4, ["parallel.cp=2", "parallel.dp=2", "parallel.ep=2", "train.micro_batch_size=1"], LONG, [],
+                    1e-6, {10: 1e-3}),
+    "cp2-pp2-dualpipev": (4, ["parallel.cp=2", "parallel.pp=2", "parallel.pp_schedule=dualpipev",
+                              "train.micro_batch_size=1"], LONG, [], 1e-6, {10: 1e-3}),
+    "cp2-bf16-recompute": (2, ["parallel.cp=2"], SHORT, ["train.dtype=bf16", "train.recompute=true"], 1e-5,
+                           {10: 1e-3}),
+    "cp2-fp8": (2, ["parallel.cp=2"], SHORT, ["fp8.enabled=true", *FP8_TP_MODEL], 1e-6, {5: 1e-3, 10: 1e-2}),
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Single-process losses per data, precision and model, computed once."""
+    cache: dict[tuple[str, ...], list[float]] = {}
+
+    def get(*overrides: str) -> list[float]:
+        if overrides not in cache:
+            cache[overrides] = losses(tmp_path_factory.mktemp("ref") / "run", 1, *overrides)
+        return cache[overrides]
+
+    return get
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_context_parallel_matches_single_process(reference, tmp_path, case):
+    world, layout, data, model, first_tol, later_tols = CASES[case]
+    ref = reference(*data, *model)
+    got = losses(tmp_path / "run", world, *data, *model, *layout)
+    assert got[0] == pytest.approx(ref[0], rel=first_tol)
+    for step, (g, r) in enumerate(zip(got[1:], ref[1:], strict=True), start=2):
+        tol = next(t for last, t in sorted(later_tols.items()) if step <= last)
+        assert g == pytest.approx(r, rel=tol), (step, g, r)
