@@ -26,7 +26,7 @@ import torch
 from dist import run_distributed
 from saved_tensors import saved_storages
 from test_train import launch_train
-from test_train_dp import COMMON
+from test_train_dp import CHECKPOINTS_OFF, COMMON
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
@@ -95,7 +95,7 @@ def _records(argv: list[str]) -> list[dict]:
 
 def train(out: Path, world: int, *overrides: str) -> list[list[dict]]:
     """Every rank's step records of a run (pg_timeout: a rank may compile for a while before it sends)."""
-    argv = [*COMMON, f"output_dir={out}", "train.steps=4", *overrides]
+    argv = [*COMMON, f"output_dir={out}", "train.steps=4", *CHECKPOINTS_OFF, *overrides]
     if world == 1:
         return [_records(argv)]
     return run_distributed(_records, world_size=world, args=(argv,), timeout=300, pg_timeout=200)

@@ -257,3 +257,16 @@ def test_init_from_takes_the_checkpoints_config(hf_dir, bpe_json):
                                         torch.device("cpu"))
     loaded = model.state_dict()
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("recipe, seq_len, batch", [("v3_context_32k", 32768, 1920), ("v3_context_128k", 131072, 480)])
+def test_context_extension_recipes_hold_the_reports_settings(recipe, seq_len, batch):
+    """DeepSeek-V3 report §4.3: YaRN s=40, alpha=1, beta=32 on the 4K original context, 1000 steps at a constant
+    7.3e-6; 1920 sequences of 32K, then 480 of 128K. The recipe composes on the V3 model and validates."""
+    cfg = compose_config(["model=v3_671b", f"+recipe={recipe}", "parallel.cp=4"])
+    validate(cfg, world_size=4)
+    args = to_model_args(cfg.model)
+    assert (cfg.train.seq_len, args.max_seq_len, cfg.train.global_batch_size) == (seq_len, seq_len, batch)
+    assert (args.original_seq_len, args.rope_factor, args.beta_slow, args.beta_fast) == (4096, 40, 1, 32)
+    assert args.uses_yarn and args.mscale == 1.0
+    assert (cfg.train.steps, cfg.train.lr, cfg.optim.schedule, cfg.optim.warmup_steps) == (1000, 7.3e-6, "constant", 0)

@@ -217,6 +217,40 @@ def test_tensor_parallel_plan():
         "comm_bytes_per_rank_per_step"]["tensor_parallel"]
 
 
+def test_context_parallel_plan(capsys):
+    """A cp=4 plan against cp=1 for the same sequences: a quarter of the activations plus the gathered latents,
+    ZeRO-1 state sharded over dp x cp, the latents' all-gather and reduce-scatter (and with recompute the
+    all-gather again) as traffic and a term of the step time, the extra key up-projections as compute; and the
+    longest sequence that fits grows with cp."""
+    long = ["model=tiny", "train.seq_len=4096", "model.max_seq_len=4096", "train.global_batch_size=4",
+            "train.micro_batch_size=1"]
+    plans = {(cp, rec): make_plan([*long, f"parallel.cp={cp}", f"train.recompute={rec}"], gpu="h100")
+             for cp in (1, 4) for rec in (False, True)}
+    args = get_preset("tiny")
+    latent = (args.kv_lora_rank + args.qk_rope_head_dim) * 2  # bytes per token: bf16 on a GPU (train.dtype=auto)
+    for rec in (False, True):
+        one, four = plans[1, rec], plans[4, rec]
+        ratio = four["memory_bytes_per_rank"]["activations"] / one["memory_bytes_per_rank"]["activations"]
+        assert 0.2 < ratio <= 0.3, (rec, ratio)  # no per-head k, v kept; the gathered latents kept
+        assert four["memory_bytes_per_rank"]["optimizer"] == pytest.approx(
+            one["memory_bytes_per_rank"]["optimizer"] / 4, rel=0.01)
+        layers = args.n_layers + args.mtp_depth
+        sent = layers * 4 * (2 + rec) * 3 * 1024 * latent  # 4 micro-batches, (cp - 1) x the local latents
+        assert four["comm_bytes_per_rank_per_step"]["context_parallel"] == sent
+        assert four["step_time_terms_s"]["context_parallel"] == pytest.approx(sent / 153e9)
+        assert four["links"]["context_parallel"] == "NVLink" and one["links"]["context_parallel"] == "none"
+        assert four["step_time_terms_s"]["compute"] > one["step_time_terms_s"]["compute"] / 4
+    assert main(["model=tiny", "train.seq_len=4096", "model.max_seq_len=4096", "--gpu", "h100", "--longest",
+                 "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert main(["model=tiny", "train.seq_len=4096", "model.max_seq_len=4096", "parallel.cp=4", "--gpus", "4",
+                 "--gpu", "h100", "--longest", "--json"]) == 0
+    four = json.loads(capsys.readouterr().out)
+    assert four["seq_len"] % 8 == 0 and four["seq_len"] > 3 * one["seq_len"]
+    for found in (one, four):
+        assert found["total"] <= found["usable"] < found["next_total"]
+
+
 @pytest.mark.parametrize("overrides, micro_batch", [
     ([], 8),
     (["parallel.pp=2", "parallel.pp_schedule=dualpipe"], 1),
@@ -254,8 +288,8 @@ def test_json_is_one_object(capsys):
     for key in ("total_params", "active_params", "flops_per_token", "memory_bytes_per_rank", "step_time_s", "mfu",
                 "gpu_hours_per_trillion_tokens", "step_time_terms_s", "bandwidths_gbps", "comm_time_s"):
         assert key in plan
-    assert set(plan["step_time_terms_s"]) == {"compute", "tensor_parallel", "pipeline_bubble", "all_to_all",
-                                              "pipeline_p2p", "zero_reduce_scatter", "zero_all_gather",
+    assert set(plan["step_time_terms_s"]) == {"compute", "tensor_parallel", "context_parallel", "pipeline_bubble",
+                                              "all_to_all", "pipeline_p2p", "zero_reduce_scatter", "zero_all_gather",
                                               "partner_all_reduce"}
     assert plan["bandwidths_gbps"] == {"nvlink": 153.0, "ib": 43.0}  # DeepEP's published figures
     assert plan["memory_bytes_per_rank"]["capacity"] == 141 * GIB
@@ -280,7 +314,7 @@ def test_text_report_and_exit_codes(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["parallel.dp=2", "--gpus", "4"], "--gpus=4 but parallel.dp*pp*tp = 2*1*1 = 2"),
+    (["parallel.dp=2", "--gpus", "4"], "--gpus=4 but parallel.dp*pp*cp*tp = 2*1*1*1 = 2"),
     (["parallel.pp=3", "parallel.pp_schedule=dualpipe", "train.global_batch_size=12"], "dualpipe needs an even pp"),
     (["parallel.tp=3"], "parallel.tp=3 must divide parallel.ranks_per_node=8"),
     (["parallel.tp=2", "model.n_heads=3"], "model.n_heads=3 is not divisible by parallel.tp=2"),

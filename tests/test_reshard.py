@@ -3,7 +3,7 @@ went on under A (step N+1 within 1e-6, later steps within 1e-3: MoE routing near
 
 Checkpoints hold every tensor under its full-model name and global shape (a tensor-parallel block in its whole
 tensor's), the ZeRO state as pieces of those tensors and the data position as a global sample count, so any pair of
-layouts works, tp included; DualPipe's two copies of each stage are stored once.
+layouts works, tp and cp included; DualPipe's two copies of each stage are stored once.
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ LAYOUTS = {  # name: (world size, overrides); micro-batches of 1 give DualPipe e
                                  "train.micro_batch_size=1"]),
     "tp2": (2, ["parallel.tp=2"]),
     "tp2-dp2": (4, ["parallel.tp=2", "parallel.dp=2"]),
+    "cp4": (4, ["parallel.cp=4"]),  # chunks of 4 tokens: each sequence over 4 ranks, ZeRO-1 over them
 }
 PAIRS = [
     ("dp2", "dp1"), ("dp1", "dp4"), ("dp2-ep2", "dp4-ep4"), ("dp4-ep4", "dp2-ep2"), ("pp2-dualpipe", "dp1"),
     ("pp2-1f1b", "pp2-dualpipev"), ("pp2-dp2-ep2-dualpipe", "dp4-ep2"),
     ("dp1", "pp2-dualpipe"), ("pp2-dualpipev", "pp2-1f1b"), ("dp4-ep2", "pp2-dp2-ep2-dualpipe"),
-    ("tp2-dp2", "dp4"), ("dp2", "tp2"),
+    ("tp2-dp2", "dp4"), ("dp2", "tp2"), ("dp1", "cp4"),
 ]
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from dist import run_distributed
 from test_train import launch_train
-from test_train_dp import COMMON
+from test_train_dp import CHECKPOINTS_OFF, COMMON
 from test_train_fp8 import FP8_MODEL
 
 STEPS = 10
@@ -42,7 +42,7 @@ def run(out: Path, world: int, *overrides: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def fp32(tmp_path_factory) -> list[float]:
-    return [r["loss"] for r in run(tmp_path_factory.mktemp("fp32") / "run", 1, "train.dtype=fp32")]
+    return [r["loss"] for r in run(tmp_path_factory.mktemp("fp32") / "run", 1, "train.dtype=fp32", *CHECKPOINTS_OFF)]
 
 
 LAYOUTS = {
@@ -58,7 +58,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_bf16_trains_and_tracks_fp32(fp32, tmp_path, layout):
     world, overrides = LAYOUTS[layout]
-    rows = run(tmp_path / "run", world, "train.dtype=bf16", *overrides)
+    rows = run(tmp_path / "run", world, "train.dtype=bf16", *overrides, *CHECKPOINTS_OFF)
     losses = [r["loss"] for r in rows]
     assert losses[-1] < losses[0] - 1.0, losses  # it learns
     for step, (got, ref) in enumerate(zip(losses, fp32, strict=True), start=1):
@@ -79,7 +79,7 @@ def test_bf16_run_records_its_dtype_and_resumes_exactly(tmp_path):
 def test_fp8_with_bf16_parameters_tracks_fp8_with_fp32(tmp_path):
     """FP8 GEMMs quantize from bf16 parameters and activations as from fp32 ones: same tolerances."""
     fp8 = ["fp8.enabled=true", *FP8_MODEL, "train.steps=4"]
-    ref = [r["loss"] for r in run(tmp_path / "fp32", 1, "train.dtype=fp32", *fp8)]
-    got = [r["loss"] for r in run(tmp_path / "bf16", 1, "train.dtype=bf16", *fp8)]
+    ref = [r["loss"] for r in run(tmp_path / "fp32", 1, "train.dtype=fp32", *fp8, *CHECKPOINTS_OFF)]
+    got = [r["loss"] for r in run(tmp_path / "bf16", 1, "train.dtype=bf16", *fp8, *CHECKPOINTS_OFF)]
     assert got[-1] < got[0]
     assert got[0] == pytest.approx(ref[0], rel=EARLY_TOL) and got == pytest.approx(ref, rel=FP8_TOL)

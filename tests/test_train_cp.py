@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import pytest
 from test_train_pp import losses
-from test_train_tp import CHECKPOINTS_OFF, FP8_TP_MODEL
+from test_train_tp import FP8_TP_MODEL
 
 # four 1024-token sequences a step: two micro-batches of two, or four of one (DualPipeV at pp=2 needs four)
-LONG = ["train.seq_len=1024", "model.max_seq_len=1024", "train.global_batch_size=4", "train.micro_batch_size=2",
-        *CHECKPOINTS_OFF]
+LONG = ["train.seq_len=1024", "model.max_seq_len=1024", "train.global_batch_size=4", "train.micro_batch_size=2"]
 # the precisions on shorter sequences (the attention's blocks are the same code at any length)
-SHORT = ["train.seq_len=256", "train.global_batch_size=4", "train.micro_batch_size=2", *CHECKPOINTS_OFF]
+SHORT = ["train.seq_len=256", "train.global_batch_size=4", "train.micro_batch_size=2"]
 
 CASES = {
     # name: (world, layout, data, precision and model, step-1 tolerance, later tolerances by last step)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from dist import run_distributed
 from test_train import launch_train
-from test_train_dp import COMMON
+from test_train_dp import CHECKPOINTS_OFF, COMMON
 
 from haillm.config import compose_config, validate
 
@@ -25,7 +25,7 @@ def _train(argv: list[str]) -> dict:
 
 
 def train(out: Path, dp: int, *overrides: str) -> tuple[list[dict], list[dict]]:
-    argv = [*COMMON, f"output_dir={out}", f"parallel.dp={dp}", *overrides]
+    argv = [*COMMON, f"output_dir={out}", f"parallel.dp={dp}", *CHECKPOINTS_OFF, *overrides]
     biases = run_distributed(_train, world_size=dp, args=(argv,), timeout=240) if dp > 1 else [_train(argv)]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], biases
 

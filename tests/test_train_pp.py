@@ -14,7 +14,7 @@ import pytest
 from dist import run_distributed
 from nccl_rules import check_logs, subprocess_env
 from test_train import launch_train
-from test_train_dp import COMMON
+from test_train_dp import CHECKPOINTS_OFF, COMMON
 
 STEPS = "train.steps=10"
 DENSE = "model.n_dense_layers=4"  # no routing: nothing can flip on a near-tie
@@ -29,7 +29,7 @@ def _main(argv: list[str]) -> int:
 
 
 def losses(out: Path, world: int, *overrides: str) -> list[float]:
-    argv = [*COMMON, f"output_dir={out}", STEPS, *overrides]
+    argv = [*COMMON, f"output_dir={out}", STEPS, *CHECKPOINTS_OFF, *overrides]
     codes = run_distributed(_main, world_size=world, args=(argv,), timeout=300) if world > 1 else [_main(argv)]
     assert codes == [0] * world
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

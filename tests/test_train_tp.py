@@ -22,9 +22,6 @@ from __future__ import annotations
 import pytest
 from test_train_pp import losses
 
-# no checkpoints (4 saves add ~5.6 s to a 4-rank case): tp checkpoints resume across layouts in test_reshard.py and
-# test_tp_checkpoint.py
-CHECKPOINTS_OFF = ["checkpoint.interval=100", "checkpoint.final=false"]
 # every tensor-parallel block of an FP8 linear a whole number of 128-wide tiles at tp=2: wq_b and wkv_b 2 heads
 # of 128 rows, wo 2 heads of 64 columns, the FFNs 128 of their 256; one dense and one MoE layer
 FP8_TP_MODEL = [f"model.{k}={v}" for k, v in dict(
@@ -53,7 +50,7 @@ def reference(tmp_path_factory):
 
     def get(*model: str) -> list[float]:
         if model not in cache:
-            cache[model] = losses(tmp_path_factory.mktemp("ref") / "run", 1, *model, *CHECKPOINTS_OFF)
+            cache[model] = losses(tmp_path_factory.mktemp("ref") / "run", 1, *model)
         return cache[model]
 
     return get
@@ -63,7 +60,7 @@ def reference(tmp_path_factory):
 def test_tensor_parallel_matches_single_process(reference, tmp_path, case):
     world, layout, model, first_tol, later_tols = CASES[case]
     ref = reference(*model)
-    got = losses(tmp_path / "run", world, *layout, *model, *CHECKPOINTS_OFF)
+    got = losses(tmp_path / "run", world, *layout, *model)
     assert got[0] == pytest.approx(ref[0], rel=first_tol)
     for step, (g, r) in enumerate(zip(got[1:], ref[1:], strict=True), start=2):
         tol = next(t for last, t in sorted(later_tols.items()) if step <= last)

@@ -8,8 +8,9 @@ Everything but attention works on the local tokens as it would on any tokens.
 **Attention.** Every head's key and value are up-projections of one latent per token: ``kv_lora_rank +
 qk_rope_head_dim`` numbers (576 at DeepSeek-V3's dimensions), against ``n_heads * (qk_head_dim + v_head_dim)``
 = 40,960 for the per-head keys and values that ring attention passes around. So the ranks all-gather the
-normalised latent and the rotated shared key (``gather_sequence``; backward: the latents' gradients
-reduce-scattered back to their owners), and each rank up-projects them itself, one key chunk at a time
+normalised latent and the rotated shared key (``start_gather``, in flight while the queries are computed, then
+``finish_gather``; backward: the latents' gradients reduce-scattered back to their owners), and each rank
+up-projects them itself, one key chunk at a time
 (``attention``): a chunk's per-head keys and values live while its block of attention runs and are
 recomputed from the latents in backward, so nothing per head is kept for the whole sequence. Each block of
 attention is the fused kernel with its log-sum-exp; the blocks merge exactly (``haillm.ops.block_attention``).
@@ -67,10 +68,36 @@ class ContextParallel:
         """The global positions of this rank's tokens of a ``seq_len`` sequence."""
         return self.local(torch.arange(seq_len, device=device), 0)
 
+    def start_gather(self, x: Tensor) -> PendingGather:
+        """Start gathering the whole sequence from every rank's local ``x: [B, T / cp, ...]``; ``finish_gather``
+        waits for it (the collective's output is read only after its wait, as NCCL requires)."""
+        front = x.detach().contiguous()
+        gathered = front.new_empty((self.size * front.shape[0], *front.shape[1:]))  # rank-major rows
+        return PendingGather(x, gathered, all_gather_single(gathered, front, group=self.group, async_op=True))
+
+    def finish_gather(self, pending: PendingGather, sizes: Sequence[int]) -> tuple[Tensor, ...]:
+        """The whole sequence chunk by chunk: for each of ``sizes`` (a split of the last dim), a contiguous
+        ``[2cp, B, T / (2cp), size]`` in global chunk order (a chunk, ``[j]``, is contiguous too: a linear reads
+        it, and saves it, without a copy). Backward: the gradient summed over the ranks and each rank's chunks
+        kept (a reduce-scatter)."""
+        pending.work.wait()
+        return _Gathered.apply(pending.x, pending.gathered, self, tuple(sizes))
+
+    def regather(self, x: Tensor, sizes: Sequence[int]) -> tuple[Tensor, ...]:
+        """``finish_gather(start_gather(x), sizes)``'s values without autograd: the recipe that recomputes the
+        gathered latents in backward instead of keeping them (``recompute``), as ring attention passes its
+        keys and values around again in backward."""
+        pending = self.start_gather(x)
+        pending.work.wait()
+        return _split_chunks(pending.gathered, self.size, sizes)
+
     def gather_sequence(self, x: Tensor) -> Tensor:
-        """The whole sequence ``[B, T, ...]`` in global order from every rank's local ``x: [B, T / cp, ...]``;
-        backward: the gradient summed over the ranks and each rank's chunks kept."""
-        return _GatherSequence.apply(x, self) if self.enabled else x
+        """The whole sequence ``[B, T, ...]`` in global order from every rank's ``x: [B, T / cp, ...]`` (the
+        identity at cp=1)."""
+        if not self.enabled:
+            return x
+        (chunks,) = self.finish_gather(self.start_gather(x), (x.shape[-1],))
+        return chunks.movedim(0, 1).flatten(1, 2)
 
     def sum_partials(self, x: Tensor) -> Tensor:
         """Sum over the group of a statistic each rank computed from its own tokens (the balance loss's). Its
@@ -115,35 +142,60 @@ def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> None:
                 module.tail = depth
 
 
-def _to_global(gathered: Tensor, size: int) -> Tensor:
-    """``[cp, B, 2c, ...]`` (each rank's two chunks) -> ``[B, 2cp * c, ...]`` in global chunk order."""
+def _chunk_major(gathered: Tensor) -> Tensor:
+    """``[cp, B, 2c, ...]`` (each rank's two chunks) -> ``[2cp, B, c, ...]`` in global chunk order."""
     early, late = gathered.unflatten(2, (2, -1)).unbind(2)  # rank r's chunk r and chunk 2cp-1-r
-    ordered = torch.cat([early, late.flip(0)], dim=0)  # [2cp, B, c, ...]
-    return ordered.movedim(0, 1).flatten(1, 2)
+    return torch.cat([early, late.flip(0)], dim=0)
+
+
+def _rank_major(chunks: Tensor, size: int) -> Tensor:
+    """The inverse of ``_chunk_major``, contiguous."""
+    early, late = chunks[:size], chunks[size:].flip(0)
+    return torch.stack([early, late], dim=2).flatten(2, 3).contiguous()
+
+
+def _split_chunks(gathered: Tensor, size: int, sizes: Sequence[int]) -> tuple[Tensor, ...]:
+    """The rank-major rows of an all-gather as contiguous chunk-major parts of the features."""
+    chunks = _chunk_major(gathered.unflatten(0, (size, -1)))
+    return tuple(part.contiguous() for part in chunks.split(list(sizes), dim=-1))
+
+
+def _to_global(gathered: Tensor, size: int) -> Tensor:
+    """``[cp, B, 2c, ...]`` -> ``[B, 2cp * c, ...]``: the sequence in order."""
+    return _chunk_major(gathered).movedim(0, 1).flatten(1, 2)
 
 
 def _from_global(whole: Tensor, size: int) -> Tensor:
     """The inverse of ``_to_global``: ``[B, 2cp * c, ...]`` -> ``[cp, B, 2c, ...]``, contiguous."""
-    ordered = whole.unflatten(1, (2 * size, -1)).movedim(1, 0)
-    early, late = ordered[:size], ordered[size:].flip(0)
-    return torch.stack([early, late], dim=2).flatten(2, 3).contiguous()
+    return _rank_major(whole.unflatten(1, (2 * size, -1)).movedim(1, 0), size)
 
 
-class _GatherSequence(torch.autograd.Function):
+@dataclass(frozen=True)
+class PendingGather:
+    """An all-gather of the local ``x`` in flight into ``gathered``."""
+
+    x: Tensor
+    gathered: Tensor
+    work: dist.Work
+
+
+class _Gathered(torch.autograd.Function):
+    """``x``'s whole sequence, chunk-major and split along the features, from the finished all-gather
+    ``gathered``; backward: reduce-scatter to ``x``."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, cp: ContextParallel) -> Tensor:
+    def forward(ctx, x: Tensor, gathered: Tensor, cp: ContextParallel, sizes: tuple[int, ...]
+                ) -> tuple[Tensor, ...]:
         ctx.cp = cp
-        gathered = x.new_empty((cp.size * x.shape[0], *x.shape[1:]))  # the collectives take rank-major rows
-        all_gather_single(gathered, x.contiguous(), group=cp.group)
-        return _to_global(gathered.unflatten(0, (cp.size, -1)), cp.size)
+        return _split_chunks(gathered, cp.size, sizes)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, *grads: Tensor):
         cp = ctx.cp
-        per_rank = _from_global(grad, cp.size)
+        per_rank = _rank_major(torch.cat(grads, dim=-1), cp.size)
         out = per_rank.new_empty(per_rank.shape[1:])
         reduce_scatter_single(out, per_rank.flatten(0, 1), op=dist.ReduceOp.SUM, group=cp.group)
-        return out, None
+        return out, None, None, None
 
 
 class _SumPartials(torch.autograd.Function):
@@ -161,8 +213,8 @@ class _SumPartials(torch.autograd.Function):
 
 @dataclass(eq=False)
 class _Attention:
-    """What the nodes of one ``ContextParallel.attention`` call share: per local query chunk, the merged
-    output and log-sum-exp (complete once every key chunk has run), and in backward the output's gradient."""
+    """What the nodes of one ``ContextParallel.attention`` call share: per local query chunk, the output and
+    log-sum-exp merged so far (in forward), and in backward the merged ones with the output's gradient."""
 
     query_chunks: tuple[int, int]
     scale: float
@@ -208,19 +260,23 @@ class _KeyChunk(torch.autograd.Function):
 
 
 class _Merged(torch.autograd.Function):
-    """The merged output of every ``_KeyChunk`` of a call, in the queries' dtype; backward hands its gradient
-    to the state, where the key-chunk nodes (which run after it) read it."""
+    """The merged output of every ``_KeyChunk`` of a call, in the queries' dtype. It keeps the output (as the
+    fused kernel does: in the kernel's dtype, fp32 when emulated) and the log-sum-exp as its saved tensors, and
+    backward hands them to the state with the output's gradient, for the key-chunk nodes, which run after it."""
 
     @staticmethod
     def forward(ctx, state: _Attention, *tokens: Tensor) -> Tensor:
-        dtype = tokens[0].dtype
-        out = torch.cat(state.out, dim=2).to(dtype)
-        if not widens(out):  # keep the output as the fused kernel does: in its own dtype (fp32 when emulated)
-            state.out = list(out.split(out.shape[2] // 2, dim=2))
+        merged, lse = torch.cat(state.out, dim=2), torch.cat(state.lse, dim=2)
+        out = merged.to(tokens[0].dtype)
+        state.out, state.lse = [None, None], [None, None]  # held by this node from here
         ctx.state, ctx.n_tokens = state, len(tokens)
+        ctx.save_for_backward(merged if widens(out) else out, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        ctx.state.grad = list(grad.split(grad.shape[2] // 2, dim=2))
+        state = ctx.state
+        out, lse = ctx.saved_tensors
+        half = grad.shape[2] // 2
+        state.out, state.lse, state.grad = (list(t.split(half, dim=2)) for t in (out, lse, grad))
         return None, *(grad.new_empty(0) for _ in range(ctx.n_tokens))

@@ -25,6 +25,14 @@ enters a region is gathered into a new whole-sequence tensor: the MLA latents, t
 input (kept by the column-parallel ``w1``/``w3`` even with recompute: it is no norm output), the head's input.
 The vocabulary-parallel embedding keeps its masked local ids and mask, the head its local targets and mask, and
 the MTP modules (replicated mode, whole sequences) the gathered embedding and last hidden state.
+
+Context parallelism (``cp``, ``haillm.parallel.context``): a rank holds ``1 / cp`` of every sequence's tokens,
+and the per-token figures are per local token. Its attention keeps no per-head keys and values (each key
+chunk's are recomputed from the latents in backward) and not its local normalised latent (no linear reads it:
+``wkv_b`` reads the gathered chunks); it keeps the whole sequence's gathered latents and rotated shared keys,
+``cp`` times the local ones, or with recompute only the local ones (backward gathers them again), and where
+``wkv_b`` is FP8 the FP8 copy of every gathered chunk it quantizes. The MTP modules keep the main model's
+positions (their last k positions are none) and embed their shifted tokens anew.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ class ActivationSetup:
     swiglu: bool | None = None  # train.recompute_swiglu: None follows recompute
     tp: int = 1
     sequence_parallel: bool = False  # parallel.sequence_parallel (with tp > 1)
+    cp: int = 1
 
     @property
     def swiglu_inputs_only(self) -> bool:
@@ -123,7 +132,14 @@ def attention_per_token(a: ModelArgs, s: ActivationSetup) -> float:
     out += _kept(a.kv_lora_rank, s, False, [(a.kv_lora_rank, heads * (a.qk_nope_head_dim + a.v_head_dim))],
                  marked=True)
     v_kept = heads * qk if s.cpu else heads * (a.qk_nope_head_dim + a.v_head_dim)  # CPU pads v; GPU views wkv_b
-    if not s.recompute:
+    if s.cp > 1:
+        out -= _kept(a.kv_lora_rank, s, False, [(a.kv_lora_rank, heads * (a.qk_nope_head_dim + a.v_head_dim))],
+                     marked=True)  # the local latent: wkv_b reads the gathered chunks
+        out += (a.kv_lora_rank + a.qk_rope_head_dim) * act * (1 if s.recompute else s.cp)  # local, or gathered
+        out += s.cp * fp8_bytes(a.kv_lora_rank) if s.fp8 else 0  # wkv_b's FP8 copies of the gathered chunks
+        if not s.recompute:
+            out += q_out * act  # q; each key chunk's k and v are recomputed in backward
+    elif not s.recompute:
         out += (2 * q_out + v_kept) * act  # q, k, v
     out += heads * (qk * FP32 if s.cpu else a.v_head_dim * act) + heads * FP32  # attention output, log-sum-exp
     if heads > 1 or s.fp8:  # wo's input (one head: a view of the attention output, kept above)
@@ -172,9 +188,11 @@ def ffn_per_token(a: ModelArgs, dense: bool, s: ActivationSetup) -> float:
 
 
 def block_bytes(a: ModelArgs, dense: bool, micro_batch: int, seq_len: int, s: ActivationSetup) -> float:
-    """One transformer block (dense or MoE) on a micro-batch of ``micro_batch`` sequences of ``seq_len``."""
-    tokens = micro_batch * seq_len
-    out = tokens * (attention_per_token(a, s) + ffn_per_token(a, dense, s)) + rope_per_sequence(a, seq_len)
+    """One transformer block (dense or MoE) on a micro-batch of ``micro_batch`` sequences of ``seq_len`` (this
+    rank's ``1 / cp`` of their tokens)."""
+    local = seq_len // s.cp
+    tokens = micro_batch * local
+    out = tokens * (attention_per_token(a, s) + ffn_per_token(a, dense, s)) + rope_per_sequence(a, local)
     if not dense:
         if a.balance_alpha > 0:
             out += micro_batch * a.n_routed_experts * FP32  # the balance loss's per-sequence expert fractions
@@ -206,6 +224,8 @@ def chunk_bytes(a: ModelArgs, spec: StageSpec, micro_batch: int, seq_len: int, s
                 shared_embedding: bool) -> float:
     """Bytes one pipeline stage keeps for backward per micro-batch. ``shared_embedding``: the MTP modules
     reuse the main model's embedding output (the unsplit model); a pipeline's last stage embeds again."""
+    if s.cp > 1:
+        return _context_parallel_chunk_bytes(a, spec, micro_batch, seq_len, s)
     tokens = micro_batch * seq_len
     out = 0.0
     if s.tp == 1 and (spec.first or spec.last):
@@ -226,4 +246,30 @@ def chunk_bytes(a: ModelArgs, spec: StageSpec, micro_batch: int, seq_len: int, s
         out += t_k * (2 * FP32 + _kept(2 * a.dim, mtp, False, [(2 * a.dim, a.dim)]))
         out += block_bytes(a, False, micro_batch, seq_len - k, mtp)
         out += head_bytes(a, mtp, t_k)
+    return out
+
+
+def _context_parallel_chunk_bytes(a: ModelArgs, spec: StageSpec, micro_batch: int, seq_len: int,
+                                  s: ActivationSetup) -> float:
+    """``chunk_bytes`` under context parallelism, on the rank that holds the sequences' ends (the most: its MTP
+    heads read a copy of their valid rows). Each rank keeps its own copies of its chunks' token ids (the
+    embedding's) and targets (the head's), and every MTP depth embeds its shifted ids anew."""
+    local = seq_len // s.cp
+    tokens = micro_batch * local
+    out = tokens * INT64 * (spec.first + spec.last)  # this rank's ids (embedding) and targets (head)
+    for i in spec.layers:
+        out += block_bytes(a, i < a.n_dense_layers, micro_batch, seq_len, s)
+    if not spec.last:
+        return out
+    out += head_bytes(a, s, tokens)
+    for k in range(1, a.mtp_depth + 1):
+        valid = micro_batch * (local - k)
+        out += tokens * (2 * INT64 + a.dim * s.act_bytes)  # shifted ids and targets; their embedding (enorm's input)
+        out += tokens * (2 * FP32 + _kept(2 * a.dim, s, False, [(2 * a.dim, a.dim)]))  # rstds, eh_proj's input
+        out += block_bytes(a, False, micro_batch, seq_len, s)
+        out += tokens * (a.dim * s.act_bytes + FP32)  # mtp.norm on every row: input, rstd
+        if ce_grads_in_forward(a.vocab_size, a.dim, valid):  # the head on a copy of the valid rows (a slice)
+            out += valid * a.dim * s.act_bytes + a.vocab_size * a.dim * FP32
+        else:
+            out += valid * (a.dim * s.act_bytes + 2 * FP32)
     return out

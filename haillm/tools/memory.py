@@ -52,11 +52,17 @@ class Layout:
     fp8_cache_transposed: bool = False  # fp8.cache_transposed
     tp: int = 1
     sequence_parallel: bool = False  # parallel.sequence_parallel (with tp > 1)
+    cp: int = 1
 
     @property
     def seq_factor(self) -> int:
-        """How many times longer a sequence is than the hidden states between stages (``TensorParallel``'s)."""
-        return self.tp if self.sequence_parallel else 1
+        """How many times longer a sequence is than the hidden states between stages: the cp ranks' chunks,
+        sequence shards of those under sequence parallelism."""
+        return (self.tp if self.sequence_parallel else 1) * self.cp
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.pp * self.cp * self.tp
 
 
 @dataclass
@@ -103,8 +109,8 @@ class RankMemory:
 
 def dims_of(lay: Layout, pp_rank: int) -> ParallelDims:
     """The rank arithmetic of data- and tensor-parallel rank 0 of pipeline rank ``pp_rank`` (no process groups)."""
-    return ParallelDims(lay.dp, lay.pp, lay.tp, lay.ep, lay.dp * lay.pp * lay.tp, lay.ranks_per_node,
-                        rank=pp_rank * lay.dp * lay.tp)
+    return ParallelDims(lay.dp, lay.pp, lay.tp, lay.ep, lay.world, lay.ranks_per_node,
+                        rank=pp_rank * lay.dp * lay.cp * lay.tp, cp=lay.cp)
 
 
 def rank_model(args: ModelArgs, lay: Layout, pp_rank: int) -> torch.nn.Module:

@@ -71,9 +71,9 @@ def compose(overrides: list[str], gpus: int | None, gpu: str) -> tuple[DictConfi
     cfg = compose_config(overrides)
     resolve_dtype(cfg, "cpu" if gpu == "cpu" else "cuda")  # train.dtype=auto: bf16 on a GPU, as a run does
     p = cfg.parallel
-    ranks = p.dp * p.pp * p.tp
+    ranks = p.dp * p.pp * p.cp * p.tp
     if gpus is not None and gpus != ranks:
-        raise ConfigError(f"--gpus={gpus} but parallel.dp*pp*tp = {p.dp}*{p.pp}*{p.tp} = {ranks}; "
+        raise ConfigError(f"--gpus={gpus} but parallel.dp*pp*cp*tp = {p.dp}*{p.pp}*{p.cp}*{p.tp} = {ranks}; "
                           "make them equal (ep divides dp and adds no GPUs)")
     gpus = ranks
     validate(cfg, gpus)
@@ -96,13 +96,13 @@ def layout_of(cfg: DictConfig, gpu: str, capability: tuple[int, int] | None = No
     sequence_parallel = p.tp > 1 and bool(p.sequence_parallel)
     setup = ActivationSetup(act_bytes=param_dtype.itemsize, recompute=t.recompute, swiglu=t.recompute_swiglu,
                             fp8=fp8_linears(cfg, gpu, capability), cpu=gpu == "cpu", ep=p.ep, tp=p.tp,
-                            sequence_parallel=sequence_parallel)
+                            sequence_parallel=sequence_parallel, cp=p.cp)
     return Layout(dp=p.dp, pp=p.pp, ep=p.ep, schedule=p.pp_schedule, ranks_per_node=p.ranks_per_node,
                   micro_batch=t.micro_batch_size, seq_len=t.seq_len,
                   n_microbatches=t.global_batch_size // (t.micro_batch_size * p.dp), param_dtype=param_dtype,
                   moment_dtype=config_dtype(o.moment_dtype), reduce_dtype=config_dtype(o.grad_reduce_dtype),
                   setup=setup, bucket_mb=o.bucket_mb, fp8_cache_transposed=cfg.fp8.cache_transposed, tp=p.tp,
-                  sequence_parallel=sequence_parallel)
+                  sequence_parallel=sequence_parallel, cp=p.cp)
 
 
 def timing(cfg: DictConfig, args: ModelArgs, lay: Layout, ranks: list[RankMemory], gpus: int, gpu: str,
@@ -113,7 +113,8 @@ def timing(cfg: DictConfig, args: ModelArgs, lay: Layout, ranks: list[RankMemory
     fpt = flops_per_token(args, lay.seq_len)
     peak, peak_source = named_peak_flops(None if gpu == "cpu" else gpu.upper(), cfg.train.peak_flops)
     tokens = cfg.train.global_batch_size * lay.seq_len
-    compute_s = tokens * fpt / (gpus * peak * mfu)
+    extra = plan_time.context_parallel_flops(args, lay, lay.n_microbatches)  # per rank
+    compute_s = (tokens * fpt / gpus + extra) / (peak * mfu)
     return {**plan_time.step_time(lay, ranks, comm, compute_s, args.dim, bw), "comm": comm, "peak": peak,
             "peak_source": peak_source, "tokens": tokens, "flops_per_token": fpt}
 
@@ -174,7 +175,7 @@ def plan_of(cfg: DictConfig, gpus: int, gpu: str, step_time: float | None, mfu: 
         "mtp_params": mtp_params(args)[0],
         "flops_per_token": fpt,
         "flops_per_token_without_mtp": flops_per_token(args.replace(mtp_depth=0), lay.seq_len),
-        "layout": {"gpus": gpus, "gpu": gpu, "dp": lay.dp, "pp": lay.pp, "ep": lay.ep, "tp": lay.tp,
+        "layout": {"gpus": gpus, "gpu": gpu, "dp": lay.dp, "pp": lay.pp, "ep": lay.ep, "tp": lay.tp, "cp": lay.cp,
                    "sequence_parallel": lay.sequence_parallel,
                    "pp_schedule": lay.schedule if lay.pp > 1 else None, "micro_batch_size": lay.micro_batch,
                    "microbatches_per_step": lay.n_microbatches, "seq_len": lay.seq_len,
@@ -232,13 +233,15 @@ def render(plan: dict) -> str:
     """The plan as a few lines of text."""
     lay, mem, comm = plan["layout"], plan["memory_bytes_per_rank"], plan["comm_bytes_per_rank_per_step"]
     pipeline = f" x pp {lay['pp']} ({lay['pp_schedule']})" if lay["pp"] > 1 else ""
+    context = f" x cp {lay['cp']}" if lay["cp"] > 1 else ""
     lines = [
         f"model {plan['model']}: {_si(plan['total_params'])} parameters, {_si(plan['active_params'])} activated per "
         f"token ({_si(plan['active_params_with_embedding'])} counting the embedding row), MTP modules "
         f"{_si(plan['mtp_params'])} more",
         f"FLOPs per token (forward+backward, seq_len {lay['seq_len']}, causal): {_si(plan['flops_per_token'], 'FLOP')}"
         f" ({_si(plan['flops_per_token_without_mtp'], 'FLOP')} without MTP)",
-        f"layout: {lay['gpus']} x {lay['gpu'].upper()} = dp {lay['dp']}{pipeline} x tp {lay['tp']}, ep {lay['ep']}; "
+        f"layout: {lay['gpus']} x {lay['gpu'].upper()} = dp {lay['dp']}{pipeline}{context} x tp {lay['tp']}, "
+        f"ep {lay['ep']}; "
         f"{lay['global_batch_size']} sequences x {lay['seq_len']} tokens per step, micro-batch "
         f"{lay['micro_batch_size']} ({lay['microbatches_per_step']} per data-parallel rank); "
         f"{lay['param_dtype']} parameters, "
@@ -292,6 +295,9 @@ def _render_time(plan: dict) -> list[str]:
                            f"{100 * bubble:.1f}% of the pipeline's time",
         "tensor_parallel": "no tensor parallelism" if lay["tp"] == 1 else
                            f"{links['tensor_parallel']}; synchronous collectives at the regions' edges, exposed",
+        "context_parallel": "no context parallelism" if lay["cp"] == 1 else
+                            f"{links['context_parallel']}; the latents' all-gather before each attention (and the "
+                            "gradients' reduce-scatter after it in backward), exposed",
         "all_to_all": f"{links['all_to_all']}; {plan['overlap']}",
         "pipeline_p2p": f"{links['pipeline_p2p']}; what the simulated makespan grows by when each transfer takes "
                         "its time",
@@ -317,7 +323,7 @@ def _render_time(plan: dict) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m haillm.tools.plan", description=__doc__.splitlines()[0])
     p.add_argument("overrides", nargs="*", help="the trainer's config overrides (model=..., parallel.pp=..., ...)")
-    p.add_argument("--gpus", type=int, help="world size (default: parallel.dp * pp * tp; required by --search)")
+    p.add_argument("--gpus", type=int, help="world size (default: parallel.dp * pp * cp * tp; required by --search)")
     p.add_argument("--gpu", default="h100", choices=GPUS, help="peak FLOP/s and memory per device")
     time = p.add_mutually_exclusive_group()
     time.add_argument("--mfu", type=float, default=DEFAULT_MFU,
@@ -332,6 +338,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--search", action="store_true",
                    help="list the layouts of --gpus GPUs that validate and fit, fastest first")
     p.add_argument("--top", type=int, help="with --search: list only the fastest N")
+    p.add_argument("--longest", action="store_true",
+                   help="the longest train.seq_len whose fullest rank fits the GPU in this layout")
     p.add_argument("--json", action="store_true", help="print one JSON object (with --search: a list)")
     return p
 
@@ -356,6 +364,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--search models the step time: leave out --step-time")
     bw = plan_time.Bandwidths(args.nvlink_gbps, args.ib_gbps)
     try:
+        if args.longest:
+            from haillm.tools.plan_search import longest
+
+            cfg, gpus = compose(args.overrides, args.gpus, args.gpu)
+            found = longest(cfg, gpus, args.gpu)
+            print(json.dumps(found) if args.json else
+                  f"longest sequence that fits: {found['seq_len']} tokens (a multiple of {found['unit']}): "
+                  f"{_gib(found['total'])} of {_gib(found['usable'])} usable per rank")
+            return 0 if found["seq_len"] else 1
         if args.search:
             from haillm.tools.plan_search import render_search, search
 

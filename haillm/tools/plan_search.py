@@ -48,16 +48,19 @@ SEARCHED = ("parallel.dp", "parallel.pp", "parallel.ep", "parallel.pp_schedule",
 
 
 def variant(args: ModelArgs, lay: Layout, ranks: list[RankMemory], micro: int | None = None,
-            recompute: bool | None = None, moment_dtype: str | None = None) -> tuple[Layout, list[RankMemory]]:
-    """``lay`` and its ranks' memory with another micro-batch size, recompute or Adam moment dtype."""
+            recompute: bool | None = None, moment_dtype: str | None = None, seq_len: int | None = None
+            ) -> tuple[Layout, list[RankMemory]]:
+    """``lay`` and its ranks' memory with another micro-batch size, recompute, Adam moment dtype or sequence
+    length."""
     micro = lay.micro_batch if micro is None else micro
     n = lay.n_microbatches * lay.micro_batch // micro
     setup = lay.setup if recompute is None else replace(lay.setup, recompute=recompute)
     moments = lay.moment_dtype if moment_dtype is None else config_dtype(moment_dtype)
-    new = replace(lay, micro_batch=micro, n_microbatches=n, setup=setup, moment_dtype=moments)
+    seq_len = lay.seq_len if seq_len is None else seq_len
+    new = replace(lay, micro_batch=micro, n_microbatches=n, setup=setup, moment_dtype=moments, seq_len=seq_len)
     out = []
     for r in ranks:
-        per_mb = [chunk_bytes(args, s, micro, lay.seq_len, setup, shared_embedding=lay.pp == 1) for s in r.specs]
+        per_mb = [chunk_bytes(args, s, micro, seq_len, setup, shared_embedding=lay.pp == 1) for s in r.specs]
         if lay.pp > 1:
             activations = peak_activations(schedule_of(lay.schedule, lay.pp, n)[0][r.pp_rank], per_mb)
         else:
@@ -300,3 +303,30 @@ def render_search(result: dict, top: int | None = None) -> str:
                                                          *result["layouts"][0]["overrides"], "--gpus",
                                                          str(result["gpus"]), "--gpu", result["gpu"]]))
     return "\n".join(lines)
+
+
+def longest(cfg: DictConfig, gpus: int, gpu: str, limit: int = 1 << 24) -> dict:
+    """The longest ``train.seq_len`` whose fullest rank fits ``gpu``'s usable memory in ``cfg``'s layout, as a
+    multiple of what the layout splits a sequence into (2 cp chunks, tp shards under sequence parallelism), at
+    most ``limit``; with the memory at that length and one step more. Binary search: memory grows with the
+    length; the layout's model and ZeRO buckets are built once (``variant``)."""
+    p = cfg.parallel
+    unit = (2 * p.cp if p.cp > 1 else 1) * (p.tp if p.tp > 1 and p.sequence_parallel else 1)
+    capacity, usable = usable_bytes(gpu)
+    if usable is None:
+        raise ConfigError(f"--longest needs a GPU's memory: --gpu={gpu} has no capacity to fit")
+    args, lay = to_model_args(cfg.model), layout_of(cfg, gpu)
+    ranks = all_ranks(args, lay)
+
+    def total(n_units: int) -> float:
+        return _total(variant(args, lay, ranks, seq_len=n_units * unit)[1])
+
+    lo, hi = 0, limit // unit  # total(lo) fits (or lo is 0), total(hi + 1) does not (or hi is the limit)
+    if total(1) > usable:
+        return {"seq_len": 0, "unit": unit, "usable": usable, "capacity": capacity, "total": total(1)}
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if total(mid) <= usable else (lo, mid - 1)
+    return {"seq_len": lo * unit, "unit": unit, "usable": usable, "capacity": capacity, "total": total(lo),
+            "next_total": total(lo + 1)}

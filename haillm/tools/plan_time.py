@@ -66,8 +66,8 @@ GB = 1e9
 # H800's: pass --nvlink-gbps for it.
 DEFAULT_NVLINK_GBPS = 153.0
 DEFAULT_IB_GBPS = 43.0
-TERMS = ("compute", "tensor_parallel", "pipeline_bubble", "all_to_all", "pipeline_p2p", "zero_reduce_scatter",
-         "zero_all_gather", "partner_all_reduce")
+TERMS = ("compute", "tensor_parallel", "context_parallel", "pipeline_bubble", "all_to_all", "pipeline_p2p",
+         "zero_reduce_scatter", "zero_all_gather", "partner_all_reduce")
 PIPELINED = ("dualpipe", "dualpipev")  # schedules whose F&B pairs hide the all-to-all
 
 
@@ -193,11 +193,12 @@ def traffic(args: ModelArgs, lay: Layout, ranks: list[RankMemory], fp8_dispatch:
     parallelism). ZeRO-1: ring reduce-scatter of the gradient buckets (in ``optim.grad_reduce_dtype``) and
     all-gather of the parameters. Partner: the fp32 all-reduce of ``sum_partner_grads`` between two ranks (a
     ring of two sends the buffer once): every gradient of a DualPipe mirror pair, the embedding's between the
-    first and the last rank of 1F1B with MTP. Tensor parallel: ``rank_tp_traffic``, forward and backward."""
+    first and the last rank of 1F1B with MTP. Tensor parallel: ``rank_tp_traffic``, forward and backward.
+    Context parallel: ``context_parallel_bytes``; each cp rank routes its own 1/cp of the tokens."""
     act, dim, k = lay.setup.act_bytes, args.dim, args.n_activated_experts
     copy_out = dim + 4 * -(-dim // 128) if fp8_dispatch else dim * act
     gate_weight = 2 * 4 if lay.setup.swiglu_inputs_only else 0  # fp32, sent with its copy and its gradient back
-    per_copy = (copy_out + 3 * dim * act + gate_weight) * (lay.ep - 1) / lay.ep / lay.tp
+    per_copy = (copy_out + 3 * dim * act + gate_weight) * (lay.ep - 1) / lay.ep / lay.tp / lay.cp
     out = []
     for rank in ranks:
         if lay.pp > 1:
@@ -205,25 +206,49 @@ def traffic(args: ModelArgs, lay: Layout, ranks: list[RankMemory], fp8_dispatch:
             p2p = sends * lay.micro_batch * lay.seq_len // lay.seq_factor * dim * act
         else:
             forwards, p2p = (lay.n_microbatches,), 0
-        a2a = 0.0
+        a2a = cp = 0.0
         for spec, n in zip(rank.specs, forwards, strict=True):
             tokens = sum(lay.seq_len for i in spec.layers if i >= args.n_dense_layers)
             if spec.last:
                 tokens += sum(lay.seq_len - d for d in range(1, args.mtp_depth + 1))
             a2a += n * lay.micro_batch * tokens * k * per_copy
+            attention_layers = len(spec.layers) + (args.mtp_depth if spec.last else 0)
+            cp += n * attention_layers * context_parallel_bytes(args, lay)
         zero = {"zero_reduce_scatter": 0.0, "zero_all_gather": 0.0}
         for b in rank.plans:
             share = (b.world - 1) / b.world
             zero["zero_reduce_scatter"] += b.reduce_bytes(lay.reduce_dtype) * share
             zero["zero_all_gather"] += b.param_bytes() * share
         tp = sum(f + b for f, b in rank_tp_traffic(args, lay, rank).values())
-        out.append({"tensor_parallel": tp, "all_to_all": a2a, "pipeline_p2p": float(p2p), **zero,
-                    "partner_all_reduce": float(rank.partner_grads)})
+        out.append({"tensor_parallel": tp, "context_parallel": cp, "all_to_all": a2a, "pipeline_p2p": float(p2p),
+                    **zero, "partner_all_reduce": float(rank.partner_grads)})
     return out
 
 
+def context_parallel_bytes(args: ModelArgs, lay: Layout) -> float:
+    """Bytes a cp rank sends for one attention layer and micro-batch (``haillm.parallel.context``): the
+    all-gather of the latents and rotated shared keys, ``(cp - 1)`` times its local ones, the reduce-scatter
+    of their gradients in backward (as many), and with recompute the all-gather again in backward."""
+    if lay.cp == 1:
+        return 0.0
+    local = lay.micro_batch * lay.seq_len // lay.cp * (args.kv_lora_rank + args.qk_rope_head_dim)
+    return (2 + lay.setup.recompute) * (lay.cp - 1) * local * lay.setup.act_bytes
+
+
+def context_parallel_flops(args: ModelArgs, lay: Layout, micro_batches: int) -> float:
+    """FLOPs a cp rank adds to its 1/cp of the model's: it up-projects every key chunk of the sequence (``wkv_b``)
+    in forward, again in backward (recomputed), and takes their gradients, where one process does each token's
+    once; per step of ``micro_batches`` on each rank, over every attention layer (MTP blocks too)."""
+    if lay.cp == 1:
+        return 0.0
+    gemm = 2 * args.kv_lora_rank * args.n_heads * (args.qk_nope_head_dim + args.v_head_dim) / lay.tp
+    seq, local = lay.seq_len, lay.seq_len // lay.cp
+    per_layer = gemm * (4 * seq - 3 * local)  # forward + recompute + 2 backward GEMMs over all, 3 over its own
+    return micro_batches * lay.micro_batch * (args.n_layers + args.mtp_depth) / lay.pp * per_layer
+
+
 def _dims(lay: Layout) -> ParallelDims:
-    return ParallelDims(lay.dp, lay.pp, lay.tp, lay.ep, lay.dp * lay.pp * lay.tp, lay.ranks_per_node, rank=0)
+    return ParallelDims(lay.dp, lay.pp, lay.tp, lay.ep, lay.world, lay.ranks_per_node, rank=0, cp=lay.cp)
 
 
 def _crosses(dims: ParallelDims, ranks: Sequence[int]) -> bool:
@@ -293,6 +318,9 @@ def step_time(lay: Layout, ranks: list[RankMemory], comm: list[dict[str, float]]
     terms["compute"] = compute_s
     tp = max(c["tensor_parallel"] for c in comm) / bw.rate(False)  # within a node; in line with the compute
     terms["tensor_parallel"] = tp
+    cp_ib = lay.cp * lay.tp > lay.ranks_per_node  # the cp ranks of one tp rank: adjacent, one node where they fit
+    cp = max(c["context_parallel"] for c in comm) / bw.rate(cp_ib)  # synchronous, before each attention
+    terms["context_parallel"] = cp
     bubble_fraction = None
     if lay.pp > 1:
         schedule, _ = schedule_of(lay.schedule, lay.pp, lay.n_microbatches)
@@ -349,17 +377,18 @@ def step_time(lay: Layout, ranks: list[RankMemory], comm: list[dict[str, float]]
     return {
         "step_time_s": sum(terms.values()),
         "terms": terms,
-        "comm_time_s": {"tensor_parallel": tp, "all_to_all": max(a2a),
+        "comm_time_s": {"tensor_parallel": tp, "context_parallel": cp, "all_to_all": max(a2a),
                         "pipeline_p2p": max(sent) / bw.rate(any(lk.next_ib for lk in links)) if lay.pp > 1 else 0.0,
                         "zero_reduce_scatter": max(rs_all), "zero_all_gather": max(ag_all),
                         "partner_all_reduce": max(partner_all)},
         "links": {
             "tensor_parallel": "NVLink" if lay.tp > 1 else "none",  # a tp group lies in one node (ParallelDims)
+            "context_parallel": _link(cp_ib) if lay.cp > 1 else "none",
             "all_to_all": "none" if lay.ep == 1 else (f"IB {100 * a2a_share:.0f}% of bytes, NVLink the rest"
                                                      if a2a_share else "NVLink"),
             "pipeline_p2p": "none" if lay.pp == 1 else _link(any(lk.next_ib for lk in links)),
-            "zero_dense": _link(any(dense_ib)) if lay.dp * lay.tp > 1 else "none",  # over dp, or dp x tp
-            "zero_experts": _link(any(expert_ib)) if lay.dp // lay.ep * lay.tp > 1 else "none",
+            "zero_dense": _link(any(dense_ib)) if lay.dp * lay.cp * lay.tp > 1 else "none",  # over dp x cp (x tp)
+            "zero_experts": _link(any(expert_ib)) if lay.dp // lay.ep * lay.cp * lay.tp > 1 else "none",
             "partner_all_reduce": _link(any(lk.partner_ib for lk in links)) if max(partner_all) else "none",
         },
         "overlap": ("DualPipe F&B pairs hide the all-to-all up to the pair's compute" if hides

@@ -167,11 +167,10 @@ class MLA(nn.Module):
             v = F.pad(v, (0, pad))
         return k, v.transpose(1, 2)
 
-    def _chunk_key_heads(self, shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``_key_heads`` of one key chunk under context parallelism from its gathered ``[latent ; k_rope]``;
-        the latent's FP8 copy, where ``wkv_b`` takes one, quantized here (1x128 tiles along the features: the
-        same values as quantizing before the exchange)."""
-        latent, k_rope = shared.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+    def _chunk_key_heads(self, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_key_heads`` of one key chunk under context parallelism from its gathered latent and rotated
+        shared key; the latent's FP8 copy, where ``wkv_b`` takes one, quantized here (1x128 tiles along the
+        features: the same values as quantizing before the exchange)."""
         pow2 = fp8_input_pow2([self.wkv_b])
         latent_fp8 = None if pow2 is None else act_quant(latent.detach(), pow2=pow2)
         return self._key_heads(latent, latent_fp8, k_rope)
@@ -179,16 +178,24 @@ class MLA(nn.Module):
     def _context_parallel_attention(self, q_in: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor,
                                     sin: torch.Tensor, q_in_fp8: Fp8Pair | None = None) -> torch.Tensor:
         """Attention of the local queries to the whole sequence (``haillm.parallel.context``): the local latents
-        and rotated shared keys all-gathered over the cp ranks, then up-projected one key chunk at a time."""
-        if self.recompute_up_proj:
-            q_nope, q_rope = recomputable(self._query_heads, q_in, cos, sin, q_in_fp8)
-        else:
-            q_nope, q_rope = self._query_heads(q_in, cos, sin, q_in_fp8)
-        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
+        and rotated shared keys all-gathered over the cp ranks (in flight while the queries are computed), then
+        up-projected one key chunk at a time."""
         latent, _, k_rope = self._latents(kv, cos, sin)
-        shared = self.cp.gather_sequence(torch.cat([latent, k_rope], dim=-1))
-        chunks = [(c,) for c in shared.chunk(2 * self.cp.size, dim=1)]
-        return self.cp.attention(q, chunks, self._chunk_key_heads, self.softmax_scale)
+        local = torch.cat([latent, k_rope], dim=-1)
+        pending = self.cp.start_gather(local)
+        # [B, T, H, d], contiguous: the attention nodes save views of it, which recompute rebuilds from its recipe
+        join = self._joined_queries
+        q = (recomputable(join, q_in, cos, sin, q_in_fp8) if self.recompute_up_proj else join(q_in, cos, sin, q_in_fp8))
+        sizes = (self.kv_lora_rank, self.rope_dim)
+        latents, k_ropes = self.cp.finish_gather(pending, sizes)
+        if self.recompute_up_proj and torch.is_grad_enabled():  # backward gathers them again: only `local` is kept
+            mark_outputs((latents, k_ropes), self.cp.regather, local, sizes)
+        chunks = list(zip(latents, k_ropes, strict=True))  # [B, T / 2cp, ...] each, in sequence order
+        return self.cp.attention(q.transpose(1, 2), chunks, self._chunk_key_heads, self.softmax_scale)
+
+    def _joined_queries(self, q_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        q_in_fp8: Fp8Pair | None = None) -> torch.Tensor:
+        return torch.cat(self._query_heads(q_in, cos, sin, q_in_fp8), dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 x_fp8: Fp8Pair | None = None) -> torch.Tensor:
