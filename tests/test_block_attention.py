@@ -60,3 +60,28 @@ def test_bf16_on_cpu_runs_in_fp32():
     torch.testing.assert_close(o, ref, rtol=1e-6, atol=1e-6)
     grads = block_backward(torch.ones(1, 2, 16, 8), q, k, v, o, lse, True, 0.5)
     assert [g.dtype for g in grads] == [torch.bfloat16] * 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_blocks_on_cuda_merge_to_whole_attention(dtype, tol):
+    """The CUDA path (the memory-efficient kernel with its log-sum-exp, whose rows it pads to 32) at MLA's head
+    dims (q/k 192, v 128) against one causal attention over the whole sequence, in outputs and gradients."""
+    torch.manual_seed(0)
+    B, H, T, scale, n_blocks = 1, 4, 512, 192**-0.5, 4
+    q, k, v = (torch.randn(B, H, T, d, device="cuda", dtype=dtype) for d in (192, 192, 128))
+    do = torch.randn(B, H, T, 128, device="cuda", dtype=dtype)
+    leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*leaves, is_causal=True, scale=scale)
+    ref.backward(do.float())
+    qs, ks, vs, outs = _blockwise(q, k, v, n_blocks, scale, "fused")
+    torch.testing.assert_close(torch.cat([o for o, _ in outs], dim=2).float(), ref.detach(), rtol=tol, atol=tol)
+    grads = [torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v)]
+    c = T // n_blocks
+    for i, (o, lse) in enumerate(outs):
+        for j in range(i + 1):
+            parts = block_backward(do[:, :, i * c:(i + 1) * c], qs[i], ks[j], vs[j], o, lse, j == i, scale)
+            for g, part, at in zip(grads, parts, (i, j, j), strict=True):
+                g[:, :, at * c:(at + 1) * c] += part.float()
+    for got, leaf in zip(grads, leaves, strict=True):
+        torch.testing.assert_close(got, leaf.grad, rtol=tol, atol=tol)

@@ -10,13 +10,14 @@ qk_rope_head_dim`` numbers (576 at DeepSeek-V3's dimensions), against ``n_heads 
 = 40,960 for the per-head keys and values that ring attention passes around. So the ranks all-gather the
 normalised latent and the rotated shared key (``start_gather``, in flight while the queries are computed, then
 ``finish_gather``; backward: the latents' gradients reduce-scattered back to their owners), and each rank
-up-projects them itself, one key chunk at a time
-(``attention``): a chunk's per-head keys and values live while its block of attention runs and are
-recomputed from the latents in backward, so nothing per head is kept for the whole sequence. Each block of
-attention is the fused kernel with its log-sum-exp; the blocks merge exactly (``haillm.ops.block_attention``).
+up-projects them itself, one key chunk at a time (``attention``): a chunk's per-head keys and values live while
+its block of attention runs and are recomputed from the latents in backward, so nothing per head is kept for
+the whole sequence. Each block of attention is the fused kernel with its log-sum-exp; the blocks merge exactly
+(``haillm.ops.block_attention``). Under recompute the gathered latents are not kept either: backward gathers
+them again (``regather``).
 
-``cp`` ranks hold the same parameters and different tokens: their gradients are summed as data parallelism
-sums them (``haillm.parallel.mesh``). Collectives are synchronous (NCCL's rules: nothing read before its wait).
+``cp`` ranks hold the same parameters and different tokens: their gradients are averaged as data parallelism
+averages them (``haillm.parallel.mesh``). Every collective's output is read only after its wait (NCCL's rules).
 """
 
 from __future__ import annotations
