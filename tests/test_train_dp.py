@@ -7,9 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from dist import run_distributed
 from nccl_rules import check_logs, subprocess_env
 from test_train import launch_train
+
+from haillm.config import compose_config, to_model_args
+from haillm.models.deepseek_v3.flops import flops_per_token
+from haillm.train.metrics import named_peak_flops
 
 # parity runs that read no checkpoint save none (4 saves add ~5 s to a 4-rank run)
 CHECKPOINTS_OFF = ["checkpoint.interval=100", "checkpoint.final=false"]
@@ -46,6 +51,11 @@ def test_dp_matches_single_process(single, tmp_path, dp):
     assert_same_losses(got, single)
     full, sharded = single[0]["optimizer_state_bytes"], got[0]["optimizer_state_bytes"]
     assert full / dp <= sharded <= full / dp + 3 * 4 * dp  # master + 2 moments, fp32; <= dp-1 pad elements
+    # MFU: the step's FLOPs over the peak of all dp devices (a forked rank: one CPU thread)
+    args = to_model_args(compose_config(COMMON).model)
+    peak = dp * named_peak_flops(None)[0] / torch.get_num_threads()
+    for r in got:
+        assert r["mfu"] == pytest.approx(flops_per_token(args, 32) * r["tokens_per_s"] / peak, rel=1e-6)
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16-path", "fp8"])

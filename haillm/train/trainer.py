@@ -251,7 +251,8 @@ class Trainer:
         elapsed = time.perf_counter() - start
         tokens = cfg.train.global_batch_size * cfg.train.seq_len
         tokens_per_s = tokens / elapsed
-        mfu = self.flops_per_token * tokens_per_s / self.peak if self.peak else 0.0
+        # the whole step's FLOPs over every rank's peak (each rank is one device)
+        mfu = self.flops_per_token * tokens_per_s / (self.peak * self.dims.world_size) if self.peak else 0.0
         max_vio, peak_memory = self._pipeline_max(max_violation(loads), peak_memory_bytes(self.device))
         record = {"step": step, **totals, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                   "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time_s": elapsed, "data_time_s": data_time,
