@@ -54,6 +54,7 @@ class ParallelDims:
     rank: int | None = None  # this process's global rank; None: from torch.distributed (0 without it)
     cp: int = 1
     mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
+    flat: dict[str, DeviceMesh] = field(default_factory=dict, init=False, repr=False)  # FLAT_DIMS' meshes
 
     def __post_init__(self) -> None:
         if self.rank is None:
@@ -204,10 +205,10 @@ class ParallelDims:
         shape = (self.pp, self.edp, self.ep, self.cp, self.tp)
         self.mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
         for name, dims in FLAT_DIMS.items():
-            self.mesh[dims]._flatten(name)
+            self.flat[name] = self.mesh[dims]._flatten(name)  # kept: slicing it from the root is deprecated
         if timeout is not None:
             for name in (*MESH_DIMS, *FLAT_DIMS):
-                dist.distributed_c10d._set_pg_timeout(timeout, self.mesh[name].get_group())
+                dist.distributed_c10d._set_pg_timeout(timeout, self.group(name))
         return self
 
     def group(self, name: str) -> dist.ProcessGroup | None:
@@ -216,7 +217,7 @@ class ParallelDims:
             if self.world_size != 1:
                 raise RuntimeError("ParallelDims.build() must be called before asking for process groups")
             return None
-        return self.mesh[name].get_group()
+        return (self.flat[name] if name in self.flat else self.mesh[name]).get_group()
 
     @property
     def dp_group(self) -> dist.ProcessGroup | None:

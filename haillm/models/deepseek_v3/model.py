@@ -131,8 +131,8 @@ class TrainingObjective:
     # tensor parallelism (haillm.parallel.tensor_plan): under sequence parallelism the hidden states between
     # the blocks are sequence shards, and the MTP modules, one token shorter, take them whole
     tp = NO_TP
-    # context parallelism (haillm.parallel.context_plan): the hidden states hold this rank's chunks of each
-    # sequence; the batches stay whole (token ids are cheap) and each rank takes its chunks from them
+    # context parallelism (haillm.parallel.context.apply_context_parallel): the hidden states hold this rank's
+    # chunks of each sequence; the batches stay whole (token ids are cheap) and each rank takes its chunks
     cp = NO_CP
 
     def rope_at(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
