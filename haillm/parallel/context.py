@@ -279,5 +279,7 @@ class _Merged(torch.autograd.Function):
         state = ctx.state
         out, lse = ctx.saved_tensors
         half = grad.shape[2] // 2
-        state.out, state.lse, state.grad = (list(t.split(half, dim=2)) for t in (out, lse, grad))
+        # detached: the saved output unpacks with this node as its grad_fn, and the state, which the node's ctx
+        # holds, would close a cycle through the autograd graph that no garbage collection frees
+        state.out, state.lse, state.grad = (list(t.detach().split(half, dim=2)) for t in (out, lse, grad))
         return None, *(grad.new_empty(0) for _ in range(ctx.n_tokens))
