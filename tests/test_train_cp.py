@@ -14,7 +14,7 @@ E4M3 rounding boundary moves by 2^-4 relative, as in test_train_tp.py).
 from __future__ import annotations
 
 import pytest
-from test_train_pp import losses
+from test_train_pp import losses, reference  # noqa: F401 (the module-scoped cache of single-process runs)
 from test_train_tp import FP8_TP_MODEL
 
 # 1024-token sequences: two a step, one per micro-batch; four for DualPipeV at pp=2 (it needs four micro-batches)
@@ -36,21 +36,8 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Single-process losses per data, precision and model, computed once."""
-    cache: dict[tuple[str, ...], list[float]] = {}
-
-    def get(*overrides: str) -> list[float]:
-        if overrides not in cache:
-            cache[overrides] = losses(tmp_path_factory.mktemp("ref") / "run", 1, *overrides)
-        return cache[overrides]
-
-    return get
-
-
 @pytest.mark.parametrize("case", list(CASES))
-def test_context_parallel_matches_single_process(reference, tmp_path, case):
+def test_context_parallel_matches_single_process(reference, tmp_path, case):  # noqa: F811 (the fixture)
     world, layout, data, model, first_tol, later_tols = CASES[case]
     ref = reference(*data, *model)
     got = losses(tmp_path / "run", world, *data, *model, *layout)

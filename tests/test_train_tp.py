@@ -20,7 +20,7 @@ round more coarsely what tensor parallelism sums in another order:
 from __future__ import annotations
 
 import pytest
-from test_train_pp import losses
+from test_train_pp import losses, reference  # noqa: F401 (the module-scoped cache of single-process runs)
 
 # every tensor-parallel block of an FP8 linear a whole number of 128-wide tiles at tp=2: wq_b and wkv_b 2 heads
 # of 128 rows, wo 2 heads of 64 columns, the FFNs 128 of their 256; one dense and one MoE layer
@@ -43,21 +43,8 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Single-process losses per precision and model, computed once."""
-    cache: dict[tuple[str, ...], list[float]] = {}
-
-    def get(*model: str) -> list[float]:
-        if model not in cache:
-            cache[model] = losses(tmp_path_factory.mktemp("ref") / "run", 1, *model)
-        return cache[model]
-
-    return get
-
-
 @pytest.mark.parametrize("case", list(CASES))
-def test_tensor_parallel_matches_single_process(reference, tmp_path, case):
+def test_tensor_parallel_matches_single_process(reference, tmp_path, case):  # noqa: F811 (the fixture)
     world, layout, model, first_tol, later_tols = CASES[case]
     ref = reference(*model)
     got = losses(tmp_path / "run", world, *layout, *model)

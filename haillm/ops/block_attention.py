@@ -24,10 +24,15 @@ def _wide(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def _scores(q: Tensor, k: Tensor, causal: bool, scale: float) -> Tensor:
     scores = (_wide(q) @ _wide(k).transpose(-1, -2)) * scale
     if causal:
         scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    return scores
+
+
+def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    scores = _scores(q, k, causal, scale)
     lse = scores.logsumexp(dim=-1)
     return ((scores - lse[..., None]).exp() @ _wide(v)).to(q.dtype), lse
 
@@ -35,9 +40,7 @@ def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -
 def _math_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
     qf, kf, vf, dof = _wide(q), _wide(k), _wide(v), _wide(do)
-    scores = (qf @ kf.transpose(-1, -2)) * scale
-    if causal:
-        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    scores = _scores(q, k, causal, scale)
     probs = (scores - lse[..., None]).exp()
     delta = (dof * _wide(o)).sum(dim=-1, keepdim=True)
     dscores = probs * (dof @ vf.transpose(-1, -2) - delta) * scale
