@@ -412,7 +412,9 @@ def _validate_context_parallel(cfg: DictConfig, args: ModelArgs) -> None:
     _require(chunk > args.mtp_depth,
              f"parallel.cp={p.cp} cuts train.seq_len={t.seq_len} into chunks of length {chunk}, which must exceed "
              f"model.mtp_depth={args.mtp_depth}: at most parallel.cp={t.seq_len // (2 * (args.mtp_depth + 1))}")
-    _require(p.tp == 1, f"parallel.cp={p.cp} with parallel.tp={p.tp} is not supported yet: use one of them")
+    _require(p.tp == 1 or not p.sequence_parallel or (t.seq_len // p.cp) % p.tp == 0,
+             f"train.seq_len={t.seq_len} over parallel.cp={p.cp} leaves {t.seq_len // p.cp} tokens per rank, which "
+             f"parallel.tp={p.tp} must divide under sequence parallelism (parallel.sequence_parallel=true)")
     _require(not t.compile, f"train.compile=true is not supported with parallel.cp={p.cp} yet (one or the other)")
 
 

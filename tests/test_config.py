@@ -50,7 +50,8 @@ def test_defaults_validate_and_overrides_apply():
                                                      "which must exceed model.mtp_depth=1: at most parallel.cp=8"),
         (["parallel.cp=4", "train.seq_len=16", "model.mtp_depth=2"], 4, "chunks of length 2, which must exceed "
                                                                         "model.mtp_depth=2: at most parallel.cp=2"),
-        (["parallel.cp=2", "parallel.tp=2"], 4, "parallel.cp=2 with parallel.tp=2 is not supported yet"),
+        (["parallel.cp=2", "parallel.tp=4", "train.seq_len=12", "model.vocab_size=260"], 8,
+         "train.seq_len=12 over parallel.cp=2 leaves 6 tokens per rank, which parallel.tp=4 must divide"),
         (["parallel.cp=2", "train.compile=true"], 2, "train.compile=true is not supported with parallel.cp=2"),
     ],
 )

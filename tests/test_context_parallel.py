@@ -121,23 +121,34 @@ def test_latent_exchange_bytes():
         assert rank_sent[0] == per_token * (world - 1) * seq_len // world
 
 
-def _kept_bytes(seq_len: int, micro_batch: int) -> dict[tuple[bool, int], tuple[int, float]]:
+def _kept_bytes(seq_len: int, micro_batch: int) -> dict[tuple[bool, str], tuple[int, float]]:
     """On this rank, with recompute off and on, at cp=1 (the whole model on the whole sequence, every rank
-    alike) and at cp=world: (the bytes the allocator says a training forward leaves resident, the planner's)."""
+    alike), at cp=world and at cp=2 x tp=2 (sequence parallel): (the bytes the allocator says a training forward
+    leaves resident, the planner's)."""
+    from haillm.parallel.mesh import ParallelDims
+    from haillm.parallel.tensor import NO_TP, TensorParallel
+    from haillm.parallel.tensor_plan import parallelize_tensor
+
     size, rank = dist.get_world_size(), dist.get_rank()
+    dims = ParallelDims(cp=2, tp=2, world_size=size).build()
     args = get_preset("tiny").replace(max_seq_len=seq_len)
     batch = torch.randint(0, args.vocab_size, (micro_batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
     whole = StageSpec(0, range(args.n_layers), first=True, last=True)
+    layouts = {"cp1": (NO_CP, NO_TP), f"cp{size}": (ContextParallel(dist.group.WORLD, size, rank), NO_TP),
+               "cp2-tp2": (ContextParallel(dims.cp_group, 2, dims.cp_rank),
+                           TensorParallel(dims.tp_group, 2, dims.tp_rank, True))}
     out = {}
     for recompute in (False, True):
-        for cp_size in (1, size):
+        for name, (cp, tp) in layouts.items():
             model = DeepSeekV3(args, init_seed=0)
-            apply_context_parallel(model, ContextParallel(dist.group.WORLD, cp_size, rank) if cp_size > 1 else NO_CP)
+            parallelize_tensor(model, tp)
+            apply_context_parallel(model, cp)
             model.set_recompute(recompute, recompute)
             resident, losses = allocated_during(lambda: model.compute_loss(batch))  # noqa: B023
             losses["loss"].backward()
-            setup = ActivationSetup(act_bytes=4, recompute=recompute, cpu=True, swiglu=recompute, cp=cp_size)
-            out[recompute, cp_size] = resident, chunk_bytes(args, whole, micro_batch, seq_len, setup, True)
+            setup = ActivationSetup(act_bytes=4, recompute=recompute, cpu=True, swiglu=recompute, cp=cp.size,
+                                    tp=tp.size, sequence_parallel=tp.sequence_parallel)
+            out[recompute, name] = resident, chunk_bytes(args, whole, micro_batch, seq_len, setup, True)
     return out
 
 
@@ -146,14 +157,17 @@ def test_activations_per_rank_at_cp4_and_the_planner():
     """What a training forward of `tiny` keeps for backward on each of 4 ranks at cp=4 is at most 0.3x of what
     one process keeps for the same sequences (measured: 0.25x to 0.28x), with and without recompute, and the
     planner (haillm.tools.activations) says so within 3% of the allocator (it models the rank holding the
-    sequences' ends, whose MTP head copies its valid rows: the most). Measured: within 0.3%. On plain gloo: the
-    NCCL-rules transport keeps a reference to every asynchronous collective's buffers for its checks."""
+    sequences' ends, whose MTP head copies its valid rows: the most). Measured: within 0.3%; at cp=2 x tp=2
+    within 2.0%. On plain gloo: the NCCL-rules transport keeps a reference to every asynchronous collective's
+    buffers for its checks."""
     for rank, per_rank in enumerate(run_distributed(_kept_bytes, 4, args=(256, 2), nccl_rules=False)):
         for recompute in (False, True):
-            (whole, whole_planned), (mine, planned) = per_rank[recompute, 1], per_rank[recompute, 4]
+            (whole, whole_planned), (mine, planned) = per_rank[recompute, "cp1"], per_rank[recompute, "cp4"]
             assert mine <= 0.3 * whole, (rank, recompute, mine / whole)
             assert whole_planned == pytest.approx(whole, rel=0.03), (rank, recompute)
             assert planned == pytest.approx(mine, rel=0.03), (rank, recompute)
+            measured, planned = per_rank[recompute, "cp2-tp2"]
+            assert planned == pytest.approx(measured, rel=0.03), (rank, recompute)
 
 
 def _live_tensors_after_steps(steps: int) -> list[int]:
@@ -194,3 +208,65 @@ def test_a_step_leaves_nothing_behind():
     a 32K-token run of `small` at cp=4 grew 0.6 GB per step per rank until the OOM killer stopped it)."""
     for alive in run_distributed(_live_tensors_after_steps, 2, args=(3,), nccl_rules=False):
         assert alive[2] == alive[1], alive
+
+
+def _objective_case(tp_size: int) -> tuple:
+    """`tiny` with two MTP depths (the MoE layers of depth k leave out the last k positions) and a balance loss
+    strong enough to show in the total, and a batch of 64-token sequences."""
+    args = get_preset("tiny").replace(vocab_size=512, mtp_depth=2, balance_alpha=0.1, init_std=0.1)
+    batch = torch.randint(0, args.vocab_size, (2, 65), generator=torch.Generator().manual_seed(3))
+    return args, batch
+
+
+def _objective(model: DeepSeekV3, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.train()
+    out = model.compute_loss(batch)
+    out["loss"].backward()
+    return {**{k: v.detach() for k, v in out.items()}, "loads": model.moe_loads().clone()}
+
+
+def _objective_with_cp_and_tp(expected: dict[str, torch.Tensor], reference: DeepSeekV3) -> int:
+    """At cp=2 alone, and at cp=2 x tp=2 with and without sequence parallelism: the losses averaged over cp
+    (a rank's are means over its own positions; the balance loss is whole on every rank), the routed loads
+    summed over cp and tp, and the gradients averaged over cp (partial ones summed over tp first)."""
+    from test_tensor_parallel import check_grads
+
+    from haillm.parallel.mesh import ParallelDims
+    from haillm.parallel.tensor import NO_TP, TensorParallel
+    from haillm.parallel.tensor_plan import parallelize_tensor
+
+    dims = ParallelDims(cp=2, tp=2, world_size=4).build()
+    cp = ContextParallel(dims.cp_group, 2, dims.cp_rank)
+    args, batch = _objective_case(2)
+    checked = 0
+    for tp in (NO_TP, TensorParallel(dims.tp_group, 2, dims.tp_rank, True),
+               TensorParallel(dims.tp_group, 2, dims.tp_rank, False)):
+        what = f"cp=2 tp={tp.size} sequence_parallel={tp.sequence_parallel}"
+        model = DeepSeekV3(args, init_seed=0)
+        placements = parallelize_tensor(model, tp)
+        apply_context_parallel(model, cp)
+        out = _objective(model, batch)
+        for key in ("loss", "lm_loss", "mtp_loss"):
+            dist.all_reduce(out[key], group=cp.group)
+            assert_close(out[key] / 2, expected[key], f"{what}: {key}")
+        assert_close(out["balance_loss"], expected["balance_loss"], f"{what}: balance_loss")
+        dist.all_reduce(out["loads"], group=None if tp.enabled else cp.group)  # each rank routes its own tokens
+        assert torch.equal(out["loads"], expected["loads"]), what
+        for p in model.parameters():
+            dist.all_reduce(p.grad, group=cp.group)
+            p.grad /= 2
+        checked += check_grads(reference, model, placements, tp, what, 1e-5)
+    return checked
+
+
+@pytest.mark.slow
+def test_objective_with_tensor_parallelism_matches_one_process():
+    """The whole model's objective under cp=2, and cp=2 x tp=2 with and without sequence parallelism, against one
+    process: the losses (the balance loss at 0.1, whose statistics the cp and tp ranks sum, the MTP depths
+    leaving out the positions past the end), the routed loads and every gradient, fp32 within 1e-5."""
+    args, batch = _objective_case(1)
+    model = DeepSeekV3(args, init_seed=0)
+    expected = _objective(model, batch)
+    assert expected["balance_loss"] > 0.01 * expected["loss"]
+    checked = run_distributed(_objective_with_cp_and_tp, 4, args=(expected, model))
+    assert checked == [3 * len(list(model.parameters()))] * 4

@@ -1,14 +1,16 @@
 """Context parallelism end to end: 10 optimizer steps of `tiny` on 1024-token sequences at cp=2 and cp=4, composed
-with dp x ep, and with DualPipeV at pp=2, reproduce the single-process losses from the same seed and global
-batch, on forked gloo ranks under NCCL's rules (tests/dist.py); BF16 with recomputation and FP8 at cp=2 (5 steps
-on 256-token sequences) against the single process of the same precision.
+with dp x ep, with tp (sequence parallel), and with DualPipeV at pp=2 (DualPipe: 4 steps), reproduce the
+single-process losses from the same seed and global batch, on forked gloo ranks under NCCL's rules
+(tests/dist.py); BF16 with recomputation and FP8 at cp=2 x tp=2 (5 steps on 256-token sequences) against the
+single process of the same precision.
 
 Tolerances (relative, per step): step 1 within 1e-6, later steps within 1e-3, the other layouts' (a routing
 decision may flip on a near-tie). A context-parallel rank merges per-chunk softmaxes in fp32 where one process
 runs one kernel over the whole sequence: the same sums in another order. Measured in fp32: step 1 at most
-5.0e-8, every step at most 7.7e-8. BF16: step 1 1.7e-8, later at most 1.5e-5. FP8 (FP8_TP_MODEL: wkv_b in FP8,
-its latents quantized after the exchange): step 1 6.6e-8, later at most 1.3e-4 (a value on the other side of an
-E4M3 rounding boundary moves by 2^-4 relative, as in test_train_tp.py).
+5.0e-8, every step at most 7.7e-8. BF16 at cp=2 x tp=2: step 1 1.8e-6 (tensor parallelism's bf16 partial sums,
+as in test_train_tp.py), later at most 1.5e-4. FP8 (FP8_TP_MODEL: wkv_b in FP8, its latents quantized after the
+exchange): step 1 6.6e-8, later at most 1.3e-4 (a value on the other side of an E4M3 rounding boundary moves by
+2^-4 relative, as in test_train_tp.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from test_train_tp import FP8_TP_MODEL
 # 1024-token sequences: two a step, one per micro-batch; four for DualPipeV at pp=2 (it needs four micro-batches)
 LONG = ["train.seq_len=1024", "model.max_seq_len=1024", "train.global_batch_size=2", "train.micro_batch_size=1"]
 LONG4 = ["train.seq_len=1024", "model.max_seq_len=1024", "train.global_batch_size=4", "train.micro_batch_size=1"]
+LONG4_SHORT_RUN = [*LONG4, "train.steps=4"]  # a second schedule of the same stages: the first optimizer steps
 # the precisions on shorter sequences (the attention's blocks are the same code at any length), 5 steps
 SHORT = ["train.seq_len=256", "train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=5"]
 
@@ -28,11 +31,15 @@ CASES = {
     "cp2": (2, ["parallel.cp=2"], LONG, [], 1e-6, {10: 1e-3}),
     "cp4": (4, ["parallel.cp=4"], LONG, [], 1e-6, {10: 1e-3}),
     "cp2-dp2-ep2": (4, ["parallel.cp=2", "parallel.dp=2", "parallel.ep=2"], LONG, [], 1e-6, {10: 1e-3}),
+    # tensor parallelism inside each cp rank: its local tokens split again by sequence between the regions
+    "cp2-tp2": (4, ["parallel.cp=2", "parallel.tp=2"], LONG, [], 1e-6, {10: 1e-3}),
     "cp2-pp2-dualpipev": (4, ["parallel.cp=2", "parallel.pp=2", "parallel.pp_schedule=dualpipev"], LONG4, [], 1e-6,
                           {10: 1e-3}),
-    "cp2-bf16-recompute": (2, ["parallel.cp=2"], SHORT, ["train.dtype=bf16", "train.recompute=true"], 1e-5,
-                           {5: 1e-3}),
-    "cp2-fp8": (2, ["parallel.cp=2"], SHORT, ["fp8.enabled=true", *FP8_TP_MODEL], 1e-6, {5: 1e-3}),
+    "cp2-pp2-dualpipe": (4, ["parallel.cp=2", "parallel.pp=2", "parallel.pp_schedule=dualpipe"], LONG4_SHORT_RUN,
+                         [], 1e-6, {4: 1e-3}),
+    "cp2-tp2-bf16-recompute": (4, ["parallel.cp=2", "parallel.tp=2"], SHORT,
+                               ["train.dtype=bf16", "train.recompute=true"], 1e-5, {5: 1e-3}),
+    "cp2-tp2-fp8": (4, ["parallel.cp=2", "parallel.tp=2"], SHORT, ["fp8.enabled=true", *FP8_TP_MODEL], 1e-6, {5: 1e-3}),
 }
 
 

@@ -222,8 +222,9 @@ class TrainingObjective:
         if not self.args.mtp_depth:
             return lm_loss, mtp_loss
         cos, sin = self.rope_at(seq_len)
+        h = self.tp.gather_sequence(h)  # the MTP modules take their tokens whole over tp (replicated mode)
         for k, mtp in enumerate(self.mtp.values(), start=1):
-            x = mtp.project(h, self.embed(cp.local(F.pad(inputs[:, k:], (0, k)))))
+            x = mtp.project(h, self.tp.gather_sequence(self.embed(cp.local(F.pad(inputs[:, k:], (0, k))))))
             if cut is not None and mtp.block.exchanges_tokens:
                 lm_loss, mtp_loss = cut(lm_loss, mtp_loss)  # used again after the block's exchanges
             h = yield from mtp.block.forward_phases(x, cos, sin, cut)

@@ -11,7 +11,7 @@ Routing and dispatch never wait for the device: counts, offsets and permutations
 overlapped F&B pairs (``haillm.parallel.pipeline.overlap``); ``GraphCut`` is what it needs from its driver.
 """
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import Protocol
 
 import torch
@@ -135,24 +135,29 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: fl
 
 
 def rows_balance_loss(scores: torch.Tensor, indices: torch.Tensor, seq_ids: torch.Tensor | None, n_seqs: int,
-                      seq_len: int, alpha: float, ranks: TensorParallel | ContextParallel = NO_TP) -> torch.Tensor:
+                      seq_len: int, alpha: float, ranks: Sequence[TensorParallel | ContextParallel] = (),
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
     """``sequence_balance_loss`` from some of the rows of ``n_seqs`` sequences of ``seq_len`` tokens (``scores:
     [n, N_r]``, ``indices: [n, K_r]``): each of the ``ranks`` sums its rows' statistics per sequence, and the sums
     are added over them (``sum_partials``: a tensor-parallel MoE layer routes a split of the tokens, a
     context-parallel one its chunks). ``seq_ids: [n]``: each row's sequence, or None where the rows are
-    ``n_seqs`` sequences' equal, contiguous parts (nothing more is kept)."""
+    ``n_seqs`` sequences' equal, contiguous parts (nothing more is kept). ``valid: [n]`` (1 or 0): which rows
+    count; a mask rather than a selection, so that nothing waits for the device."""
     n_experts, topk = scores.shape[-1], indices.shape[-1]
     fractions = scores / scores.sum(dim=-1, keepdim=True)
-    ones = torch.ones(indices.numel(), dtype=scores.dtype, device=scores.device)
+    ones = torch.ones(indices.shape, dtype=scores.dtype, device=scores.device)
+    if valid is not None:
+        fractions, ones = fractions * valid[:, None], ones * valid[:, None]
     if seq_ids is None:
         shares = fractions.view(n_seqs, -1, n_experts).sum(dim=1)
         counts = scores.new_zeros(n_seqs, n_experts).scatter_add_(1, indices.reshape(n_seqs, -1), ones.view(n_seqs, -1))
     else:
         shares = _SumRows.apply(fractions, seq_ids, n_seqs)  # keeps the ids only, not the fractions
         picks = (seq_ids[:, None] * n_experts + indices).flatten()
-        counts = scores.new_zeros(n_seqs * n_experts).scatter_add_(0, picks, ones).view(n_seqs, n_experts)
-    if ranks.enabled:
-        counts, shares = ranks.sum_partials(torch.stack([counts, shares])).unbind(0)
+        counts = scores.new_zeros(n_seqs * n_experts).scatter_add_(0, picks, ones.flatten()).view(n_seqs, n_experts)
+    for group in ranks:
+        if group.enabled:
+            counts, shares = group.sum_partials(torch.stack([counts, shares])).unbind(0)
     f = counts.detach() * (n_experts / (topk * seq_len))
     return alpha * (f * (shares / seq_len)).sum(dim=-1).mean()
 
@@ -184,6 +189,11 @@ def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     from the data and so waits for the device)."""
     flat = indices.flatten()
     return flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def valid_counts(indices: torch.Tensor, n_experts: int, valid: torch.Tensor) -> torch.Tensor:
+    """``expert_counts`` of the rows where ``valid: [n]`` is 1 (``[n_experts]`` in ``valid``'s dtype)."""
+    return valid.new_zeros(n_experts).scatter_add_(0, indices.flatten(), valid[:, None].expand_as(indices).flatten())
 
 
 class _SumRows(torch.autograd.Function):
@@ -283,32 +293,37 @@ class MoE(nn.Module):
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gate ``rows: [n, dim]``, rows ``first..first+n-1`` of the ``[bsz, seq_len]`` tokens this rank sees
         (all of them at tp=1), -> (weights, indices, per-expert counts); in training also count the loads and
-        leave the balance loss, over whole sequences of ``seq_len * tp.seq_factor`` tokens."""
+        leave the balance loss (``_statistics``)."""
         weights, indices, scores = self.gate(rows)
         counts = expert_counts(indices, self.n_routed_experts)
-        if self.training and self.cp.enabled:
-            self._context_parallel_statistics(scores, indices, bsz, seq_len)
-        elif self.training:
-            self.tokens_per_expert += counts
-            if self.balance_alpha > 0 and torch.is_grad_enabled():
-                whole = first == 0 and rows.shape[0] == bsz * seq_len  # every row of its sequences (in order)
-                seq_ids = None if whole else torch.arange(first, first + rows.shape[0], device=rows.device) // seq_len
-                self.balance_loss = rows_balance_loss(scores, indices, seq_ids, bsz, seq_len * self.tp.seq_factor,
-                                                      self.balance_alpha, self.tp)
+        if self.training:
+            self._statistics(scores, indices, counts, first, bsz, seq_len)
         return weights, indices, counts
 
-    def _context_parallel_statistics(self, scores: torch.Tensor, indices: torch.Tensor, bsz: int, seq_len: int
-                                     ) -> None:
-        """The loads and the balance loss of this rank's chunks of ``bsz`` sequences (``seq_len`` local tokens
-        each), leaving out the ``tail`` positions that are none, over the whole sequences' statistics."""
+    def _statistics(self, scores: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, first: int, bsz: int,
+                    seq_len: int) -> None:
+        """Add the routed rows' loads to ``tokens_per_expert`` and leave the balance loss over whole sequences,
+        whose statistics the tensor- and context-parallel ranks sum. This rank's rows of each sequence: a
+        sequence shard under sequence parallelism (``seq_len`` of ``seq_len * tp.seq_factor`` local tokens),
+        rows ``first..`` of the flattened ``[bsz, seq_len]`` in replicated mode; under context parallelism the
+        local tokens are this rank's chunks, whose last ``tail`` positions (on the rank holding the sequence's
+        end) are none and left out."""
+        tp, n = self.tp, scores.shape[0]
+        local_len = seq_len * tp.seq_factor
         drop = self.tail if self.cp.holds_end else 0
-        if drop:
-            scores = scores.view(bsz, seq_len, -1)[:, : seq_len - drop].flatten(0, 1)
-            indices = indices.view(bsz, seq_len, -1)[:, : seq_len - drop].flatten(0, 1)
-        self.tokens_per_expert += expert_counts(indices, self.n_routed_experts)
+        aligned = first == 0 and n == bsz * seq_len  # every row of this rank's part of its sequences, in order
+        seq_ids = valid = None
+        if not aligned or drop:
+            row = torch.arange(first, first + n, device=scores.device)
+            seq_ids = None if aligned else row // seq_len
+            if drop:
+                offset = tp.rank * seq_len if tp.seq_factor > 1 else 0  # this sequence shard's first position
+                valid = (row % seq_len + offset < local_len - drop).to(scores.dtype)
+        self.tokens_per_expert += counts if valid is None else valid_counts(indices, self.n_routed_experts, valid)
         if self.balance_alpha > 0 and torch.is_grad_enabled():
-            whole = seq_len * self.cp.size - self.tail
-            self.balance_loss = rows_balance_loss(scores, indices, None, bsz, whole, self.balance_alpha, self.cp)
+            whole = local_len * self.cp.size - self.tail
+            self.balance_loss = rows_balance_loss(scores, indices, seq_ids, bsz, whole, self.balance_alpha,
+                                                  (tp, self.cp), valid)
 
     @property
     def fp8_input_pow2(self) -> bool | None:
