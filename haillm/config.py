@@ -415,7 +415,6 @@ def _validate_context_parallel(cfg: DictConfig, args: ModelArgs) -> None:
     _require(p.tp == 1 or not p.sequence_parallel or (t.seq_len // p.cp) % p.tp == 0,
              f"train.seq_len={t.seq_len} over parallel.cp={p.cp} leaves {t.seq_len // p.cp} tokens per rank, which "
              f"parallel.tp={p.tp} must divide under sequence parallelism (parallel.sequence_parallel=true)")
-    _require(not t.compile, f"train.compile=true is not supported with parallel.cp={p.cp} yet (one or the other)")
 
 
 def resolve_dtype(cfg: DictConfig, device_type: str) -> None:

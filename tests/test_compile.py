@@ -262,6 +262,8 @@ LAYOUTS = {
     "pp2-dualpipev": (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipev"]),
     # all-to-all dispatch with a different number of received rows every step; ZeRO-1 gathers overlapped
     "dp2-ep2": (2, ["parallel.dp=2", "parallel.ep=2", "train.recompute=true"]),
+    # context parallelism: the latents' gather and the blockwise attention run eagerly inside the MLA region
+    "cp2": (2, ["parallel.cp=2", "train.recompute=true"]),
 }
 
 

@@ -52,7 +52,6 @@ def test_defaults_validate_and_overrides_apply():
                                                                         "model.mtp_depth=2: at most parallel.cp=2"),
         (["parallel.cp=2", "parallel.tp=4", "train.seq_len=12", "model.vocab_size=260"], 8,
          "train.seq_len=12 over parallel.cp=2 leaves 6 tokens per rank, which parallel.tp=4 must divide"),
-        (["parallel.cp=2", "train.compile=true"], 2, "train.compile=true is not supported with parallel.cp=2"),
     ],
 )
 def test_validation_errors_are_one_line(overrides, world, message):

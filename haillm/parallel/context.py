@@ -69,6 +69,7 @@ class ContextParallel:
         """The global positions of this rank's tokens of a ``seq_len`` sequence."""
         return self.local(torch.arange(seq_len, device=device), 0)
 
+    @torch.compiler.disable  # a compiled region breaks its graph here: the collective runs eagerly
     def start_gather(self, x: Tensor) -> PendingGather:
         """Start gathering the whole sequence from every rank's local ``x: [B, T / cp, ...]``; ``finish_gather``
         waits for it (the collective's output is read only after its wait, as NCCL requires)."""

@@ -14,6 +14,9 @@ torchtitan style: per block, not the whole model. What stays eager is what a com
   instead of queueing it; the FP8 weight cache's version check becomes a guard, so every optimizer step
   recompiles (until dynamo's recompile limit turns the region eager); so do the ops that quantize for them
   (``haillm.fp8.fused``);
+- under context parallelism, the latents' all-gather and the blockwise attention to the gathered chunks
+  (``ContextParallel.start_gather``, ``MLA._attend_gathered``): a collective with its wait, and autograd
+  nodes that share Python state; the MLA region's graph breaks around them;
 - the embedding, the head with its fused cross-entropy, the MTP projections: outside the blocks.
 
 The compiled regions are a block's ``attn_norm``, ``attn`` (MLA), ``ffn_norm`` and its FFN: the dense

@@ -17,7 +17,7 @@ from haillm.fp8.quant import Fp8Pair, act_quant
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.ops import Linear, RMSNorm, precision
 from haillm.ops.recompute import mark_outputs, recomputable, source
-from haillm.parallel.context import NO_CP
+from haillm.parallel.context import NO_CP, PendingGather
 from haillm.parallel.tensor import NO_TP
 
 
@@ -186,6 +186,11 @@ class MLA(nn.Module):
         # [B, T, H, d], contiguous: the attention nodes save views of it, which recompute rebuilds from its recipe
         join = self._joined_queries
         q = (recomputable(join, q_in, cos, sin, q_in_fp8) if self.recompute_up_proj else join(q_in, cos, sin, q_in_fp8))
+        return self._attend_gathered(q, local, pending)
+
+    @torch.compiler.disable  # eager in a compiled region: the wait, and autograd nodes sharing Python state
+    def _attend_gathered(self, q: torch.Tensor, local: torch.Tensor, pending: PendingGather) -> torch.Tensor:
+        """The blockwise attention of ``q`` to the gathered key chunks, once the gather of ``local`` is done."""
         sizes = (self.kv_lora_rank, self.rope_dim)
         latents, k_ropes = self.cp.finish_gather(pending, sizes)
         if self.recompute_up_proj and torch.is_grad_enabled():  # backward gathers them again: only `local` is kept
