@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from dist import run_distributed
-from nccl_rules import check_logs, subprocess_env
 from test_train import launch_train
 
 from haillm.config import compose_config, to_model_args
@@ -85,22 +84,3 @@ def test_resume_across_dp_sizes(single, tmp_path):
         shutil.copytree(base, out)
         got = train(out, dp, "train.steps=6", "checkpoint.resume=auto")
         assert_same_losses(got[3:], ref[3:])
-
-
-def test_torchrun_end_to_end(tmp_path):
-    """The real launcher: `torchrun --standalone --nproc_per_node=2 launch/train.py parallel.dp=2`."""
-    import subprocess
-    import sys
-
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(launch_train.__file__)), *COMMON, "parallel.dp=2", "train.steps=2", f"output_dir={out}"]
-    logs = tmp_path / "nccl_logs"
-    logs.mkdir()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=subprocess_env(logs))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    check_logs(logs, 2)
-    assert "loss: step 1" in proc.stdout
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "train.log"]

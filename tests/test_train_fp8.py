@@ -77,9 +77,10 @@ def test_fp8_composes_with_parallelism(single, tmp_path, world, layout):
 
 
 def test_fp8_torchrun_dp_ep_pp(single, tmp_path):
-    """The real launcher with every composition at once: `torchrun --nproc_per_node=4 launch/train.py
-    fp8.enabled=true parallel.pp=2 parallel.dp=2 parallel.ep=2 parallel.pp_schedule=dualpipe` (FP8 GEMMs,
-    FP8 dispatch payload, deferred FP8 weight grads) reproduces the single-process FP8 losses."""
+    """The real launcher with every composition at once: `torchrun --standalone --nproc_per_node=4
+    launch/train.py fp8.enabled=true parallel.pp=2 parallel.dp=2 parallel.ep=2 parallel.pp_schedule=dualpipe`
+    (FP8 GEMMs, FP8 dispatch payload, deferred FP8 weight grads) reproduces the single-process FP8 losses,
+    prints its summary line and leaves a run directory of the run's files only."""
     import subprocess
     import sys
 
@@ -93,5 +94,8 @@ def test_fp8_torchrun_dp_ep_pp(single, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env(logs))
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_logs(logs, 4)
+    assert "loss: step 1" in proc.stdout
+    assert [r["step"] for r in records(out)] == [1, 2]
     for g, r in zip(records(out), records(single), strict=True):
         assert g["loss"] == pytest.approx(r["loss"], rel=1e-3)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "train.log"]
