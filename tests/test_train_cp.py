@@ -1,8 +1,8 @@
 """Context parallelism end to end: 10 optimizer steps of `tiny` on 1024-token sequences at cp=2 and cp=4, composed
-with dp x ep, with tp (sequence parallel), and with DualPipeV at pp=2 (DualPipe: 4 steps), reproduce the
-single-process losses from the same seed and global batch, on forked gloo ranks under NCCL's rules
-(tests/dist.py); BF16 with recomputation and FP8 at cp=2 x tp=2 (5 steps on 256-token sequences) against the
-single process of the same precision.
+with dp x ep, and with DualPipeV at pp=2, reproduce the single-process losses from the same seed and global
+batch, on forked gloo ranks under NCCL's rules (tests/dist.py); so do 5 steps on 256-token sequences at cp=2 x
+tp=2 (sequence parallel), with DualPipe at pp=2, and in BF16 with recomputation and FP8 at cp=2 x tp=2 (against
+the single process of the same precision).
 
 Tolerances (relative, per step): step 1 within 1e-6, later steps within 1e-3, the other layouts' (a routing
 decision may flip on a near-tie). A context-parallel rank merges per-chunk softmaxes in fp32 where one process
@@ -22,9 +22,10 @@ from test_train_tp import FP8_TP_MODEL
 # 1024-token sequences: two a step, one per micro-batch; four for DualPipeV at pp=2 (it needs four micro-batches)
 LONG = ["train.seq_len=1024", "model.max_seq_len=1024", "train.global_batch_size=2", "train.micro_batch_size=1"]
 LONG4 = ["train.seq_len=1024", "model.max_seq_len=1024", "train.global_batch_size=4", "train.micro_batch_size=1"]
-LONG4_SHORT_RUN = [*LONG4, "train.steps=4"]  # a second schedule of the same stages: the first optimizer steps
-# the precisions on shorter sequences (the attention's blocks are the same code at any length), 5 steps
+# the compositions beyond the acceptance's four and the precisions on shorter sequences (the attention's blocks
+# are the same code at any length), 5 steps; 4 micro-batches of one sequence for DualPipe at pp=2
 SHORT = ["train.seq_len=256", "train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=5"]
+SHORT4 = ["train.seq_len=256", "train.global_batch_size=4", "train.micro_batch_size=1", "train.steps=5"]
 
 CASES = {
     # name: (world, layout, data, precision and model, step-1 tolerance, later tolerances by last step)
@@ -32,11 +33,11 @@ CASES = {
     "cp4": (4, ["parallel.cp=4"], LONG, [], 1e-6, {10: 1e-3}),
     "cp2-dp2-ep2": (4, ["parallel.cp=2", "parallel.dp=2", "parallel.ep=2"], LONG, [], 1e-6, {10: 1e-3}),
     # tensor parallelism inside each cp rank: its local tokens split again by sequence between the regions
-    "cp2-tp2": (4, ["parallel.cp=2", "parallel.tp=2"], LONG, [], 1e-6, {10: 1e-3}),
+    "cp2-tp2": (4, ["parallel.cp=2", "parallel.tp=2"], SHORT, [], 1e-6, {5: 1e-3}),
     "cp2-pp2-dualpipev": (4, ["parallel.cp=2", "parallel.pp=2", "parallel.pp_schedule=dualpipev"], LONG4, [], 1e-6,
                           {10: 1e-3}),
-    "cp2-pp2-dualpipe": (4, ["parallel.cp=2", "parallel.pp=2", "parallel.pp_schedule=dualpipe"], LONG4_SHORT_RUN,
-                         [], 1e-6, {4: 1e-3}),
+    "cp2-pp2-dualpipe": (4, ["parallel.cp=2", "parallel.pp=2", "parallel.pp_schedule=dualpipe"], SHORT4, [], 1e-6,
+                         {5: 1e-3}),
     "cp2-tp2-bf16-recompute": (4, ["parallel.cp=2", "parallel.tp=2"], SHORT,
                                ["train.dtype=bf16", "train.recompute=true"], 1e-5, {5: 1e-3}),
     "cp2-tp2-fp8": (4, ["parallel.cp=2", "parallel.tp=2"], SHORT, ["fp8.enabled=true", *FP8_TP_MODEL], 1e-6, {5: 1e-3}),
