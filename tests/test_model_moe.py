@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from haillm.models.deepseek_v3 import DeepSeekV3, get_preset, max_violation
-from haillm.models.deepseek_v3.moe import MoE, sequence_balance_loss
+from haillm.models.deepseek_v3.balance import sequence_balance_loss
+from haillm.models.deepseek_v3.moe import MoE
 
 
 def reference_gate(x, weight, bias, args):

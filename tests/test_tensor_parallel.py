@@ -15,9 +15,10 @@ from dist import run_distributed
 
 import haillm.ops.linear as linear_mod
 from haillm.models.deepseek_v3 import DeepSeekV3, get_preset
+from haillm.models.deepseek_v3.balance import take_balance_loss
 from haillm.models.deepseek_v3.mla import MLA, rope_tables
 from haillm.models.deepseek_v3.model import Block, init_weights
-from haillm.models.deepseek_v3.moe import MLP, MoE, take_balance_loss
+from haillm.models.deepseek_v3.moe import MLP, MoE
 from haillm.models.deepseek_v3.mtp import MTPModule
 from haillm.parallel.mesh import ParallelConfigError, ParallelDims
 from haillm.parallel.tensor import TensorParallel

@@ -40,8 +40,9 @@ import torch.distributed as dist
 from torch import nn
 
 from haillm.fp8 import FP8_DTYPE, act_dequant, act_quant
+from haillm.models.deepseek_v3.balance import expert_counts
 from haillm.models.deepseek_v3.experts import GroupedExperts
-from haillm.models.deepseek_v3.moe import GraphCut, LocalDispatcher, MoE, drop_storage, expert_counts
+from haillm.models.deepseek_v3.moe import GraphCut, LocalDispatcher, MoE, drop_storage
 from haillm.parallel.expert_payload import PackRows, UnpackRows
 from haillm.parallel.mesh import ParallelConfigError, ParallelDims
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from haillm.fp8.policy import invalidate_weight_caches
-from haillm.models.deepseek_v3.moe import max_violation
+from haillm.models.deepseek_v3.balance import max_violation
 from haillm.parallel.expert import AllToAllDispatcher
 from haillm.parallel.mesh import ParallelDims
 from haillm.parallel.pipeline.runtime import PipelineRuntime

@@ -12,9 +12,10 @@ from torch import nn
 
 from haillm.fp8.fused import normed
 from haillm.models.deepseek_v3.args import ModelArgs
+from haillm.models.deepseek_v3.balance import take_balance_loss
 from haillm.models.deepseek_v3.experts import GroupedExperts
 from haillm.models.deepseek_v3.mla import MLA, rope_tables
-from haillm.models.deepseek_v3.moe import MLP, Gate, GraphCut, MoE, take_balance_loss
+from haillm.models.deepseek_v3.moe import MLP, Gate, GraphCut, MoE
 from haillm.models.deepseek_v3.mtp import MTPModule
 from haillm.ops import Linear, RMSNorm
 from haillm.ops.recompute import keeping_recipes, mark

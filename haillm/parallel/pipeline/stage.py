@@ -34,10 +34,11 @@ import torch.distributed as dist
 from torch import nn
 
 from haillm.models.deepseek_v3.args import ModelArgs
+from haillm.models.deepseek_v3.balance import take_balance_loss
 from haillm.models.deepseek_v3.flops import block_params
 from haillm.models.deepseek_v3.mla import rope_tables
 from haillm.models.deepseek_v3.model import Block, TrainingObjective, moe_layers_of
-from haillm.models.deepseek_v3.moe import GraphCut, take_balance_loss
+from haillm.models.deepseek_v3.moe import GraphCut
 from haillm.models.deepseek_v3.mtp import MTPModule
 from haillm.ops import Linear, RMSNorm, set_weight_grad_deferral
 from haillm.ops.recompute import stepwise
