@@ -7,6 +7,7 @@ the weighted sum of its own outputs (the ranks' shares add up to the reference l
 gradients summed over the ranks are the reference's, and a rank's input gradient is its chunks' share."""
 
 
+import copy
 import gc
 
 import pytest
@@ -14,13 +15,18 @@ import torch
 import torch.distributed as dist
 from dist import run_distributed
 from memory_probe import allocated_during
+from test_tensor_parallel import check_grads
 
 import haillm.parallel.context as context_mod
 from haillm.models.deepseek_v3 import get_preset
 from haillm.models.deepseek_v3.mla import MLA, rope_tables
 from haillm.models.deepseek_v3.model import DeepSeekV3, init_weights
+from haillm.models.deepseek_v3.moe import MoE
 from haillm.parallel.context import NO_CP, ContextParallel, apply_context_parallel
+from haillm.parallel.mesh import ParallelDims
 from haillm.parallel.pipeline.stage import StageSpec
+from haillm.parallel.tensor import NO_TP, TensorParallel
+from haillm.parallel.tensor_plan import parallelize_tensor
 from haillm.tools.activations import ActivationSetup, chunk_bytes
 
 TOL = 1e-6
@@ -125,10 +131,6 @@ def _kept_bytes(seq_len: int, micro_batch: int) -> dict[tuple[bool, str], tuple[
     """On this rank, with recompute off and on, at cp=1 (the whole model on the whole sequence, every rank
     alike), at cp=world and at cp=2 x tp=2 (sequence parallel): (the bytes the allocator says a training forward
     leaves resident, the planner's)."""
-    from haillm.parallel.mesh import ParallelDims
-    from haillm.parallel.tensor import NO_TP, TensorParallel
-    from haillm.parallel.tensor_plan import parallelize_tensor
-
     size, rank = dist.get_world_size(), dist.get_rank()
     dims = ParallelDims(cp=2, tp=2, world_size=size).build()
     args = get_preset("tiny").replace(max_seq_len=seq_len)
@@ -210,7 +212,7 @@ def test_a_step_leaves_nothing_behind():
         assert alive[2] == alive[1], alive
 
 
-def _objective_case(tp_size: int) -> tuple:
+def _objective_case() -> tuple:
     """`tiny` with two MTP depths (the MoE layers of depth k leave out the last k positions) and a balance loss
     strong enough to show in the total, and a batch of 64-token sequences."""
     args = get_preset("tiny").replace(vocab_size=512, mtp_depth=2, balance_alpha=0.1, init_std=0.1)
@@ -229,15 +231,9 @@ def _objective_with_cp_and_tp(expected: dict[str, torch.Tensor], reference: Deep
     """At cp=2 alone, and at cp=2 x tp=2 with and without sequence parallelism: the losses averaged over cp
     (a rank's are means over its own positions; the balance loss is whole on every rank), the routed loads
     summed over cp and tp, and the gradients averaged over cp (partial ones summed over tp first)."""
-    from test_tensor_parallel import check_grads
-
-    from haillm.parallel.mesh import ParallelDims
-    from haillm.parallel.tensor import NO_TP, TensorParallel
-    from haillm.parallel.tensor_plan import parallelize_tensor
-
     dims = ParallelDims(cp=2, tp=2, world_size=4).build()
     cp = ContextParallel(dims.cp_group, 2, dims.cp_rank)
-    args, batch = _objective_case(2)
+    args, batch = _objective_case()
     checked = 0
     for tp in (NO_TP, TensorParallel(dims.tp_group, 2, dims.tp_rank, True),
                TensorParallel(dims.tp_group, 2, dims.tp_rank, False)):
@@ -256,7 +252,36 @@ def _objective_with_cp_and_tp(expected: dict[str, torch.Tensor], reference: Deep
             dist.all_reduce(p.grad, group=cp.group)
             p.grad /= 2
         checked += check_grads(reference, model, placements, tp, what, 1e-5)
+    _tail_on_sequence_shards(cp, TensorParallel(dims.tp_group, 2, dims.tp_rank, True))
     return checked
+
+
+def _moe_balance(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A training forward's balance loss, routed loads, and the router's gradient from the balance loss."""
+    moe.train()
+    moe(x)
+    moe.balance_loss.backward()
+    return moe.balance_loss.detach(), moe.tokens_per_expert.clone(), moe.gate.weight.grad
+
+
+def _tail_on_sequence_shards(cp: ContextParallel, tp: TensorParallel) -> None:
+    """A lone MoE layer whose last 3 positions have no target (``tail``, as an MTP depth's) on sequence shards
+    of this rank's chunks (the model runs its MTP blocks in replicated mode, so only this shows the shards'
+    offsets): the balance loss, the loads and the router's gradient as one process's."""
+    args = get_preset("tiny").replace(balance_alpha=0.1)
+    x = torch.randn(2, 64, args.dim, generator=torch.Generator().manual_seed(4))
+    reference = MoE(args)
+    init_weights(reference, 0, 0.1, prefix="ffn.")
+    moe = copy.deepcopy(reference)
+    reference.tail = moe.tail = 3  # one process holds the sequence's end: NO_CP.holds_end
+    expected = _moe_balance(reference, x)
+    moe.tp, moe.cp = tp, cp
+    loss, loads, grad = _moe_balance(moe, cp.local(x).chunk(tp.size, 1)[tp.rank])
+    assert_close(loss, expected[0], "balance loss on sequence shards")
+    dist.all_reduce(loads)
+    assert torch.equal(loads, expected[1]), (loads, expected[1])
+    dist.all_reduce(grad)  # partial over tp, averaged over cp
+    assert_close(grad / cp.size, expected[2], "router gradient on sequence shards")
 
 
 @pytest.mark.slow
@@ -264,7 +289,7 @@ def test_objective_with_tensor_parallelism_matches_one_process():
     """The whole model's objective under cp=2, and cp=2 x tp=2 with and without sequence parallelism, against one
     process: the losses (the balance loss at 0.1, whose statistics the cp and tp ranks sum, the MTP depths
     leaving out the positions past the end), the routed loads and every gradient, fp32 within 1e-5."""
-    args, batch = _objective_case(1)
+    args, batch = _objective_case()
     model = DeepSeekV3(args, init_seed=0)
     expected = _objective(model, batch)
     assert expected["balance_loss"] > 0.01 * expected["loss"]
