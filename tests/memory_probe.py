@@ -25,11 +25,17 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from haillm.ops import recompute
 
 
-def _storage_bytes(tensors) -> int:
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages of ``tensors`` (None skipped, and tensors without data: the fake tensors a
+    ``torch.compile`` leaves behind, which a forked test process still holds)."""
     seen: dict[int, int] = {}
     for t in tensors:
-        if t is not None:
+        if t is None:
+            continue
+        try:
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        except RuntimeError:  # "Cannot access data pointer of Tensor (e.g. FakeTensor, FunctionalTensor)"
+            continue
     return sum(seen.values())
 
 
@@ -42,8 +48,8 @@ def state_bytes(model: torch.nn.Module, optimizer) -> dict[str, int]:
         for t in per_param.values():
             pieces = [s.tensor for s in t.local_shards()] if isinstance(t, ShardedTensor) else [t]
             state += [p for p in pieces if p.untyped_storage().data_ptr() not in param_ptrs]
-    return {"parameters": _storage_bytes(params), "gradients": _storage_bytes(grads),
-            "optimizer": _storage_bytes(state)}
+    return {"parameters": storage_bytes(params), "gradients": storage_bytes(grads),
+            "optimizer": storage_bytes(state)}
 
 
 class LiveSaved:

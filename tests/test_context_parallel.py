@@ -14,16 +14,15 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist import run_distributed
-from memory_probe import allocated_during
+from memory_probe import allocated_during, storage_bytes
 from saved_tensors import saved_storages
-from test_tensor_parallel import check_grads
+from test_tensor_parallel import assert_close, check_grads
 
 import haillm.parallel.context as context_mod
 from haillm.models.deepseek_v3 import get_preset
 from haillm.models.deepseek_v3.mla import MLA, rope_tables
 from haillm.models.deepseek_v3.model import DeepSeekV3, init_weights
 from haillm.models.deepseek_v3.moe import MoE
-from haillm.ops import recompute as recompute_mod
 from haillm.parallel.context import NO_CP, ContextParallel, apply_context_parallel
 from haillm.parallel.mesh import ParallelDims
 from haillm.parallel.pipeline.stage import StageSpec
@@ -32,13 +31,6 @@ from haillm.parallel.tensor_plan import parallelize_tensor
 from haillm.tools.activations import ActivationSetup, chunk_bytes
 
 TOL = 1e-6
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = TOL) -> None:
-    """fp32 parity up to summation order: max |a - b| <= tol * max |b|."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
-    assert err <= tol * max(scale, 1e-30), f"{what}: max error {err:.3g} > {tol:g} * {scale:.3g}"
 
 
 def mla_case(seq_len: int, bsz: int):
@@ -92,8 +84,8 @@ def test_chunks_are_balanced_and_gather_restores_the_order():
     assert [p.tolist()[0] for p in parts[:2]] == [[0, 1, 14, 15], [2, 3, 12, 13]]
     assert torch.equal(ContextParallel(None, 4, 3).positions(16), torch.tensor([6, 7, 8, 9]))
     gathered = torch.stack(parts)
-    assert torch.equal(context_mod._to_global(gathered, 4), seq)
-    assert torch.equal(context_mod._from_global(seq, 4), gathered)
+    assert torch.equal(context_mod._chunk_major(gathered).movedim(0, 1).flatten(1, 2), seq)
+    assert torch.equal(context_mod._rank_major(seq.unflatten(1, (8, -1)).movedim(1, 0), 4), gathered)
     # the causal work (query-key pairs) of the two chunks is the same on every rank
     work = [sum(c + 1 for c in ContextParallel(None, 4, r).chunks) for r in range(4)]
     assert len(set(work)) == 1
@@ -129,29 +121,6 @@ def test_latent_exchange_bytes():
         assert rank_sent[0] == per_token * (world - 1) * seq_len // world
 
 
-def _kept_with_recipes(model: DeepSeekV3, forward) -> tuple[dict[int, int], dict]:
-    """``saved_storages`` and the tensors the recomputation recipes hold as their arguments: by storage, what a
-    forward keeps for backward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    held: dict[int, int] = {}
-    pack = recompute_mod._pack
-
-    def with_arguments(t):
-        packed = pack(t)
-        tag = packed.tag if isinstance(packed, recompute_mod._View) else packed if isinstance(packed, tuple) else None
-        for arg in tag[0].args if tag is not None else ():
-            if isinstance(arg, torch.Tensor) and arg.untyped_storage().data_ptr() not in params:
-                held[arg.untyped_storage().data_ptr()] = arg.untyped_storage().nbytes()
-        return packed
-
-    recompute_mod._pack = with_arguments
-    try:
-        kept, out = saved_storages(model, forward)
-    finally:
-        recompute_mod._pack = pack
-    return {**held, **kept}, out
-
-
 def _kept_bytes(seq_len: int, micro_batch: int) -> dict[tuple[bool, str], tuple[int, float]]:
     """On this rank, with recompute off and on, at cp=1 (the whole model on the whole sequence, every rank
     alike), at cp=world and at cp=2 x tp=2 (sequence parallel): (the bytes the allocator says a training forward
@@ -175,7 +144,7 @@ def _kept_bytes(seq_len: int, micro_batch: int) -> dict[tuple[bool, str], tuple[
             if tp.enabled:  # autograd's count: the allocator's would also see gloo's threads drop the last
                 # reference to a collective's temporary input at times, unrecorded (a block of 16 KB to 128 KB
                 # that stays allocated in the profile)
-                kept, losses = _kept_with_recipes(model, forward)
+                kept, losses = saved_storages(model, forward, recipe_arguments=True)
                 resident = sum(kept.values())
             else:
                 resident, losses = allocated_during(forward)
@@ -218,21 +187,9 @@ def _live_tensors_after_steps(steps: int) -> list[int]:
         model.compute_loss(batch)["loss"].backward()
         model.zero_grad(set_to_none=True)
         gc.collect()
-        alive.append(sum(_storages(o for o in gc.get_objects() if isinstance(o, torch.Tensor)).values()))
+        tensors = (o for o in gc.get_objects() if isinstance(o, torch.Tensor))
+        alive.append(storage_bytes(t for t in tensors if t.device.type == "cpu"))
     return alive
-
-
-def _storages(tensors) -> dict[int, int]:
-    """``{data pointer: bytes}`` of the CPU tensors' storages; tensors without data (the fake tensors an earlier
-    test's ``torch.compile`` left behind in the forked process) have none."""
-    out = {}
-    for t in tensors:
-        try:
-            if t.device.type == "cpu":
-                out[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        except RuntimeError:  # "Cannot access data pointer of Tensor (e.g. FakeTensor, FunctionalTensor)"
-            continue
-    return out
 
 
 @pytest.mark.slow
@@ -267,8 +224,8 @@ def _objective_with_cp_and_tp(expected: dict[str, torch.Tensor], reference: Deep
     cp = ContextParallel(dims.cp_group, 2, dims.cp_rank)
     args, batch = _objective_case()
     checked = 0
-    for tp in (NO_TP, TensorParallel(dims.tp_group, 2, dims.tp_rank, True),
-               TensorParallel(dims.tp_group, 2, dims.tp_rank, False)):
+    sequence_parallel = TensorParallel(dims.tp_group, 2, dims.tp_rank, True)
+    for tp in (NO_TP, sequence_parallel, sequence_parallel.replicated()):
         what = f"cp=2 tp={tp.size} sequence_parallel={tp.sequence_parallel}"
         model = DeepSeekV3(args, init_seed=0)
         placements = parallelize_tensor(model, tp)
@@ -284,7 +241,7 @@ def _objective_with_cp_and_tp(expected: dict[str, torch.Tensor], reference: Deep
             dist.all_reduce(p.grad, group=cp.group)
             p.grad /= 2
         checked += check_grads(reference, model, placements, tp, what, 1e-5)
-    _tail_on_sequence_shards(cp, TensorParallel(dims.tp_group, 2, dims.tp_rank, True))
+    _tail_on_sequence_shards(cp, sequence_parallel)
     return checked
 
 

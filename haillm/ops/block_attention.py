@@ -40,7 +40,7 @@ def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -
 def _math_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
     qf, kf, vf, dof = _wide(q), _wide(k), _wide(v), _wide(do)
-    scores = _scores(q, k, causal, scale)
+    scores = _scores(qf, kf, causal, scale)
     probs = (scores - lse[..., None]).exp()
     delta = (dof * _wide(o)).sum(dim=-1, keepdim=True)
     dscores = probs * (dof @ vf.transpose(-1, -2) - delta) * scale

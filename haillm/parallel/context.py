@@ -162,16 +162,6 @@ def _split_chunks(gathered: Tensor, size: int, sizes: Sequence[int]) -> tuple[Te
     return tuple(part.contiguous() for part in chunks.split(list(sizes), dim=-1))
 
 
-def _to_global(gathered: Tensor, size: int) -> Tensor:
-    """``[cp, B, 2c, ...]`` -> ``[B, 2cp * c, ...]``: the sequence in order."""
-    return _chunk_major(gathered).movedim(0, 1).flatten(1, 2)
-
-
-def _from_global(whole: Tensor, size: int) -> Tensor:
-    """The inverse of ``_to_global``: ``[B, 2cp * c, ...]`` -> ``[cp, B, 2c, ...]``, contiguous."""
-    return _rank_major(whole.unflatten(1, (2 * size, -1)).movedim(1, 0), size)
-
-
 @dataclass(frozen=True)
 class PendingGather:
     """An all-gather of the local ``x`` in flight into ``gathered``."""

@@ -129,18 +129,17 @@ def attention_per_token(a: ModelArgs, s: ActivationSetup) -> float:
     else:
         out += _kept(a.dim, s, False, [(a.dim, q_out), kv_a], marked=True)
     out += (a.kv_lora_rank + a.qk_rope_head_dim) * act + FP32  # wkv_a output (kv_norm and k-rope input), rstd
-    out += _kept(a.kv_lora_rank, s, False, [(a.kv_lora_rank, heads * (a.qk_nope_head_dim + a.v_head_dim))],
-                 marked=True)
-    v_kept = heads * qk if s.cpu else heads * (a.qk_nope_head_dim + a.v_head_dim)  # CPU pads v; GPU views wkv_b
-    if s.cp > 1:
-        out -= _kept(a.kv_lora_rank, s, False, [(a.kv_lora_rank, heads * (a.qk_nope_head_dim + a.v_head_dim))],
-                     marked=True)  # the local latent: wkv_b reads the gathered chunks
+    if s.cp > 1:  # wkv_b reads the gathered chunks, not the local normalised latent
         out += (a.kv_lora_rank + a.qk_rope_head_dim) * act * (1 if s.recompute else s.cp)  # local, or gathered
         out += s.cp * fp8_bytes(a.kv_lora_rank) if s.fp8 else 0  # wkv_b's FP8 copies of the gathered chunks
         if not s.recompute:
             out += q_out * act  # q; each key chunk's k and v are recomputed in backward
-    elif not s.recompute:
-        out += (2 * q_out + v_kept) * act  # q, k, v
+    else:
+        out += _kept(a.kv_lora_rank, s, False, [(a.kv_lora_rank, heads * (a.qk_nope_head_dim + a.v_head_dim))],
+                     marked=True)  # the normalised latent wkv_b reads
+        if not s.recompute:
+            v_kept = heads * qk if s.cpu else heads * (a.qk_nope_head_dim + a.v_head_dim)  # CPU pads v
+            out += (2 * q_out + v_kept) * act  # q, k, v
     out += heads * (qk * FP32 if s.cpu else a.v_head_dim * act) + heads * FP32  # attention output, log-sum-exp
     if heads > 1 or s.fp8:  # wo's input (one head: a view of the attention output, kept above)
         out += _kept(heads * a.v_head_dim, s, False, [(heads * a.v_head_dim, a.dim)], marked=True)

@@ -318,15 +318,18 @@ def longest(cfg: DictConfig, gpus: int, gpu: str, limit: int = 1 << 24) -> dict:
     args, lay = to_model_args(cfg.model), layout_of(cfg, gpu)
     ranks = all_ranks(args, lay)
 
-    def total(n_units: int) -> float:
-        return _total(variant(args, lay, ranks, seq_len=n_units * unit)[1])
+    totals: dict[int, float] = {}
 
-    lo, hi = 0, limit // unit  # total(lo) fits (or lo is 0), total(hi + 1) does not (or hi is the limit)
+    def total(n_units: int) -> float:  # each length's ranks built once: the search and the report share them
+        if n_units not in totals:
+            totals[n_units] = _total(variant(args, lay, ranks, seq_len=n_units * unit)[1])
+        return totals[n_units]
+
+    found = {"unit": unit, "usable": usable, "capacity": capacity}
     if total(1) > usable:
-        return {"seq_len": 0, "unit": unit, "usable": usable, "capacity": capacity, "total": total(1)}
-    lo = 1
+        return {"seq_len": 0, **found, "total": total(1)}
+    lo, hi = 1, limit // unit  # total(lo) fits; total(hi + 1) does not, or hi is the limit
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if total(mid) <= usable else (lo, mid - 1)
-    return {"seq_len": lo * unit, "unit": unit, "usable": usable, "capacity": capacity, "total": total(lo),
-            "next_total": total(lo + 1)}
+    return {"seq_len": lo * unit, **found, "total": total(lo), "next_total": total(lo + 1)}
