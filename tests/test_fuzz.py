@@ -125,7 +125,7 @@ def test_fuzz_overrides(base_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz_overrides")
     override = st.one_of(st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KEYS), VALUES), special_values(tmp))
 
-    @settings(FUZZ, max_examples=40)
+    @settings(FUZZ, max_examples=20)
     @given(overrides=st.lists(override, min_size=1, max_size=4), existing=st.booleans())
     def case(overrides: list[str], existing: bool) -> None:
         count("override sets")
@@ -166,7 +166,7 @@ def damage(path: Path, how: str, where: float, byte: int) -> None:
 def test_fuzz_checkpoint_files(base_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz_checkpoints")
 
-    @settings(FUZZ, max_examples=12)
+    @settings(FUZZ, max_examples=6)
     @given(step=st.sampled_from([2, 4]), file=st.sampled_from(CHECKPOINT_FILES), how=st.sampled_from(DAMAGE),
            where=st.floats(0, 1), byte=st.integers(0, 255))
     def case(step: int, file: str, how: str, where: float, byte: int) -> None:
@@ -203,7 +203,7 @@ def write_data(path: Path, kind: str) -> None:
 def test_fuzz_data_files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz_data")
 
-    @settings(FUZZ, max_examples=20)
+    @settings(FUZZ, max_examples=10)
     @given(kind=st.sampled_from(["txt", "jsonl", "json", "parquet"]), how=st.sampled_from(DAMAGE[:-2] + ["append"]),
            where=st.floats(0, 1), byte=st.integers(0, 255), as_tokenizer=st.booleans())
     def case(kind: str, how: str, where: float, byte: int, as_tokenizer: bool) -> None:

@@ -20,8 +20,9 @@ from test_train_pp import losses, reference  # noqa: F401 (the module-scoped cac
 from test_train_tp import FP8_TP_MODEL
 
 # 1024-token sequences: two a step, one per micro-batch; four for DualPipeV at pp=2 (it needs four micro-batches)
-LONG = ["train.seq_len=1024", "model.max_seq_len=1024", "train.global_batch_size=2", "train.micro_batch_size=1"]
-LONG4 = ["train.seq_len=1024", "model.max_seq_len=1024", "train.global_batch_size=4", "train.micro_batch_size=1"]
+LONG = ["train.seq_len=1024", "model.max_seq_len=1024", "train.global_batch_size=2", "train.micro_batch_size=1",
+        "train.steps=10"]
+LONG4 = [*LONG[:2], "train.global_batch_size=4", "train.micro_batch_size=1", "train.steps=10"]
 # the compositions beyond the acceptance's four and the precisions on shorter sequences (the attention's blocks
 # are the same code at any length), 5 steps; 4 micro-batches of one sequence for DualPipe at pp=2
 SHORT = ["train.seq_len=256", "train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=5"]

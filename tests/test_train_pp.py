@@ -1,5 +1,5 @@
 """Pipeline parallelism end to end: every schedule at pp=2 and pp=4, DualPipe and DualPipeV at pp=8, and pp=4 x
-dp=2 and pp=2 x dp=2 x ep=2 with DualPipe reproduce the single-process losses over 10 optimizer steps from the
+dp=2 and pp=2 x dp=2 x ep=2 with DualPipe reproduce the single-process losses over 5 optimizer steps from the
 same seed and global batch, under NCCL's matching and completion rules (tests/nccl_rules.py): at pp >= 4 the
 activations and gradients between two ranks are not produced in the order they are consumed, and a runtime
 matching them by tag, not by one posting order, swaps them silently on NCCL."""
@@ -16,7 +16,7 @@ from nccl_rules import check_logs, subprocess_env
 from test_train import launch_train
 from test_train_dp import CHECKPOINTS_OFF, COMMON
 
-STEPS = "train.steps=10"
+STEPS = "train.steps=5"  # the default run length of losses(): past warm-up, four optimizer steps in
 DENSE = "model.n_dense_layers=4"  # no routing: nothing can flip on a near-tie
 EIGHT_LAYERS = "model.n_layers=8"  # DualPipeV on 4 ranks runs 8 stages
 # 16 layers and 16 micro-batches of one sequence: DualPipeV on 8 ranks runs 16 stages, DualPipe 2 layers a stage.
