@@ -117,34 +117,47 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_init_depends_on_seed_and_fqn_only():
+def _check_init_depends_on_seed_and_fqn_only(device: torch.device) -> None:
     args = get_preset("tiny")
-    torch.manual_seed(123)
-    full = _state(DeepSeekV3(args, init_seed=7))
-    torch.manual_seed(999)  # the global RNG plays no part
-    again = _state(DeepSeekV3(args, init_seed=7))
-    assert full.keys() == again.keys() and all(torch.equal(full[k], again[k]) for k in full)
-    other = _state(DeepSeekV3(args, init_seed=8))
-    assert not torch.equal(full["layers.1.attn.wkv_a.weight"], other["layers.1.attn.wkv_a.weight"])
+    with torch.device(device):
+        torch.manual_seed(123)
+        full = _state(DeepSeekV3(args, init_seed=7))
+        torch.manual_seed(999)  # the global RNG plays no part
+        again = _state(DeepSeekV3(args, init_seed=7))
+        assert full.keys() == again.keys() and all(torch.equal(full[k], again[k]) for k in full)
+        other = _state(DeepSeekV3(args, init_seed=8))
+        assert not torch.equal(full["layers.1.attn.wkv_a.weight"], other["layers.1.attn.wkv_a.weight"])
 
-    # A differently shaped model (fewer layers, no MTP) shares bitwise the values of the names it has.
-    partial = _state(DeepSeekV3(args.replace(n_layers=3, mtp_depth=0), init_seed=7))
-    assert all(torch.equal(partial[k], full[k]) for k in partial)
+        # A differently shaped model (fewer layers, no MTP) shares bitwise the values of the names it has.
+        partial = _state(DeepSeekV3(args.replace(n_layers=3, mtp_depth=0), init_seed=7))
+        assert all(torch.equal(partial[k], full[k]) for k in partial)
 
-    # A standalone block (a pipeline stage's piece) initialised under its full-model prefix.
-    block = Block(args, 2)
-    init_weights(block, 7, args.init_std, prefix="layers.2")
-    assert all(torch.equal(v, full[f"layers.2.{k}"]) for k, v in block.state_dict().items())
+        # A standalone block (a pipeline stage's piece) initialised under its full-model prefix.
+        block = Block(args, 2)
+        init_weights(block, 7, args.init_std, prefix="layers.2")
+        assert all(torch.equal(v, full[f"layers.2.{k}"]) for k, v in block.state_dict().items())
 
-    # An expert-parallel rank keeping only experts 5 and 2 (of its stacked experts).
-    model = DeepSeekV3(args, init_seed=None)
-    model.layers["3"].ffn.experts.keep([5, 2])
-    model.init_weights(7)
-    assert all(torch.equal(v, full[k]) for k, v in model.state_dict().items())
+        # An expert-parallel rank keeping only experts 5 and 2 (of its stacked experts).
+        model = DeepSeekV3(args, init_seed=None)
+        model.layers["3"].ffn.experts.keep([5, 2])
+        model.init_weights(7)
+        assert all(torch.equal(v, full[k]) for k, v in model.state_dict().items())
 
-    assert torch.equal(full["norm.weight"], torch.ones(args.dim))
-    assert torch.equal(full["layers.1.ffn.gate.bias"], torch.zeros(args.n_routed_experts))
+    assert all(v.device.type == device.type for v in full.values())  # drawn where the parameters live
+    assert torch.equal(full["norm.weight"], torch.ones(args.dim, device=device))
+    assert torch.equal(full["layers.1.ffn.gate.bias"], torch.zeros(args.n_routed_experts, device=device))
     assert full["embed.weight"].std().item() == pytest.approx(args.init_std, rel=0.05)
+    assert full["embed.weight"].mean().abs().item() < 0.05 * args.init_std
+
+
+def test_init_depends_on_seed_and_fqn_only():
+    _check_init_depends_on_seed_and_fqn_only(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_init_on_cuda_depends_on_seed_and_fqn_only():
+    """The same on a GPU, where the weights are drawn by CUDA generators (other numbers than the CPU's)."""
+    _check_init_depends_on_seed_and_fqn_only(torch.device("cuda"))
 
 
 def _reference_mtp_loss(model, batch):
