@@ -4,9 +4,12 @@ Tests marked ``gpu`` run the public functions of ``haillm.fp8.quant`` on CUDA te
 kernels (asserted), and compare them with the ``*_reference`` functions on the same tensors: the FP8 bytes
 and the fp32 scales must be identical. The one freedom is the sign bit of a NaN byte (0x7F or 0xFF), which
 torch's own cast does not fix across devices either. Tokens 1, 37, 128, 4097 and K 128, 200, 7168 cover
-partial row blocks and partial last tiles. The CPU test checks that the CPU path never imports Triton.
+partial row blocks and partial last tiles. ``act_dequant`` is compared value by value, bitwise in its output
+dtype (NaN matches NaN). The CPU tests check that the CPU path never imports Triton and run the dequantization
+kernel through Triton's interpreter.
 """
 
+import os
 import subprocess
 import sys
 
@@ -19,12 +22,15 @@ from haillm.fp8.quant import (
     AMAX_MIN,
     FP8_DTYPE,
     GRAD_AMAX_MIN,
+    act_dequant,
+    act_dequant_reference,
     act_quant,
     act_quant_reference,
     act_quant_t,
     act_quant_t_reference,
     act_quant_with_t,
     act_quant_with_t_reference,
+    dequant_kernel_applies,
     quant_kernel_applies,
     requant_t,
     requant_t_reference,
@@ -58,6 +64,14 @@ def same_pairs(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) ->
     return len(got) == len(want) and all(
         same_fp8(g, w) if w.dtype == FP8_DTYPE else same_scales(g, w) for g, w in zip(got, want, strict=True)
     )
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits, ``a`` contiguous; NaN matches NaN whatever its payload."""
+    if a.dtype != b.dtype or a.shape != b.shape or not a.is_contiguous() or not torch.equal(a.isnan(), b.isnan()):
+        return False
+    bits = {torch.float32: torch.int32}.get(a.dtype, torch.int16)
+    return torch.equal(a.nan_to_num().view(bits), b.nan_to_num().view(bits))
 
 
 def varied(t: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -169,6 +183,57 @@ def test_stack_kernel_equals_reference(n, k, pow2):
     assert same_pairs(tuple(t.contiguous() for t in got[2:]), want[2:])
 
 
+OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", OUT_DTYPES)
+@pytest.mark.parametrize(("t", "k"), [(1, 128), (37, 200), (128, 576), (4097, 2112), (300, 7168)])
+def test_dequant_kernel_equals_reference(t, k, dtype):
+    """The Wgrad / dispatch dequantization (``dtype`` written directly) is the reference's fp32 product and
+    one rounding, bitwise, on whole and partial tiles."""
+    q, s = act_quant(varied(t, k, torch.float32, seed=t + k), min_amax=GRAD_AMAX_MIN)
+    assert dequant_kernel_applies(q, s, dtype=dtype)
+    assert same_values(act_dequant(q, s, dtype=dtype), act_dequant_reference(q, s, dtype=dtype))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", OUT_DTYPES)
+def test_dequant_every_byte_and_extreme_scales(dtype):
+    """Every E4M3 byte (NaN, ±0, subnormals, ±448) times scales from fp32 denormals to overflow, inf and NaN:
+    no flush to zero, overflow to inf and round-to-nearest-even as torch does, on the GPU and on the CPU."""
+    scales = [1.0, 2.0**-149, 2.0**-130, 2.0**-126, 1e-33, 3e-5, 0.3, 146.0, 1e36, 3e38 / 448, 1e38,
+              float("inf"), float("nan")]
+    q = torch.arange(256, dtype=torch.uint8, device="cuda").repeat(len(scales), 1).view(FP8_DTYPE)
+    s = torch.tensor(scales, device="cuda")[:, None].repeat(1, 2)
+    s[:, 1] *= 3.0  # the second tile's scale differs from the first's
+    got = act_dequant(q, s, dtype=dtype)
+    assert same_values(got, act_dequant_reference(q, s, dtype=dtype))
+    assert same_values(got.cpu(), act_dequant_reference(q.cpu(), s.cpu(), dtype=dtype))
+
+
+@gpu
+def test_dequant_strided_and_batched_inputs():
+    """Row and column slices (the scales sliced alike), a transposed pair and leading batch dims."""
+    q, s = act_quant(varied(300, 1000, torch.bfloat16, seed=5))
+    qt, st = q.t(), torch.rand(1000, 3, device="cuda").t().contiguous().t()  # both transposed views
+    qb, sb = act_quant(varied(300, 1000, torch.bfloat16, seed=6).view(3, 100, 1000))
+    for pair in ((q[7:], s[7:]), (q[:, :300], s[:, :3]), (q[:, 256:], s[:, 2:]), (qt, st), (qb, sb)):
+        assert dequant_kernel_applies(*pair, dtype=torch.bfloat16)
+        for dtype in (torch.bfloat16, torch.float32):
+            assert same_values(act_dequant(*pair, dtype=dtype), act_dequant_reference(*pair, dtype=dtype))
+
+
+@gpu
+def test_dequant_dispatch_rule():
+    q, s = act_quant(torch.randn(64, 300, device="cuda"))
+    assert dequant_kernel_applies(q, s) and dequant_kernel_applies(q, s, dtype=torch.bfloat16)
+    assert not dequant_kernel_applies(q, s, dtype=torch.float64) and not dequant_kernel_applies(q, s, block=64)
+    assert not dequant_kernel_applies(q.float(), s) and not dequant_kernel_applies(q, s.double())
+    assert not dequant_kernel_applies(q, s[:, :2]) and not dequant_kernel_applies(q[:0], s[:0])
+    assert same_values(act_dequant(q, s, dtype=torch.float64), act_dequant_reference(q, s, dtype=torch.float64))
+
+
 @gpu
 def test_dispatch_rule():
     x = torch.randn(64, 256, device="cuda")
@@ -205,9 +270,10 @@ def test_cpu_path_never_imports_triton():
     code = (
         "import sys, torch\n"
         "from haillm.fp8 import fp8_linear\n"
-        "from haillm.fp8.quant import act_quant_with_t, weight_quant_with_t\n"
+        "from haillm.fp8.quant import act_dequant, act_quant, act_quant_with_t, weight_quant_with_t\n"
         "x, w = torch.randn(37, 300, requires_grad=True), torch.randn(200, 300, requires_grad=True)\n"
         "fp8_linear(x, w).sum().backward(); act_quant_with_t(x.detach()); weight_quant_with_t(w.detach())\n"
+        "act_dequant(*act_quant(x.detach()), dtype=torch.bfloat16)\n"
         "assert 'triton' not in sys.modules and 'haillm.fp8.triton_quant' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -220,3 +286,37 @@ def test_cpu_entry_points_are_the_reference():
         assert same_pairs(act_quant_with_t(x, pow2=pow2), (*act_quant(x, pow2=pow2), *act_quant_t(x, pow2=pow2)))
         q, s = weight_quant(x, pow2=pow2)
         assert same_pairs(weight_quant_with_t(x, pow2=pow2), (q, s, q.t().contiguous(), s.t().contiguous()))
+    q, s = act_quant(x)
+    assert not dequant_kernel_applies(q, s)
+    for dtype in OUT_DTYPES:
+        assert same_values(act_dequant(q, s, dtype=dtype), act_dequant_reference(q, s, dtype=dtype))
+
+
+INTERPRETED_DEQUANT = """
+import torch
+from haillm.fp8 import triton_quant
+from haillm.fp8.quant import act_dequant_reference, act_quant
+
+g = torch.Generator().manual_seed(0)
+for t, k in ((1, 128), (37, 200), (70, 576)):
+    x = torch.randn(3, t, k, generator=g) * 10.0 ** torch.randint(-30, 30, (3, t, 1), generator=g)
+    q, s = act_quant(x, min_amax=1e-30)
+    pairs = ((q, s), (q[1], s[1]), (q[1, :, :100], s[1, :, :1]), (q[1].t(), torch.rand(-(-t // 128), k).t()))
+    for qq, ss in pairs:
+        for dtype in (torch.float32, torch.float16):
+            want = act_dequant_reference(qq, ss, dtype=dtype)
+            assert torch.equal(triton_quant.act_dequant(qq, ss, dtype), want), (t, k, dtype)
+        # The interpreter casts fp32 to bf16 by truncation, the GPU by round-to-nearest-even: either is taken.
+        got = triton_quant.act_dequant(qq, ss, torch.bfloat16).view(torch.int16)
+        rne = act_dequant_reference(qq, ss, dtype=torch.bfloat16).view(torch.int16)
+        cut = (act_dequant_reference(qq, ss).view(torch.int32) >> 16).to(torch.int16)
+        assert ((got == rne) | (got == cut)).all(), (t, k)
+"""
+
+
+def test_dequant_kernel_in_the_interpreter():
+    """The dequantization kernel's indexing (partial tiles, row and column slices, a transposed pair, batch
+    dims), FP8 decoding and fp32 product, run by Triton's CPU interpreter: fp32 and fp16 bitwise."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, "-c", INTERPRETED_DEQUANT], check=True, timeout=120, env=env)

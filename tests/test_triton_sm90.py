@@ -10,7 +10,7 @@ multiples of 16), so the code checked is the code a GPU would run:
 - it compiles: Triton's passes for sm_90 and ptxas;
 - shared memory within the 227 KiB an SM90 block may use, and no register spills (ptxas's stack frame, read
   from the cubin with the cuobjdump that Triton ships);
-- the memory-bound kernels read global memory in 16-byte vectors (not one element per load);
+- the memory-bound kernels read and write global memory in 16-byte vectors (not one element per access);
 - the GEMM kernels' K loops are software-pipelined: their operands arrive by asynchronous copies issued
   ``num_stages - 1`` steps ahead of the tensor cores, not by loads that stall every step.
 
@@ -92,10 +92,10 @@ def stack_bytes(kernel) -> int:
     return int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
-def widest_global_load(kernel) -> int:
-    """Bytes per thread of the widest global load in the PTX (``ld.global.v4.b32``: 16)."""
+def widest_global_access(kernel, op: str = "ld") -> int:
+    """Bytes per thread of the widest global load (``op="st"``: store) in the PTX (``ld.global.v4.b32``: 16)."""
     widths = [int(v or 1) * int(bits) // 8
-              for v, bits in re.findall(r"ld\.global(?:\.[a-z]\w*)*?(?:\.v(\d))?\.[bfsu](\d+)", kernel.asm["ptx"])]
+              for v, bits in re.findall(op + r"\.global(?:\.[a-z]\w*)*?(?:\.v(\d))?\.[bfsu](\d+)", kernel.asm["ptx"])]
     return max(widths, default=0)
 
 
@@ -137,6 +137,10 @@ MEMORY_BOUND: dict[str, Callable[[], object]] = {
     "act_quant_t": lambda: triton_quant.act_quant_t(_rows(4096, 7168), False, 1e-4),
     "act_quant_with_t": lambda: triton_quant.act_quant_with_t(_rows(4096, 2048), False, 1e-30),
     "requant_t": lambda: triton_quant.requant_t(_rows(4096, 7168, FP8), _scales(4096, 7168), False),
+    "act_dequant bf16": lambda: triton_quant.act_dequant(_rows(4096, 7168, FP8), _scales(4096, 7168), BF16),
+    "act_dequant bf16, K 576": lambda: triton_quant.act_dequant(_rows(4096, 576, FP8), _scales(4096, 576), BF16),
+    "act_dequant fp32, K 2112": lambda: triton_quant.act_dequant(_rows(4096, 2112, FP8), _scales(4096, 2112),
+                                                                 torch.float32),
     "weight_quant": lambda: triton_quant.weight_quant(_rows(2048, 7168), False, transposed=False),
     "weight_quant with W.T": lambda: triton_quant.weight_quant(_rows(7168, 2048), False, transposed=True),
     "weight_quant_stack": lambda: triton_quant.weight_quant_stack(torch.empty(2, 2048, 7168, dtype=BF16), False),
@@ -181,7 +185,8 @@ def _check_resources(kernel) -> None:
 def test_memory_bound_kernels_compile_with_vector_loads_and_no_spills(case):
     for kernel in _compile(MEMORY_BOUND[case]):
         _check_resources(kernel)
-        assert widest_global_load(kernel) >= 16, f"{kernel.metadata.name}: {widest_global_load(kernel)}-byte loads"
+        assert widest_global_access(kernel) >= 16, f"{kernel.metadata.name}: {widest_global_access(kernel)}-byte loads"
+        assert widest_global_access(kernel, "st") >= 16, f"{kernel.metadata.name}: narrow stores"
 
 
 @pytest.mark.parametrize("case", list(GEMMS))
@@ -200,6 +205,8 @@ EDGE_SHAPES: dict[str, Callable[[], object]] = {
     "act_quant 1 channel": lambda: triton_quant.act_quant(_rows(37, 1), False, 1e-4),
     "act_quant_with_t 1 x 1": lambda: triton_quant.act_quant_with_t(_rows(1, 1), False, 1e-4),
     "requant_t 1 token": lambda: triton_quant.requant_t(_rows(1, 7168, FP8), _scales(1, 7168), False),
+    "act_dequant 1 token": lambda: triton_quant.act_dequant(_rows(1, 7168, FP8), _scales(1, 7168), BF16),
+    "act_dequant 1 channel": lambda: triton_quant.act_dequant(_rows(37, 1, FP8), _scales(37, 1), torch.float16),
     "weight_quant 1 x 1": lambda: triton_quant.weight_quant(_rows(1, 1), False, transposed=True),
     "rmsnorm_act_quant 1 token": lambda: triton_fused.rmsnorm_act_quant(_rows(1, 7168), torch.empty(7168),
                                                                         1e-6, False),
@@ -220,7 +227,8 @@ def test_kernels_compile_for_extreme_sizes(case):
 def test_the_checks_can_fail():
     """The probes see what they claim: a plain elementwise kernel with a per-element mask on an unaligned
     width reads one element at a time, and a 4-byte load is measured as such."""
-    assert widest_global_load(type("K", (), {"asm": {"ptx": "ld.global.b32 %r1, [%rd1];"}})) == 4
-    assert widest_global_load(type("K", (), {"asm": {"ptx": "ld.global.v4.b32 {%r1,%r2,%r3,%r4}, [%rd1];"}})) == 16
+    assert widest_global_access(type("K", (), {"asm": {"ptx": "ld.global.b32 %r1, [%rd1];"}})) == 4
+    assert widest_global_access(type("K", (), {"asm": {"ptx": "ld.global.v4.b32 {%r1,%r2,%r3,%r4}, [%rd1];"}})) == 16
+    assert widest_global_access(type("K", (), {"asm": {"ptx": "st.global.v2.b16 [%rd1], {%h1,%h2};"}}), "st") == 4
     (kernel,) = _compile(lambda: triton_quant.act_quant(_rows(4096, 7000), False, 1e-4))
-    assert widest_global_load(kernel) < 16  # 7000 columns: rows start at 2-byte offsets only
+    assert widest_global_access(kernel) < 16  # 7000 columns: rows start at 2-byte offsets only

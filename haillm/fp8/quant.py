@@ -19,7 +19,9 @@ With power-of-two scales that re-tiling is exact except where a value falls belo
 its new tile (the new scale is a power-of-two multiple of the old one, so only the exponent moves).
 
 Each public function runs a Triton kernel on a CUDA tensor (``haillm.fp8.triton_quant``, bitwise equal, see
-``quant_kernel_applies``) and its ``*_reference`` twin, plain torch and the definition, everywhere else.
+``quant_kernel_applies``; ``dequant_kernel_applies`` for ``act_dequant``, whose kernel writes its dtype
+directly, without the reference's fp32 temporaries) and its ``*_reference`` twin, plain torch and the definition,
+everywhere else.
 ``act_quant_with_t`` and ``weight_quant_with_t`` also return the transposed copy (128x1 activation tiles
 for Wgrad, ``W.T``'s blocks for Dgrad), written by the same kernel from one read of the input.
 """
@@ -36,6 +38,7 @@ AMAX_MIN = 1e-4
 GRAD_AMAX_MIN = 1e-30  # scale 2e-33: still a normal fp32 number
 KERNEL_MIN_AMAX = FP8_MAX * 2.0**-116  # smallest floor the kernels take (denormals, see triton_quant)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, FP8_DTYPE)  # widened to fp32 exactly
+_DEQUANT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the dequantization kernel writes
 Fp8Pair = tuple[torch.Tensor, torch.Tensor]  # (q, s): an FP8 tensor and its scales, as act_quant returns them
 
 
@@ -71,6 +74,14 @@ def quant_kernel_applies(x: torch.Tensor, block: int = 128, min_amax: float = AM
             and min_amax >= KERNEL_MIN_AMAX and _triton_on(x.get_device()))
 
 
+def dequant_kernel_applies(q: torch.Tensor, s: torch.Tensor, block: int = 128, dtype=torch.float32) -> bool:
+    """Whether ``act_dequant`` runs the Triton kernel: ``quant_kernel_applies`` to an e4m3 ``q`` of any shape,
+    fp32 scales ``[*q.shape[:-1], ⌈K/128⌉]`` on its device, output fp32/bf16/fp16."""
+    return (q.dtype == FP8_DTYPE and q.dim() > 0 and s.dtype == torch.float32 and s.device == q.device
+            and tuple(s.shape) == (*q.shape[:-1], ceil_div(q.shape[-1], block)) and dtype in _DEQUANT_DTYPES
+            and quant_kernel_applies(q, block))
+
+
 def act_quant_reference(
     x: torch.Tensor, block: int = 128, pow2: bool = False, min_amax: float = AMAX_MIN
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +94,8 @@ def act_quant_reference(
     return q.contiguous(), s
 
 
-def act_dequant(q: torch.Tensor, s: torch.Tensor, block: int = 128, dtype=torch.float32) -> torch.Tensor:
-    """Inverse of ``act_quant``: ``q * s`` with each scale broadcast over its tile."""
+def act_dequant_reference(q: torch.Tensor, s: torch.Tensor, block: int = 128, dtype=torch.float32) -> torch.Tensor:
+    """Inverse of ``act_quant``: ``q * s`` in fp32 with each scale broadcast over its tile, cast to ``dtype``."""
     k = q.shape[-1]
     if k % block == 0:  # whole tiles: broadcast each scale over its tile, no [.., K] scale temporary
         return (q.float().unflatten(-1, (k // block, block)) * s.unsqueeze(-1)).flatten(-2).to(dtype)
@@ -134,7 +145,7 @@ def requant_t_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-tile an ``act_quant`` result of a 2-D ``[T, K]`` tensor from 1x128 to 128x1 tiles, from FP8 only:
     dequantize, transpose, quantize again. Same output layout as ``act_quant_t``."""
-    return act_quant_t_reference(act_dequant(q, s, block), block, pow2)
+    return act_quant_t_reference(act_dequant_reference(q, s, block), block, pow2)
 
 
 def act_quant_with_t_reference(
@@ -187,6 +198,16 @@ def act_quant_with_t(
 
         return triton_quant.act_quant_with_t(x, pow2, min_amax)
     return act_quant_with_t_reference(x, block, pow2, min_amax)
+
+
+def act_dequant(q: torch.Tensor, s: torch.Tensor, block: int = 128, dtype=torch.float32) -> torch.Tensor:
+    """``act_dequant_reference``; on the GPU one kernel writing ``dtype`` directly, without the reference's fp32
+    ``[.., K]`` temporaries (the BF16 Wgrad operand, the FP8 dispatch payload)."""
+    if dequant_kernel_applies(q, s, block, dtype):
+        from haillm.fp8 import triton_quant
+
+        return triton_quant.act_dequant(q, s, dtype)
+    return act_dequant_reference(q, s, block, dtype)
 
 
 def requant_t(

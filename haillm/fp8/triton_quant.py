@@ -26,6 +26,11 @@ inputs are widened to fp32 exactly. Libdevice may flush fp32 denormals; that cha
 every scale is at least 2^-116 (an fp32 input below 2^-126 then quantizes to zero either way), hence
 ``KERNEL_MIN_AMAX``. NaN bytes are NaN in both, but their sign bit is not part of the contract.
 
+Dequantization (``act_dequant``, for BF16 Wgrad and the FP8 dispatch payload) widens e4m3 to fp32 exactly,
+multiplies by the tile's scale in fp32 (PTX ``mul.f32``: round to nearest, no ``.ftz``, no add to fuse
+with, as torch) and casts once, round-to-nearest-even, to the output dtype: the reference's bits without its
+fp32 ``[rows, K]`` temporaries (one read of the FP8 bytes, one write). NaN stays NaN, payload aside.
+
 Layouts: the input may have any 2-D strides (``x.t()`` included); a stack of weights ``[G, N, K]`` goes through
 the 2-D weight kernel (``weight_quant_stack``); every output is contiguous, as the
 reference's. Offsets are 64-bit.
@@ -120,6 +125,22 @@ def _weight_kernel(
         tl.store(st_ptr + pid_k * tl.cdiv(N, 128) + pid_n, s)
 
 
+@triton.jit
+def _dequant_kernel(
+    q_ptr, s_ptr, y_ptr, T, K, stride_qt, stride_qk, stride_st, stride_sk, BLOCK_T: tl.constexpr,
+):
+    """``y [T, K] = q * s`` for one [BLOCK_T tokens, 128 channels] tile: fp32 product, one cast to ``y``'s dtype."""
+    pid_t, pid_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_k * 128 + tl.arange(0, 128)
+    row_ok = rows < T
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + cols[None, :] * stride_qk, mask=mask, other=0.0)
+    s = tl.load(s_ptr + rows * stride_st + pid_k * stride_sk, mask=row_ok, other=0.0)
+    y = q.to(tl.float32) * s[:, None]
+    tl.store(y_ptr + rows[:, None] * K + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def _empty_pair(rows: int, cols: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=like.device)
     return q, torch.empty(rows, ceil_div(cols, BLOCK), dtype=torch.float32, device=like.device)
@@ -161,6 +182,17 @@ def requant_t(q: torch.Tensor, s: torch.Tensor, pow2: bool) -> tuple[torch.Tenso
     """``quant.requant_t``: the 128x1 tiles of ``act_dequant(q, s)`` (floor ``AMAX_MIN``), from FP8 only."""
     _, _, qt, st = _launch_act(q, s, pow2, AMAX_MIN, row=False, col=True)
     return qt, st
+
+
+def act_dequant(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``quant.act_dequant`` (block 128) of an e4m3 CUDA tensor of any shape, written contiguous in ``dtype``."""
+    k = q.shape[-1]
+    q2, s2 = q.reshape(-1, k), s.reshape(-1, s.shape[-1])
+    y = torch.empty(q2.shape, dtype=dtype, device=q.device)
+    _dequant_kernel[(triton.cdiv(q2.shape[0], ROW_TOKENS), triton.cdiv(k, BLOCK))](
+        q2, s2, y, q2.shape[0], k, *q2.stride(), *s2.stride(), BLOCK_T=ROW_TOKENS, num_warps=4
+    )
+    return y.view(q.shape)
 
 
 def weight_quant(w: torch.Tensor, pow2: bool, transposed: bool) -> tuple[torch.Tensor, ...]:
