@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -366,6 +367,27 @@ def test_bad_fault_spec_is_the_usage_line(monkeypatch, spec):
     usage = rf"^HAILLM_FAULT='{spec}': expected <stall\|sigterm\|kill\|kill_in_checkpoint>:step=<N>"
     with pytest.raises(ValueError, match=usage):
         faults.inject("step", 3)
+
+
+def _killed_during_a_write(marker: Path) -> None:
+    """A rank whose checkpoint write (slowed down) is in flight when its kill fault fires."""
+    def write() -> None:
+        time.sleep(0.5)
+        marker.write_text("committed")
+
+    threading.Thread(target=write, name=checkpoint.WRITER_THREAD).start()
+    faults.inject("step", 8)
+
+
+def test_kill_fault_waits_for_the_checkpoint_in_flight(monkeypatch, tmp_path):
+    """A `kill` lands between two committed checkpoints, however slow the background write (a loaded machine
+    once let step 8's kill overtake step 5's write, and the restart found no checkpoint to resume)."""
+    monkeypatch.setenv("HAILLM_FAULT", "kill:step=8")
+    marker = tmp_path / "written"
+    child = mp.get_context("fork").Process(target=_killed_during_a_write, args=(marker,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == -signal.SIGKILL and marker.read_text() == "committed"
 
 
 def test_slow_step_logs_every_thread_stack(tmp_path, capsys, monkeypatch):

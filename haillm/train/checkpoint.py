@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 CONFIG = "config.yaml"
+WRITER_THREAD = "haillm-checkpoint"  # the background writer of async saves (the fault hooks wait for it)
 # DCP warns on every call that it assumes one process when there is no process group: that is the intent of a
 # single-process run. A filter for the process, not catch_warnings, which is not thread-safe (async saves).
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -231,7 +232,7 @@ class Checkpointer:
                  "writing in the background", step, self.staging_bytes / 2**20, time.perf_counter() - start)
         args = (self.run_dir, step, state, rng_state(), trainer_state, self.keep, self.config, self.group)
         self._pending = checkpoint_root(self.run_dir) / f"step_{step}"
-        self._thread = threading.Thread(target=self._write, args=args, name="haillm-checkpoint", daemon=True)
+        self._thread = threading.Thread(target=self._write, args=args, name=WRITER_THREAD, daemon=True)
         self._thread.start()
         return self._pending
 

@@ -2,7 +2,8 @@
 `HAILLM_FAULT=<kind>:step=<N>[:rank=<R>][:seconds=<S>][:attempt=<A>]`, several separated by `;`.
 
 Kinds: `stall` (sleep S seconds at the start of step N), `sigterm` (send this process SIGTERM during step N),
-`kill` (SIGKILL during step N), `kill_in_checkpoint` (SIGKILL after this rank wrote its part of the step-N
+`kill` (SIGKILL during step N, once this rank's checkpoint write in flight is committed: a kill lands between two
+checkpoints whatever the machine's load), `kill_in_checkpoint` (SIGKILL after this rank wrote its part of the step-N
 checkpoint, before the checkpoint is complete). Only global rank R (default 0) is hit, and only in attempt A
 (default 0: the first) of a torchrun job, so that a restart runs clean, or meets the next fault. Unset,
 nothing happens.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import torch.distributed as dist
@@ -50,4 +52,15 @@ def inject(point: str, step: int) -> None:
         elif spec["kind"] == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)
         else:
+            if point == "step":
+                _join_checkpoint_writers()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _join_checkpoint_writers() -> None:
+    """Wait for this rank's background checkpoint write: it returns after rank 0 has committed the checkpoint."""
+    from haillm.train.checkpoint import WRITER_THREAD  # here: checkpoint.py imports this module
+
+    for thread in threading.enumerate():
+        if thread.name == WRITER_THREAD:
+            thread.join()
