@@ -391,13 +391,14 @@ def test_kill_fault_waits_for_the_checkpoint_in_flight(monkeypatch, tmp_path):
 
 
 def test_slow_step_logs_every_thread_stack(tmp_path, capsys, monkeypatch):
-    """The stall sleeps at the start of step 7; the stacks are dumped during it as long as 1.5 x the median
-    step plus a watchdog poll (1 s) is under the 8 s sleep: steps of up to 4.6 s, a margin for a loaded CI."""
-    monkeypatch.setenv("HAILLM_FAULT", "stall:step=7:seconds=8")
-    argv = [*COMMON, "train.steps=7", f"output_dir={tmp_path / 'run'}", "train.watchdog_factor=1.5"]
+    """The stall sleeps at the start of step 6 (the watchdog judges a step against the median of at least five);
+    the stacks are dumped during it as long as 1.5 x the median step plus a watchdog poll (1 s) is under the
+    4 s sleep: steps of up to 2 s, over 10x this machine's, a margin for a loaded CI."""
+    monkeypatch.setenv("HAILLM_FAULT", "stall:step=6:seconds=4")
+    argv = [*COMMON, "train.steps=6", f"output_dir={tmp_path / 'run'}", "train.watchdog_factor=1.5"]
     assert launch_train.main(argv) == 0
     err = capsys.readouterr().err
-    assert "step 7 has run" in err and "over 1.5 x the median step" in err
+    assert "step 6 has run" in err and "over 1.5 x the median step" in err
     assert "--- thread MainThread" in err and "in inject" in err  # the main thread's stack shows the stall
 
 

@@ -16,7 +16,7 @@ exchange): step 1 6.6e-8, later at most 1.3e-4 (a value on the other side of an 
 from __future__ import annotations
 
 import pytest
-from test_train_pp import losses, reference  # noqa: F401 (the module-scoped cache of single-process runs)
+from test_train_pp import losses, reference  # noqa: F401 (the session's cache of single-process runs)
 from test_train_tp import FP8_TP_MODEL
 
 # 1024-token sequences: two a step, one per micro-batch; four for DualPipeV at pp=2 (it needs four micro-batches)

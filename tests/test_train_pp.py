@@ -39,9 +39,9 @@ def losses(out: Path, world: int, *overrides: str) -> list[float]:
     return [r["loss"] for r in rows]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
-    """Single-process losses per model variant, computed once."""
+    """Single-process losses per model variant, computed once for every module that compares with them."""
     cache: dict[tuple[str, ...], list[float]] = {}
 
     def get(*model: str) -> list[float]:

@@ -20,7 +20,7 @@ round more coarsely what tensor parallelism sums in another order:
 from __future__ import annotations
 
 import pytest
-from test_train_pp import losses, reference  # noqa: F401 (the module-scoped cache of single-process runs)
+from test_train_pp import losses, reference  # noqa: F401 (the session's cache of single-process runs)
 
 # every tensor-parallel block of an FP8 linear a whole number of 128-wide tiles at tp=2: wq_b and wkv_b 2 heads
 # of 128 rows, wo 2 heads of 64 columns, the FFNs 128 of their 256; one dense and one MoE layer
