@@ -17,8 +17,6 @@ GPU (``gpu``): the Triton kernels against the torch reference. Their FP8 pair mu
   Their gradients are bitwise torch's: backward runs torch's own ops on the saved inputs.
 """
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -83,20 +81,6 @@ def test_fused_ops_are_the_unfused_composition(k, pow2, dtype):
     h1.backward(dy)
     assert same_bits(h1, h0) and all(map(same_bits, (hq, hs), act_quant(h0.detach(), pow2=pow2)))
     assert same_bits(a1.grad, a0.grad) and same_bits(b1.grad, b0.grad)
-
-
-def test_cpu_path_never_imports_triton():
-    """The CPU path never imports our Triton kernels. (Triton itself may be loaded by torch: the fused ops
-    are excluded from compiled regions with ``torch.compiler.disable``, which imports dynamo, and torch
-    2.11's CUDA build imports Triton with it.)"""
-    code = (
-        "import sys, torch\n"
-        "from haillm.fp8.fused import rmsnorm_act_quant, swiglu_act_quant\n"
-        "x = torch.randn(37, 300, requires_grad=True)\n"
-        "rmsnorm_act_quant(x, torch.ones(300), 1e-6)[0].sum().backward(); swiglu_act_quant(x, x)[0].sum()\n"
-        "assert not {'haillm.fp8.triton_fused', 'haillm.fp8.triton_quant'} & set(sys.modules)\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_fused_swiglu_keeps_only_its_inputs():
