@@ -34,7 +34,7 @@ from haillm.models.deepseek_v3.args import PRESETS
 from haillm.models.deepseek_v3.mla import rope_tables
 from haillm.models.deepseek_v3.model import Block, DeepSeekV3
 from haillm.models.deepseek_v3.moe import MLP
-from haillm.ops import Linear, deferring_weight_grads, set_weight_grad_deferral
+from haillm.ops import Linear, deferring_weight_grads, graph_breaks, set_weight_grad_deferral
 from haillm.ops.precision import cast_parameters
 from haillm.train import compile as regional
 from haillm.train.trainer import Trainer
@@ -247,6 +247,51 @@ def test_fp8_linears_run_eagerly_and_nothing_recompiles():
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
         frames.append(counter.frame_count)
     assert frames[0] > 0 and frames[-1] == frames[0]
+
+
+def test_marked_functions_break_the_graph_wherever_haillm_holds_them(monkeypatch):
+    """``eager_in_compiled_regions`` marks without importing dynamo; ``apply_graph_breaks`` (run by the first
+    compiled region) wraps each marked function in ``torch.compiler.disable`` under every name haillm's modules
+    give it: its own module's, a ``from ... import`` binding elsewhere, a class's method. A fullgraph compile
+    of a caller then fails on the graph break, and succeeds before; a function marked afterwards is wrapped
+    at once."""
+    import sys
+    import types
+
+    monkeypatch.setattr(graph_breaks, "_marked", [])
+    monkeypatch.setattr(graph_breaks, "_applied", False)
+    defining, importing = types.ModuleType("haillm._probe_a"), types.ModuleType("haillm._probe_b")
+
+    @graph_breaks.eager_in_compiled_regions
+    def double(x):
+        return x * 2
+
+    class Holder:
+        @graph_breaks.eager_in_compiled_regions
+        def triple(self, x):
+            return x * 3
+
+    Holder.__module__ = defining.__name__
+    defining.double, defining.Holder, importing.double = double, Holder, double
+    for module in (defining, importing):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+
+    def calls(module, name):
+        return torch.compile(lambda x: getattr(module, name)(x) + 1, backend="eager", fullgraph=True)
+
+    x = torch.ones(3)
+    assert torch.equal(calls(importing, "double")(x), x * 2 + 1)  # traced through: no graph break yet
+    graph_breaks.apply_graph_breaks()
+    holder = Holder()
+    for module, name in ((defining, "double"), (importing, "double"), (types.SimpleNamespace(f=holder.triple), "f")):
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.Unsupported):
+            calls(module, name)(x)
+    assert torch.equal(importing.double(x), x * 2) and torch.equal(holder.triple(x), x * 3)  # eager: unchanged
+    late = graph_breaks.eager_in_compiled_regions(lambda x: x - 1)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(lambda x: late(x) + 1, backend="eager", fullgraph=True)(x)
 
 
 # ---- layouts (multi-process) -----------------------------------------------------------------------------

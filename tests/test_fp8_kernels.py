@@ -12,6 +12,7 @@ kernel through Triton's interpreter.
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +40,8 @@ from haillm.fp8.quant import (
     weight_quant_with_t,
     weight_quant_with_t_reference,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 gpu = pytest.mark.gpu
 TOKENS = [1, 37, 128, 4097]
@@ -266,24 +269,27 @@ def test_fp8_linear_same_with_kernels(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_cpu_path_never_imports_triton():
-    """The CPU path runs the torch references and never imports our Triton kernels, in one fresh process: the
-    linear, quantization and dequantization not even Triton; then the fused norm and SwiGLU producers, which are
-    excluded from compiled regions with ``torch.compiler.disable``: that imports dynamo, which loads Triton
-    where it is installed, but not our kernels."""
+def test_cpu_path_never_imports_triton_or_dynamo():
+    """In one fresh process: the CPU path runs the torch references and never imports Triton or our kernels
+    (linear, quantization, dequantization, the fused norm and SwiGLU producers), and nothing a run imports
+    before it compiles pulls in dynamo (``haillm.ops.graph_breaks``: ~1.5 s of every process's start-up)."""
     code = (
-        "import sys, torch\n"
+        "import importlib.util, sys, torch\n"
         "from haillm.fp8 import fp8_linear\n"
+        "from haillm.fp8.fused import rmsnorm_act_quant, swiglu_act_quant\n"
         "from haillm.fp8.quant import act_dequant, act_quant, act_quant_with_t, weight_quant_with_t\n"
         "x, w = torch.randn(37, 300, requires_grad=True), torch.randn(200, 300, requires_grad=True)\n"
         "fp8_linear(x, w).sum().backward(); act_quant_with_t(x.detach()); weight_quant_with_t(w.detach())\n"
         "act_dequant(*act_quant(x.detach()), dtype=torch.bfloat16)\n"
-        "assert 'triton' not in sys.modules\n"
-        "from haillm.fp8.fused import rmsnorm_act_quant, swiglu_act_quant\n"
         "rmsnorm_act_quant(x, torch.ones(300), 1e-6)[0].sum().backward(); swiglu_act_quant(x, x)[0].sum()\n"
+        "spec = importlib.util.spec_from_file_location('train', 'launch/train.py')\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "from haillm.models.deepseek_v3 import DeepSeekV3, get_preset\n"
+        "DeepSeekV3(get_preset('tiny')).compute_loss(torch.randint(0, 64, (1, 9)))['loss'].backward()\n"
+        "assert not {'triton', 'torch._dynamo'} & set(sys.modules), {'triton', 'torch._dynamo'} & set(sys.modules)\n"
         "assert not {f'haillm.fp8.triton_{k}' for k in ('quant', 'fused', 'grouped')} & set(sys.modules)\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=ROOT)
 
 
 def test_cpu_entry_points_are_the_reference():

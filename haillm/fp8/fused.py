@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from haillm.fp8.quant import FP8_DTYPE, Fp8Pair, act_quant, quant_kernel_applies
+from haillm.ops.graph_breaks import eager_in_compiled_regions
 from haillm.ops.linear import Linear
 from haillm.ops.norm import RMSNorm, rms_norm_backward, rms_norm_with_rstd
 from haillm.ops.recompute import mark_outputs
@@ -134,7 +135,7 @@ class _SwiGLUActQuant(torch.autograd.Function):
 # Inside a compiled region (haillm.train.compile) the fused ops run eagerly at a graph break, like the FP8
 # linears they feed: traced, their non-differentiable FP8 outputs failed AOTAutograd on torch 2.11 (the GPU
 # machine's), and on CUDA their forward is a Triton kernel of its own anyway.
-@torch.compiler.disable
+@eager_in_compiled_regions
 def rmsnorm_act_quant(
     x: torch.Tensor, weight: torch.Tensor, eps: float, pow2: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,7 +145,7 @@ def rmsnorm_act_quant(
     return _RMSNormActQuant.apply(x, weight, eps, pow2, kernel)
 
 
-@torch.compiler.disable  # see rmsnorm_act_quant
+@eager_in_compiled_regions  # see rmsnorm_act_quant
 def swiglu_act_quant(a: torch.Tensor, b: torch.Tensor, pow2: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``h = F.silu(a) * b`` (differentiable) and ``act_quant(h, pow2=pow2)`` of two tensors of one shape: one

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from haillm.ops.block_attention import block_backward, block_forward, merge_
+from haillm.ops.graph_breaks import eager_in_compiled_regions
 from haillm.ops.precision import widens
 from haillm.parallel.collectives import all_gather_single, reduce_scatter_single
 
@@ -69,7 +70,7 @@ class ContextParallel:
         """The global positions of this rank's tokens of a ``seq_len`` sequence."""
         return self.local(torch.arange(seq_len, device=device), 0)
 
-    @torch.compiler.disable  # a compiled region breaks its graph here: the collective runs eagerly
+    @eager_in_compiled_regions  # a compiled region breaks its graph here: the collective runs eagerly
     def start_gather(self, x: Tensor) -> PendingGather:
         """Start gathering the whole sequence from every rank's local ``x: [B, T / cp, ...]``; ``finish_gather``
         waits for it (the collective's output is read only after its wait, as NCCL requires)."""

@@ -36,6 +36,7 @@ are the partitioner's (it recomputes norms and pointwise ops itself).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -46,6 +47,7 @@ from haillm.models.deepseek_v3 import mla
 from haillm.models.deepseek_v3.model import Block
 from haillm.models.deepseek_v3.moe import MoE
 from haillm.ops import Linear
+from haillm.ops.graph_breaks import apply_graph_breaks
 
 _REGION = "_haillm_compiled_region"
 
@@ -77,6 +79,7 @@ def compile_region(module: nn.Module, backend: str | Callable = "inductor") -> N
     linears traced only on their plain path (``_plain_linears_only``)."""
     if getattr(module, _REGION, False):
         raise RuntimeError(f"{type(module).__name__} is compiled already")
+    _prepare_dynamo()
     for linear in (m for m in module.modules() if isinstance(m, Linear)):
         _plain_linears_only(linear)
     module.forward = torch.compile(module.forward, backend=backend, dynamic=False, fullgraph=False)
@@ -106,7 +109,15 @@ def _plain_linears_only(linear: Linear) -> None:
     linear.forward = forward
 
 
-@torch.compiler.substitute_in_graph(mla.apply_rope)
+@functools.cache
+def _prepare_dynamo() -> None:
+    """What compiled regions need of dynamo, set up by the first of them (importing dynamo costs every process
+    ~1.5 s of start-up, so nothing imports it before a run compiles): the marked functions become graph breaks
+    (``haillm.ops.graph_breaks``) and ``mla.apply_rope`` is traced as ``_apply_rope``."""
+    apply_graph_breaks()
+    torch.compiler.substitute_in_graph(mla.apply_rope)(_apply_rope)
+
+
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``mla.apply_rope`` as compiled code runs it: the same rotation of adjacent pairs in real arithmetic.
     The eager version's complex product needs a layout test (``storage_offset``, which dynamo cannot trace:

@@ -16,6 +16,7 @@ from haillm.fp8.fused import fp8_input_pow2, normed
 from haillm.fp8.quant import Fp8Pair, act_quant
 from haillm.models.deepseek_v3.args import ModelArgs
 from haillm.ops import Linear, RMSNorm, precision
+from haillm.ops.graph_breaks import eager_in_compiled_regions
 from haillm.ops.recompute import mark_outputs, recomputable, source
 from haillm.parallel.context import NO_CP, PendingGather
 from haillm.parallel.tensor import NO_TP
@@ -188,7 +189,7 @@ class MLA(nn.Module):
         q = (recomputable(join, q_in, cos, sin, q_in_fp8) if self.recompute_up_proj else join(q_in, cos, sin, q_in_fp8))
         return self._attend_gathered(q, local, pending)
 
-    @torch.compiler.disable  # eager in a compiled region: the wait, and autograd nodes sharing Python state
+    @eager_in_compiled_regions  # the wait, and autograd nodes sharing Python state
     def _attend_gathered(self, q: torch.Tensor, local: torch.Tensor, pending: PendingGather) -> torch.Tensor:
         """The blockwise attention of ``q`` to the gathered key chunks, once the gather of ``local`` is done."""
         sizes = (self.kv_lora_rank, self.rope_dim)
