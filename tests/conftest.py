@@ -2,17 +2,8 @@
 single device call runs them with ``pytest -m gpu``); the end-to-end modules below are marked ``slow``, which
 ``make test-quick`` leaves out (``make test`` runs everything)."""
 
-import os
-
-# One intra-op thread in the test process and in every process it starts, as in the forked ranks: the tests'
-# tensors are too small for a second thread to pay for its synchronisation, which cost the suite 10-20% on 2 cores
-# (test_train + test_train_bf16: 61-65 s against 72-76 s with two). An OMP_NUM_THREADS already set is kept.
-THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-torch.set_num_threads(THREADS)
+import pytest
+import torch
 
 # Whole training runs, launchers and long checks: minutes together on 2 cores.
 SLOW_MODULES = {"test_compile", "test_data_blend", "test_data_train", "test_eval", "test_experts_checkpoint",
