@@ -127,24 +127,29 @@ def _planner_case(seq_len: int, micro_batch: int):
     return args, batch, StageSpec(0, range(args.n_layers), first=True, last=True)
 
 
-def _kept_bytes(seq_len: int, micro_batch: int) -> dict[tuple[bool, int], tuple[int, float]]:
-    """On this rank, with recompute off and on, at cp=1 (the whole model on the whole sequence, every rank
-    alike) and at cp=world: (the bytes a training forward keeps for backward by autograd's count with the
-    recompute recipes' arguments, the planner's)."""
-    size, rank = dist.get_world_size(), dist.get_rank()
+def _kept_and_planned(recompute: bool, cp: ContextParallel, tp: TensorParallel = NO_TP, seq_len: int = 256,
+                      micro_batch: int = 2) -> tuple[int, float]:
+    """On this rank: the bytes a training forward of `tiny` keeps for backward, by autograd's count with the
+    recompute recipes' arguments, and the planner's figure for them."""
     args, batch, whole = _planner_case(seq_len, micro_batch)
-    out = {}
-    for recompute in (False, True):
-        for cp_size in (1, size):
-            model = DeepSeekV3(args, init_seed=0)
-            apply_context_parallel(model, ContextParallel(dist.group.WORLD, cp_size, rank) if cp_size > 1 else NO_CP)
-            model.set_recompute(recompute, recompute)
-            kept, losses = saved_storages(model, lambda: model.compute_loss(batch), recipe_arguments=True)  # noqa: B023
-            resident = sum(kept.values())
-            losses["loss"].backward()
-            setup = ActivationSetup(act_bytes=4, recompute=recompute, cpu=True, swiglu=recompute, cp=cp_size)
-            out[recompute, cp_size] = resident, chunk_bytes(args, whole, micro_batch, seq_len, setup, True)
-    return out
+    model = DeepSeekV3(args, init_seed=0)
+    parallelize_tensor(model, tp)
+    apply_context_parallel(model, cp)
+    model.set_recompute(recompute, recompute)
+    kept, losses = saved_storages(model, lambda: model.compute_loss(batch), recipe_arguments=True)
+    losses["loss"].backward()
+    setup = ActivationSetup(act_bytes=4, recompute=recompute, cpu=True, swiglu=recompute, cp=cp.size, tp=tp.size,
+                            sequence_parallel=tp.sequence_parallel)
+    return sum(kept.values()), chunk_bytes(args, whole, micro_batch, seq_len, setup, True)
+
+
+def _kept_bytes() -> dict[tuple[bool, int], tuple[int, float]]:
+    """``_kept_and_planned`` with recompute off and on, at cp=1 (the whole model on the whole sequence, every
+    rank alike) and at cp=world."""
+    size, rank = dist.get_world_size(), dist.get_rank()
+    return {(recompute, cp_size): _kept_and_planned(recompute, ContextParallel(dist.group.WORLD, size, rank)
+                                                    if cp_size > 1 else NO_CP)
+            for recompute in (False, True) for cp_size in (1, size)}
 
 
 @pytest.mark.slow
@@ -156,7 +161,7 @@ def test_activations_per_rank_at_cp4_and_the_planner():
     counts, by autograd and the recompute recipes, under NCCL's rules: not by the allocator, in whose profile
     gloo's threads sometimes drop the last reference to a collective's temporary unrecorded (on a loaded machine
     rank 0's count once came to 0.3055x)."""
-    for rank, per_rank in enumerate(run_distributed(_kept_bytes, 4, args=(256, 2))):
+    for rank, per_rank in enumerate(run_distributed(_kept_bytes, 4)):
         for recompute in (False, True):
             (whole, whole_planned), (mine, planned) = per_rank[recompute, 1], per_rank[recompute, 4]
             assert mine <= 0.3 * whole, (rank, recompute, mine / whole)
@@ -169,19 +174,9 @@ def _planner_at_cp2_tp2(cp: ContextParallel, tp: TensorParallel) -> None:
     forward keeps for backward, by autograd's count with the recompute recipes' arguments (measured: within
     1.3%). Not the allocator's: it would also see gloo's threads drop the last reference to a collective's
     temporary input at times, unrecorded (a block of 16 KB to 128 KB that stays allocated in the profile)."""
-    seq_len, micro_batch = 256, 2
-    args, batch, whole = _planner_case(seq_len, micro_batch)
     for recompute in (False, True):
-        model = DeepSeekV3(args, init_seed=0)
-        parallelize_tensor(model, tp)
-        apply_context_parallel(model, cp)
-        model.set_recompute(recompute, recompute)
-        kept, losses = saved_storages(model, lambda: model.compute_loss(batch), recipe_arguments=True)  # noqa: B023
-        losses["loss"].backward()
-        setup = ActivationSetup(act_bytes=4, recompute=recompute, cpu=True, swiglu=recompute, cp=cp.size,
-                                tp=tp.size, sequence_parallel=tp.sequence_parallel)
-        planned = chunk_bytes(args, whole, micro_batch, seq_len, setup, True)
-        assert planned == pytest.approx(sum(kept.values()), rel=0.03), recompute
+        kept, planned = _kept_and_planned(recompute, cp, tp)
+        assert planned == pytest.approx(kept, rel=0.03), recompute
 
 
 def _live_tensors_after_steps(steps: int) -> list[int]:

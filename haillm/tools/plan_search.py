@@ -18,6 +18,7 @@ only what the variant changes (activations, Adam moments), with the same functio
 from __future__ import annotations
 
 import contextlib
+import functools
 import shlex
 from collections.abc import Iterator
 from dataclasses import replace
@@ -318,12 +319,9 @@ def longest(cfg: DictConfig, gpus: int, gpu: str, limit: int = 1 << 24) -> dict:
     args, lay = to_model_args(cfg.model), layout_of(cfg, gpu)
     ranks = all_ranks(args, lay)
 
-    totals: dict[int, float] = {}
-
-    def total(n_units: int) -> float:  # each length's ranks built once: the search and the report share them
-        if n_units not in totals:
-            totals[n_units] = _total(variant(args, lay, ranks, seq_len=n_units * unit)[1])
-        return totals[n_units]
+    @functools.cache  # each length's ranks built once: the search and the report share them
+    def total(n_units: int) -> float:
+        return _total(variant(args, lay, ranks, seq_len=n_units * unit)[1])
 
     found = {"unit": unit, "usable": usable, "capacity": capacity}
     if total(1) > usable:
